@@ -1,0 +1,223 @@
+"""Dataclass configs for every stage, loaded from one YAML file and validated with clear errors.
+
+A YAML config has one section per stage: `data`, `model`, `training`, `serve`. Unknown keys are an
+error that names the key; closed choices are `Literal`s checked on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from raytr.training.arguments import TrainingArguments
+
+
+class ConfigError(ValueError):
+    """A config value a user must fix; the message names the field."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which raw columns mean what, and how sessions are built from them.
+
+    session_col, item_col, timestamp_col: required raw columns.
+    categorical: item/event features encoded with Categorify (e.g. category).
+    continuous: numeric features, normalised (log1p first for those in `log_transform`).
+    timestamp_unit: unit of numeric timestamps ("s", "ms"); datetime columns are used as they are.
+    freq_threshold: items seen fewer times than this in the fit data map to the OOV id.
+    max_sequence_length: sessions keep their last T events.
+    min_session_length: shorter sessions are dropped (2: one input and one target).
+    day_column: output partition column, derived from the session's first timestamp.
+    """
+
+    session_col: str = "session_id"
+    item_col: str = "item_id"
+    timestamp_col: str = "timestamp"
+    categorical: tuple[str, ...] = ()
+    continuous: tuple[str, ...] = ()
+    log_transform: tuple[str, ...] = ()
+    user_col: str | None = None
+    timestamp_unit: Literal["s", "ms"] = "s"
+    freq_threshold: int = 0
+    max_sequence_length: int = 20
+    min_session_length: int = 2
+    time_features: bool = True
+    read_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_sequence_length < 2:
+            raise ConfigError(f"data.max_sequence_length={self.max_sequence_length}: expected >= 2")
+        if self.min_session_length < 2:
+            raise ConfigError(f"data.min_session_length={self.min_session_length}: expected >= 2")
+        if self.freq_threshold < 0:
+            raise ConfigError(f"data.freq_threshold={self.freq_threshold}: expected >= 0")
+        names = [self.session_col, self.item_col, self.timestamp_col, *self.categorical, *self.continuous]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"data: column(s) {sorted(dupes)} named in more than one role")
+        extra = set(self.log_transform) - set(self.continuous)
+        if extra:
+            raise ConfigError(f"data.log_transform names {sorted(extra)}, which are not in data.continuous")
+
+    @property
+    def raw_columns(self) -> list[str]:
+        cols = [self.session_col, self.item_col, self.timestamp_col, *self.categorical, *self.continuous]
+        return cols + ([self.user_col] if self.user_col else [])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The session model: inputs -> body -> next-item head.
+
+    body: a Hugging Face transformer ("xlnet", "gpt2", "bert", "llama") or "gru".
+    objective: "clm" (predict the next item at every position) or "mlm" (masked items).
+    loss: "full" softmax over the catalog (chunked), or "sampled" softmax with logQ correction.
+    hf_config: extra keyword arguments for the Hugging Face config (checked against its fields).
+    """
+
+    body: Literal["xlnet", "gpt2", "bert", "llama", "gru"] = "gpt2"
+    objective: Literal["clm", "mlm"] = "clm"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.1
+    aggregation: Literal["concat", "sum"] = "concat"
+    categorical_dim: int = 16
+    mlm_probability: float = 0.2
+    loss: Literal["full", "sampled"] = "full"
+    num_negatives: int = 1024
+    label_smoothing: float = 0.0
+    logits_chunk_size: int = 4096
+    tie_weights: bool = True
+    hf_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1:
+            raise ConfigError("model.d_model, model.n_layers and model.n_heads must be >= 1")
+        if self.body != "gru" and self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout}: expected 0 <= dropout < 1")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"model.mlm_probability={self.mlm_probability}: expected 0 < p < 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"model.label_smoothing={self.label_smoothing}: expected 0 <= s < 1")
+        if self.num_negatives < 1 or self.logits_chunk_size < 1:
+            raise ConfigError("model.num_negatives and model.logits_chunk_size must be >= 1")
+        if self.objective == "mlm" and self.body in ("gpt2", "llama", "gru"):
+            raise ConfigError(
+                f"model.objective='mlm' needs a bidirectional body (bert, xlnet); body={self.body!r} is "
+                "causal: use objective='clm'"
+            )
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The online service: where the model is, how many items, request limits."""
+
+    model_dir: str = "runs/demo/model"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_k: int = 10
+    max_events_per_session: int = 1000
+    max_sessions_per_batch: int = 256
+    max_body_bytes: int = 1_000_000
+    batch_wait_timeout_s: float = 0.005
+    max_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RaytrConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r}: expected one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if origin is list:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        return [_coerce(args[0], v, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r}: expected a string")
+        return value
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RaytrConfig:
+    """Read a YAML config (defaults when `path` is None); `overrides` maps section -> {key: value}."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, training, serve)")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {})
+        raw[section] = {**(raw[section] or {}), **values}
+    return from_dict(RaytrConfig, raw, where=str(path) if path else "config")

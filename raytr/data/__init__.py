@@ -1,0 +1,1 @@
+"""The data half of raytr: raw events -> fitted NVTabular workflow -> session parquet -> batches."""

@@ -1,0 +1,164 @@
+"""Raw events: find the input files, check them before any work, and normalise a frame of events.
+
+The same `normalize_events` + `sort_events` run in `raytr prepare` (per partition, on Ray) and in
+the online path (one request), so both feed the workflow identical rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from raytr.config import DataConfig
+
+
+class InputError(ValueError):
+    """Raw input a user must fix; the message names the file or column."""
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    paths: tuple[str, ...]
+    format: str  # "parquet", "csv" or "tsv"
+    num_rows: int
+
+
+def find_input_files(path: str | Path, read_format: str = "auto") -> tuple[list[str], str]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input {str(path)!r} does not exist")
+    suffixes = {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv", ".csv")}
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+        wanted = suffixes.get(read_format, (".parquet", ".csv", ".tsv"))
+        files = [p for p in files if p.suffix in wanted]
+    if not files:
+        raise InputError(f"input {str(path)!r} has no .parquet, .csv or .tsv files")
+    fmt = read_format
+    if fmt == "auto":
+        kinds = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
+        found = {kinds.get(p.suffix, "parquet") for p in files}
+        if len(found) > 1:
+            raise InputError(f"input {str(path)!r} mixes file formats {sorted(found)}: set data.read_format")
+        fmt = found.pop()
+        if fmt == "csv" and _sniff_tab(files[0]):
+            fmt = "tsv"
+    return [str(p) for p in files], fmt
+
+
+def _sniff_tab(path: Path) -> bool:
+    with open(path) as f:
+        header = f.readline()
+    return "\t" in header and "," not in header
+
+
+def read_file(path: str, fmt: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read one raw file into pandas (used by validation and tests; Ray Data reads in prepare)."""
+    if fmt == "parquet":
+        return pq.read_table(path, columns=columns).to_pandas()
+    table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
+    return (table.select(columns) if columns else table).to_pandas()
+
+
+def _file_schema(path: str, fmt: str) -> pa.Schema:
+    if fmt == "parquet":
+        return pq.read_schema(path)
+    delimiter = "\t" if fmt == "tsv" else ","
+    reader = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                            read_options=pacsv.ReadOptions(block_size=1 << 16))
+    return reader.schema
+
+
+def _is_id(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
+    """Check raw input before any work: files exist, columns exist with usable types, rows exist,
+    and no item id is null. Raises `InputError` naming the problem."""
+    files, fmt = find_input_files(path, config.read_format)
+    expected = {
+        config.session_col: ("session id", _is_id),
+        config.item_col: ("item id", _is_id),
+        config.timestamp_col: ("timestamp", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
+                               or pa.types.is_timestamp(t)),
+    }
+    for name in config.categorical:
+        expected[name] = ("categorical feature", lambda t: _is_id(t) or pa.types.is_floating(t))
+    for name in config.continuous:
+        expected[name] = ("continuous feature", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))
+    if config.user_col:
+        expected[config.user_col] = ("user id", _is_id)
+
+    total_rows = 0
+    for file in files:
+        schema = _file_schema(file, fmt)
+        missing = [c for c in expected if c not in schema.names]
+        if missing:
+            raise InputError(
+                f"{file}: column(s) {missing} named in the config are missing; the file has {schema.names}. "
+                "Fix the column names in the config's data section."
+            )
+        for name, (role, ok) in expected.items():
+            dtype = schema.field(name).type
+            if not ok(dtype):
+                raise InputError(f"{file}: column {name!r} ({role}) has type {dtype}, which cannot be used as a {role}")
+        if fmt == "parquet":
+            meta = pq.ParquetFile(file).metadata
+            total_rows += meta.num_rows
+            nulls = _parquet_null_count(file, meta, config.item_col)
+        else:
+            items = read_file(file, fmt, [config.item_col])[config.item_col]
+            total_rows += len(items)
+            nulls = int(items.isna().sum())
+        if nulls:
+            raise InputError(
+                f"{file}: column {config.item_col!r} (item id) has {nulls} null value(s); "
+                "drop or fill those events before preparing"
+            )
+    if total_rows == 0:
+        raise InputError(f"input {str(path)!r} has no rows")
+    return InputFiles(paths=tuple(files), format=fmt, num_rows=total_rows)
+
+
+def _parquet_null_count(file: str, meta: pq.FileMetaData, column: str) -> int:
+    index = meta.schema.to_arrow_schema().get_field_index(column)
+    nulls = 0
+    for rg in range(meta.num_row_groups):
+        stats = meta.row_group(rg).column(index).statistics
+        if stats is None or not stats.has_null_count:
+            return int(pq.read_table(file, columns=[column]).column(0).null_count)
+        nulls += stats.null_count
+    return nulls
+
+
+def normalize_events(frame: pd.DataFrame, config: DataConfig) -> pd.DataFrame:
+    """Keep the configured columns and give them the types the workflow expects: timestamps as
+    float64 unix seconds, continuous features as float64."""
+    frame = frame[config.raw_columns].copy()
+    ts = frame[config.timestamp_col]
+    if pd.api.types.is_datetime64_any_dtype(ts):
+        if getattr(ts.dt, "tz", None) is not None:
+            ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
+        seconds = ts.astype("datetime64[ns]").astype(np.int64) / 1e9
+    else:
+        seconds = ts.astype(np.float64)
+        if config.timestamp_unit == "ms":
+            seconds = seconds / 1000.0
+    frame[config.timestamp_col] = seconds.astype(np.float64)
+    for name in config.continuous:
+        frame[name] = frame[name].astype(np.float64)
+    return frame
+
+
+def sort_events(frame: pd.DataFrame, config: DataConfig) -> pd.DataFrame:
+    """Rows sorted by (session, timestamp), stable so equal timestamps keep their log order."""
+    return frame.sort_values([config.session_col, config.timestamp_col], kind="stable").reset_index(drop=True)

@@ -1,0 +1,144 @@
+"""The NVTabular Workflow built from a `DataConfig`: raw events in, one row per session out.
+
+Input rows must be sorted by (session, timestamp) (`sort_events`): the time-since-previous feature
+is a lag within each session. Per event it builds
+    item id        -> Categorify (freq_threshold; 0 pad, 1 null, 2 OOV, items from 3 by frequency)
+    categoricals   -> Categorify
+    continuous     -> FillMissing(0) -> [LogOp] -> Normalize
+    time features  -> hour and weekday (Categorify), seconds since the previous event
+                      (LogOp -> Normalize)
+then groups by session (sorted by timestamp) into `<name>-list` columns, keeps the last
+`max_sequence_length` events, and drops sessions shorter than `min_session_length`. Output columns:
+    <session_col>, <item>-list, <cat>-list..., <cont>-list..., session_length,
+    <timestamp>-first, <timestamp>-last [, <user>-first]
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import nvtabular as nvt
+from merlin.schema import ColumnSchema, Schema, Tags
+from nvtabular import ops
+
+from raytr.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SESSION_LENGTH = "session_length"
+TIME_SINCE_PREV = "time_since_prev"
+HOUR = "hour"
+WEEKDAY = "weekday"
+
+
+def list_name(column: str) -> str:
+    return f"{column}-list"
+
+
+def sequence_features(config: DataConfig) -> tuple[list[str], list[str]]:
+    """Per-event (categorical, continuous) features besides the item id, in output order."""
+    categorical = list(config.categorical) + ([HOUR, WEEKDAY] if config.time_features else [])
+    continuous = list(config.continuous) + ([TIME_SINCE_PREV] if config.time_features else [])
+    return categorical, continuous
+
+
+def _hour(col, _df=None):
+    return ((col // 3600) % 24).astype("int64")
+
+
+def _weekday(col, _df=None):
+    return ((col // 86_400 + 3) % 7).astype("int64")  # 1970-01-01 was a Thursday; Monday = 0
+
+
+def build_workflow(config: DataConfig, categories_dir: str | Path = ".") -> nvt.Workflow:
+    """The unfitted workflow; Categorify writes its vocabularies under `categories_dir` when fitted."""
+    session, item, ts = config.session_col, config.item_col, config.timestamp_col
+    categorical, continuous = sequence_features(config)
+
+    def categorify(**kwargs):
+        return ops.Categorify(out_path=str(categories_dir), **kwargs)
+
+    item_ids = [item] >> categorify(freq_threshold=config.freq_threshold) >> ops.TagAsItemID()
+    features = [session, ts] + item_ids
+    if config.categorical:
+        features += list(config.categorical) >> categorify()
+    if config.user_col:
+        features += [config.user_col] >> categorify() >> ops.TagAsUserID()
+    for name in config.continuous:
+        node = [name] >> ops.FillMissing(fill_val=0.0)
+        if name in config.log_transform:
+            node = node >> ops.LogOp()
+        features += node >> ops.Normalize()
+    if config.time_features:
+        features += [ts] >> ops.LambdaOp(_hour) >> ops.Rename(name=HOUR) >> categorify()
+        features += [ts] >> ops.LambdaOp(_weekday) >> ops.Rename(name=WEEKDAY) >> categorify()
+        lag = (
+            [ts]
+            >> ops.DifferenceLag(partition_cols=[session], shift=1)
+            >> ops.Rename(name=TIME_SINCE_PREV)
+            >> ops.FillMissing(fill_val=0.0)
+            >> ops.LogOp()
+            >> ops.Normalize()
+        )
+        features += lag
+
+    aggs = {item: ["list", "count"], ts: ["first", "last"]}
+    aggs.update({name: ["list"] for name in categorical + continuous})
+    if config.user_col:
+        aggs[config.user_col] = ["first"]
+    grouped = features >> ops.Groupby(groupby_cols=[session], sort_cols=[ts], aggs=aggs, name_sep="-")
+
+    lists = [list_name(n) for n in [item, *categorical, *continuous]]
+    sliced = grouped[lists] >> ops.ListSlice(-config.max_sequence_length)
+    length = grouped[f"{item}-count"] >> ops.Rename(name=SESSION_LENGTH)
+    singles = [session, f"{ts}-first", f"{ts}-last"] + ([f"{config.user_col}-first"] if config.user_col else [])
+    min_len = config.min_session_length
+    output = (grouped[singles] + sliced + length) >> ops.Filter(f=lambda df: df[SESSION_LENGTH] >= min_len)
+    return nvt.Workflow(output)
+
+
+def fit_workflow(config: DataConfig, sorted_files: list[str], work_dir: str | Path) -> nvt.Workflow:
+    """Fit on parquet files whose rows are sorted by (session, timestamp), sessions whole per file."""
+    workflow = build_workflow(config, categories_dir=work_dir)
+    dataset = nvt.Dataset(sorted_files, engine="parquet")
+    workflow.fit(dataset)
+    return workflow
+
+
+def output_schema(workflow: nvt.Workflow, config: DataConfig) -> Schema:
+    """The workflow's output schema with the facts downstream reads: list tags, max lengths, and no
+    item tags leaking into the session length (Groupby's count inherits its column's tags)."""
+    columns = []
+    for col in workflow.output_schema:
+        if col.name == SESSION_LENGTH:
+            col = ColumnSchema(col.name, dtype=col.dtype)
+        elif col.name.endswith("-list"):
+            col = col.with_tags([Tags.LIST, Tags.SEQUENCE]).with_shape((None, (0, config.max_sequence_length)))
+        columns.append(col)
+    return Schema(columns)
+
+
+def save_workflow(workflow: nvt.Workflow, directory: str | Path) -> None:
+    workflow.save(str(directory))
+
+
+def load_workflow(directory: str | Path) -> nvt.Workflow:
+    """Load a saved workflow. It unpickles code: only load directories you wrote yourself."""
+    directory = Path(directory)
+    if not (directory / "workflow.pkl").is_file():
+        raise FileNotFoundError(f"no fitted workflow in {directory} (expected workflow.pkl from `raytr prepare`)")
+    return nvt.Workflow.load(str(directory))
+
+
+def transform_frame(workflow: nvt.Workflow, events) -> "object":
+    """Apply a fitted workflow to an in-memory frame of sorted events; returns a frame of sessions."""
+    dataset = nvt.Dataset(events, npartitions=1)
+    out = workflow.transform(dataset).to_ddf().compute()
+    return out.reset_index(drop=True)
+
+
+def day_numbers(first_timestamps: np.ndarray, origin_day: int) -> np.ndarray:
+    """Day partition of each session: 1 + UTC days since the dataset's first day."""
+    return (np.floor_divide(first_timestamps, 86_400).astype(np.int64) - origin_day + 1)

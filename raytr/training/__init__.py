@@ -1,0 +1,1 @@
+"""Training: arguments, the per-worker loop, and the Trainer that runs it on Ray Train."""

@@ -1,0 +1,91 @@
+"""TrainingArguments: Hugging Face names and meanings where they exist, plus session options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """What to train for and how.
+
+    Names follow `transformers.TrainingArguments` where the concept exists there (output_dir,
+    num_train_epochs, per_device_train_batch_size, learning_rate, lr_scheduler_type, warmup_ratio,
+    fp16, bf16, seed, logging_steps, eval_steps, save_steps, save_total_limit, ...).
+
+    Session-specific:
+        max_sequence_length: None reads it from the prepared schema (the one source of truth).
+        data_loader_engine: "merlin" (merlin-dataloader), "pyarrow", or "ray" (Ray Data shards).
+        compute_metrics_each_n_steps: ranking metrics on the training batch every N steps (0: off).
+        metrics_top_k: cut-offs for Precision/Recall/NDCG/MAP/MRR@k.
+        predict_top_k: how many items `predict()` returns per session.
+    Ray Train:
+        num_workers, use_gpu, resources_per_worker, max_failures, resume_from_checkpoint.
+    """
+
+    output_dir: str = "runs/train"
+    num_train_epochs: int = 3
+    max_steps: int = -1
+    per_device_train_batch_size: int = 128
+    per_device_eval_batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    fp16: bool = False
+    bf16: bool = False
+    torch_compile: bool = False
+    seed: int = 42
+    dataloader_drop_last: bool = False
+    logging_steps: int = 50
+    eval_steps: int = 0
+    save_steps: int = 0
+    save_total_limit: int = 2
+    metric_for_best_model: str = "ndcg@10"
+    greater_is_better: bool = True
+    report_to: tuple[str, ...] = ("tensorboard",)
+    disable_tqdm: bool = False
+    max_sequence_length: int | None = None
+    avg_session_length: int | None = None
+    data_loader_engine: Literal["merlin", "pyarrow", "ray"] = "merlin"
+    compute_metrics_each_n_steps: int = 0
+    metrics_top_k: tuple[int, ...] = (5, 10, 20)
+    predict_top_k: int = 20
+    exclude_seen: bool = False
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    max_failures: int = 0
+    resume_from_checkpoint: str | None = None
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        from raytr.config import ConfigError  # local: config imports this module
+
+        if self.fp16 and self.bf16:
+            raise ConfigError("training.fp16 and training.bf16 are both true: choose one")
+        if self.num_train_epochs < 1 and self.max_steps <= 0:
+            raise ConfigError(f"training.num_train_epochs={self.num_train_epochs}: expected >= 1")
+        if self.per_device_train_batch_size < 1 or self.per_device_eval_batch_size < 1:
+            raise ConfigError("training.per_device_*_batch_size must be >= 1")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"training.learning_rate={self.learning_rate}: expected > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"training.warmup_ratio={self.warmup_ratio}: expected 0 <= r < 1")
+        if not self.metrics_top_k or min(self.metrics_top_k) < 1:
+            raise ConfigError(f"training.metrics_top_k={list(self.metrics_top_k)}: expected cut-offs >= 1")
+        if self.predict_top_k < 1:
+            raise ConfigError(f"training.predict_top_k={self.predict_top_k}: expected >= 1")
+        if self.num_workers < 1:
+            raise ConfigError(f"training.num_workers={self.num_workers}: expected >= 1")
+        if self.max_failures < 0:
+            raise ConfigError(f"training.max_failures={self.max_failures}: expected >= 0")
+
+    @property
+    def mixed_precision(self) -> str | None:
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else None
