@@ -34,6 +34,7 @@ import ray
 from raytr.config import DataConfig
 from raytr.data.events import InputError, normalize_events, sort_events, validate_input
 from raytr.data.schema import save_schema
+from raytr.ray_runtime import ensure_ray
 from raytr.data.workflow import (
     SESSION_LENGTH,
     fit_workflow,
@@ -87,6 +88,7 @@ def prepare(
     """
     start = time.perf_counter()
     files = validate_input(config, input_path)
+    ensure_ray()
     output = Path(output).resolve()
     staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)

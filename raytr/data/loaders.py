@@ -1,0 +1,205 @@
+"""Batches of padded session tensors from prepared parquet, for one rank of W.
+
+    files --(reader: "merlin" merlin-dataloader, or "pyarrow")--> resident ragged columns
+          --(epoch plan: shuffle, equal step count per rank)-----> row indices per batch
+          --(gather + right-pad on the target device)------------> SessionBatch [B, T]
+
+The reader loads this rank's contiguous share of the rows once (W shares differ by at most one
+row); the columns stay resident as (values, offsets), on the GPU when `device` is one, and each
+batch is gathered and padded there. Every rank runs the same number of steps per epoch
+(`steps_per_epoch`, computed from the global row count), every row of the rank's share is seen
+exactly once per epoch, and the order changes every epoch (seeded by seed, epoch and rank).
+
+Example (B=2, T=4, item ids after Categorify; sessions longer than T keep their last T events):
+    session events [5, 9, 3]       -> item_ids[0] = [5, 9, 3, 0]
+    session events [8, 7, 2, 6, 4] -> item_ids[1] = [7, 2, 6, 4]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raytr.features import FeatureSpec, SessionBatch
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["merlin", "pyarrow"]
+
+
+@dataclass
+class RaggedColumn:
+    values: torch.Tensor  # [total events]
+    offsets: torch.Tensor  # [rows + 1] int64
+
+    def to(self, device: torch.device | str) -> "RaggedColumn":
+        return RaggedColumn(self.values.to(device), self.offsets.to(device))
+
+
+def _row_counts(files: Sequence[str]) -> list[int]:
+    return [pq.ParquetFile(f).metadata.num_rows for f in files]
+
+
+def rank_row_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous share [start, stop) of `total` rows for `rank`; shares differ by at most one."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _read_pyarrow(files: Sequence[str], columns: Sequence[str], start: int, stop: int) -> dict[str, RaggedColumn]:
+    tables, seen = [], 0
+    for file, rows in zip(files, _row_counts(files)):
+        lo, hi = max(start - seen, 0), min(stop - seen, rows)
+        if lo < hi:
+            tables.append(pq.read_table(file, columns=list(columns)).slice(lo, hi - lo))
+        seen += rows
+    table = pa.concat_tables(tables).combine_chunks()
+    out = {}
+    for name in columns:
+        array = table.column(name).chunk(0) if table.column(name).num_chunks else pa.array([], pa.list_(pa.int64()))
+        offsets = np.asarray(array.offsets, dtype=np.int64)
+        values = array.values.to_numpy(zero_copy_only=False)
+        offsets = offsets - offsets[0]
+        out[name] = RaggedColumn(torch.from_numpy(np.array(values[: offsets[-1]])),
+                                 torch.from_numpy(offsets))
+    return out
+
+
+def _read_merlin(files: Sequence[str], columns: Sequence[str], start: int, stop: int) -> dict[str, RaggedColumn]:
+    """Read with merlin-dataloader (cuDF on GPU when installed, pandas otherwise), no shuffle, one
+    pass; merlin yields ragged lists as `name__values` / `name__offsets`."""
+    from merlin.dataloader.torch import Loader
+    from merlin.io import Dataset
+
+    counts = _row_counts(files)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    chosen = [i for i in range(len(files)) if bounds[i] < stop and bounds[i + 1] > start]
+    skip = start - int(bounds[chosen[0]])
+    take = stop - start
+    dataset = Dataset([files[i] for i in chosen], engine="parquet")
+    dataset.schema = dataset.schema.select_by_name(list(columns))
+    values: dict[str, list[torch.Tensor]] = {c: [] for c in columns}
+    lengths: dict[str, list[torch.Tensor]] = {c: [] for c in columns}
+    with Loader(dataset, batch_size=65_536, shuffle=False) as loader:
+        for inputs, _ in loader:
+            for name in columns:
+                vals, offs = inputs[f"{name}__values"], inputs[f"{name}__offsets"]
+                values[name].append(vals.reshape(-1).cpu())
+                lengths[name].append((offs[1:] - offs[:-1]).cpu().to(torch.int64))
+    out = {}
+    for name in columns:
+        lens = torch.cat(lengths[name])[skip: skip + take]
+        all_vals = torch.cat(values[name])
+        all_lens = torch.cat(lengths[name])
+        first = int(all_lens[:skip].sum())
+        vals = all_vals[first: first + int(lens.sum())]
+        offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=offsets[1:])
+        out[name] = RaggedColumn(vals, offsets)
+    return out
+
+
+def pad_rows(column: RaggedColumn, rows: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Gather `rows` of a ragged column into a right-padded [len(rows), length] tensor, keeping each
+    row's last `length` values (all on the column's device)."""
+    starts, ends = column.offsets[rows], column.offsets[rows + 1]
+    starts = torch.maximum(starts, ends - length)  # keep the last `length` events
+    steps = torch.arange(length, device=rows.device)
+    index = starts[:, None] + steps[None, :]  # [B, T]
+    valid = index < ends[:, None]
+    if column.values.numel() == 0:
+        return torch.zeros(len(rows), length, dtype=dtype, device=rows.device)
+    gathered = column.values[index.clamp(max=column.values.numel() - 1)].to(dtype)
+    return torch.where(valid, gathered, torch.zeros((), dtype=dtype, device=rows.device))
+
+
+class DataLoader:
+    """Iterates `SessionBatch`es for one rank; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        paths: Sequence[str],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        engine: Engine = "merlin",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        if engine not in ("merlin", "pyarrow"):
+            raise ValueError(f"engine={engine!r}: expected 'merlin' or 'pyarrow' (Ray Data has its own path)")
+        paths = list(paths)
+        if not paths:
+            raise ValueError("no parquet files to load: the data path is empty")
+        self.spec, self.batch_size, self.shuffle, self.drop_last = spec, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)
+        self.epoch = 0
+        self.total_rows = sum(_row_counts(paths))
+        if self.total_rows < world_size:
+            raise ValueError(f"{self.total_rows} sessions cannot feed {world_size} workers: need at least one each")
+        start, stop = rank_row_range(self.total_rows, rank, world_size)
+        reader = _read_merlin if engine == "merlin" else _read_pyarrow
+        columns = reader(paths, spec.columns, start, stop)
+        self.columns = {name: col.to(self.device) for name, col in columns.items()}
+        self.num_rows = stop - start
+        per_rank = math.ceil(self.total_rows / world_size)  # the largest share
+        if drop_last:
+            self.steps_per_epoch = (self.total_rows // world_size) // batch_size
+        else:
+            self.steps_per_epoch = math.ceil(per_rank / batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{self.total_rows} sessions over {world_size} worker(s) make no full batch of {batch_size}")
+
+    @classmethod
+    def from_schema(cls, schema, paths: Sequence[str], batch_size: int, **kwargs) -> "DataLoader":
+        """Build from a Merlin schema (or a FeatureSpec) and parquet paths."""
+        from raytr.data.schema import feature_spec
+
+        spec = schema if isinstance(schema, FeatureSpec) else feature_spec(schema)
+        return cls(spec, paths, batch_size, **kwargs)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _plan(self) -> list[torch.Tensor]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7_919 + self.rank)
+            order = torch.randperm(self.num_rows, generator=gen)
+        else:
+            order = torch.arange(self.num_rows)
+        if self.drop_last:
+            order = order[: self.steps_per_epoch * self.batch_size]
+        # Near-equal batches: every rank gets exactly steps_per_epoch non-empty batches.
+        return list(torch.tensor_split(order, self.steps_per_epoch))
+
+    def __iter__(self) -> Iterator[SessionBatch]:
+        plan = self._plan()
+        if self.shuffle:
+            self.epoch += 1
+        length = self.spec.max_sequence_length
+        for rows in plan:
+            rows = rows.to(self.device)
+            yield SessionBatch(
+                item_ids=pad_rows(self.columns[self.spec.item_id], rows, length, torch.int64),
+                categorical={n: pad_rows(self.columns[n], rows, length, torch.int64) for n in self.spec.categorical},
+                continuous={n: pad_rows(self.columns[n], rows, length, torch.float32) for n in self.spec.continuous},
+            )

@@ -1,0 +1,207 @@
+"""The next-item head: scores are dot products with the item embedding table (weight tying).
+
+Losses are named pure functions over (hidden, weight, targets):
+- `chunked_cross_entropy`: full softmax over the catalog in row chunks, each chunk's logits
+  recomputed in backward (activation checkpointing), so [N, V] logits never exist at once;
+- `sampled_softmax_loss`: shared log-uniform negatives with logQ correction.
+Only ids 2..V-1 are classes: padding (0) and OOV (1) can never be predicted.
+
+Shape legend: N = positions with a target, D = d_model, V = item cardinality, K = negatives,
+B = batch (sessions), k = recommendations per session.
+
+Tie rule (shared with `raytr.metrics`): items are ordered by score descending, then id ascending;
+equivalently an item's rank is 1 + #items with a strictly greater score + #items with an equal
+score and a smaller id.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from raytr.config import ModelConfig
+from raytr.models.masking import FIRST_ITEM_ID
+
+
+def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, smoothing: float,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row label-smoothed NLL, as F.cross_entropy defines it:
+    (1 - s) * -logp[target] + s * mean over classes of -logp. `valid` [.., C] bool restricts the mean
+    to real classes (e.g. excludes -inf accidental hits). logp [N, C], target [N] -> [N]."""
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    if smoothing == 0.0:
+        return nll
+    if valid is None:
+        smooth = -logp.mean(dim=1)
+    else:
+        smooth = -logp.masked_fill(~valid, 0.0).sum(dim=1) / valid.sum(dim=1)
+    return (1.0 - smoothing) * nll + smoothing * smooth
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, class_weight: torch.Tensor, target: torch.Tensor,
+                    smoothing: float) -> torch.Tensor:
+    """Summed loss of one chunk. hidden [c, D], class_weight [V-2, D], target [c] in 0..V-3."""
+    logits = hidden @ class_weight.T  # [c, V-2], in the autocast dtype when autocast is on
+    # The log-softmax is done in fp32: bf16/fp16 logsumexp over 10^5 items loses the target's mass.
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return _smoothed_nll(logp, target, smoothing).sum()
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean full-softmax cross-entropy of `targets` over the classes 2..V-1.
+
+    hidden [N, D], weight [V, D] (the item embedding table), targets [N] in 2..V-1.
+    Equal (in value and gradients) to
+    `F.cross_entropy(hidden @ weight[2:].T, targets - 2, label_smoothing=s)`, but rows are processed
+    in chunks of `chunk_size` under `torch.utils.checkpoint`: forward keeps no logits, backward
+    recomputes one chunk's [chunk_size, V-2] logits at a time.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph (and DDP) happy with a zero loss
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
+    if bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= weight.shape[0]).any()):
+        raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{weight.shape[0] - 1} (0 = padding, 1 = OOV)")
+    class_weight = weight[FIRST_ITEM_ID:]  # [V-2, D]: padding and OOV are not classes
+    classes = targets - FIRST_ITEM_ID
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = start + chunk_size
+        total = total + checkpoint(_chunk_loss_sum, hidden[start:stop], class_weight, classes[start:stop],
+                                   label_smoothing, use_reentrant=False)
+    return total / hidden.shape[0]
+
+
+def log_uniform_sample(num_items: int, num_samples: int, generator: torch.Generator | None = None,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `num_samples` ids from 2..V-1 (V = `num_items`) with replacement, under the log-uniform
+    (Zipf-like) law P(id) = log((r + 2) / (r + 1)) / log(n + 1), r = id - 2, n = V - 2.
+
+    Categorify numbers items by decreasing frequency, so this approximates popularity sampling.
+    Returns (ids [K] int64, log_q [K] float32 = log P(id)).
+    """
+    n = num_items - FIRST_ITEM_ID
+    if n < 1:
+        raise ValueError(f"num_items={num_items}: need at least one real item (ids 2..V-1)")
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(num_samples, generator=generator, device=gen_device, dtype=torch.float64)
+    # Inverse CDF: CDF(r) = log(r + 2) / log(n + 1), so r = floor(exp(u * log(n + 1))) - 1.
+    r = (torch.exp(u * math.log(n + 1)).floor().long() - 1).clamp_(0, n - 1)
+    ids = (r + FIRST_ITEM_ID).to(device)
+    return ids, log_uniform_log_prob(ids, num_items)
+
+
+def log_uniform_log_prob(ids: torch.Tensor, num_items: int) -> torch.Tensor:
+    """log P(id) under `log_uniform_sample`'s law. ids [...] in 2..V-1 -> float32 [...]."""
+    n = num_items - FIRST_ITEM_ID
+    r = (ids - FIRST_ITEM_ID).double()
+    return (torch.log1p(1.0 / (r + 1.0)) - math.log(n + 1)).float()
+
+
+def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         num_negatives: int, label_smoothing: float = 0.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean sampled-softmax cross-entropy with logQ correction.
+
+    hidden [N, D], weight [V, D], targets [N] in 2..V-1. K = `num_negatives` ids are drawn once per
+    call and shared by all rows. Every logit (positive and negatives) is corrected by subtracting
+    log(K * q(id)), the expected number of times the sampler draws that id, which makes the sampled
+    softmax a consistent estimate of the full one. A negative equal to the row's positive (an
+    accidental hit) is masked to -inf.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0
+    V = weight.shape[0]
+    neg_ids, neg_logq = log_uniform_sample(V, num_negatives, generator, hidden.device)  # [K], [K]
+    correction = math.log(num_negatives)
+    pos_logits = (hidden * weight[targets]).sum(-1).float()  # [N]
+    pos_logits = pos_logits - (log_uniform_log_prob(targets, V) + correction)
+    neg_logits = (hidden @ weight[neg_ids].T).float() - (neg_logq + correction)  # [N, K]
+    hits = neg_ids[None, :] == targets[:, None]  # [N, K]
+    neg_logits = neg_logits.masked_fill(hits, float("-inf"))
+    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)  # [N, 1 + K], positive in column 0
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = torch.cat([torch.ones_like(hits[:, :1]), ~hits], dim=1)
+    zeros = torch.zeros_like(targets)
+    return _smoothed_nll(logp, zeros, label_smoothing, valid).mean()
+
+
+def full_scores(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Scores of every item: hidden [N, D], weight [V, D] -> [N, V] float32, ids 0 and 1 at -inf."""
+    scores = (hidden @ weight.T).float()  # [N, V]
+    scores[:, :FIRST_ITEM_ID] = float("-inf")
+    return scores
+
+
+def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best items per row under the tie rule (score descending, then id ascending).
+
+    scores [B, V]; exclude: optional [B, V] bool of items that must not be returned (ids 0 and 1
+    are always excluded). Returns (ids [B, k] int64, scores [B, k] float32). Raises ValueError
+    naming k when a row has fewer than k returnable items.
+
+    torch.topk gives no order among equal scores, so the boundary is resolved explicitly: all items
+    strictly above the k-th score, then the smallest ids among those equal to it.
+    """
+    B, V = scores.shape
+    if k < 1:
+        raise ValueError(f"k={k}: expected >= 1")
+    allowed = torch.ones_like(scores, dtype=torch.bool)
+    allowed[:, :FIRST_ITEM_ID] = False
+    if exclude is not None:
+        allowed &= ~exclude
+    available = allowed.sum(dim=1)
+    if k > V - FIRST_ITEM_ID:
+        raise ValueError(f"k={k} is larger than the number of recommendable items ({V - FIRST_ITEM_ID}: ids 2..{V - 1})")
+    if bool((available < k).any()):
+        raise ValueError(
+            f"k={k} is larger than the number of recommendable items left after exclusions "
+            f"(fewest in a row: {int(available.min())}); lower k"
+        )
+    s = scores.float().masked_fill(~allowed, float("-inf"))
+    kth = s.topk(k, dim=1).values[:, -1:]  # [B, 1]
+    above = (s > kth) & allowed
+    tied = (s == kth) & allowed
+    need = k - above.sum(dim=1, keepdim=True)  # [B, 1] how many tied items to take
+    take_tied = tied & (tied.cumsum(dim=1) <= need)  # cumsum runs over ascending ids
+    chosen = above | take_tied  # exactly k per row
+    ids = chosen.nonzero()[:, 1].view(B, k)  # [B*k] -> [B, k], ascending ids within a row
+    chosen_scores = s.gather(1, ids)
+    # Stable descending sort keeps ascending ids among equal scores.
+    order = chosen_scores.sort(dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order), chosen_scores.gather(1, order)
+
+
+class NextItemHead(nn.Module):
+    """Scores and losses against a [V, D] weight: the item embedding table when tied, else its own.
+
+    forward(hidden [N, D], targets [N], generator) -> mean loss for `config.loss`.
+    """
+
+    def __init__(self, config: ModelConfig, num_items: int, tied_weight: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.loss_type = config.loss
+        self.chunk_size = config.logits_chunk_size
+        self.num_negatives = config.num_negatives
+        self.label_smoothing = config.label_smoothing
+        if tied_weight is not None:
+            if tied_weight.shape != (num_items, config.d_model):
+                raise ValueError(f"tied weight has shape {tuple(tied_weight.shape)}, expected ({num_items}, {config.d_model})")
+            self.weight = tied_weight
+        else:
+            self.weight = nn.Parameter(torch.randn(num_items, config.d_model) * 0.02)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.loss_type == "full":
+            return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_size, self.label_smoothing)
+        return sampled_softmax_loss(hidden, self.weight, targets, self.num_negatives, self.label_smoothing, generator)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] -> [N, V] float32 with ids 0 and 1 at -inf."""
+        return full_scores(hidden, self.weight)
