@@ -12,7 +12,9 @@ class TrainingArguments:
 
     Names follow `transformers.TrainingArguments` where the concept exists there (output_dir,
     num_train_epochs, per_device_train_batch_size, learning_rate, lr_scheduler_type, warmup_ratio,
-    fp16, bf16, seed, logging_steps, eval_steps, save_steps, save_total_limit, ...).
+    fp16, bf16, seed, logging_steps, eval_steps, save_total_limit, ...).
+    Checkpoints are written at the end of every epoch; `save_total_limit` keeps the best by
+    `metric_for_best_model` (evaluated on the eval data, key without the `eval_` prefix).
 
     Session-specific:
         max_sequence_length: None reads it from the prepared schema (the one source of truth).
@@ -21,7 +23,11 @@ class TrainingArguments:
         metrics_top_k: cut-offs for Precision/Recall/NDCG/MAP/MRR@k.
         predict_top_k: how many items `predict()` returns per session.
     Ray Train:
-        num_workers, use_gpu, resources_per_worker, max_failures, resume_from_checkpoint.
+        launcher: "ray" runs the loop on Ray Train's TorchTrainer (DDP over `num_workers`);
+            "local" runs the same loop in this process (one worker, no Ray; quick experiments).
+        num_workers, use_gpu, resources_per_worker, max_failures (worker-group restarts, resuming
+        from the last checkpoint), resume_from_checkpoint (a checkpoint directory to continue from),
+        run_name (None: a new unique name, so a new run never resumes an old one by accident).
     """
 
     output_dir: str = "runs/train"
@@ -44,7 +50,6 @@ class TrainingArguments:
     dataloader_drop_last: bool = False
     logging_steps: int = 50
     eval_steps: int = 0
-    save_steps: int = 0
     save_total_limit: int = 2
     metric_for_best_model: str = "ndcg@10"
     greater_is_better: bool = True
@@ -57,6 +62,7 @@ class TrainingArguments:
     metrics_top_k: tuple[int, ...] = (5, 10, 20)
     predict_top_k: int = 20
     exclude_seen: bool = False
+    launcher: Literal["ray", "local"] = "ray"
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -83,6 +89,8 @@ class TrainingArguments:
             raise ConfigError(f"training.predict_top_k={self.predict_top_k}: expected >= 1")
         if self.num_workers < 1:
             raise ConfigError(f"training.num_workers={self.num_workers}: expected >= 1")
+        if self.launcher == "local" and self.num_workers > 1:
+            raise ConfigError(f"training.launcher='local' runs one worker; num_workers={self.num_workers} needs 'ray'")
         if self.max_failures < 0:
             raise ConfigError(f"training.max_failures={self.max_failures}: expected >= 0")
 

@@ -1,0 +1,56 @@
+"""Next-item evaluation shared by the Trainer, the baselines and incremental runs.
+
+Each session is scored on its prefix and judged on its last item (`split_last_item`). Anything
+with `score_next(batch) -> [B, V]` can be evaluated: SessionModel, Popularity, SessionItemKNN.
+Plain PyTorch; the metric state is a tensor that callers may all-reduce across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import torch
+
+from raytr.features import SessionBatch
+from raytr.metrics import RankingMetrics
+from raytr.models.head import seen_items
+from raytr.models.masking import split_last_item
+
+
+class Scorer(Protocol):
+    def score_next(self, batch: SessionBatch) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def update_next_item_metrics(
+    metrics: RankingMetrics, scorer: Scorer, batch: SessionBatch, exclude_seen: bool = False
+) -> None:
+    """Score each session's prefix and add the rank of its last item to `metrics`."""
+    prefix, targets = split_last_item(batch)
+    scores = scorer.score_next(prefix).float()  # [B, V]
+    if exclude_seen:
+        scores = scores.masked_fill(seen_items(prefix.item_ids, scores.shape[1]), float("-inf"))
+    metrics.update(scores, targets)
+
+
+@torch.no_grad()
+def evaluate_next_item(
+    scorer: Scorer,
+    batches: Iterable[SessionBatch],
+    top_k: Sequence[int],
+    exclude_seen: bool = False,
+) -> RankingMetrics:
+    """Metrics of `scorer` over all `batches` (sums and counts: averages over sessions)."""
+    metrics = RankingMetrics(top_k)
+    was_training = getattr(scorer, "training", False)
+    if hasattr(scorer, "eval"):
+        scorer.eval()
+    try:
+        for batch in batches:
+            if len(batch):
+                update_next_item_metrics(metrics, scorer, batch, exclude_seen)
+    finally:
+        if was_training:
+            scorer.train()
+    return metrics

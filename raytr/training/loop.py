@@ -1,0 +1,326 @@
+"""What one training worker does: epochs of AMP steps, metrics, evaluation, checkpoints.
+
+The loop knows nothing of Ray. Its contact with the outside is a `WorkerContext`: rank, world
+size, device, how to wrap the model for DDP, how to report metrics with a checkpoint, and the
+checkpoint to resume from. `raytr.training.trainer` builds one from Ray Train's context; at world
+size 1 `local_context` runs the same loop in-process.
+
+A checkpoint is a directory of plain files:
+    model.safetensors, config.json   the model (SessionModel.save)
+    training_state.pt                optimizer, scheduler and grad-scaler tensors (loaded with
+                                     torch.load(weights_only=True): tensors and numbers only)
+    trainer_state.json               epoch, global step, metrics
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raytr.config import ModelConfig
+from raytr.data.loaders import DataLoader
+from raytr.evaluation import update_next_item_metrics
+from raytr.features import FeatureSpec, SessionBatch
+from raytr.metrics import RankingMetrics
+from raytr.models import SessionModel
+from raytr.training.arguments import TrainingArguments
+
+log = logging.getLogger(__name__)
+
+TRAINING_STATE = "training_state.pt"
+TRAINER_STATE = "trainer_state.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker needs, picklable: paths and dataclasses, no tensors."""
+
+    spec: FeatureSpec
+    model_config: ModelConfig
+    args: TrainingArguments
+    init_model_dir: str  # the starting weights (a SessionModel.save directory)
+    train_paths: tuple[str, ...]
+    eval_paths: tuple[str, ...] = ()
+    reset_scheduler: bool = False  # start a fresh LR schedule even when resuming optimizer state
+    init_training_state: str | None = None  # optimizer/scheduler state to continue from
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    report: Callable[[dict[str, float], Path | None], None] = lambda metrics, checkpoint: None
+    restored_checkpoint: Path | None = None
+    train_batches: Callable[[int], Iterable[SessionBatch]] | None = None  # Ray Data engine, per epoch
+    steps_per_epoch: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _autocast(args: TrainingArguments, device: torch.device):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision or "")
+    if dtype is None:
+        return nullcontext()
+    if device.type == "cpu" and dtype is torch.float16:
+        raise ValueError("training.fp16 needs a CUDA GPU (use bf16 on CPU, or set training.use_gpu)")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (the usual transformer recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "embedding" in name or "norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _all_reduce(tensor: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
+    if ctx.world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def evaluate_paths(model: SessionModel, cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
+    """Next-item metrics over this rank's share of the eval data, reduced across ranks."""
+    args = cfg.args
+    loader = DataLoader(cfg.spec, cfg.eval_paths, args.per_device_eval_batch_size, shuffle=False,
+                        engine="pyarrow" if args.data_loader_engine == "ray" else args.data_loader_engine,
+                        rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    metrics = RankingMetrics(args.metrics_top_k)
+    model.eval()
+    with torch.no_grad(), _autocast(args, ctx.device):
+        for batch in loader:
+            update_next_item_metrics(metrics, model, batch, args.exclude_seen)
+    model.train()
+    metrics.load_state(_all_reduce(metrics.state.to(ctx.device), ctx).cpu())
+    return metrics.compute()
+
+
+def _write_checkpoint(model: SessionModel, optimizer, scheduler, scaler, epoch: int, step: int,
+                      metrics: dict[str, float], directory: Path) -> Path:
+    model.save(directory)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict()}, directory / TRAINING_STATE)
+    (directory / TRAINER_STATE).write_text(json.dumps({"epoch": epoch, "global_step": step, "metrics": metrics}))
+    return directory
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / TRAINER_STATE).read_text())
+
+
+def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
+    """Train for `args.num_train_epochs` (or `max_steps`). Every epoch ends with evaluation and a
+    checkpoint; `eval_steps` adds evaluations inside epochs. Returns the last reported metrics."""
+    args = cfg.args
+    device = ctx.device
+    torch.manual_seed(args.seed + ctx.rank)  # dropout differs per rank; weights come from init_model_dir
+    model = SessionModel.load(cfg.init_model_dir, map_location=device)
+    model.generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + ctx.rank)
+    model.train()
+
+    if ctx.train_batches is None:
+        loader = DataLoader(cfg.spec, cfg.train_paths, args.per_device_train_batch_size, shuffle=True,
+                            drop_last=args.dataloader_drop_last, engine=args.data_loader_engine, seed=args.seed,
+                            rank=ctx.rank, world_size=ctx.world_size, device=device)
+        steps_per_epoch = len(loader)
+        batches_for_epoch: Callable[[int], Iterable[SessionBatch]] = lambda e: (loader.set_epoch(e), loader)[1]
+    else:
+        steps_per_epoch = ctx.steps_per_epoch or 0
+        batches_for_epoch = ctx.train_batches
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    epochs = math.ceil(total_steps / max(steps_per_epoch, 1))
+
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16 and device.type == "cuda")
+    start_epoch, global_step = 0, 0
+    if cfg.init_training_state:
+        state = torch.load(cfg.init_training_state, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # a new run's learning rate wins over the saved one
+            group["lr"] = group["initial_lr"] = args.learning_rate
+        if not cfg.reset_scheduler:
+            scheduler.load_state_dict(state["scheduler"])
+    if ctx.restored_checkpoint is not None:
+        restored = ctx.restored_checkpoint
+        model.load_state_dict(SessionModel.load(restored, map_location=device).state_dict())
+        state = torch.load(restored / TRAINING_STATE, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        trainer_state = read_trainer_state(restored)
+        start_epoch, global_step = trainer_state["epoch"] + 1, trainer_state["global_step"]
+        log.info("rank %d: resumed from %s at epoch %d, step %d", ctx.rank, restored, start_epoch, global_step)
+
+    ddp_model = ctx.prepare_model(model)
+    if args.torch_compile:
+        ddp_model = torch.compile(ddp_model)
+    writer = _tensorboard(args) if ctx.is_main else None
+    progress = _progress(args, ctx, total_steps, global_step)
+    last_metrics: dict[str, float] = {}
+    started = time.perf_counter()
+    sessions_seen = 0
+
+    def report(epoch: float, with_eval: bool, checkpoint_epoch: int | None) -> None:
+        """Metrics (and, at an epoch's end, a checkpoint) to the context; every rank calls it."""
+        nonlocal last_metrics
+        metrics = {"epoch": float(epoch), "step": float(global_step), "loss": running_loss()}
+        if with_eval and cfg.eval_paths:
+            metrics.update({f"eval_{k}": v for k, v in evaluate_paths(model, cfg, ctx).items()})
+        elapsed = time.perf_counter() - started
+        metrics["train_sessions_per_second"] = sessions_seen * ctx.world_size / max(elapsed, 1e-9)
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(key if "/" in key else f"train/{key}", value, global_step)
+            writer.flush()
+        if ctx.is_main:
+            log.info("epoch %d step %d: %s", epoch, global_step,
+                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step")))
+        checkpoint_dir = None
+        if checkpoint_epoch is not None and ctx.is_main:
+            checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytr-ckpt-"))
+            _write_checkpoint(model, optimizer, scheduler, scaler, checkpoint_epoch, global_step, metrics,
+                              checkpoint_dir)
+        try:
+            ctx.report(metrics, checkpoint_dir)  # a barrier on Ray: every rank calls it
+        finally:
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        last_metrics = metrics
+
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses x targets, targets]
+
+    def running_loss() -> float:
+        total = _all_reduce(loss_sum.clone(), ctx)
+        value = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        loss_sum.zero_()
+        return value
+
+    train_metrics = RankingMetrics(args.metrics_top_k)
+    for epoch in range(start_epoch, epochs):
+        steps_this_epoch = 0
+        for batch in batches_for_epoch(epoch):
+            if global_step >= total_steps or steps_this_epoch >= steps_per_epoch:
+                break
+            with _autocast(args, device):
+                out = ddp_model(batch)
+            loss = out.loss
+            # One small all-reduce per step: every rank learns of a NaN on any rank and stops
+            # together, instead of the others hanging in the next gradient all-reduce.
+            check = _all_reduce(torch.stack([loss.detach().float() * out.num_targets,
+                                             torch.tensor(float(out.num_targets), device=device)]).double(), ctx)
+            if not torch.isfinite(check).all():
+                raise TrainingDivergedError(
+                    f"loss is {float(loss):.4g} at epoch {epoch}, step {global_step}: training stopped; the last "
+                    "good checkpoint is kept. Lower training.learning_rate, use bf16 instead of fp16, or clip "
+                    "gradients (training.max_grad_norm)"
+                )
+            loss_sum += check
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            global_step += 1
+            steps_this_epoch += 1
+            sessions_seen += len(batch)
+            if progress is not None:
+                progress.update(1)
+            if args.compute_metrics_each_n_steps and global_step % args.compute_metrics_each_n_steps == 0:
+                train_metrics = RankingMetrics(args.metrics_top_k)
+                model.eval()
+                with _autocast(args, device):
+                    update_next_item_metrics(train_metrics, model, batch)
+                model.train()
+                train_metrics.load_state(_all_reduce(train_metrics.state.to(device), ctx).cpu())
+                if writer is not None:
+                    for key, value in train_metrics.compute().items():
+                        writer.add_scalar(f"train/{key}", value, global_step)
+            if ctx.is_main and args.logging_steps and global_step % args.logging_steps == 0 and writer is not None:
+                writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], global_step)
+            if args.eval_steps and global_step % args.eval_steps == 0 and steps_this_epoch < steps_per_epoch:
+                report(epoch + steps_this_epoch / steps_per_epoch, with_eval=True, checkpoint_epoch=None)
+        report(epoch + 1, with_eval=True, checkpoint_epoch=epoch)
+        if global_step >= total_steps:
+            break
+    if progress is not None:
+        progress.close()
+    if writer is not None:
+        writer.close()
+    return last_metrics
+
+
+def _tensorboard(args: TrainingArguments):
+    if "tensorboard" not in args.report_to:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(args.output_dir) / "tensorboard"))
+
+
+def _progress(args: TrainingArguments, ctx: WorkerContext, total: int, done: int):
+    if args.disable_tqdm or not ctx.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
+
+
+def local_context(output_dir: Path, keep: int, metric: str, greater_is_better: bool,
+                  device: torch.device | None = None) -> tuple[WorkerContext, list[tuple[dict, Path]]]:
+    """A one-process context that keeps the best `keep` checkpoints under output_dir/checkpoints."""
+    saved: list[tuple[dict, Path]] = []
+    root = Path(output_dir) / "checkpoints"
+
+    def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            return
+        target = root / f"checkpoint-{int(metrics['step']):08d}"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(checkpoint, target)
+        saved.append((metrics, target))
+        key = f"eval_{metric}"
+        # Keep the latest always (for resuming), plus the best by the metric.
+        ranked = sorted(saved[:-1], key=lambda mp: mp[0].get(key, float("-inf")), reverse=greater_is_better)
+        for _, path in ranked[max(keep - 1, 0):]:
+            shutil.rmtree(path, ignore_errors=True)
+            saved.remove(next(s for s in saved if s[1] == path))
+
+    ctx = WorkerContext(device=device or torch.device("cpu"), report=report)
+    return ctx, saved

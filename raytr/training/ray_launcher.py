@@ -1,0 +1,148 @@
+"""Running `train_loop` on Ray Train: the only module of raytr.training that imports Ray.
+
+One `TorchTrainer` per `Trainer.train()` call: DDP through `ray.train.torch.prepare_model`, gloo on
+CPU and NCCL on GPU, checkpoints reported through `ray.train.report` (the best
+`save_total_limit` kept by `metric_for_best_model`), worker-group restarts with `max_failures`
+resuming from the last reported checkpoint. The "ray" data engine feeds workers from Ray Data
+shards instead of the merlin/pyarrow loaders.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from raytr.features import FeatureSpec, SessionBatch
+from raytr.ray_runtime import ensure_ray
+from raytr.training.loop import LoopConfig, WorkerContext, train_loop
+
+log = logging.getLogger(__name__)
+
+
+def _pad_object_column(values: np.ndarray, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Ray Data hands list columns over as object arrays of numpy arrays: right-pad, keep last T."""
+    out = torch.zeros(len(values), length, dtype=dtype)
+    for i, row in enumerate(values):
+        row = np.asarray(row)[-length:]
+        out[i, : len(row)] = torch.as_tensor(row, dtype=dtype)
+    return out
+
+
+def _to_batch(spec: FeatureSpec, batch: dict[str, np.ndarray], device: torch.device) -> SessionBatch:
+    length = spec.max_sequence_length
+    return SessionBatch(
+        item_ids=_pad_object_column(batch[spec.item_id], length, torch.int64),
+        categorical={n: _pad_object_column(batch[n], length, torch.int64) for n in spec.categorical},
+        continuous={n: _pad_object_column(batch[n], length, torch.float32) for n in spec.continuous},
+    ).to(device)
+
+
+def _ray_data_batches(cfg: LoopConfig, device: torch.device, rows_per_worker: int):
+    """Per-epoch batches from this worker's Ray Data shard. Ray splits shards with equal row counts,
+    so every worker runs the same number of steps; the block order is reshuffled every epoch and
+    rows are shuffled inside a window of 16 batches (no local shuffle buffer: it can yield short
+    batches mid-stream, ray #66085)."""
+    shard = ray.train.get_dataset_shard("train")
+    batch_size = cfg.args.per_device_train_batch_size
+    window = 16 * batch_size
+
+    def batches(epoch: int) -> Iterator[SessionBatch]:
+        rng = np.random.default_rng(cfg.args.seed * 1_000_003 + epoch)
+        for big in shard.iter_batches(batch_size=window, batch_format="numpy", drop_last=False):
+            order = rng.permutation(len(next(iter(big.values()))))
+            for start in range(0, len(order), batch_size):
+                rows = order[start: start + batch_size]
+                yield _to_batch(cfg.spec, {k: v[rows] for k, v in big.items()}, device)
+
+    return batches, math.ceil(rows_per_worker / batch_size)
+
+
+def _worker(config: dict[str, Any]) -> None:
+    cfg: LoopConfig = config["loop"]
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    restored: Path | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group: continue from the last report
+        restored = Path(tempfile.mkdtemp(prefix="raytr-restore-"))
+        with checkpoint.as_directory() as src:
+            shutil.copytree(src, restored, dirs_exist_ok=True)
+    elif cfg.args.resume_from_checkpoint:
+        restored = Path(cfg.args.resume_from_checkpoint)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
+
+    ctx = WorkerContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=device,
+        prepare_model=ray.train.torch.prepare_model,
+        report=report,
+        restored_checkpoint=restored,
+    )
+    if cfg.args.data_loader_engine == "ray":
+        ctx.train_batches, ctx.steps_per_epoch = _ray_data_batches(cfg, device, config["rows_per_worker"])
+    train_loop(cfg, ctx)
+
+
+def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any = None
+               ) -> tuple[dict[str, float], Path, Path | None]:
+    """Run the loop on a TorchTrainer; returns (final metrics, latest checkpoint dir, best one)."""
+    ensure_ray()
+    args = cfg.args
+    datasets, rows_per_worker = None, 0
+    if args.data_loader_engine == "ray":
+        ds = train_dataset if train_dataset is not None and not isinstance(train_dataset, (str, Path, list, tuple)) \
+            else ray.data.read_parquet(list(cfg.train_paths), columns=cfg.spec.columns)
+        ds = ds.randomize_block_order()
+        total = ds.count()
+        if total < args.num_workers:
+            raise ValueError(f"{total} sessions cannot feed {args.num_workers} workers")
+        rows_per_worker = total // args.num_workers  # Ray's equal split drops the remainder rows
+        datasets = {"train": ds}
+    metric = f"eval_{args.metric_for_best_model}"
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"loop": cfg, "rows_per_worker": rows_per_worker},
+        torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                     resources_per_worker=args.resources_per_worker or None),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(run_dir.parent.parent / "ray_results"),
+            failure_config=FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=max(args.save_total_limit, 1),
+                checkpoint_score_attribute=metric if cfg.eval_paths else "step",
+                checkpoint_score_order=("max" if args.greater_is_better else "min") if cfg.eval_paths else "max",
+            ),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    latest = result.checkpoint
+    if latest is None:
+        raise RuntimeError(f"run {run_name} reported no checkpoint")
+    best = None
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    if scored:
+        sign = 1 if args.greater_is_better else -1
+        best = max(scored, key=lambda cm: sign * cm[1][metric])[0]
+    # Copy the final checkpoint under the run directory so the output is self-contained.
+    final_dir = run_dir / "final_checkpoint"
+    with latest.as_directory() as src:
+        shutil.copytree(src, final_dir, dirs_exist_ok=True)
+    return dict(result.metrics or {}), final_dir, Path(best.path) if best is not None else None

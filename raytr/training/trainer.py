@@ -1,0 +1,234 @@
+"""The Trainer: a Transformers4Rec / Hugging Face style API over Ray Train.
+
+    trainer = Trainer(model, args, train_dataset_or_path="prepared/", eval_dataset_or_path=[...])
+    trainer.train()                      # TorchTrainer with args.num_workers DDP workers
+    trainer.evaluate(metric_key_prefix="eval")
+    trainer.predict()                    # top-k next items for each eval session
+
+`train()` ships the model as files (the starting weights are saved under the run directory), runs
+`raytr.training.loop.train_loop` on every worker, and loads the final weights back into `model`.
+Calling `train()` again continues from the current weights and optimizer state (fine-tuning on a
+new time window); `reset_lr_scheduler()` makes the next call start a fresh LR schedule.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raytr.data.loaders import DataLoader
+from raytr.evaluation import evaluate_next_item
+from raytr.features import SessionBatch
+from raytr.models import SessionModel
+from raytr.models.masking import split_last_item
+from raytr.training.arguments import TrainingArguments
+from raytr.training.loop import TRAINING_STATE, LoopConfig, WorkerContext, local_context, read_trainer_state, train_loop
+
+log = logging.getLogger(__name__)
+
+DatasetOrPath = str | Path | Sequence[str] | Any  # a prepared dir, parquet files, or a ray.data.Dataset
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    metrics: dict[str, float]
+    checkpoint: str  # the final checkpoint directory (model + optimizer state)
+    best_checkpoint: str | None
+    model_dir: str  # output_dir/model: the final model, ready for `raytr evaluate` and serving
+    run_name: str
+
+
+@dataclass(frozen=True)
+class Predictions:
+    item_ids: np.ndarray  # [N, k] recommended ids, best first
+    scores: np.ndarray  # [N, k]
+    targets: np.ndarray  # [N] the true next (last) item of each session
+
+
+def resolve_paths(data: DatasetOrPath) -> list[str]:
+    """Parquet files from a prepared directory (all days), a directory of parquet, a file or a list."""
+    if isinstance(data, (list, tuple)):
+        return [p for item in data for p in resolve_paths(item)]
+    path = Path(data)
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        root = path / "sessions" if (path / "sessions").is_dir() else path
+        files = sorted(str(p) for p in root.rglob("*.parquet"))
+        if files:
+            return files
+    raise FileNotFoundError(f"no parquet files at {str(path)!r}: pass a `raytr prepare` output or parquet files")
+
+
+def _is_ray_dataset(data: Any) -> bool:
+    return type(data).__module__.startswith("ray.data")
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: SessionModel,
+        args: TrainingArguments,
+        *,
+        train_dataset_or_path: DatasetOrPath | None = None,
+        eval_dataset_or_path: DatasetOrPath | None = None,
+        train_dataloader: Iterable[SessionBatch] | None = None,
+        eval_dataloader: Iterable[SessionBatch] | None = None,
+    ) -> None:
+        self.model = model
+        self.args = args
+        self.train_dataset = train_dataset_or_path
+        self.eval_dataset = eval_dataset_or_path
+        self.train_dataloader = train_dataloader
+        self.eval_dataloader = eval_dataloader
+        self._training_state: str | None = None  # optimizer/scheduler state of the last train()
+        self._reset_scheduler = False
+        self.state: dict[str, Any] = {"global_step": 0, "runs": []}
+
+    # T4Rec names, kept as aliases of the attributes above.
+    @property
+    def train_dataset_or_path(self) -> DatasetOrPath | None:
+        return self.train_dataset
+
+    @train_dataset_or_path.setter
+    def train_dataset_or_path(self, value: DatasetOrPath | None) -> None:
+        self.train_dataset = value
+
+    @property
+    def eval_dataset_or_path(self) -> DatasetOrPath | None:
+        return self.eval_dataset
+
+    @eval_dataset_or_path.setter
+    def eval_dataset_or_path(self, value: DatasetOrPath | None) -> None:
+        self.eval_dataset = value
+
+    def reset_lr_scheduler(self) -> None:
+        """The next `train()` starts a fresh warmup/decay schedule (optimizer moments are kept)."""
+        self._reset_scheduler = True
+
+    def wipe_memory(self) -> None:
+        """Free cached accelerator memory between time windows."""
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> TrainOutput:
+        args = self.args
+        if self.train_dataset is None and self.train_dataloader is None:
+            raise ValueError("Trainer.train(): set train_dataset_or_path (or train_dataloader) first")
+        output_dir = Path(args.output_dir).resolve()
+        run_name = args.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}"
+        run_dir = output_dir / "runs" / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        init_dir = self.model.save(run_dir / "init")
+        init_state = None
+        if self._training_state:
+            init_state = str(run_dir / "init" / TRAINING_STATE)
+            shutil.copy(self._training_state, init_state)
+        train_paths = () if self.train_dataset is None or _is_ray_dataset(self.train_dataset) else tuple(
+            resolve_paths(self.train_dataset))
+        eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
+            resolve_paths(self.eval_dataset))
+        loop_args = replace(args, output_dir=str(output_dir))
+        cfg = LoopConfig(
+            spec=self.model.spec, model_config=self.model.config, args=loop_args, init_model_dir=str(init_dir),
+            train_paths=train_paths, eval_paths=eval_paths, reset_scheduler=self._reset_scheduler,
+            init_training_state=init_state,
+        )
+        log.info("train: run %s, %d train file(s), %d eval file(s), launcher=%s, workers=%d", run_name,
+                 len(train_paths), len(eval_paths), args.launcher, args.num_workers)
+        if args.launcher == "local" or self.train_dataloader is not None:
+            metrics, checkpoint, best = self._train_local(cfg, run_dir)
+        else:
+            from raytr.training.ray_launcher import fit_on_ray
+
+            metrics, checkpoint, best = fit_on_ray(cfg, run_dir, run_name, self.train_dataset)
+        final = SessionModel.load(checkpoint, map_location="cpu")
+        self.model.load_state_dict(final.state_dict())
+        self._training_state = str(Path(checkpoint) / TRAINING_STATE)
+        self._reset_scheduler = False
+        model_dir = output_dir / "model"
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        final.save(model_dir)
+        self.state["global_step"] = int(read_trainer_state(Path(checkpoint))["global_step"])
+        result = TrainOutput(metrics=metrics, checkpoint=str(checkpoint), best_checkpoint=best and str(best),
+                             model_dir=str(model_dir), run_name=run_name)
+        self.state["runs"].append(asdict(result))
+        (output_dir / "train_result.json").write_text(json.dumps(
+            {**asdict(result), "training_arguments": asdict(args), "model_config": asdict(self.model.config),
+             "feature_spec": self.model.spec.to_dict()}, indent=2, default=str))
+        return result
+
+    def _train_local(self, cfg: LoopConfig, run_dir: Path) -> tuple[dict[str, float], Path, Path | None]:
+        args = cfg.args
+        device = torch.device("cuda" if args.use_gpu and torch.cuda.is_available() else "cpu")
+        if args.use_gpu and device.type != "cuda":
+            raise ValueError("training.use_gpu is true but no CUDA GPU is visible")
+        ctx, saved = local_context(run_dir, args.save_total_limit, args.metric_for_best_model,
+                                   args.greater_is_better, device)
+        if args.resume_from_checkpoint:
+            ctx.restored_checkpoint = Path(args.resume_from_checkpoint)
+        if self.train_dataloader is not None:
+            loader = self.train_dataloader
+            ctx.steps_per_epoch = len(loader)  # type: ignore[arg-type]
+
+            def batches(epoch: int) -> Iterable[SessionBatch]:
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(epoch)
+                return (b.to(device) for b in loader)
+
+            ctx.train_batches = batches
+        metrics = train_loop(cfg, ctx)
+        latest = saved[-1][1]
+        key = f"eval_{args.metric_for_best_model}"
+        scored = [s for s in saved if key in s[0]]
+        best = max(scored, key=lambda s: s[0][key] * (1 if args.greater_is_better else -1))[1] if scored else None
+        return metrics, latest, best
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_batches(self, dataset: DatasetOrPath | None) -> Iterable[SessionBatch]:
+        if dataset is None and self.eval_dataloader is not None:
+            return self.eval_dataloader
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("no evaluation data: pass eval_dataset or set eval_dataset_or_path")
+        return DataLoader(self.model.spec, resolve_paths(dataset), self.args.per_device_eval_batch_size,
+                          shuffle=False, engine="pyarrow" if self.args.data_loader_engine == "ray"
+                          else self.args.data_loader_engine)
+
+    def evaluate(self, eval_dataset: DatasetOrPath | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Next-item metrics (last item of each session from its prefix), averaged over sessions."""
+        metrics = evaluate_next_item(self.model, self._eval_batches(eval_dataset), self.args.metrics_top_k,
+                                     self.args.exclude_seen)
+        if metrics.count == 0:
+            raise ValueError("evaluation data has no session with >= 2 events")
+        return {f"{metric_key_prefix}_{k}": v for k, v in metrics.compute().items()}
+
+    @torch.no_grad()
+    def predict(self, dataset: DatasetOrPath | None = None, k: int | None = None) -> Predictions:
+        """Top-k next items for each session's prefix, with the true last item as target."""
+        k = k or self.args.predict_top_k
+        self.model.eval()
+        ids, scores, targets = [], [], []
+        for batch in self._eval_batches(dataset):
+            prefix, target = split_last_item(batch)
+            top_ids, top_scores = self.model.recommend(prefix, k, exclude_seen=self.args.exclude_seen)
+            ids.append(top_ids.cpu().numpy())
+            scores.append(top_scores.cpu().numpy())
+            targets.append(target.cpu().numpy())
+        if not ids:
+            raise ValueError("prediction data is empty")
+        return Predictions(np.concatenate(ids), np.concatenate(scores), np.concatenate(targets))
