@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -69,6 +69,96 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(summary.to_text())
 
 
+def _days(text: str | None) -> list[int] | None:
+    """"1-5" or "1,2,3" -> [1, 2, 3, 4, 5]."""
+    if not text:
+        return None
+    days: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        try:
+            days += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+        except ValueError:
+            raise ValueError(f"days {text!r}: expected numbers and ranges like 1-5 or 1,3,6") from None
+    return days
+
+
+def _training_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    training: dict[str, Any] = {"output_dir": args.output}
+    if getattr(args, "epochs", None) is not None:
+        training["num_train_epochs"] = args.epochs
+    return {"training": training}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from raytr.training.trainer import train_prepared
+
+    config = _load(args, _training_overrides(args))
+    result = train_prepared(config, args.data, _days(args.train_days), _days(args.eval_days))
+    metrics = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("eval_")}
+    print(json.dumps({"model_dir": result.model_dir, "checkpoint": result.checkpoint, "metrics": metrics}, indent=2))
+
+
+def _model_dir(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path) / "model") if (Path(path) / "model" / "config.json").is_file() else path
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from raytr.data.loaders import DataLoader
+    from raytr.data.prepare import day_paths
+    from raytr.evaluation import evaluate_next_item
+    from raytr.models import SessionModel
+    from raytr.training.trainer import resolve_paths
+
+    model = SessionModel.load(_model_dir(args.model))
+    days = _days(args.days)
+    paths = day_paths(args.data, days) if days or (Path(args.data) / "sessions").is_dir() else resolve_paths(args.data)
+    loader = DataLoader(model.spec, paths, args.batch_size, shuffle=False, engine="pyarrow")
+    metrics = evaluate_next_item(model, loader, args.top_k, args.exclude_seen)
+    if metrics.count == 0:
+        raise ValueError(f"{args.data}: no session with >= 2 events to evaluate")
+    print(json.dumps({k: round(v, 6) for k, v in metrics.compute().items()}))
+
+
+def cmd_incremental(args: argparse.Namespace) -> None:
+    from raytr.training.incremental import run_incremental
+
+    config = _load(args, _training_overrides(args))
+    result = run_incremental(config, args.data, args.output, args.start_day, args.end_day, args.mode,
+                             baselines=not args.no_baselines)
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\naverage over days:")
+    print(result.averages.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"\ntable, JSON and plot in {result.output_dir}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import time
+
+    from serve.app import start_local, stop_local
+
+    url = start_local(args.model, host=args.host, port=args.port)
+    print(f"serving {args.model} at {url} (docs at {url}/docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_local()
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from raytr.demo import run_demo
+
+    report = run_demo(args.output, sessions=args.sessions, epochs=args.epochs, serve=not args.no_serve)
+    print(report.to_text())
+
+
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML config (configs/synthetic.yaml, configs/yoochoose.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -96,13 +186,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, default=None, help="session buckets (default: 2 x cluster CPUs)")
     p.set_defaults(func=cmd_prepare)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("train", help="train a session model on prepared data (Ray Train)")
+    _add_config(p)
+    p.add_argument("--data", required=True, help="a `raytr prepare` output directory")
+    p.add_argument("--output", required=True, help="output directory: model bundle, checkpoints, metrics")
+    p.add_argument("--epochs", type=int, default=None, help="overrides training.num_train_epochs")
+    p.add_argument("--train-days", default=None, help="days to train on, e.g. 1-5 (default: all but the last)")
+    p.add_argument("--eval-days", default=None, help="days to evaluate on, e.g. 6 (default: the last day)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="next-item metrics of a trained model, as one JSON object")
+    p.add_argument("--model", required=True, help="a `raytr train` output (or its model/ directory)")
+    p.add_argument("--data", required=True, help="a `raytr prepare` output, or parquet session files")
+    p.add_argument("--days", default=None, help="days of a prepared directory, e.g. 7 or 6-7 (default: all)")
+    p.add_argument("--top-k", type=int, nargs="+", default=[5, 10, 20])
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--exclude-seen", action="store_true", help="never count items already in the session")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("incremental", help="train on day t, evaluate on day t+1, over a range of days")
+    _add_config(p)
+    p.add_argument("--data", required=True, help="a `raytr prepare` output directory")
+    p.add_argument("--output", required=True, help="output directory: table, JSON, plot")
+    p.add_argument("--start-day", type=int, default=None)
+    p.add_argument("--end-day", type=int, default=None, help="last evaluated day (default: the last day)")
+    p.add_argument("--mode", choices=["finetune", "retrain"], default="finetune")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per day window")
+    p.add_argument("--no-baselines", action="store_true", help="skip popularity and item-kNN")
+    p.set_defaults(func=cmd_incremental)
+
+    p = sub.add_parser("serve", help="serve a trained model over REST (Ray Serve + FastAPI)")
+    p.add_argument("--model", required=True, help="a `raytr train` output directory (the model bundle)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="synth -> prepare -> train -> evaluate -> serve, end to end")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--sessions", type=int, default=20_000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--no-serve", action="store_true", help="stop after evaluation")
+    p.set_defaults(func=cmd_demo)
     return parser
-
-
-# Subcommands defined further down the data path register themselves here (train, serve, ...).
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

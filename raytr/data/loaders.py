@@ -67,10 +67,10 @@ def _read_pyarrow(files: Sequence[str], columns: Sequence[str], start: int, stop
     for name in columns:
         array = table.column(name).chunk(0) if table.column(name).num_chunks else pa.array([], pa.list_(pa.int64()))
         offsets = np.asarray(array.offsets, dtype=np.int64)
-        values = array.values.to_numpy(zero_copy_only=False)
+        # `.values` ignores the slice: a sliced array's rows start at values[offsets[0]], not 0.
+        values = array.values.to_numpy(zero_copy_only=False)[offsets[0]: offsets[-1]]
         offsets = offsets - offsets[0]
-        out[name] = RaggedColumn(torch.from_numpy(np.array(values[: offsets[-1]])),
-                                 torch.from_numpy(offsets))
+        out[name] = RaggedColumn(torch.from_numpy(np.array(values)), torch.from_numpy(offsets))
     return out
 
 
@@ -165,6 +165,13 @@ class DataLoader:
             self.steps_per_epoch = math.ceil(per_rank / batch_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.total_rows} sessions over {world_size} worker(s) make no full batch of {batch_size}")
+        if self.steps_per_epoch > self.total_rows // world_size:
+            # Only batch_size=1 with uneven shares: the smaller shares cannot fill every step.
+            raise ValueError(
+                f"batch_size={batch_size} with {self.total_rows} sessions over {world_size} workers: some "
+                f"workers hold {self.total_rows // world_size} sessions but every worker must run "
+                f"{self.steps_per_epoch} steps; use drop_last=True or batch_size >= 2"
+            )
 
     @classmethod
     def from_schema(cls, schema, paths: Sequence[str], batch_size: int, **kwargs) -> "DataLoader":

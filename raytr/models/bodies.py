@@ -175,33 +175,41 @@ class SessionBody(nn.Module):
 
 
 class HFBody(SessionBody):
-    """A Hugging Face base model fed with `inputs_embeds` (its token embeddings stay frozen)."""
+    """A Hugging Face base model fed with `inputs_embeds`.
+
+    Parameters that `inputs_embeds` cannot reach (its token embeddings, ...) are frozen at
+    construction; `is_causal` is what the caller built it for (probed for user-supplied configs).
+    """
 
     def __init__(self, model: nn.Module, is_causal: bool) -> None:
         super().__init__()
         self.model = model
         self.is_causal = is_causal
         self._is_xlnet = isinstance(model, XLNetModel)
+        self._xlnet_uni = self._is_xlnet and getattr(model.config, "attn_type", None) == "uni"
         params = inspect.signature(model.forward).parameters
         self._extra_kwargs: dict[str, Any] = {}
         if "use_cache" in params:
             self._extra_kwargs["use_cache"] = False
         if self._is_xlnet:
             self._extra_kwargs["use_mems"] = False
-        # Parameters that inputs_embeds never reaches would break DDP (no gradient); freeze them.
-        embeddings = model.get_input_embeddings()
-        if embeddings is not None:
-            embeddings.requires_grad_(False)
-        if self._is_xlnet:
-            model.mask_emb.requires_grad_(False)  # only used with target_mapping (XLNet's own pretraining)
+        _freeze_unreached(self)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.clone()
         # Rows with no event at all would give fully masked attention rows (NaN in some kernels);
         # their outputs are never read, and for right-padded rows with events column 0 is set anyway.
         mask[:, 0] = True
-        mask = mask.to(inputs_embeds.dtype) if self._is_xlnet else mask.long()
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=mask, **self._extra_kwargs)
+        if self._xlnet_uni:
+            # XLNetModel with attn_type="uni" fails on any padding mask when B > 1 (it adds the
+            # [T, T, B, 1] data mask in place into the [T, T, 1, 1] causal mask). None is needed: with
+            # right padding, padded positions come after every real one and causality hides them.
+            mask_arg = None
+        elif self._is_xlnet:
+            mask_arg = mask.to(inputs_embeds.dtype)
+        else:
+            mask_arg = mask.long()
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=mask_arg, **self._extra_kwargs)
         return out.last_hidden_state  # [B, T, D]
 
 
@@ -237,12 +245,18 @@ def probe_is_causal(body: SessionBody, d_model: int, length: int = 4) -> bool:
     return torch.allclose(a[:, :-1], b[:, :-1], atol=1e-5)
 
 
-def _freeze_unreached(body: HFBody, d_model: int) -> None:
-    """Freeze parameters of a user-supplied model that inputs_embeds never reaches (e.g. a pooler),
-    found with one tiny backward pass, so DDP does not wait for their gradients."""
+def _freeze_unreached(body: SessionBody) -> None:
+    """Freeze parameters that `inputs_embeds` never reaches (token embeddings, XLNet's segment and
+    mask embeddings, a user model's pooler, ...), found with one tiny backward pass in eval mode:
+    DDP would otherwise wait forever for their gradients."""
     param = next(body.parameters())
-    x = torch.randn(1, 3, d_model, device=param.device, dtype=param.dtype, requires_grad=True)
-    body(x, torch.ones(1, 3, dtype=torch.bool, device=param.device)).sum().backward()
+    d_model = _hidden_size(body)
+    x = torch.randn(2, 3, d_model, generator=torch.Generator().manual_seed(0))
+    x = x.to(param.device, param.dtype).requires_grad_(True)
+    was_training = body.training
+    body.eval()
+    body(x, torch.ones(2, 3, dtype=torch.bool, device=param.device)).sum().backward()
+    body.train(was_training)
     frozen = []
     for name, p in body.named_parameters():
         if p.requires_grad and p.grad is None:
@@ -250,7 +264,14 @@ def _freeze_unreached(body: HFBody, d_model: int) -> None:
             frozen.append(name)
         p.grad = None
     if frozen:
-        logger.info("custom hf_config body: froze %d parameter(s) with no gradient path: %s", len(frozen), frozen)
+        logger.debug("froze %d body parameter(s) with no gradient path from inputs_embeds: %s", len(frozen), frozen)
+
+
+def _hidden_size(body: SessionBody) -> int:
+    if isinstance(body, GRUBody):
+        return body.gru.input_size
+    assert isinstance(body, HFBody)  # internal invariant, not user input
+    return int(body.model.config.hidden_size)
 
 
 def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig | None = None) -> SessionBody:
@@ -261,6 +282,11 @@ def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig
     one; the error names the mismatch.
     """
     if hf_config is not None:
+        if config.hf_config:
+            raise ConfigError(
+                f"model.hf_config={config.hf_config!r} and a {type(hf_config).__name__} instance were both given; "
+                "put those values into the instance"
+            )
         hidden = getattr(hf_config, "hidden_size", None)
         if hidden != config.d_model:
             raise ConfigError(
@@ -290,11 +316,11 @@ def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig
                 f"objective='mlm' needs a bidirectional body, but {type(model).__name__} is causal; use objective='clm'"
             )
         probe_body.is_causal = causal
-        _freeze_unreached(probe_body, config.d_model)
         return probe_body
 
     causal = config.objective == "clm"
     if config.body == "gru":
+        validate_hf_extras(config.body, config.hf_config)
         if not causal:
             raise ConfigError("model.body='gru' is causal; it supports objective='clm' only")
         return GRUBody(config.d_model, config.n_layers, config.dropout)

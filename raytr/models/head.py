@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from raytr.config import ModelConfig
+from raytr.features import PAD_ID
 from raytr.models.masking import FIRST_ITEM_ID
 
 
@@ -100,7 +101,7 @@ def log_uniform_log_prob(ids: torch.Tensor, num_items: int) -> torch.Tensor:
     """log P(id) under `log_uniform_sample`'s law. ids [...] in 2..V-1 -> float32 [...]."""
     n = num_items - FIRST_ITEM_ID
     r = (ids - FIRST_ITEM_ID).double()
-    return (torch.log1p(1.0 / (r + 1.0)) - math.log(n + 1)).float()
+    return (torch.log(torch.log1p(1.0 / (r + 1.0))) - math.log(math.log(n + 1))).float()
 
 
 def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -175,6 +176,15 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
     # Stable descending sort keeps ascending ids among equal scores.
     order = chosen_scores.sort(dim=1, descending=True, stable=True).indices
     return ids.gather(1, order), chosen_scores.gather(1, order)
+
+
+def seen_items(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
+    """[B, V] bool, True for every id that occurs in the session (padding excluded).
+    item_ids [B, T]."""
+    seen = torch.zeros(item_ids.shape[0], num_items, dtype=torch.bool, device=item_ids.device)
+    seen.scatter_(1, item_ids, True)
+    seen[:, PAD_ID] = False
+    return seen
 
 
 class NextItemHead(nn.Module):

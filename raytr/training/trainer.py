@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from raytr.models import SessionModel
 from raytr.models.masking import split_last_item
 from raytr.training.arguments import TrainingArguments
 from raytr.training.loop import TRAINING_STATE, LoopConfig, WorkerContext, local_context, read_trainer_state, train_loop
+
+if TYPE_CHECKING:
+    from raytr.config import RaytrConfig
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +235,33 @@ class Trainer:
         if not ids:
             raise ValueError("prediction data is empty")
         return Predictions(np.concatenate(ids), np.concatenate(scores), np.concatenate(targets))
+
+
+def train_prepared(
+    config: "RaytrConfig",
+    data_dir: str | Path,
+    train_days: Sequence[int] | None = None,
+    eval_days: Sequence[int] | None = None,
+) -> TrainOutput:
+    """Train a new model on a `raytr prepare` output; the output directory becomes a model bundle.
+
+    Default split: evaluate on the last day, train on the days before it (all days if only one).
+    """
+    from raytr.bundle import attach_preprocessing
+    from raytr.data.prepare import available_days, day_paths
+    from raytr.data.schema import feature_spec, load_schema
+
+    days = available_days(data_dir)
+    if not days:
+        raise FileNotFoundError(f"{data_dir} has no sessions/day=N/ partitions: run `raytr prepare` first")
+    if eval_days is None:
+        eval_days = days[-1:] if len(days) > 1 else []
+    if train_days is None:
+        train_days = [d for d in days if d not in eval_days] or days
+    spec = feature_spec(load_schema(data_dir), config.training.max_sequence_length)
+    model = SessionModel(spec, config.model, seed=config.training.seed)
+    trainer = Trainer(model, config.training, train_dataset_or_path=day_paths(data_dir, list(train_days)),
+                      eval_dataset_or_path=day_paths(data_dir, list(eval_days)) if eval_days else None)
+    result = trainer.train()
+    attach_preprocessing(data_dir, config.training.output_dir)
+    return result

@@ -1,0 +1,213 @@
+"""The session model: inputs -> (masking) -> body -> weight-tied next-item head.
+
+Shape legend: B = batch (sessions), T = max sequence length, D = d_model, V = item cardinality,
+N = positions with a target, k = recommendations per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from raytr.config import ModelConfig, from_dict
+from raytr.features import FeatureSpec, SessionBatch
+from raytr.models.bodies import build_body
+from raytr.models.head import NextItemHead, seen_items, top_k
+from raytr.models.inputs import SessionInputs
+from raytr.models.masking import IGNORE_INDEX, causal_targets, mlm_inference_input, mlm_mask
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class SessionOutput:
+    """What `SessionModel.forward` returns.
+
+    loss: scalar mean loss over the N targets (0 with a graph when N = 0).
+    num_targets: N, for weighting losses across batches and ranks.
+    hidden: [B, T, D] body outputs; `model.head.scores(hidden[labels != -100])` gives the [N, V]
+        logits when a caller wants metrics on the training batch (they are not built here: [N, V]
+        is the tensor the chunked loss avoids).
+    labels: [B, T] targets, `IGNORE_INDEX` (-100) where there is none.
+    """
+
+    loss: torch.Tensor
+    num_targets: int
+    hidden: torch.Tensor
+    labels: torch.Tensor
+
+
+class SessionModel(nn.Module):
+    """Next-item recommendation over right-padded sessions.
+
+    Entry points: `forward(batch) -> SessionOutput` (training loss for `config.objective`),
+    `score_next(batch) -> [B, V]` and `recommend(batch, k, exclude_seen) -> (ids [B, k], scores [B, k])`.
+
+    hf_config: any Hugging Face config whose base model accepts `inputs_embeds` (e.g.
+        `MistralConfig(hidden_size=config.d_model, ...)`); it replaces the body chosen by
+        `config.body`. Its causality is probed against `config.objective` at construction.
+    seed: seeds this model's generator for MLM masks and sampled negatives; None uses torch's
+        default generator. `forward(batch, generator=...)` overrides it per call.
+    """
+
+    def __init__(self, spec: FeatureSpec, config: ModelConfig, hf_config: PretrainedConfig | None = None,
+                 seed: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.custom_hf_config = hf_config
+        self.inputs = SessionInputs(spec, config)
+        self.body = build_body(config, spec.max_sequence_length, hf_config)
+        tied = self.inputs.item_embedding.weight if config.tie_weights else None
+        self.head = NextItemHead(config, spec.item_cardinality, tied_weight=tied)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    # ---------------------------------------------------------------- checks
+    def check_batch(self, batch: SessionBatch) -> None:
+        """Raise ValueError when `batch` does not fit this model's FeatureSpec (named column, value, fix)."""
+        spec = self.spec
+        ids = batch.item_ids
+        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"column {spec.item_id!r}: expected a [B, T] int64 tensor, got {tuple(ids.shape)} {ids.dtype}")
+        T = ids.shape[1]
+        if T > spec.max_sequence_length:
+            raise ValueError(
+                f"batch has T={T} columns but max_sequence_length={spec.max_sequence_length}; "
+                "keep the last max_sequence_length events of each session"
+            )
+        self._check_ids(spec.item_id, ids, spec.item_cardinality)
+        for name, card in spec.categorical.items():
+            col = batch.categorical.get(name)
+            if col is None:
+                raise ValueError(f"batch is missing categorical column {name!r} (spec columns: {spec.columns})")
+            if col.shape != ids.shape:
+                raise ValueError(f"column {name!r} has shape {tuple(col.shape)}, expected {tuple(ids.shape)} like {spec.item_id!r}")
+            self._check_ids(name, col, card)
+        for name in spec.continuous:
+            col = batch.continuous.get(name)
+            if col is None:
+                raise ValueError(f"batch is missing continuous column {name!r} (spec columns: {spec.columns})")
+            if col.shape != ids.shape:
+                raise ValueError(f"column {name!r} has shape {tuple(col.shape)}, expected {tuple(ids.shape)} like {spec.item_id!r}")
+
+    @staticmethod
+    def _check_ids(name: str, col: torch.Tensor, cardinality: int) -> None:
+        if col.numel() == 0:
+            return
+        lo, hi = int(col.min()), int(col.max())
+        if hi >= cardinality or lo < 0:
+            bad = hi if hi >= cardinality else lo
+            raise ValueError(
+                f"column {name!r} has id {bad} (max {hi}, min {lo}) but its cardinality is {cardinality} "
+                f"(valid ids 0..{cardinality - 1}); the batch was encoded with a different workflow than this model"
+            )
+
+    # ---------------------------------------------------------------- training
+    def forward(self, batch: SessionBatch, generator: torch.Generator | None = None) -> SessionOutput:
+        """Training loss. CLM: the next item at every position; MLM: the items at masked positions.
+
+        batch: [B, T] columns. Checks the batch first (one host sync for the id range).
+        """
+        self.check_batch(batch)
+        generator = generator if generator is not None else self.generator
+        if self.config.objective == "clm":
+            labels = causal_targets(batch.item_ids)  # [B, T]
+            x = self.inputs(batch)
+        else:
+            masked, labels = mlm_mask(batch.item_ids, self.config.mlm_probability, generator)  # [B, T] x2
+            x = self.inputs(batch, mask_positions=masked)
+        hidden = self.body(x, batch.mask)  # [B, T, D]
+        has_target = labels != IGNORE_INDEX
+        loss = self.head(hidden[has_target], labels[has_target], generator)  # [N, D], [N] -> scalar
+        return SessionOutput(loss=loss, num_targets=int(has_target.sum()), hidden=hidden, labels=labels)
+
+    # ---------------------------------------------------------------- inference
+    def next_hidden(self, batch: SessionBatch) -> torch.Tensor:
+        """[B, D]: the representation that scores the item after each session's last event.
+
+        CLM: body output at position length-1. MLM: body output at a mask slot appended after the
+        last item (a full session drops its first event to make room).
+        """
+        self.check_batch(batch)
+        lengths = batch.lengths
+        if bool((lengths == 0).any()):
+            raise ValueError(f"{int((lengths == 0).sum())} session(s) have no events; there is nothing to continue")
+        rows = torch.arange(len(batch), device=batch.item_ids.device)
+        if self.config.objective == "clm":
+            hidden = self.body(self.inputs(batch), batch.mask)  # [B, T, D]
+            return hidden[rows, lengths - 1]
+        slotted, positions = mlm_inference_input(batch)
+        slot_mask = torch.zeros_like(slotted.item_ids, dtype=torch.bool)
+        slot_mask[rows, positions] = True  # [B, T]
+        hidden = self.body(self.inputs(slotted, mask_positions=slot_mask), slotted.mask)  # [B, T, D]
+        return hidden[rows, positions]
+
+    @torch.no_grad()
+    def score_next(self, batch: SessionBatch) -> torch.Tensor:
+        """[B, V] float32 scores for the next item of each session; ids 0 and 1 are -inf.
+        Runs without gradients; call `eval()` first for deterministic scores (dropout)."""
+        return self.head.scores(self.next_hidden(batch))
+
+    @torch.no_grad()
+    def recommend(self, batch: SessionBatch, k: int, exclude_seen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k next items: (ids [B, k] int64, scores [B, k] float32), best first, ties to the
+        smaller id. Ids 0 and 1 are never returned; `exclude_seen` drops items already in the session.
+        Raises ValueError naming k when fewer than k items can be returned."""
+        scores = self.score_next(batch)
+        exclude = seen_items(batch.item_ids, scores.shape[1]) if exclude_seen else None
+        return top_k(scores, k, exclude)
+
+    # ---------------------------------------------------------------- artifacts
+    def save(self, directory: str | Path) -> Path:
+        """Write `model.safetensors` and `config.json` into `directory` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "feature_spec": self.spec.to_dict(),
+            "model_config": dataclasses.asdict(self.config),
+            "hf_config": self.custom_hf_config.to_dict() if self.custom_hf_config is not None else None,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        # save_model (not save_file) because the tied head weight shares storage with the embedding.
+        save_model(self, str(directory / WEIGHTS_FILE))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "SessionModel":
+        """Rebuild a saved model (in eval mode) on `map_location`."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist; expected a directory written by SessionModel.save")
+        meta = json.loads(config_path.read_text())
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: format_version={version!r}, this raytr reads {FORMAT_VERSION}")
+        spec = FeatureSpec.from_dict(meta["feature_spec"])
+        config = from_dict(ModelConfig, meta["model_config"], where=f"{config_path}:model_config")
+        hf_config = None
+        if meta.get("hf_config") is not None:
+            hf_dict = dict(meta["hf_config"])
+            hf_config = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+        model = cls(spec, config, hf_config=hf_config)
+        model.to(map_location)
+        missing, unexpected = load_model(model, str(weights_path), strict=True, device=str(map_location))
+        if missing or unexpected:  # strict=True raises first; kept for clarity of intent
+            raise ValueError(f"{weights_path}: missing {missing}, unexpected {unexpected}")
+        return model.eval()
+
