@@ -1,0 +1,132 @@
+"""The data half of the `raytr` command: synth and prepare, help, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raytr.cli import main, parse_overrides
+from raytr.data.synth import SynthConfig, generate_events
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = str(REPO_ROOT / "configs" / "synthetic.yaml")
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+
+
+def raytr_command() -> list[str]:
+    """The installed `raytr` script next to this interpreter, else `python -m raytr.cli`."""
+    script = shutil.which("raytr", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "raytr.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*raytr_command(), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command, options", [("synth", ["--output", "--sessions", "--seed", "--users"]),
+                                              ("prepare", ["--config", "--input", "--output", "--set"])])
+def test_help_exits_zero(command, options):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    for option in options:
+        assert option in result.stdout
+
+
+def test_prepare_bad_column_is_one_line_error(tmp_path, raw_dir):
+    out = tmp_path / "out"
+    result = run_cli("prepare", "--config", SYNTHETIC, "--set", "data.item_col=product_id",
+                     "--input", str(raw_dir), "--output", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    # besides timestamped log lines (the resolved config), stderr is exactly one line: the error
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("raytr prepare: error:")
+    assert "'product_id'" in lines[0] and "missing" in lines[0]
+    assert not out.exists()
+
+
+def test_synth_in_process(tmp_path, capsys):
+    out = tmp_path / "raw"
+    code = main(["synth", "--output", str(out), "--sessions", "120", "--items", "40", "--days", "2", "--seed", "5"])
+    assert code == 0
+    assert "of 120 sessions over 2 days" in capsys.readouterr().out
+    written = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("day=*/*.parquet"))])
+    expected = generate_events(SynthConfig(sessions=120, items=40, days=2, seed=5))
+    assert len(written) == len(expected)
+    assert sorted(written["session_id"].unique()) == sorted(expected["session_id"].unique())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--set", "data.max_sequence_length=1"], "data.max_sequence_length=1"),
+        (["--set", "data.max_seq=30"], "max_seq"),
+        (["--set", "model.body=lstm"], "model.body='lstm'"),
+        (["--set", "max_sequence_length=30"], "expected section.key=value"),
+    ],
+)
+def test_prepare_config_errors_exit_2(tmp_path, raw_dir, capsys, overrides, message):
+    code = main(["prepare", "--config", SYNTHETIC, *overrides, "--input", str(raw_dir),
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "raytr prepare: error:" in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_missing_config_file(tmp_path, raw_dir, capsys):
+    code = main(["prepare", "--config", str(tmp_path / "none.yaml"), "--input", str(raw_dir),
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and "none.yaml" in capsys.readouterr().err
+
+
+def test_missing_required_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["prepare", "--config", SYNTHETIC])
+    assert info.value.code == 2
+    assert "--input" in capsys.readouterr().err
+
+
+def test_parse_overrides_reads_yaml_values():
+    got = parse_overrides(["data.max_sequence_length=7", "data.categorical=[a, b]", "training.fp16=true",
+                           "serve.host=0.0.0.0", "data.user_col=null", "model.dropout=0.25"])
+    assert got == {
+        "data": {"max_sequence_length": 7, "categorical": ["a", "b"], "user_col": None},
+        "training": {"fp16": True},
+        "serve": {"host": "0.0.0.0"},
+        "model": {"dropout": 0.25},
+    }
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_overrides(["data.max_sequence_length"])
+
+
+@pytest.mark.ray
+def test_prepare_in_process_replaces_output(tmp_path, capsys, ray_cluster):
+    """The CLI path end to end on a tiny input (in process: it joins the test session's cluster)."""
+    raw = tmp_path / "raw"
+    assert main(["synth", "--output", str(raw), "--sessions", "150", "--items", "30", "--days", "2"]) == 0
+    out = tmp_path / "prepared"
+    (out / "sessions" / "day=9").mkdir(parents=True)
+    (out / "sessions" / "day=9" / "stale.parquet").write_text("from an older run")
+    capsys.readouterr()
+
+    code = main(["prepare", "--config", SYNTHETIC, "--set", "data.max_sequence_length=8",
+                 "--input", str(raw), "--output", str(out), "--partitions", "2"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "prepared" in printed and "sessions per day: day 1:" in printed
+    assert not (out / "sessions" / "day=9").exists()
+    info = json.loads((out / "prepare.json").read_text())
+    assert info["data"]["max_sequence_length"] == 8
+    sessions = pd.read_parquet(out / "sessions")
+    assert sessions["item_id-list"].map(len).max() <= 8
+    assert info["summary"]["sessions"] == len(sessions)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]

@@ -1,0 +1,189 @@
+"""raytr.config: YAML sections -> frozen dataclasses, errors that name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytr.config import ConfigError, DataConfig, RaytrConfig, from_dict, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write_yaml(tmp_path: Path, content: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_synthetic_config_loads():
+    cfg = load_config(CONFIGS / "synthetic.yaml")
+    assert isinstance(cfg, RaytrConfig)
+    assert cfg.data.categorical == ("category",)
+    assert cfg.data.continuous == ("price",)
+    assert cfg.data.log_transform == ("price",)
+    assert cfg.data.max_sequence_length == 20
+    assert cfg.data.raw_columns == ["session_id", "item_id", "timestamp", "category", "price"]
+    assert cfg.model.body == "gpt2" and cfg.model.objective == "clm"
+    assert cfg.training.num_train_epochs == 5
+    assert cfg.training.learning_rate == pytest.approx(0.002)
+    assert cfg.training.metrics_top_k == (5, 10, 20)
+
+
+def test_yoochoose_config_loads():
+    cfg = load_config(CONFIGS / "yoochoose.yaml")
+    assert cfg.data.read_format == "tsv"
+    assert cfg.data.categorical == () and cfg.data.continuous == ()
+    assert cfg.data.raw_columns == ["session_id", "item_id", "timestamp"]
+    assert cfg.model.dropout == pytest.approx(0.2)
+    assert cfg.training.output_dir == "runs/yoochoose/train"
+
+
+def test_every_config_in_configs_loads():
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    assert {p.name for p in paths} >= {"synthetic.yaml", "yoochoose.yaml"}
+    for path in paths:
+        load_config(path)
+
+
+def test_no_path_gives_defaults():
+    assert load_config() == RaytrConfig()
+
+
+def test_configs_are_frozen():
+    cfg = load_config(CONFIGS / "synthetic.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.max_sequence_length = 3  # type: ignore[misc]
+
+
+def test_unknown_key_names_the_key_and_section(tmp_path):
+    path = write_yaml(tmp_path, {"data": {"max_seq_len": 30}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "max_seq_len" in msg
+    assert ".data" in msg or "data:" in msg
+    assert "max_sequence_length" in msg  # the known keys are listed as a hint
+
+
+def test_unknown_section_names_it(tmp_path):
+    path = write_yaml(tmp_path, {"dataa": {"item_col": "x"}})
+    with pytest.raises(ConfigError, match="dataa"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("data", "max_sequence_length", "20"),  # string for int
+        ("data", "max_sequence_length", True),  # bool is not an int here
+        ("data", "categorical", "category"),  # string for a list
+        ("data", "time_features", "yes"),  # string for bool
+        ("model", "dropout", "0.1"),  # string for float
+        ("training", "metrics_top_k", [5, "ten"]),  # element type
+        ("data", "item_col", 5),  # int for str
+    ],
+)
+def test_wrong_type_names_the_field(tmp_path, section, key, value):
+    path = write_yaml(tmp_path, {section: {key: value}})
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [("model", "body", "lstm"), ("data", "read_format", "json"), ("training", "lr_scheduler_type", "step")],
+)
+def test_bad_literal_names_field_and_choices(tmp_path, section, key, value):
+    path = write_yaml(tmp_path, {section: {key: value}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert f"{section}.{key}" in msg and repr(value) in msg
+    assert "expected one of" in msg
+
+
+def test_int_accepted_for_float(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, {"training": {"learning_rate": 1}}))
+    assert cfg.training.learning_rate == 1.0 and isinstance(cfg.training.learning_rate, float)
+
+
+def test_optional_field_accepts_null_and_value(tmp_path):
+    assert load_config(write_yaml(tmp_path, {"data": {"user_col": None}})).data.user_col is None
+    assert load_config(write_yaml(tmp_path, {"data": {"user_col": "user_id"}})).data.user_col == "user_id"
+
+
+def test_overrides_replace_only_their_keys():
+    cfg = load_config(
+        CONFIGS / "synthetic.yaml",
+        overrides={"training": {"num_train_epochs": 2}, "serve": {"port": 9000}},
+    )
+    assert cfg.training.num_train_epochs == 2
+    assert cfg.training.learning_rate == pytest.approx(0.002)  # untouched key of the same section
+    assert cfg.serve.port == 9000  # a section absent from the YAML
+    assert cfg.data.categorical == ("category",)
+
+
+def test_overrides_are_validated_like_yaml():
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(CONFIGS / "synthetic.yaml", overrides={"model": {"nope": 1}})
+    with pytest.raises(ConfigError, match=r"model\.body"):
+        load_config(CONFIGS / "synthetic.yaml", overrides={"model": {"body": "rnn"}})
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"max_sequence_length": 1}, "max_sequence_length"),
+        ({"min_session_length": 1}, "min_session_length"),
+        ({"freq_threshold": -1}, "freq_threshold"),
+        ({"continuous": ["price"], "log_transform": ["cost"]}, "log_transform"),
+        ({"categorical": ["item_id"]}, "item_id"),  # one column in two roles
+    ],
+)
+def test_data_post_init_names_the_field(values, field):
+    with pytest.raises(ConfigError, match=field):
+        from_dict(DataConfig, values, "data")
+
+
+def test_model_post_init_checks():
+    with pytest.raises(ConfigError, match="n_heads"):
+        load_config(overrides={"model": {"d_model": 10, "n_heads": 4}})
+    with pytest.raises(ConfigError, match="mlm"):
+        load_config(overrides={"model": {"body": "gpt2", "objective": "mlm"}})
+    assert load_config(overrides={"model": {"body": "bert", "objective": "mlm"}}).model.objective == "mlm"
+
+
+def test_missing_file_names_it(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(missing)
+
+
+def test_non_mapping_yaml(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="data"):
+        load_config(write_yaml(tmp_path, {"data": [1, 2]}))
+
+
+def test_to_dict_round_trip():
+    cfg = load_config(CONFIGS / "synthetic.yaml", overrides={"data": {"user_col": "user_id"}})
+    assert from_dict(RaytrConfig, cfg.to_dict(), "config") == cfg
+    # and through YAML, as a run would save and reload it
+    again = from_dict(RaytrConfig, yaml.safe_load(yaml.safe_dump(_plain(cfg.to_dict()))), "config")
+    assert again == cfg
+
+
+def _plain(value):
+    """Tuples as lists, as YAML writes them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,323 @@
+"""raytr.data.loaders: padded [B, T] batches, identical for both readers, equal steps per rank and
+every session exactly once per epoch.
+
+Most tests write their own tiny parquet files, where row r holds items r*1000+3, r*1000+4, ... so
+a batch row tells which session it came from (item // 1000), even after the cut to the last T.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raytr.data.loaders import DataLoader, RaggedColumn, pad_rows, rank_row_range
+from raytr.features import FeatureSpec, SessionBatch
+
+T = 5
+ENGINES = ["merlin", "pyarrow"]
+SPEC = FeatureSpec(
+    item_id="item_id-list", item_cardinality=1_000_000, max_sequence_length=T,
+    categorical={"category-list": 10}, continuous=("price-list",),
+)
+
+
+def row_length(r: int) -> int:
+    return 1 + (3 * r) % 8  # 1..8 events: some shorter than T, some longer
+
+
+def row_values(r: int) -> tuple[list[int], list[int], list[float]]:
+    n = row_length(r)
+    return ([r * 1000 + j + 3 for j in range(n)], [(r + j) % 4 + 3 for j in range(n)],
+            [r + j / 10 for j in range(n)])
+
+
+def write_rows(directory: Path, rows_per_file: list[int]) -> list[str]:
+    """Files of consecutive rows 0..N-1, named so that sorting keeps the row order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, r = [], 0
+    for i, n in enumerate(rows_per_file):
+        rows = [row_values(k) for k in range(r, r + n)]
+        table = pa.table({
+            "session_id": pa.array(range(r, r + n), pa.int64()),
+            "item_id-list": pa.array([x[0] for x in rows], pa.list_(pa.int64())),
+            "category-list": pa.array([x[1] for x in rows], pa.list_(pa.int64())),
+            "price-list": pa.array([x[2] for x in rows], pa.list_(pa.float64())),
+        })
+        path = directory / f"part-{i:03d}.parquet"
+        pq.write_table(table, path)
+        paths.append(str(path))
+        r += n
+    return paths
+
+
+def expected_row(r: int) -> tuple[list[int], list[int], list[float]]:
+    """The padded row of session r: its last T events, right-padded with 0."""
+    items, cats, prices = (v[-T:] for v in row_values(r))
+    pad = T - len(items)
+    return items + [0] * pad, cats + [0] * pad, prices + [0.0] * pad
+
+
+def rows_of(batch: SessionBatch) -> list[int]:
+    return (batch.item_ids[:, 0] // 1000).tolist()
+
+
+def check_contents(batch: SessionBatch) -> None:
+    for i, r in enumerate(rows_of(batch)):
+        items, cats, prices = expected_row(r)
+        assert batch.item_ids[i].tolist() == items, r
+        assert batch.categorical["category-list"][i].tolist() == cats, r
+        np.testing.assert_allclose(batch.continuous["price-list"][i].numpy(), prices, rtol=1e-6)
+
+
+def same_batches(a: list[SessionBatch], b: list[SessionBatch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.item_ids, y.item_ids)
+        assert x.categorical.keys() == y.categorical.keys() and x.continuous.keys() == y.continuous.keys()
+        for k in x.categorical:
+            assert torch.equal(x.categorical[k], y.categorical[k])
+        for k in x.continuous:
+            assert torch.equal(x.continuous[k], y.continuous[k])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[str]:
+    return write_rows(tmp_path_factory.mktemp("rows"), [4, 3, 6])  # 13 rows in 3 files
+
+
+# --- contents --------------------------------------------------------------------------------
+
+
+def test_engines_identical_without_shuffle(files):
+    merlin = list(DataLoader(SPEC, files, 4, shuffle=False, engine="merlin"))
+    pyarrow = list(DataLoader(SPEC, files, 4, shuffle=False, engine="pyarrow"))
+    same_batches(merlin, pyarrow)
+    assert [r for b in merlin for r in rows_of(b)] == list(range(13))  # file order, row order
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_right_padding_and_last_t_events(files, engine):
+    batches = list(DataLoader(SPEC, files, 13, shuffle=False, engine=engine))
+    assert len(batches) == 1
+    batch = batches[0]
+    check_contents(batch)
+    # row 0 has 1 event, row 2 has 7 (> T): spelled out
+    assert batch.item_ids[0].tolist() == [3, 0, 0, 0, 0]
+    assert batch.item_ids[2].tolist() == [2005, 2006, 2007, 2008, 2009]
+    assert batch.continuous["price-list"][0].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.0])
+    assert batch.lengths.tolist() == [min(row_length(r), T) for r in range(13)]
+    assert batch.mask.tolist()[0] == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shapes_and_dtypes(files, engine):
+    loader = DataLoader(SPEC, files, 4, shuffle=False, engine=engine)
+    batches = list(loader)
+    assert [len(b) for b in batches] == [4, 3, 3, 3]  # 13 rows in ceil(13/4)=4 near-equal batches
+    for b in batches:
+        assert b.item_ids.shape == (len(b), T) and b.item_ids.dtype == torch.int64
+        assert b.categorical["category-list"].shape == (len(b), T)
+        assert b.categorical["category-list"].dtype == torch.int64
+        assert b.continuous["price-list"].shape == (len(b), T)
+        assert b.continuous["price-list"].dtype == torch.float32
+        assert b.item_ids.device.type == "cpu"
+
+
+def test_columns_missing_from_the_spec_are_not_loaded(files):
+    spec = FeatureSpec(item_id="item_id-list", item_cardinality=1_000_000, max_sequence_length=3)
+    (batch,) = list(DataLoader(spec, files, 13, shuffle=False, engine="pyarrow"))
+    assert batch.categorical == {} and batch.continuous == {}
+    assert batch.item_ids.shape == (13, 3)
+    assert batch.item_ids[2].tolist() == [2007, 2008, 2009]
+
+
+# --- shuffling -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shuffle_changes_order_and_covers_every_row(files, engine):
+    loader = DataLoader(SPEC, files, 4, shuffle=True, seed=3, engine=engine)
+    epochs = []
+    for _ in range(3):
+        batches = list(loader)
+        assert len(batches) == len(loader) == 4
+        for b in batches:
+            check_contents(b)
+        epochs.append([r for b in batches for r in rows_of(b)])
+    for order in epochs:
+        assert sorted(order) == list(range(13))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    assert epochs[0] != list(range(13))
+    # reproducible: the same seed and epoch give the same order
+    again = DataLoader(SPEC, files, 4, shuffle=True, seed=3, engine=engine)
+    assert [r for b in again for r in rows_of(b)] == epochs[0]
+    again.set_epoch(1)
+    assert [r for b in again for r in rows_of(b)] == epochs[1]
+    other_seed = DataLoader(SPEC, files, 4, shuffle=True, seed=4, engine=engine)
+    assert [r for b in other_seed for r in rows_of(b)] != epochs[0]
+
+
+def test_no_shuffle_repeats_the_same_order(files):
+    loader = DataLoader(SPEC, files, 5, shuffle=False, engine="pyarrow")
+    first, second = [rows_of(b) for b in loader], [rows_of(b) for b in loader]
+    assert first == second
+
+
+# --- ranks -----------------------------------------------------------------------------------
+
+
+RANK_CASES = [
+    ([13], 2, 4),
+    ([4, 3], 3, 2),  # 7 rows, 3 ranks: shares 3/2/2
+    ([7], 3, 2),  # one file, fewer files than ranks
+    ([5, 5, 1], 2, 3),
+    ([2, 2, 2, 2, 2], 3, 3),
+    ([1, 1, 1, 1], 3, 2),  # one row per file
+    ([6], 3, 2),  # even split
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+@pytest.mark.parametrize("rows_per_file, world_size, batch_size", RANK_CASES)
+def test_ranks_equal_steps_and_cover_each_row_once(tmp_path, engine, shuffle, rows_per_file, world_size, batch_size):
+    paths = write_rows(tmp_path, rows_per_file)
+    total = sum(rows_per_file)
+    loaders = [
+        DataLoader(SPEC, paths, batch_size, shuffle=shuffle, seed=11, engine=engine, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    steps = {len(loader) for loader in loaders}
+    assert len(steps) == 1, f"ranks disagree on the step count: {[len(x) for x in loaders]}"
+    for _epoch in range(2):
+        seen = Counter()
+        for loader in loaders:
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            for b in batches:
+                assert 1 <= len(b) <= batch_size
+                check_contents(b)
+                seen.update(rows_of(b))
+        assert sorted(seen) == list(range(total)) and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rank_shares_are_contiguous_without_shuffle(tmp_path, engine):
+    paths = write_rows(tmp_path, [4, 3])
+    got = [
+        [r for b in DataLoader(SPEC, paths, 2, shuffle=False, engine=engine, rank=k, world_size=3) for r in rows_of(b)]
+        for k in range(3)
+    ]
+    assert got == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_drop_last(tmp_path, engine):
+    paths = write_rows(tmp_path, [6, 5])  # 11 rows
+    seen = Counter()
+    loaders = [DataLoader(SPEC, paths, 2, shuffle=True, drop_last=True, engine=engine, rank=r, world_size=2)
+               for r in range(2)]
+    assert [len(x) for x in loaders] == [2, 2]  # (11 // 2) // 2
+    for loader in loaders:
+        batches = list(loader)
+        assert [len(b) for b in batches] == [2, 2]
+        seen.update(r for b in batches for r in rows_of(b))
+    assert len(seen) == 8 and set(seen.values()) == {1}
+
+    single = DataLoader(SPEC, paths, 4, shuffle=False, drop_last=True, engine=engine)
+    assert [rows_of(b) for b in single] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert len(DataLoader(SPEC, paths, 4, shuffle=False, drop_last=False, engine=engine)) == 3
+
+
+def test_batch_size_one_with_uneven_shares_is_rejected(tmp_path):
+    """7 sessions over 3 ranks hold 3/2/2: equal step counts would give two ranks an empty batch."""
+    paths = write_rows(tmp_path, [7])
+    with pytest.raises(ValueError, match="drop_last"):
+        DataLoader(SPEC, paths, 1, shuffle=False, engine="pyarrow", rank=1, world_size=3)
+    # even shares, or drop_last, are fine
+    loaders = [DataLoader(SPEC, paths, 1, drop_last=True, engine="pyarrow", rank=r, world_size=3) for r in range(3)]
+    assert [len(x) for x in loaders] == [2, 2, 2]
+    assert all(len(b) == 1 for x in loaders for b in x)
+    six = write_rows(tmp_path / "six", [6])
+    assert [len(list(DataLoader(SPEC, six, 1, engine="pyarrow", rank=r, world_size=3))) for r in range(3)] == [2, 2, 2]
+
+
+def test_fewer_rows_than_ranks(tmp_path):
+    paths = write_rows(tmp_path, [2])
+    with pytest.raises(ValueError, match="2 sessions cannot feed 3 workers"):
+        DataLoader(SPEC, paths, 4, engine="pyarrow", rank=0, world_size=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"engine": "ray"}, "engine='ray'"),
+        ({"paths": []}, "no parquet files"),
+        ({"batch_size": 20, "drop_last": True}, "no full batch of 20"),
+    ],
+)
+def test_bad_arguments(files, kwargs, match):
+    args = {"spec": SPEC, "paths": files, "batch_size": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        DataLoader(**args)
+
+
+def test_rank_row_range():
+    for total, world in itertools.product([1, 2, 7, 10, 13], [1, 2, 3, 4]):
+        if total < world:
+            continue
+        ranges = [rank_row_range(total, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+        sizes = [stop - start for start, stop in ranges]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_pad_rows():
+    column = RaggedColumn(values=torch.tensor([1, 2, 3, 4, 5, 6]), offsets=torch.tensor([0, 2, 2, 6]))
+    # rows: [1, 2], [], [3, 4, 5, 6]
+    out = pad_rows(column, torch.tensor([2, 0, 1]), 3, torch.int64)
+    assert out.tolist() == [[4, 5, 6], [1, 2, 0], [0, 0, 0]]
+    assert pad_rows(column, torch.tensor([0]), 3, torch.float32).dtype == torch.float32
+
+
+# --- the prepared synthetic dataset ----------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_prepared_data_both_engines_and_ranks(prepared_dir, prepared_schema, prepared_spec):
+    from raytr.data.prepare import day_paths
+
+    paths = day_paths(prepared_dir)
+    merlin = list(DataLoader.from_schema(prepared_schema, paths, 128, shuffle=False, engine="merlin"))
+    pyarrow = list(DataLoader.from_schema(prepared_spec, paths, 128, shuffle=False, engine="pyarrow"))
+    same_batches(merlin, pyarrow)
+
+    # the batches are the prepared rows, in file order, padded to T
+    frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    length = prepared_spec.max_sequence_length
+    items = torch.cat([b.item_ids for b in pyarrow])
+    assert items.shape == (len(frame), length)
+    expected = torch.tensor([list(v) + [0] * (length - len(v)) for v in frame[prepared_spec.item_id]])
+    assert torch.equal(items, expected)
+    prices = torch.cat([b.continuous["price-list"] for b in pyarrow])
+    first_price = torch.tensor([float(v[0]) for v in frame["price-list"]], dtype=torch.float32)
+    assert torch.allclose(prices[:, 0], first_price)
+
+    # two ranks, in order, are the two halves of the same rows
+    for engine in ENGINES:
+        halves = [
+            torch.cat([b.item_ids for b in DataLoader(prepared_spec, paths, 128, shuffle=False, engine=engine,
+                                                      rank=r, world_size=2)])
+            for r in range(2)
+        ]
+        assert torch.equal(torch.cat(halves), expected), engine

@@ -1,0 +1,356 @@
+"""raytr.data.prepare on Ray: layout, sessions kept whole and counted right, the online round trip,
+input checks before any work, and atomic output.
+
+Most tests read the one prepared synthetic dataset of conftest (`prepared_dir`); the few that must
+run prepare themselves use tiny inputs. The input checks run without Ray (they must fail first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raytr.data import prepare as prepare_module
+from raytr.data.events import InputError, normalize_events, read_file, sort_events, validate_input
+from raytr.data.prepare import (
+    PREPARE_JSON,
+    available_days,
+    day_paths,
+    load_prepare_info,
+    prepare,
+)
+from raytr.data.synth import DAY_SECONDS
+from raytr.data.workflow import SESSION_LENGTH, load_workflow, transform_frame
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sessions(prepared_dir) -> pd.DataFrame:
+    """All prepared sessions, with the hive `day` partition as an int column, indexed by session."""
+    frame = pd.read_parquet(prepared_dir / "sessions")
+    frame["day"] = frame["day"].astype(int)
+    return frame.set_index("session_id", verify_integrity=False)
+
+
+@pytest.fixture(scope="module")
+def raw_parts(raw_dir) -> pd.DataFrame:
+    """Raw events with the day partition they were read from."""
+    parts = []
+    for path in sorted(raw_dir.glob("day=*/*.parquet")):
+        parts.append(pd.read_parquet(path).assign(raw_day=int(path.parent.name.split("=")[1])))
+    return pd.concat(parts, ignore_index=True)
+
+
+def raw_sizes(raw_events: pd.DataFrame) -> pd.Series:
+    return raw_events.groupby("session_id").size()
+
+
+def assert_same_session(got: pd.Series, want: pd.Series, sid) -> None:
+    """Two session rows are equal: list columns element-wise (floats to 1e-6), scalars exactly."""
+    for column in want.index:
+        if column == "day":
+            continue
+        a, b = got[column], want[column]
+        if column.endswith("-list"):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.shape == b.shape, (sid, column, a, b)
+            if np.issubdtype(b.dtype, np.floating):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{sid} {column}")
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=f"{sid} {column}")
+        else:
+            assert a == pytest.approx(b), (sid, column, a, b)
+
+
+# --- the prepared synthetic dataset -----------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_output_layout(prepared_dir):
+    names = sorted(p.name for p in prepared_dir.iterdir())
+    assert names == ["prepare.json", "schema.json", "schema.pbtxt", "sessions", "workflow"]
+    assert (prepared_dir / "workflow" / "workflow.pkl").is_file()
+    days = sorted(p.name for p in (prepared_dir / "sessions").iterdir())
+    assert days == ["day=1", "day=2", "day=3", "day=4"]  # by each session's first event
+    for day in days:
+        files = list((prepared_dir / "sessions" / day).iterdir())
+        assert files and all(f.suffix == ".parquet" for f in files)
+    # nothing of the staging directory survives next to the output
+    assert sorted(p.name for p in prepared_dir.parent.iterdir()) == [prepared_dir.name]
+
+
+@pytest.mark.ray
+def test_sessions_columns(sessions):
+    assert list(sessions.reset_index().columns) == [
+        "session_id", "timestamp-first", "timestamp-last", "item_id-list", "category-list", "hour-list",
+        "weekday-list", "price-list", "time_since_prev-list", SESSION_LENGTH, "day",
+    ]
+
+
+@pytest.mark.ray
+def test_every_session_once_and_counts_match_pandas(sessions, raw_events, prepare_summary):
+    assert sessions.index.is_unique
+    sizes = raw_sizes(raw_events)
+    kept = sizes[sizes >= 2]
+    assert (sizes < 2).any()  # single-event sessions exist in the raw data and are dropped
+    assert set(sessions.index) == set(kept.index)
+    assert sessions[SESSION_LENGTH].to_dict() == kept.to_dict()
+    assert sessions["item_id-list"].map(len).to_dict() == kept.clip(upper=20).to_dict()
+    # per day, by the day of the session's first event
+    first = raw_events.groupby("session_id")["timestamp"].min()[kept.index]
+    per_day = (first // DAY_SECONDS - raw_events["timestamp"].min() // DAY_SECONDS + 1).astype(int)
+    assert sessions["day"].sort_index().to_dict() == per_day.sort_index().to_dict()
+    assert prepare_summary.sessions_per_day == per_day.value_counts().sort_index().to_dict()
+
+
+@pytest.mark.ray
+def test_sessions_crossing_midnight_are_not_split(sessions, raw_parts):
+    days_per_session = raw_parts.groupby("session_id")["raw_day"].agg(["nunique", "min", "size"])
+    crossing = days_per_session[(days_per_session["nunique"] > 1) & (days_per_session["size"] >= 2)]
+    assert len(crossing) >= 1, "the synthetic data should have sessions that cross midnight"
+    for sid, row in crossing.iterrows():
+        assert (sessions.index == sid).sum() == 1, sid
+        assert sessions.loc[sid, "day"] == row["min"]  # the day of its first event
+        assert sessions.loc[sid, SESSION_LENGTH] == row["size"]  # all its events, from both days
+
+
+@pytest.mark.ray
+def test_summary_numbers(prepared_dir, prepare_summary, raw_events, data_config):
+    sizes = raw_sizes(raw_events)
+    kept = sizes[sizes >= 2]
+    s = prepare_summary
+    assert s.output == str(prepared_dir)
+    assert s.events == len(raw_events)
+    assert s.sessions == len(kept)
+    assert s.items == raw_events["item_id"].nunique() + 3
+    assert s.mean_session_length == pytest.approx(kept.mean())
+    assert s.origin_day == int(raw_events["timestamp"].min() // DAY_SECONDS)
+    assert sum(s.sessions_per_day.values()) == s.sessions
+    assert s.seconds > 0
+    text = s.to_text()
+    assert f"{s.sessions:,} sessions" in text and f"{s.events:,} events" in text and "day 4:" in text
+
+    info = load_prepare_info(prepared_dir)
+    assert set(info) == {"data", "summary", "input"}
+    assert info["data"] == json.loads(json.dumps(dataclasses.asdict(data_config)))
+    assert info["summary"]["sessions"] == s.sessions and info["summary"]["origin_day"] == s.origin_day
+    assert {int(k): v for k, v in info["summary"]["sessions_per_day"].items()} == s.sessions_per_day
+
+
+@pytest.mark.ray
+def test_day_helpers(prepared_dir):
+    assert available_days(prepared_dir) == [1, 2, 3, 4]
+    all_files = day_paths(prepared_dir)
+    assert len(all_files) == len(list((prepared_dir / "sessions").glob("day=*/*.parquet")))
+    assert all("/day=2/" in f for f in day_paths(prepared_dir, [2]))
+    assert day_paths(prepared_dir / "sessions", [1]) == day_paths(prepared_dir, [1])
+    with pytest.raises(FileNotFoundError, match=r"\[9\]"):
+        day_paths(prepared_dir, [1, 9])
+    with pytest.raises(FileNotFoundError, match="raytr prepare"):
+        load_prepare_info(prepared_dir / "sessions")
+
+
+# --- the round trip: raw events through the saved workflow == what prepare wrote ---------------
+
+
+@pytest.mark.ray
+def test_round_trip_one_raw_day_file(prepared_dir, raw_dir, data_config, sessions, raw_parts):
+    events = read_file(str(raw_dir / "day=2" / "part-0.parquet"), "parquet")
+    workflow = load_workflow(prepared_dir / "workflow")
+    out = transform_frame(workflow, sort_events(normalize_events(events, data_config), data_config))
+    out = out.set_index("session_id")
+
+    # sessions with every event in this file; the others cross midnight and are partial here
+    days = raw_parts.groupby("session_id")["raw_day"].agg(set)
+    whole = {sid for sid in events["session_id"].unique() if days[sid] == {2}}
+    sizes = events.groupby("session_id").size()
+    expected = {sid for sid in whole if sizes[sid] >= 2}
+    assert len(expected) > 100
+    assert expected <= set(out.index)
+    assert len(whole) < events["session_id"].nunique()  # partial sessions exist and were excluded
+    for sid in sorted(expected):
+        assert_same_session(out.loc[sid], sessions.loc[sid], sid)
+
+
+@pytest.mark.ray
+def test_round_trip_one_session_in_memory(prepared_dir, data_config, sessions, raw_events):
+    sizes = raw_sizes(raw_events)
+    sid = sizes.idxmax()  # the longest session: also checks the cut to the last 20 events
+    assert sizes[sid] > 20
+    events = raw_events[raw_events["session_id"] == sid].sample(frac=1.0, random_state=0)  # any row order
+    workflow = load_workflow(prepared_dir / "workflow")
+    out = transform_frame(workflow, sort_events(normalize_events(events, data_config), data_config))
+    assert len(out) == 1 and out.loc[0, "session_id"] == sid
+    assert out.loc[0, SESSION_LENGTH] == sizes[sid] and len(out.loc[0, "item_id-list"]) == 20
+    assert_same_session(out.loc[0], sessions.loc[sid], sid)
+
+
+# --- bad input: InputError naming the problem, before Ray or any output ------------------------
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Input checks must run before Ray starts: fail loudly if prepare gets that far."""
+
+    def refuse():
+        raise AssertionError("prepare reached ensure_ray(): the input was not rejected first")
+
+    monkeypatch.setattr(prepare_module, "ensure_ray", refuse)
+
+
+def _small(raw_events: pd.DataFrame) -> pd.DataFrame:
+    return raw_events.head(300).copy()
+
+
+def _run_bad(config, tmp_path: Path, write, match: str) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    write(source)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=match):
+        prepare(config, source, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, no temp sibling
+
+
+@pytest.mark.parametrize(
+    "case, change, match",
+    [
+        ("missing column", lambda f: f.drop(columns=["price"]), r"\['price'\].*missing"),
+        ("string timestamp", lambda f: f.assign(timestamp=f["timestamp"].astype(str)), r"'timestamp'.*string"),
+        ("string price", lambda f: f.assign(price=f["price"].astype(str)), r"'price' \(continuous feature\)"),
+        ("float item id", lambda f: f.assign(item_id=f["item_id"] + 0.5), r"'item_id' \(item id\)"),
+        ("no rows", lambda f: f.head(0), "has no rows"),
+    ],
+)
+def test_bad_parquet_input(no_ray, tmp_path, raw_events, data_config, case, change, match):
+    _run_bad(data_config, tmp_path, lambda d: change(_small(raw_events)).to_parquet(d / "a.parquet"), match)
+
+
+def test_config_naming_a_missing_feature(no_ray, tmp_path, raw_events, data_config):
+    config = dataclasses.replace(data_config, categorical=("category", "brand"))
+    _run_bad(config, tmp_path, lambda d: _small(raw_events).to_parquet(d / "a.parquet"), "brand")
+
+
+def test_null_item_ids(no_ray, tmp_path, raw_events, data_config):
+    def write(d: Path) -> None:
+        table = pa.Table.from_pandas(_small(raw_events), preserve_index=False)
+        items = table.column("item_id").to_pylist()
+        items[5] = None
+        table = table.set_column(table.schema.get_field_index("item_id"), "item_id", pa.array(items, pa.int64()))
+        pq.write_table(table, d / "a.parquet")
+
+    _run_bad(data_config, tmp_path, write, r"'item_id'.*1 null")
+
+
+def test_null_item_ids_in_csv(no_ray, tmp_path, raw_events, data_config):
+    def write(d: Path) -> None:
+        frame = _small(raw_events).astype({"item_id": "Int64"})
+        frame.loc[[3, 7], "item_id"] = pd.NA
+        frame.to_csv(d / "a.csv", index=False)
+
+    _run_bad(data_config, tmp_path, write, r"'item_id'.*2 null")
+
+
+def test_one_bad_file_among_good_ones_is_named(no_ray, tmp_path, raw_events, data_config):
+    def write(d: Path) -> None:
+        _small(raw_events).to_parquet(d / "a.parquet")
+        _small(raw_events).drop(columns=["category"]).to_parquet(d / "b.parquet")
+
+    _run_bad(data_config, tmp_path, write, r"b\.parquet.*'category'")
+
+
+def test_mixed_formats(no_ray, tmp_path, raw_events, data_config):
+    def write(d: Path) -> None:
+        _small(raw_events).to_parquet(d / "a.parquet")
+        _small(raw_events).to_csv(d / "b.csv", index=False)
+
+    _run_bad(data_config, tmp_path, write, "mixes file formats")
+
+
+def test_input_that_does_not_exist(no_ray, tmp_path, data_config):
+    with pytest.raises(InputError, match="does not exist"):
+        prepare(data_config, tmp_path / "nowhere", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_input_counts_rows(tmp_path, raw_dir, raw_events, data_config):
+    files = validate_input(data_config, raw_dir)
+    assert files.format == "parquet" and files.num_rows == len(raw_events)
+    assert len(files.paths) == len(list(raw_dir.glob("day=*/*.parquet")))
+    _small(raw_events).to_csv(tmp_path / "a.tsv", sep="\t", index=False)
+    assert validate_input(data_config, tmp_path).format == "tsv"
+
+
+# --- atomic output -----------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_failure_after_ray_work_leaves_no_output(tmp_path, raw_events, data_config, ray_cluster):
+    """All sessions are single events: prepare buckets, sorts, fits, transforms, then finds no
+    session to keep and fails, leaving neither the output nor its staging directory."""
+    source = tmp_path / "in"
+    source.mkdir()
+    singles = raw_events.drop_duplicates("session_id").head(200)
+    singles.to_parquet(source / "a.parquet")
+    with pytest.raises(InputError, match="min_session_length=2"):
+        prepare(data_config, source, tmp_path / "out", num_buckets=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.ray
+def test_failure_mid_run_keeps_previous_output(tmp_path, raw_events, data_config, ray_cluster, monkeypatch):
+    source = tmp_path / "in"
+    source.mkdir()
+    _small(raw_events).to_parquet(source / "a.parquet")
+    out = tmp_path / "out"
+    (out / "sessions" / "day=1").mkdir(parents=True)
+    (out / "sessions" / "day=1" / "old.parquet").write_bytes(b"previous run")
+    (out / PREPARE_JSON).write_text('{"previous": true}')
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("transform failed")
+
+    monkeypatch.setattr(prepare_module, "_transform_parts", broken)
+    with pytest.raises(RuntimeError, match="transform failed"):
+        prepare(data_config, source, out, num_buckets=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no staging sibling left
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / "sessions" / "day=1" / "old.parquet").read_bytes() == b"previous run"
+    assert json.loads((out / PREPARE_JSON).read_text()) == {"previous": True}
+
+
+# --- the real YOOCHOOSE sample -----------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_prepare_yoochoose_sample(shared_data, tmp_path, ray_cluster):
+    from raytr.config import load_config
+
+    config = load_config(REPO_ROOT / "configs" / "yoochoose.yaml").data
+    files = sorted(shared_data.glob("*.csv"))
+    raw = pd.concat([read_file(str(f), "tsv") for f in files], ignore_index=True)
+    sizes = raw.groupby("session_id").size()
+
+    summary = prepare(config, shared_data, tmp_path / "yoochoose")
+    assert summary.events == len(raw)
+    assert summary.sessions == int((sizes >= 2).sum()) <= 17_713
+    assert summary.items == raw["item_id"].nunique() + 3
+    days = sorted(summary.sessions_per_day)
+    assert days[0] == 1 and len(days) <= 10
+    assert sum(summary.sessions_per_day.values()) == summary.sessions
+    out = pd.read_parquet(tmp_path / "yoochoose" / "sessions")
+    assert out["session_id"].is_unique and len(out) == summary.sessions
+    assert out[SESSION_LENGTH].sum() == sizes[sizes >= 2].sum()
+    assert sorted(out.columns) == sorted([
+        "session_id", "timestamp-first", "timestamp-last", "item_id-list", "hour-list", "weekday-list",
+        "time_since_prev-list", SESSION_LENGTH, "day",
+    ])
