@@ -51,7 +51,9 @@ def _check_ids(ids: np.ndarray, num_items: int) -> None:
                          f"(item_cardinality={num_items})")
 
 
-def _recommend(scores: torch.Tensor, batch: SessionBatch, k: int, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _recommend(
+    scores: torch.Tensor, batch: SessionBatch, k: int, exclude_seen: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     exclude = seen_items(batch.item_ids.to(scores.device), scores.shape[1]) if exclude_seen else None
     return top_k(scores, k, exclude)
 
@@ -139,6 +141,7 @@ class SessionItemKNN:
     def _query(self, batch: SessionBatch) -> sp.csr_matrix:
         """[B, V] sparse event weights of each query session."""
         ids = batch.item_ids.cpu().numpy()  # [B, T]
+        _check_ids(ids, self.item_cardinality)
         mask = ids != 0
         lengths = mask.sum(axis=1)
         after = lengths[:, None] - 1 - np.arange(ids.shape[1])[None, :]  # [B, T] events after each position

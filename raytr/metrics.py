@@ -69,7 +69,9 @@ class RankingMetrics:
     def load_state(self, state: torch.Tensor) -> None:
         """Replace the state, e.g. with the all_reduced sum of every rank's `state`."""
         if state.shape != self._state.shape:
-            raise ValueError(f"state has shape {tuple(state.shape)}, expected {tuple(self._state.shape)} for top_k={self.top_k}")
+            raise ValueError(
+                f"state has shape {tuple(state.shape)}, expected {tuple(self._state.shape)} for top_k={self.top_k}"
+            )
         self._state = state.detach().to(self._state.device, torch.float64).clone()
 
     def merge(self, other: "RankingMetrics") -> None:
@@ -81,7 +83,9 @@ class RankingMetrics:
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         """scores [N, V], targets [N] item ids; sessions whose target is padding (0) are skipped."""
         if scores.ndim != 2 or targets.shape != (scores.shape[0],):
-            raise ValueError(f"expected scores [N, V] and targets [N], got {tuple(scores.shape)} and {tuple(targets.shape)}")
+            raise ValueError(
+                f"expected scores [N, V] and targets [N], got {tuple(scores.shape)} and {tuple(targets.shape)}"
+            )
         keep = targets != PAD_ID
         if bool((targets[keep] < 0).any()) or bool((targets[keep] >= scores.shape[1]).any()):
             raise ValueError(f"targets must lie in 0..{scores.shape[1] - 1} (the score columns)")

@@ -130,7 +130,9 @@ def hf_config_for(config: ModelConfig, max_length: int) -> PretrainedConfig:
                  "attention_dropout": p, "max_position_embeddings": max_length}
         defaults = {"intermediate_size": 4 * D, "num_key_value_heads": H, "use_cache": False}
     else:
-        raise ConfigError(f"model.body={config.body!r} has no Hugging Face config; expected one of {sorted(HF_CONFIG_CLASSES)}")
+        raise ConfigError(
+            f"model.body={config.body!r} has no Hugging Face config; expected one of {sorted(HF_CONFIG_CLASSES)}"
+        )
     return HF_CONFIG_CLASSES[config.body](**{**no_tokens, **defaults, **config.hf_config, **owned})
 
 
@@ -193,7 +195,17 @@ class HFBody(SessionBody):
             self._extra_kwargs["use_cache"] = False
         if self._is_xlnet:
             self._extra_kwargs["use_mems"] = False
-        _freeze_unreached(self)
+        # Parameters that inputs_embeds never reaches get no gradient, and DDP would wait for them.
+        embeddings = model.get_input_embeddings()
+        if embeddings is not None:
+            embeddings.requires_grad_(False)
+        if self._is_xlnet:
+            # mask_emb serves XLNet's permutation pretraining (target_mapping); the segment terms
+            # need token_type_ids. raytr uses neither.
+            model.mask_emb.requires_grad_(False)
+            for layer in model.layer:
+                layer.rel_attn.seg_embed.requires_grad_(False)
+                layer.rel_attn.r_s_bias.requires_grad_(False)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.clone()
@@ -230,12 +242,13 @@ class GRUBody(SessionBody):
 
 
 def probe_is_causal(body: SessionBody, d_model: int, length: int = 4) -> bool:
-    """Empirically: does output 0..t-2 stay unchanged when the last input changes? (eval mode)"""
+    """Empirically: do outputs 0..L-2 stay unchanged when the last of L inputs changes? (eval mode)"""
     gen = torch.Generator().manual_seed(0)
     param = next(body.parameters())
     x = torch.randn(2, length, d_model, generator=gen).to(param.device, param.dtype)
     x2 = x.clone()
-    x2[:, -1] += 1.0
+    # a fresh random vector, not a constant shift (a LayerNorm on the input would erase that)
+    x2[:, -1] = torch.randn(2, d_model, generator=gen).to(param.device, param.dtype)
     mask = torch.ones(2, length, dtype=torch.bool, device=param.device)
     was_training = body.training
     body.eval()
@@ -245,33 +258,21 @@ def probe_is_causal(body: SessionBody, d_model: int, length: int = 4) -> bool:
     return torch.allclose(a[:, :-1], b[:, :-1], atol=1e-5)
 
 
-def _freeze_unreached(body: SessionBody) -> None:
-    """Freeze parameters that `inputs_embeds` never reaches (token embeddings, XLNet's segment and
-    mask embeddings, a user model's pooler, ...), found with one tiny backward pass in eval mode:
-    DDP would otherwise wait forever for their gradients."""
+def unreached_parameters(body: HFBody) -> list[str]:
+    """Trainable parameters that get no gradient from `inputs_embeds` in one tiny backward pass
+    (eval mode). Run on user-supplied configs to warn about what would stall DDP."""
     param = next(body.parameters())
-    d_model = _hidden_size(body)
+    d_model = int(body.model.config.hidden_size)
     x = torch.randn(2, 3, d_model, generator=torch.Generator().manual_seed(0))
     x = x.to(param.device, param.dtype).requires_grad_(True)
     was_training = body.training
     body.eval()
     body(x, torch.ones(2, 3, dtype=torch.bool, device=param.device)).sum().backward()
     body.train(was_training)
-    frozen = []
-    for name, p in body.named_parameters():
-        if p.requires_grad and p.grad is None:
-            p.requires_grad_(False)
-            frozen.append(name)
+    names = [name for name, p in body.named_parameters() if p.requires_grad and p.grad is None]
+    for p in body.parameters():
         p.grad = None
-    if frozen:
-        logger.debug("froze %d body parameter(s) with no gradient path from inputs_embeds: %s", len(frozen), frozen)
-
-
-def _hidden_size(body: SessionBody) -> int:
-    if isinstance(body, GRUBody):
-        return body.gru.input_size
-    assert isinstance(body, HFBody)  # internal invariant, not user input
-    return int(body.model.config.hidden_size)
+    return names
 
 
 def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig | None = None) -> SessionBody:
@@ -316,6 +317,14 @@ def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig
                 f"objective='mlm' needs a bidirectional body, but {type(model).__name__} is causal; use objective='clm'"
             )
         probe_body.is_causal = causal
+        unreached = unreached_parameters(probe_body)
+        if unreached:
+            # Not frozen: a mixture-of-experts layer, say, routes a tiny probe to only some experts.
+            logger.warning(
+                "%s: %d trainable parameter(s) got no gradient from inputs_embeds in a probe (%s); freeze them "
+                "or use DDP with find_unused_parameters=True",
+                type(model).__name__, len(unreached), unreached[:5],
+            )
         return probe_body
 
     causal = config.objective == "clm"

@@ -158,7 +158,9 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
         allowed &= ~exclude
     available = allowed.sum(dim=1)
     if k > V - FIRST_ITEM_ID:
-        raise ValueError(f"k={k} is larger than the number of recommendable items ({V - FIRST_ITEM_ID}: ids 2..{V - 1})")
+        raise ValueError(
+            f"k={k} is larger than the number of recommendable items ({V - FIRST_ITEM_ID}: ids 2..{V - 1})"
+        )
     if bool((available < k).any()):
         raise ValueError(
             f"k={k} is larger than the number of recommendable items left after exclusions "
@@ -201,7 +203,9 @@ class NextItemHead(nn.Module):
         self.label_smoothing = config.label_smoothing
         if tied_weight is not None:
             if tied_weight.shape != (num_items, config.d_model):
-                raise ValueError(f"tied weight has shape {tuple(tied_weight.shape)}, expected ({num_items}, {config.d_model})")
+                raise ValueError(
+                    f"tied weight has shape {tuple(tied_weight.shape)}, expected ({num_items}, {config.d_model})"
+                )
             self.weight = tied_weight
         else:
             self.weight = nn.Parameter(torch.randn(num_items, config.d_model) * 0.02)

@@ -80,8 +80,10 @@ class SessionModel(nn.Module):
         """Raise ValueError when `batch` does not fit this model's FeatureSpec (named column, value, fix)."""
         spec = self.spec
         ids = batch.item_ids
-        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"column {spec.item_id!r}: expected a [B, T] int64 tensor, got {tuple(ids.shape)} {ids.dtype}")
+        if ids.ndim != 2 or ids.dtype != torch.int64:
+            raise ValueError(
+                f"column {spec.item_id!r}: expected a [B, T] int64 tensor, got {tuple(ids.shape)} {ids.dtype}"
+            )
         T = ids.shape[1]
         if T > spec.max_sequence_length:
             raise ValueError(
@@ -93,15 +95,20 @@ class SessionModel(nn.Module):
             col = batch.categorical.get(name)
             if col is None:
                 raise ValueError(f"batch is missing categorical column {name!r} (spec columns: {spec.columns})")
-            if col.shape != ids.shape:
-                raise ValueError(f"column {name!r} has shape {tuple(col.shape)}, expected {tuple(ids.shape)} like {spec.item_id!r}")
+            self._check_shape(name, col, batch)
             self._check_ids(name, col, card)
         for name in spec.continuous:
             col = batch.continuous.get(name)
             if col is None:
                 raise ValueError(f"batch is missing continuous column {name!r} (spec columns: {spec.columns})")
-            if col.shape != ids.shape:
-                raise ValueError(f"column {name!r} has shape {tuple(col.shape)}, expected {tuple(ids.shape)} like {spec.item_id!r}")
+            self._check_shape(name, col, batch)
+
+    def _check_shape(self, name: str, col: torch.Tensor, batch: SessionBatch) -> None:
+        if col.shape != batch.item_ids.shape:
+            raise ValueError(
+                f"column {name!r} has shape {tuple(col.shape)}, expected {tuple(batch.item_ids.shape)} "
+                f"like {self.spec.item_id!r}"
+            )
 
     @staticmethod
     def _check_ids(name: str, col: torch.Tensor, cardinality: int) -> None:

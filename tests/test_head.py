@@ -1,0 +1,265 @@
+"""Next-item head: chunked full softmax, sampled softmax with logQ, scores and top-k."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from raytr.models.head import (
+    chunked_cross_entropy,
+    full_scores,
+    log_uniform_log_prob,
+    log_uniform_sample,
+    sampled_softmax_loss,
+    top_k,
+)
+
+NEG_INF = float("-inf")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the largest tensor any op produces, and the input dtypes of log-softmax calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+        self.log_softmax_dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._log_softmax.default:
+            self.log_softmax_dtypes.append(args[0].dtype)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _case(N: int, V: int, D: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+    weight = torch.randn(V, D, generator=gen, requires_grad=True)
+    targets = torch.randint(2, V, (N,), generator=gen)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_cross_entropy_equals_plain(chunk_size, smoothing):
+    hidden, weight, targets = _case(N=50, V=23, D=8)
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk_size, smoothing)
+    g_hidden, g_weight = torch.autograd.grad(loss, (hidden, weight))
+
+    ref = F.cross_entropy(hidden @ weight[2:].T, targets - 2, label_smoothing=smoothing)
+    r_hidden, r_weight = torch.autograd.grad(ref, (hidden, weight))
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(g_hidden, r_hidden, atol=1e-6)
+    assert torch.allclose(g_weight, r_weight, atol=1e-6)
+    assert torch.all(g_weight[:2] == 0)  # padding and OOV rows are not classes
+
+
+def test_chunked_cross_entropy_materialises_only_chunks():
+    N, V, D, chunk = 512, 3000, 4, 32
+    hidden, weight, targets = _case(N, V, D)
+    with OpRecorder() as rec:
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk)
+        loss.backward()
+    assert rec.largest <= chunk * V, rec.largest  # one chunk of logits (or its gradient) at most
+
+    # The recorder sees the full matrix when it exists, so the bound above is meaningful.
+    hidden, weight, targets = _case(N, V, D)
+    with OpRecorder() as rec_plain:
+        F.cross_entropy(hidden @ weight[2:].T, targets - 2).backward()
+    assert rec_plain.largest >= N * (V - 2)
+
+
+def test_chunked_cross_entropy_log_softmax_in_fp32_under_autocast():
+    hidden, weight, targets = _case(N=40, V=50, D=8)
+    with OpRecorder() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+        loss.backward()
+    assert rec.log_softmax_dtypes and all(d == torch.float32 for d in rec.log_softmax_dtypes)
+    assert loss.dtype == torch.float32
+    ref = F.cross_entropy(hidden @ weight[2:].T, targets - 2)
+    assert abs(loss.item() - ref.item()) < 0.05 * ref.item()  # bf16 matmul, fp32 softmax
+
+
+def test_chunked_cross_entropy_rejects_padding_and_oov_targets():
+    hidden, weight, _ = _case(N=3, V=10, D=4)
+    with pytest.raises(ValueError, match="targets must lie in 2..9"):
+        chunked_cross_entropy(hidden, weight, torch.tensor([2, 1, 5]), 2)
+
+
+def test_empty_targets_give_zero_loss_with_graph():
+    hidden, weight, _ = _case(N=0, V=10, D=4)
+    loss = chunked_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), 4)
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads glibc/Linux ru_maxrss (KiB)")
+def test_chunked_cross_entropy_peak_memory_is_bounded():
+    """Real peak resident memory of a big case, chunked vs plain, in a fresh process."""
+    script = textwrap.dedent(
+        """
+        import resource, torch, torch.nn.functional as F
+        from raytr.models.head import chunked_cross_entropy
+        torch.set_num_threads(2)
+        def peak_mb():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        N, V, D = 4096, 20000, 32  # plain logits: 4096 x 20000 fp32 = 312 MiB
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(N, D, generator=g, requires_grad=True)
+        w = torch.randn(V, D, generator=g, requires_grad=True)
+        t = torch.randint(2, V, (N,), generator=g)
+        base = peak_mb()
+        chunked_cross_entropy(h, w, t, chunk_size=128).backward()
+        chunked = peak_mb() - base
+        F.cross_entropy(h @ w[2:].T, t - 2).backward()
+        plain = peak_mb() - base
+        print(chunked, plain)
+        """
+    )
+    # glibc's dynamic mmap threshold keeps freed multi-MiB blocks in the heap, so peak RSS would
+    # count every chunk ever freed; a fixed threshold returns them to the OS and RSS tracks live data.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    chunked_mb, plain_mb = map(float, out.stdout.split())
+    assert plain_mb > 300, (chunked_mb, plain_mb)  # the plain path really holds [N, V] logits
+    assert chunked_mb < 80, (chunked_mb, plain_mb)  # 128 x 20000 chunks: ~10 MiB each
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to read the allocator's peak")
+def test_chunked_cross_entropy_cuda_peak_memory():
+    N, V, D, chunk = 8192, 50000, 64, 256
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, D, device="cuda", generator=gen, requires_grad=True)
+    w = torch.randn(V, D, device="cuda", generator=gen, requires_grad=True)
+    t = torch.randint(2, V, (N,), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    chunked_cross_entropy(h, w, t, chunk).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    logits_bytes = N * V * 4
+    assert extra < logits_bytes / 8, (extra, logits_bytes)
+
+
+def test_log_uniform_sampler_matches_its_log_prob():
+    V = 12  # ids 2..11
+    probs = log_uniform_log_prob(torch.arange(2, V), V).double().exp()
+    assert abs(probs.sum().item() - 1.0) < 1e-6
+    assert torch.all(probs[:-1] > probs[1:])  # smaller id (more popular) is more likely
+    ids, log_q = log_uniform_sample(V, 200_000, torch.Generator().manual_seed(0))
+    assert ids.min() >= 2 and ids.max() <= V - 1
+    assert torch.allclose(log_q, log_uniform_log_prob(ids, V))
+    freq = torch.bincount(ids - 2, minlength=V - 2).double() / ids.numel()
+    assert torch.allclose(freq, probs, atol=0.005)
+
+
+def test_sampled_softmax_matches_hand_computation():
+    N, V, D, K = 4, 9, 3, 6
+    hidden, weight, _ = _case(N, V, D, seed=1)
+    targets = torch.tensor([2, 3, 2, 8])
+    loss = sampled_softmax_loss(hidden, weight, targets, K, generator=torch.Generator().manual_seed(5))
+    neg, _ = log_uniform_sample(V, K, torch.Generator().manual_seed(5))
+    assert (neg == 2).any()  # this seed has accidental hits with targets 2
+
+    def log_expected_count(i: int) -> float:
+        r = i - 2
+        return math.log(K) + math.log(math.log((r + 2) / (r + 1)) / math.log(V - 2 + 1))
+
+    h, w = hidden.detach(), weight.detach()
+    total = 0.0
+    for n in range(N):
+        pos = float(h[n] @ w[targets[n]]) - log_expected_count(int(targets[n]))
+        logits = [pos] + [
+            float(h[n] @ w[j]) - log_expected_count(int(j)) for j in neg if int(j) != int(targets[n])
+        ]
+        total += -(pos - math.log(sum(math.exp(x) for x in logits)))
+    assert abs(loss.item() - total / N) < 1e-5
+
+
+def test_sampled_softmax_accidental_hits_are_masked():
+    # V=3: the only real item is 2, so every sampled negative is the positive: loss must be 0.
+    hidden, weight, _ = _case(N=5, V=3, D=4)
+    loss = sampled_softmax_loss(hidden, weight, torch.full((5,), 2), 8, label_smoothing=0.1,
+                                generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sampled_softmax_backward_reaches_hidden_and_weight():
+    hidden, weight, targets = _case(N=10, V=30, D=4)
+    sampled_softmax_loss(hidden, weight, targets, 8, 0.1, torch.Generator().manual_seed(0)).backward()
+    assert hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+    assert torch.all(weight.grad[:2] == 0)  # padding and OOV are never sampled
+
+
+def test_full_scores_mask_padding_and_oov():
+    hidden, weight, _ = _case(N=3, V=10, D=4)
+    s = full_scores(hidden, weight)
+    assert s.shape == (3, 10)
+    assert torch.all(s[:, :2] == NEG_INF)
+    assert torch.allclose(s[:, 2:], (hidden @ weight.T)[:, 2:])
+
+
+def test_top_k_breaks_ties_towards_smaller_ids():
+    scores = torch.tensor([[NEG_INF, NEG_INF, 1.0, 3.0, 3.0, 2.0, 3.0]])
+    ids, vals = top_k(scores, 2)
+    assert ids.tolist() == [[3, 4]] and vals.tolist() == [[3.0, 3.0]]
+    ids, _ = top_k(scores, 4)
+    assert ids.tolist() == [[3, 4, 6, 5]]
+    exclude = torch.zeros_like(scores, dtype=torch.bool)
+    exclude[0, 3] = True
+    ids, _ = top_k(scores, 3, exclude)
+    assert ids.tolist() == [[4, 6, 5]]
+
+
+def test_top_k_never_returns_padding_or_oov_even_when_tied():
+    scores = torch.zeros(2, 6)  # ids 0 and 1 tie with everything and have the smallest ids
+    ids, _ = top_k(scores, 4)
+    assert ids.tolist() == [[2, 3, 4, 5], [2, 3, 4, 5]]
+
+
+def test_top_k_matches_stable_sort_reference_on_integer_scores():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (50, 30), generator=gen).float()
+    for k in (1, 5, 28):
+        ids, vals = top_k(scores, k)
+        s = scores.clone()
+        s[:, :2] = NEG_INF
+        ref = s.sort(dim=1, descending=True, stable=True)
+        assert torch.equal(ids, ref.indices[:, :k])
+        assert torch.equal(vals, ref.values[:, :k])
+
+
+def test_top_k_errors_name_k():
+    scores = torch.zeros(1, 6)
+    with pytest.raises(ValueError, match="k=5"):
+        top_k(scores, 5)  # only ids 2..5 are recommendable
+    exclude = torch.zeros(1, 6, dtype=torch.bool)
+    exclude[0, 2:4] = True
+    with pytest.raises(ValueError, match="k=3 .*after exclusions"):
+        top_k(scores, 3, exclude)
+
+
+def test_top_k_order_agrees_with_metric_ranks():
+    from raytr.metrics import ranks_of_targets
+
+    scores = torch.randint(0, 3, (20, 15), generator=torch.Generator().manual_seed(1)).float()
+    scores[:, :2] = NEG_INF
+    ids, _ = top_k(scores, 13)
+    for position in range(13):
+        ranks = ranks_of_targets(scores, ids[:, position])
+        assert torch.all(ranks == position + 1)

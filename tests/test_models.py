@@ -1,0 +1,338 @@
+"""SessionModel and its bodies: shapes, loss/backward, causality, padding, HF config mapping,
+save -> load, batch checks, and one small "it learns" run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, MistralConfig
+
+from raytr.config import ConfigError, ModelConfig
+from raytr.features import SessionBatch
+from raytr.metrics import RankingMetrics
+from raytr.models import SessionModel, SessionOutput
+from raytr.models.bodies import build_body, hf_config_for, model_config_values
+from raytr.models.masking import split_last_item
+from _model_fixtures import ALLOWED, CAUSAL, T, V, make_batch, random_batch, tiny_config, tiny_spec
+
+
+def build(body: str, objective: str, seed: int = 0, **overrides) -> SessionModel:
+    torch.manual_seed(seed)
+    return SessionModel(tiny_spec(), tiny_config(body, objective, **overrides), seed=seed)
+
+
+def perturb_position(batch: SessionBatch, t: int) -> SessionBatch:
+    """Change the event at column t (item id and side features) in every row that has one."""
+    ids = batch.item_ids.clone()
+    real = ids[:, t] != 0
+    ids[:, t] = torch.where(real, 2 + (ids[:, t] - 2 + 7) % (V - 2), ids[:, t])
+    out = make_batch(ids)
+    out.continuous = {k: v.clone() for k, v in batch.continuous.items()}
+    for v in out.continuous.values():
+        v[:, t] = torch.where(real, v[:, t] + 3.0, v[:, t])
+    return out
+
+
+# ------------------------------------------------------------------ training loss
+# The loss is independent of the body: every combination with the full softmax, and the sampled
+# softmax with one causal and one masked body.
+LOSS_CASES = [(b, o, "full") for b, o in ALLOWED] + [("gpt2", "clm", "sampled"), ("xlnet", "mlm", "sampled")]
+
+
+@pytest.mark.parametrize("body,objective,loss", LOSS_CASES)
+def test_forward_backward_every_allowed_combination(body, objective, loss):
+    model = build(body, objective, loss=loss)
+    batch = random_batch(B=4)
+    out = model(batch)
+    assert isinstance(out, SessionOutput)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.hidden.shape == (4, T, 16) and out.labels.shape == (4, T)
+    assert out.num_targets == int((out.labels != -100).sum()) > 0
+    out.loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []  # DDP needs every trainable parameter to get a gradient
+
+
+@pytest.mark.parametrize("aggregation", ["concat", "sum"])
+def test_aggregations_and_no_side_features(aggregation):
+    for spec in (tiny_spec(with_features=True), tiny_spec(with_features=False)):
+        torch.manual_seed(0)
+        model = SessionModel(spec, tiny_config(aggregation=aggregation))
+        batch = random_batch(B=3, spec=spec)
+        model(batch).loss.backward()
+        assert model.inputs(batch).shape == (3, T, 16)
+
+
+def test_clm_loss_counts_next_item_targets():
+    model = build("gpt2", "clm")
+    batch = make_batch([[5, 9, 3, 0, 0, 0], [7, 1, 4, 6, 0, 0]])
+    out = model(batch)
+    # targets: 9, 3 | (1 is OOV: ignored), 4, 6
+    assert out.num_targets == 4
+    assert out.labels.tolist()[1] == [-100, 4, 6, -100, -100, -100]
+
+
+def test_mlm_masks_are_reproducible_with_a_generator():
+    model = build("bert", "mlm").eval()
+    batch = random_batch(B=6)
+    a = model(batch, generator=torch.Generator().manual_seed(3))
+    b = model(batch, generator=torch.Generator().manual_seed(3))
+    c = model(batch, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.loss, b.loss)
+    assert not torch.equal(a.labels, c.labels)
+    # the construction seed drives the model's own generator the same way
+    m1, m2 = build("bert", "mlm", seed=11).eval(), build("bert", "mlm", seed=11).eval()
+    assert torch.equal(m1(batch).labels, m2(batch).labels)
+
+
+def test_weights_are_tied_unless_disabled():
+    tied = build("gpt2", "clm")
+    assert tied.head.weight is tied.inputs.item_embedding.weight
+    untied = build("gpt2", "clm", tie_weights=False)
+    assert untied.head.weight is not untied.inputs.item_embedding.weight
+
+
+# ------------------------------------------------------------------ causality and padding
+@pytest.mark.parametrize("body,objective", CAUSAL)
+def test_clm_bodies_are_strictly_causal(body, objective):
+    model = build(body, objective).eval()
+    batch = random_batch(B=3, min_len=T)  # full sessions: every column is a real event
+    with torch.no_grad():
+        base = model.body(model.inputs(batch), batch.mask)
+        for t in range(1, T):
+            changed = perturb_position(batch, t)
+            out = model.body(model.inputs(changed), changed.mask)
+            assert torch.allclose(out[:, :t], base[:, :t], atol=1e-5), f"position < {t} saw position {t}"
+            assert not torch.allclose(out[:, t], base[:, t], atol=1e-5)  # the change itself is visible
+
+
+@pytest.mark.parametrize("body", ["bert", "xlnet"])
+def test_mlm_bodies_are_bidirectional(body):
+    model = build(body, "mlm").eval()
+    batch = random_batch(B=3, min_len=T)
+    with torch.no_grad():
+        base = model.body(model.inputs(batch), batch.mask)
+        changed = perturb_position(batch, T - 1)
+        out = model.body(model.inputs(changed), changed.mask)
+    assert not torch.allclose(out[:, 0], base[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("body,objective", ALLOWED)
+def test_padding_never_affects_real_positions(body, objective):
+    model = build(body, objective).eval()
+    batch = random_batch(B=5, seed=1)
+    mask = batch.mask
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, T, 16, generator=gen)
+    garbage = torch.where(mask[..., None], x, 100 * torch.randn(5, T, 16, generator=gen))
+    with torch.no_grad():
+        a = model.body(x, mask)
+        b = model.body(garbage, mask)
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("body,objective", ALLOWED)
+def test_scores_do_not_depend_on_batch_mates_or_trailing_padding(body, objective):
+    model = build(body, objective).eval()
+    batch = random_batch(B=5, seed=2)
+    scores = model.score_next(batch)
+    assert scores.shape == (5, V)
+    for i, length in enumerate(batch.lengths.tolist()):
+        width = min(length + 1, T)  # room for the MLM slot unless the session is full
+        alone = batch.select(slice(i, i + 1))
+        alone = SessionBatch(
+            item_ids=alone.item_ids[:, :width],
+            categorical={k: v[:, :width] for k, v in alone.categorical.items()},
+            continuous={k: v[:, :width] for k, v in alone.continuous.items()},
+        )
+        assert torch.allclose(model.score_next(alone)[0], scores[i], atol=1e-4), i
+
+
+# ------------------------------------------------------------------ Hugging Face config mapping
+ROUND_TRIP_FIELDS = {
+    "xlnet": {"d_model": 24, "n_layer": 3, "n_head": 4, "d_head": 6, "dropout": 0.15},
+    "gpt2": {"n_embd": 24, "n_layer": 3, "n_head": 4, "resid_pdrop": 0.15, "embd_pdrop": 0.15,
+             "attn_pdrop": 0.15, "n_positions": 9},
+    "bert": {"hidden_size": 24, "num_hidden_layers": 3, "num_attention_heads": 4, "hidden_dropout_prob": 0.15,
+             "attention_probs_dropout_prob": 0.15, "max_position_embeddings": 9},
+    "llama": {"hidden_size": 24, "num_hidden_layers": 3, "num_attention_heads": 4, "head_dim": 6,
+              "attention_dropout": 0.15, "max_position_embeddings": 9},
+}
+
+
+@pytest.mark.parametrize("body,objective", [c for c in ALLOWED if c[0] != "gru"])
+def test_hf_config_mapping_round_trip(body, objective):
+    config = ModelConfig(body=body, objective=objective, d_model=24, n_layers=3, n_heads=4, dropout=0.15)
+    hf = hf_config_for(config, max_length=9)
+    for field, value in ROUND_TRIP_FIELDS[body].items():
+        assert getattr(hf, field) == value, field
+    causal_field = {"xlnet": ("attn_type", "uni" if objective == "clm" else "bi"),
+                    "bert": ("is_decoder", objective == "clm")}.get(body)
+    if causal_field:
+        assert getattr(hf, causal_field[0]) == causal_field[1]
+    back = model_config_values(hf)
+    assert back == {"body": body, "d_model": 24, "n_layers": 3, "n_heads": 4, "dropout": 0.15,
+                    "objective": objective, "max_length": None if body == "xlnet" else 9}
+    # and the values reach the built modules
+    model = build_body(config, 9).model
+    layers = {"xlnet": "layer", "gpt2": "h", "bert": "encoder.layer", "llama": "layers"}[body]
+    assert len(model.get_submodule(layers)) == 3
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_hf_extras_are_validated_by_name():
+    with pytest.raises(ConfigError, match=r"unknown key 'layer_norm_eps' for GPT2Config.*layer_norm_epsilon"):
+        hf_config_for(ModelConfig(body="gpt2", hf_config={"layer_norm_eps": 1e-5}), 8)
+    with pytest.raises(ConfigError, match=r"'n_embd' is set from model.d_model"):
+        hf_config_for(ModelConfig(body="gpt2", hf_config={"n_embd": 8}), 8)
+    with pytest.raises(ConfigError, match=r"'hidden_size' is set from model.d_model"):  # alias of n_embd
+        hf_config_for(ModelConfig(body="gpt2", hf_config={"hidden_size": 8}), 8)
+    with pytest.raises(ConfigError, match="not a Hugging Face body"):
+        build_body(ModelConfig(body="gru", hf_config={"n_inner": 8}), 8)
+    hf = hf_config_for(ModelConfig(body="gpt2", hf_config={"layer_norm_epsilon": 1e-6, "n_inner": 32}), 8)
+    assert hf.layer_norm_epsilon == 1e-6 and hf.n_inner == 32
+    hf = hf_config_for(ModelConfig(body="llama", hf_config={"num_key_value_heads": 2, "rms_norm_eps": 1e-5}), 8)
+    assert hf.num_key_value_heads == 2 and hf.rms_norm_eps == 1e-5
+
+
+def test_objective_body_compatibility_errors():
+    for body in ("gpt2", "llama", "gru"):
+        with pytest.raises(ConfigError, match="bidirectional"):
+            ModelConfig(body=body, objective="mlm")
+
+
+def mistral(**overrides) -> MistralConfig:
+    values = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=T, vocab_size=1, pad_token_id=0,
+                  bos_token_id=None, eos_token_id=None)
+    values.update(overrides)
+    return MistralConfig(**values)
+
+
+def test_custom_hf_config_mistral_trains_is_causal_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = SessionModel(tiny_spec(), tiny_config("gpt2", "clm"), hf_config=mistral())
+    assert type(model.body.model).__name__ == "MistralModel" and model.body.is_causal
+    batch = random_batch(B=4)
+    model(batch).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        base = model.body(model.inputs(batch), batch.mask)
+        changed = perturb_position(batch, 3)
+        assert torch.allclose(model.body(model.inputs(changed), changed.mask)[:, :3], base[:, :3], atol=1e-5)
+    model.save(tmp_path)
+    loaded = SessionModel.load(tmp_path)
+    assert type(loaded.body.model).__name__ == "MistralModel"
+    assert torch.equal(loaded.score_next(batch), model.score_next(batch))
+
+
+def test_custom_hf_config_errors():
+    spec = tiny_spec()
+    with pytest.raises(ConfigError, match="hidden_size=32 but model.d_model=16"):
+        SessionModel(spec, tiny_config(), hf_config=mistral(hidden_size=32))
+    bidirectional = BertConfig(vocab_size=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=T)
+    with pytest.raises(ConfigError, match="needs a causal body"):
+        SessionModel(spec, tiny_config("bert", "clm"), hf_config=bidirectional)
+    with pytest.raises(ConfigError, match="needs a bidirectional body"):
+        SessionModel(spec, tiny_config("bert", "mlm"), hf_config=mistral())
+
+
+# ------------------------------------------------------------------ inference and artifacts
+@pytest.mark.parametrize("body,objective", ALLOWED)
+def test_save_load_gives_identical_scores(body, objective, tmp_path):
+    model = build(body, objective, tie_weights=(body != "gru")).eval()
+    batch = random_batch(B=4, seed=3)
+    model.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = SessionModel.load(tmp_path, map_location="cpu")
+    assert not loaded.training
+    assert loaded.config == model.config and loaded.spec == model.spec
+    assert torch.equal(loaded.score_next(batch), model.score_next(batch))
+    assert loaded.head.weight is loaded.inputs.item_embedding.weight or body == "gru"
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SessionModel.load(tmp_path)
+
+
+def test_recommend_contract():
+    model = build("gpt2", "clm").eval()
+    batch = random_batch(B=4, seed=4)
+    scores = model.score_next(batch)
+    assert torch.all(scores[:, :2] == float("-inf"))
+    ids, vals = model.recommend(batch, k=V - 2)
+    assert ids.shape == (4, V - 2) and ids.dtype == torch.long and vals.dtype == torch.float32
+    assert ids.min() >= 2
+    assert torch.all(vals[:, :-1] >= vals[:, 1:])
+    assert torch.equal(vals, scores.gather(1, ids))
+    ids, _ = model.recommend(batch, k=5, exclude_seen=True)
+    for row, seen in zip(ids.tolist(), batch.item_ids.tolist()):
+        assert not set(row) & set(seen)
+    with pytest.raises(ValueError, match=f"k={V - 1}"):
+        model.recommend(batch, k=V - 1)
+
+
+def test_mlm_scores_full_sessions_by_dropping_the_first_event():
+    model = build("bert", "mlm").eval()
+    full = random_batch(B=2, min_len=T, seed=5)
+    shifted = make_batch(torch.cat([full.item_ids[:, 1:], torch.zeros(2, 1, dtype=torch.long)], dim=1))
+    shifted.continuous = {k: torch.cat([v[:, 1:], torch.zeros(2, 1)], dim=1) for k, v in full.continuous.items()}
+    assert torch.allclose(model.score_next(full), model.score_next(shifted), atol=1e-5)
+
+
+def test_check_batch_errors_name_the_problem():
+    model = build("gpt2", "clm")
+    bad = make_batch([[5, V, 3, 0, 0, 0]])
+    expected = rf"column 'item_id-list' has id {V} \(max {V}, min 0\) but its cardinality is {V}"
+    with pytest.raises(ValueError, match=expected):
+        model(bad)
+    too_long = make_batch(torch.full((1, T + 1), 3))
+    with pytest.raises(ValueError, match=f"T={T + 1} columns but max_sequence_length={T}"):
+        model.score_next(too_long)
+    missing = random_batch(B=2)
+    del missing.continuous["price-list"]
+    with pytest.raises(ValueError, match="missing continuous column 'price-list'"):
+        model.check_batch(missing)
+    missing = random_batch(B=2)
+    del missing.categorical["category-list"]
+    with pytest.raises(ValueError, match="missing categorical column 'category-list'"):
+        model.check_batch(missing)
+    bad_cat = random_batch(B=2)
+    bad_cat.categorical["category-list"][0, 0] = 7
+    with pytest.raises(ValueError, match="column 'category-list' has id 7"):
+        model.check_batch(bad_cat)
+    with pytest.raises(ValueError, match="no events"):
+        model.score_next(make_batch([[0] * T]))
+
+
+# ------------------------------------------------------------------ it learns
+def successor_sessions(n: int, gen: torch.Generator, v: int = 30, t: int = 6) -> torch.Tensor:
+    """Sessions of consecutive ids (item i is always followed by i + 1), right-padded, [n, t]."""
+    lengths = torch.randint(2, t + 1, (n,), generator=gen)
+    starts = torch.randint(2, v - t, (n,), generator=gen)
+    ids = starts[:, None] + torch.arange(t)[None, :]
+    return ids * (torch.arange(t)[None, :] < lengths[:, None])
+
+
+def test_gpt2_learns_deterministic_successor():
+    from raytr.features import FeatureSpec
+
+    spec = FeatureSpec(item_id="item", item_cardinality=30, max_sequence_length=6)
+    config = ModelConfig(body="gpt2", d_model=32, n_layers=1, n_heads=2, dropout=0.0, logits_chunk_size=128)
+    torch.manual_seed(0)
+    model = SessionModel(spec, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        loss = model(SessionBatch(item_ids=successor_sessions(64, gen))).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    prefix, targets = split_last_item(SessionBatch(item_ids=successor_sessions(256, gen)))
+    metrics = RankingMetrics([1, 5])
+    metrics.update(model.score_next(prefix), targets)
+    assert metrics.compute()["recall@1"] > 0.9, metrics.compute()
