@@ -80,7 +80,6 @@ def prepare(
     input_path: str | Path,
     output: str | Path,
     num_buckets: int | None = None,
-    fit_input: str | Path | None = None,
 ) -> PrepareSummary:
     """Prepare raw events at `input_path` into session sequences at `output` (see module doc).
 

@@ -106,7 +106,7 @@ def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any
     datasets, rows_per_worker = None, 0
     if args.data_loader_engine == "ray":
         ds = train_dataset if train_dataset is not None and not isinstance(train_dataset, (str, Path, list, tuple)) \
-            else ray.data.read_parquet(list(cfg.train_paths), columns=cfg.spec.columns)
+            else ray.data.read_parquet(list(cfg.train_paths)).select_columns(cfg.spec.columns)
         ds = ds.randomize_block_order()
         total = ds.count()
         if total < args.num_workers:
@@ -114,6 +114,11 @@ def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any
         rows_per_worker = total // args.num_workers  # Ray's equal split drops the remainder rows
         datasets = {"train": ds}
     metric = f"eval_{args.metric_for_best_model}"
+    # Ray always keeps the latest checkpoint on top of the `num_to_keep` best: keep the best
+    # save_total_limit - 1 by the metric, so at most save_total_limit are on disk (as with the local
+    # launcher). Without eval data, or with a limit of 1, keep the most recent by step.
+    by_metric = bool(cfg.eval_paths) and args.save_total_limit > 1
+    num_to_keep = args.save_total_limit - 1 if by_metric else max(args.save_total_limit, 1)
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"loop": cfg, "rows_per_worker": rows_per_worker},
@@ -125,9 +130,9 @@ def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any
             storage_path=str(run_dir.parent.parent / "ray_results"),
             failure_config=FailureConfig(max_failures=args.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=max(args.save_total_limit, 1),
-                checkpoint_score_attribute=metric if cfg.eval_paths else "step",
-                checkpoint_score_order=("max" if args.greater_is_better else "min") if cfg.eval_paths else "max",
+                num_to_keep=num_to_keep,
+                checkpoint_score_attribute=metric if by_metric else "step",
+                checkpoint_score_order=("max" if args.greater_is_better else "min") if by_metric else "max",
             ),
         ),
         datasets=datasets,
