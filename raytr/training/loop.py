@@ -168,11 +168,17 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     start_epoch, global_step = 0, 0
     if cfg.init_training_state:
         state = torch.load(cfg.init_training_state, map_location=device, weights_only=True)
+        fresh_lrs = scheduler.get_last_lr()  # the new schedule's LR for its first step (0 under warmup)
         optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # a new run's learning rate wins over the saved one
-            group["lr"] = group["initial_lr"] = args.learning_rate
+        for group, lr in zip(optimizer.param_groups, fresh_lrs):  # a new run's learning rate wins over the saved one
+            group["initial_lr"] = args.learning_rate
+            group["lr"] = lr
         if not cfg.reset_scheduler:
             scheduler.load_state_dict(state["scheduler"])
+            # load_state_dict leaves the optimizer alone: the first step must use the continued
+            # schedule's LR too, not the full learning rate.
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
     if ctx.restored_checkpoint is not None:
         restored = ctx.restored_checkpoint
         model.load_state_dict(SessionModel.load(restored, map_location=device).state_dict())
@@ -290,7 +296,9 @@ def _tensorboard(args: TrainingArguments):
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(Path(args.output_dir) / "tensorboard"))
+    # One subdirectory per run: every train() call restarts global_step at 0, so runs sharing a
+    # directory would overwrite each other's curves.
+    return SummaryWriter(log_dir=str(Path(args.output_dir) / "tensorboard" / (args.run_name or "")))
 
 
 def _progress(args: TrainingArguments, ctx: WorkerContext, total: int, done: int):

@@ -17,7 +17,6 @@ import gc
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +32,7 @@ from raytr.features import SessionBatch
 from raytr.models import SessionModel
 from raytr.models.masking import split_last_item
 from raytr.training.arguments import TrainingArguments
-from raytr.training.loop import TRAINING_STATE, LoopConfig, WorkerContext, local_context, read_trainer_state, train_loop
+from raytr.training.loop import TRAINING_STATE, LoopConfig, local_context, read_trainer_state, train_loop
 
 if TYPE_CHECKING:
     from raytr.config import RaytrConfig
@@ -144,7 +143,7 @@ class Trainer:
             resolve_paths(self.train_dataset))
         eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
             resolve_paths(self.eval_dataset))
-        loop_args = replace(args, output_dir=str(output_dir))
+        loop_args = replace(args, output_dir=str(output_dir), run_name=run_name)
         cfg = LoopConfig(
             spec=self.model.spec, model_config=self.model.config, args=loop_args, init_model_dir=str(init_dir),
             train_paths=train_paths, eval_paths=eval_paths, reset_scheduler=self._reset_scheduler,
