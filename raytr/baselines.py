@@ -9,7 +9,8 @@
   all events equally and recency_decay=0 uses the last event only.
 
 Ties (items scored equal, e.g. unseen co-occurrence) are broken towards the smaller id, which
-Categorify assigns to more frequent items. Ids 0 (padding) and 1 (OOV) are never scored or learned.
+Categorify assigns to more frequent items. The reserved ids 0 (padding), 1 (null)
+and 2 (OOV), i.e. ids < FIRST_ITEM_ID, are never scored or learned.
 
 Shape legend: B = batch (sessions), T = max sequence length, V = item cardinality, k = items returned.
 """
@@ -69,7 +70,10 @@ class Popularity:
 
     def __init__(self, item_cardinality: int) -> None:
         if item_cardinality < FIRST_ITEM_ID + 1:
-            raise ValueError(f"item_cardinality={item_cardinality}: expected >= 3 (ids 0, 1 are reserved)")
+            raise ValueError(
+                f"item_cardinality={item_cardinality}: expected >= {FIRST_ITEM_ID + 1} "
+                f"(ids 0..{FIRST_ITEM_ID - 1} are reserved: padding, null, OOV)"
+            )
         self.item_cardinality = item_cardinality
         self.counts = np.zeros(item_cardinality, dtype=np.float64)
 
@@ -83,7 +87,7 @@ class Popularity:
         return self
 
     def score_next(self, batch: SessionBatch) -> torch.Tensor:
-        """[B, V] float32: the item's event count; ids 0 and 1 at -inf."""
+        """[B, V] float32: the item's event count; reserved ids (< FIRST_ITEM_ID) at -inf."""
         return _no_special_ids(np.broadcast_to(self.counts, (len(batch), self.item_cardinality)))
 
     def recommend(self, batch: SessionBatch, k: int, exclude_seen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +104,10 @@ class SessionItemKNN:
 
     def __init__(self, item_cardinality: int, recency_decay: float = 1.0, max_neighbors: int | None = None) -> None:
         if item_cardinality < FIRST_ITEM_ID + 1:
-            raise ValueError(f"item_cardinality={item_cardinality}: expected >= 3 (ids 0, 1 are reserved)")
+            raise ValueError(
+                f"item_cardinality={item_cardinality}: expected >= {FIRST_ITEM_ID + 1} "
+                f"(ids 0..{FIRST_ITEM_ID - 1} are reserved: padding, null, OOV)"
+            )
         if not 0.0 <= recency_decay <= 1.0:
             raise ValueError(f"recency_decay={recency_decay}: expected 0 <= decay <= 1")
         if max_neighbors is not None and max_neighbors < 1:
@@ -151,7 +158,7 @@ class SessionItemKNN:
         return sp.csr_matrix((weights[b, t], (b, ids[b, t])), shape=(ids.shape[0], self.item_cardinality))
 
     def score_next(self, batch: SessionBatch) -> torch.Tensor:
-        """[B, V] float32 kNN scores; ids 0 and 1 at -inf."""
+        """[B, V] float32 kNN scores; reserved ids (< FIRST_ITEM_ID) at -inf."""
         scores = (self._query(batch) @ self.similarity).toarray()  # [B, V] @ [V, V] -> [B, V]
         return _no_special_ids(scores)
 

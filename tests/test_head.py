@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, PAD_ID
 from raytr.models.head import (
     chunked_cross_entropy,
     full_scores,
@@ -24,6 +25,7 @@ from raytr.models.head import (
 )
 
 NEG_INF = float("-inf")
+RESERVED = [NEG_INF] * FIRST_ITEM_ID  # scores of padding, null and OOV, as full_scores sets them
 
 
 class OpRecorder(TorchDispatchMode):
@@ -48,7 +50,7 @@ def _case(N: int, V: int, D: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, D, generator=gen, requires_grad=True)
     weight = torch.randn(V, D, generator=gen, requires_grad=True)
-    targets = torch.randint(2, V, (N,), generator=gen)
+    targets = torch.randint(FIRST_ITEM_ID, V, (N,), generator=gen)
     return hidden, weight, targets
 
 
@@ -59,12 +61,12 @@ def test_chunked_cross_entropy_equals_plain(chunk_size, smoothing):
     loss = chunked_cross_entropy(hidden, weight, targets, chunk_size, smoothing)
     g_hidden, g_weight = torch.autograd.grad(loss, (hidden, weight))
 
-    ref = F.cross_entropy(hidden @ weight[2:].T, targets - 2, label_smoothing=smoothing)
+    ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=smoothing)
     r_hidden, r_weight = torch.autograd.grad(ref, (hidden, weight))
     assert torch.allclose(loss, ref, atol=1e-6)
     assert torch.allclose(g_hidden, r_hidden, atol=1e-6)
     assert torch.allclose(g_weight, r_weight, atol=1e-6)
-    assert torch.all(g_weight[:2] == 0)  # padding and OOV rows are not classes
+    assert torch.all(g_weight[:FIRST_ITEM_ID] == 0)  # padding, null and OOV rows are not classes
 
 
 def test_chunked_cross_entropy_materialises_only_chunks():
@@ -78,8 +80,8 @@ def test_chunked_cross_entropy_materialises_only_chunks():
     # The recorder sees the full matrix when it exists, so the bound above is meaningful.
     hidden, weight, targets = _case(N, V, D)
     with OpRecorder() as rec_plain:
-        F.cross_entropy(hidden @ weight[2:].T, targets - 2).backward()
-    assert rec_plain.largest >= N * (V - 2)
+        F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID).backward()
+    assert rec_plain.largest >= N * (V - FIRST_ITEM_ID)
 
 
 def test_chunked_cross_entropy_log_softmax_in_fp32_under_autocast():
@@ -89,14 +91,15 @@ def test_chunked_cross_entropy_log_softmax_in_fp32_under_autocast():
         loss.backward()
     assert rec.log_softmax_dtypes and all(d == torch.float32 for d in rec.log_softmax_dtypes)
     assert loss.dtype == torch.float32
-    ref = F.cross_entropy(hidden @ weight[2:].T, targets - 2)
+    ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID)
     assert abs(loss.item() - ref.item()) < 0.05 * ref.item()  # bf16 matmul, fp32 softmax
 
 
-def test_chunked_cross_entropy_rejects_padding_and_oov_targets():
+@pytest.mark.parametrize("reserved", [PAD_ID, NULL_ID, OOV_ID])
+def test_chunked_cross_entropy_rejects_padding_null_and_oov_targets(reserved):
     hidden, weight, _ = _case(N=3, V=10, D=4)
-    with pytest.raises(ValueError, match="targets must lie in 2..9"):
-        chunked_cross_entropy(hidden, weight, torch.tensor([2, 1, 5]), 2)
+    with pytest.raises(ValueError, match=f"targets must lie in {FIRST_ITEM_ID}..9"):
+        chunked_cross_entropy(hidden, weight, torch.tensor([FIRST_ITEM_ID, reserved, 5]), 2)
 
 
 def test_empty_targets_give_zero_loss_with_graph():
@@ -112,6 +115,7 @@ def test_chunked_cross_entropy_peak_memory_is_bounded():
     script = textwrap.dedent(
         """
         import resource, torch, torch.nn.functional as F
+        from raytr.features import FIRST_ITEM_ID
         from raytr.models.head import chunked_cross_entropy
         torch.set_num_threads(2)
         def peak_mb():
@@ -120,11 +124,11 @@ def test_chunked_cross_entropy_peak_memory_is_bounded():
         g = torch.Generator().manual_seed(0)
         h = torch.randn(N, D, generator=g, requires_grad=True)
         w = torch.randn(V, D, generator=g, requires_grad=True)
-        t = torch.randint(2, V, (N,), generator=g)
+        t = torch.randint(FIRST_ITEM_ID, V, (N,), generator=g)
         base = peak_mb()
         chunked_cross_entropy(h, w, t, chunk_size=128).backward()
         chunked = peak_mb() - base
-        F.cross_entropy(h @ w[2:].T, t - 2).backward()
+        F.cross_entropy(h @ w[FIRST_ITEM_ID:].T, t - FIRST_ITEM_ID).backward()
         plain = peak_mb() - base
         print(chunked, plain)
         """
@@ -145,7 +149,7 @@ def test_chunked_cross_entropy_cuda_peak_memory():
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(N, D, device="cuda", generator=gen, requires_grad=True)
     w = torch.randn(V, D, device="cuda", generator=gen, requires_grad=True)
-    t = torch.randint(2, V, (N,), device="cuda", generator=gen)
+    t = torch.randint(FIRST_ITEM_ID, V, (N,), device="cuda", generator=gen)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -157,28 +161,28 @@ def test_chunked_cross_entropy_cuda_peak_memory():
 
 
 def test_log_uniform_sampler_matches_its_log_prob():
-    V = 12  # ids 2..11
-    probs = log_uniform_log_prob(torch.arange(2, V), V).double().exp()
+    V = 12  # real items: ids FIRST_ITEM_ID..11
+    probs = log_uniform_log_prob(torch.arange(FIRST_ITEM_ID, V), V).double().exp()
     assert abs(probs.sum().item() - 1.0) < 1e-6
     assert torch.all(probs[:-1] > probs[1:])  # smaller id (more popular) is more likely
     ids, log_q = log_uniform_sample(V, 200_000, torch.Generator().manual_seed(0))
-    assert ids.min() >= 2 and ids.max() <= V - 1
+    assert ids.min() >= FIRST_ITEM_ID and ids.max() <= V - 1
     assert torch.allclose(log_q, log_uniform_log_prob(ids, V))
-    freq = torch.bincount(ids - 2, minlength=V - 2).double() / ids.numel()
+    freq = torch.bincount(ids - FIRST_ITEM_ID, minlength=V - FIRST_ITEM_ID).double() / ids.numel()
     assert torch.allclose(freq, probs, atol=0.005)
 
 
 def test_sampled_softmax_matches_hand_computation():
     N, V, D, K = 4, 9, 3, 6
     hidden, weight, _ = _case(N, V, D, seed=1)
-    targets = torch.tensor([2, 3, 2, 8])
+    targets = torch.tensor([FIRST_ITEM_ID, FIRST_ITEM_ID + 1, FIRST_ITEM_ID, V - 1])
     loss = sampled_softmax_loss(hidden, weight, targets, K, generator=torch.Generator().manual_seed(5))
     neg, _ = log_uniform_sample(V, K, torch.Generator().manual_seed(5))
-    assert (neg == 2).any()  # this seed has accidental hits with targets 2
+    assert (neg == FIRST_ITEM_ID).any()  # this seed has accidental hits with targets FIRST_ITEM_ID
 
     def log_expected_count(i: int) -> float:
-        r = i - 2
-        return math.log(K) + math.log(math.log((r + 2) / (r + 1)) / math.log(V - 2 + 1))
+        r = i - FIRST_ITEM_ID
+        return math.log(K) + math.log(math.log((r + 2) / (r + 1)) / math.log(V - FIRST_ITEM_ID + 1))
 
     h, w = hidden.detach(), weight.detach()
     total = 0.0
@@ -192,9 +196,10 @@ def test_sampled_softmax_matches_hand_computation():
 
 
 def test_sampled_softmax_accidental_hits_are_masked():
-    # V=3: the only real item is 2, so every sampled negative is the positive: loss must be 0.
-    hidden, weight, _ = _case(N=5, V=3, D=4)
-    loss = sampled_softmax_loss(hidden, weight, torch.full((5,), 2), 8, label_smoothing=0.1,
+    # V = FIRST_ITEM_ID + 1: the only real item is FIRST_ITEM_ID, so every sampled negative is the
+    # positive: loss must be 0.
+    hidden, weight, _ = _case(N=5, V=FIRST_ITEM_ID + 1, D=4)
+    loss = sampled_softmax_loss(hidden, weight, torch.full((5,), FIRST_ITEM_ID), 8, label_smoothing=0.1,
                                 generator=torch.Generator().manual_seed(0))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
@@ -203,53 +208,56 @@ def test_sampled_softmax_backward_reaches_hidden_and_weight():
     hidden, weight, targets = _case(N=10, V=30, D=4)
     sampled_softmax_loss(hidden, weight, targets, 8, 0.1, torch.Generator().manual_seed(0)).backward()
     assert hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
-    assert torch.all(weight.grad[:2] == 0)  # padding and OOV are never sampled
+    assert torch.all(weight.grad[:FIRST_ITEM_ID] == 0)  # padding, null and OOV are never sampled
 
 
-def test_full_scores_mask_padding_and_oov():
+def test_full_scores_mask_padding_null_and_oov():
     hidden, weight, _ = _case(N=3, V=10, D=4)
     s = full_scores(hidden, weight)
     assert s.shape == (3, 10)
-    assert torch.all(s[:, :2] == NEG_INF)
-    assert torch.allclose(s[:, 2:], (hidden @ weight.T)[:, 2:])
+    assert torch.all(s[:, :FIRST_ITEM_ID] == NEG_INF)
+    assert torch.allclose(s[:, FIRST_ITEM_ID:], (hidden @ weight.T)[:, FIRST_ITEM_ID:])
 
 
 def test_top_k_breaks_ties_towards_smaller_ids():
-    scores = torch.tensor([[NEG_INF, NEG_INF, 1.0, 3.0, 3.0, 2.0, 3.0]])
+    a = FIRST_ITEM_ID  # items a..a+4 score 1, 3, 3, 2, 3
+    scores = torch.tensor([RESERVED + [1.0, 3.0, 3.0, 2.0, 3.0]])
     ids, vals = top_k(scores, 2)
-    assert ids.tolist() == [[3, 4]] and vals.tolist() == [[3.0, 3.0]]
+    assert ids.tolist() == [[a + 1, a + 2]] and vals.tolist() == [[3.0, 3.0]]
     ids, _ = top_k(scores, 4)
-    assert ids.tolist() == [[3, 4, 6, 5]]
+    assert ids.tolist() == [[a + 1, a + 2, a + 4, a + 3]]
     exclude = torch.zeros_like(scores, dtype=torch.bool)
-    exclude[0, 3] = True
+    exclude[0, a + 1] = True
     ids, _ = top_k(scores, 3, exclude)
-    assert ids.tolist() == [[4, 6, 5]]
+    assert ids.tolist() == [[a + 2, a + 4, a + 3]]
 
 
-def test_top_k_never_returns_padding_or_oov_even_when_tied():
-    scores = torch.zeros(2, 6)  # ids 0 and 1 tie with everything and have the smallest ids
+def test_top_k_never_returns_padding_null_or_oov_even_when_tied():
+    scores = torch.zeros(2, FIRST_ITEM_ID + 4)  # reserved ids tie with everything and have the smallest ids
     ids, _ = top_k(scores, 4)
-    assert ids.tolist() == [[2, 3, 4, 5], [2, 3, 4, 5]]
+    real = list(range(FIRST_ITEM_ID, FIRST_ITEM_ID + 4))
+    assert ids.tolist() == [real, real]
 
 
 def test_top_k_matches_stable_sort_reference_on_integer_scores():
     gen = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 4, (50, 30), generator=gen).float()
-    for k in (1, 5, 28):
+    for k in (1, 5, 30 - FIRST_ITEM_ID):  # up to every recommendable item
         ids, vals = top_k(scores, k)
         s = scores.clone()
-        s[:, :2] = NEG_INF
+        s[:, :FIRST_ITEM_ID] = NEG_INF
         ref = s.sort(dim=1, descending=True, stable=True)
         assert torch.equal(ids, ref.indices[:, :k])
         assert torch.equal(vals, ref.values[:, :k])
 
 
 def test_top_k_errors_name_k():
-    scores = torch.zeros(1, 6)
-    with pytest.raises(ValueError, match="k=5"):
-        top_k(scores, 5)  # only ids 2..5 are recommendable
-    exclude = torch.zeros(1, 6, dtype=torch.bool)
-    exclude[0, 2:4] = True
+    V = FIRST_ITEM_ID + 4
+    scores = torch.zeros(1, V)
+    with pytest.raises(ValueError, match=rf"k=5 .*\(4: ids {FIRST_ITEM_ID}..{V - 1}\)"):
+        top_k(scores, 5)  # only the 4 ids FIRST_ITEM_ID..V-1 are recommendable
+    exclude = torch.zeros(1, V, dtype=torch.bool)
+    exclude[0, FIRST_ITEM_ID:FIRST_ITEM_ID + 2] = True
     with pytest.raises(ValueError, match="k=3 .*after exclusions"):
         top_k(scores, 3, exclude)
 
@@ -258,8 +266,9 @@ def test_top_k_order_agrees_with_metric_ranks():
     from raytr.metrics import ranks_of_targets
 
     scores = torch.randint(0, 3, (20, 15), generator=torch.Generator().manual_seed(1)).float()
-    scores[:, :2] = NEG_INF
-    ids, _ = top_k(scores, 13)
-    for position in range(13):
+    scores[:, :FIRST_ITEM_ID] = NEG_INF
+    k = 15 - FIRST_ITEM_ID  # every recommendable item
+    ids, _ = top_k(scores, k)
+    for position in range(k):
         ranks = ranks_of_targets(scores, ids[:, position])
         assert torch.all(ranks == position + 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raytr.features import SessionBatch
+from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, SessionBatch
 from raytr.models.masking import (
     IGNORE_INDEX,
     MASK_SLOT_ID,
@@ -18,23 +18,25 @@ from raytr.models.masking import (
 X = IGNORE_INDEX
 
 
-def test_causal_targets_shift_left_and_ignore_padding_and_oov():
-    ids = torch.tensor([[5, 9, 3, 0],
-                        [7, 1, 4, 6],
+def test_causal_targets_shift_left_and_ignore_padding_null_and_oov():
+    ids = torch.tensor([[5, 9, FIRST_ITEM_ID, 0],
+                        [7, NULL_ID, 4, 6],
+                        [7, OOV_ID, 4, 6],
                         [8, 0, 0, 0]])
-    expected = torch.tensor([[9, 3, X, X],
-                             [X, 4, 6, X],  # the target 1 (OOV) cannot be predicted
+    expected = torch.tensor([[9, FIRST_ITEM_ID, X, X],  # the first real item is a target
+                             [X, 4, 6, X],  # the target NULL_ID cannot be predicted
+                             [X, 4, 6, X],  # nor can OOV_ID
                              [X, X, X, X]])
     assert torch.equal(causal_targets(ids), expected)
 
 
 def test_mlm_mask_only_real_items_and_labels_are_originals():
-    ids = torch.tensor([[5, 9, 3, 0, 0],
-                        [7, 1, 4, 6, 2],
-                        [1, 0, 0, 0, 0]])  # no predictable item: never masked
+    ids = torch.tensor([[5, 9, FIRST_ITEM_ID, 0, 0],
+                        [7, NULL_ID, 4, 6, OOV_ID],
+                        [NULL_ID, OOV_ID, 0, 0, 0]])  # no predictable item: never masked
     for seed in range(20):
         masked, labels = mlm_mask(ids, 0.5, torch.Generator().manual_seed(seed))
-        assert not masked[ids < 2].any()  # padding and OOV never masked
+        assert not masked[ids < FIRST_ITEM_ID].any()  # padding, null and OOV never masked
         assert masked[:2].any(dim=1).all()  # at least one per session with candidates
         assert not masked[2].any()
         assert torch.equal(labels[masked], ids[masked])
@@ -42,7 +44,7 @@ def test_mlm_mask_only_real_items_and_labels_are_originals():
 
 
 def test_mlm_mask_is_seeded_and_roughly_respects_probability():
-    ids = torch.randint(2, 50, (400, 20), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(FIRST_ITEM_ID, 50, (400, 20), generator=torch.Generator().manual_seed(0))
     a = mlm_mask(ids, 0.2, torch.Generator().manual_seed(1))
     b = mlm_mask(ids, 0.2, torch.Generator().manual_seed(1))
     c = mlm_mask(ids, 0.2, torch.Generator().manual_seed(2))
@@ -61,7 +63,7 @@ def test_mlm_mask_at_least_one_even_with_tiny_probability():
 
 def test_mlm_mask_rejects_bad_probability():
     with pytest.raises(ValueError, match="probability"):
-        mlm_mask(torch.tensor([[2, 3]]), 1.0)
+        mlm_mask(torch.tensor([[FIRST_ITEM_ID, FIRST_ITEM_ID + 1]]), 1.0)
 
 
 def test_mlm_inference_input_appends_slot_and_drops_first_when_full():
@@ -87,16 +89,16 @@ def test_mlm_inference_input_short_session():
 
 def test_split_last_item():
     batch = SessionBatch(
-        item_ids=torch.tensor([[5, 9, 3, 0], [7, 2, 0, 0]]),
+        item_ids=torch.tensor([[5, 9, 3, 0], [7, 4, 0, 0]]),
         categorical={"c": torch.tensor([[2, 4, 2, 0], [3, 3, 0, 0]])},
         continuous={"p": torch.tensor([[0.1, -1.2, 0.4, 0.0], [0.9, 0.3, 0.0, 0.0]])},
     )
     prefix, targets = split_last_item(batch)
-    assert targets.tolist() == [3, 2]
+    assert targets.tolist() == [3, 4]
     assert prefix.item_ids.tolist() == [[5, 9, 0, 0], [7, 0, 0, 0]]
     assert prefix.categorical["c"].tolist() == [[2, 4, 0, 0], [3, 0, 0, 0]]
     assert torch.allclose(prefix.continuous["p"], torch.tensor([[0.1, -1.2, 0.0, 0.0], [0.9, 0.0, 0.0, 0.0]]))
-    assert batch.item_ids.tolist() == [[5, 9, 3, 0], [7, 2, 0, 0]]  # input untouched
+    assert batch.item_ids.tolist() == [[5, 9, 3, 0], [7, 4, 0, 0]]  # input untouched
 
 
 def test_split_last_item_rejects_short_sessions():

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from raytr.features import FIRST_ITEM_ID
 from raytr.metrics import RankingMetrics, ranks_of_targets
 
 NEG_INF = float("-inf")
+RESERVED = [NEG_INF] * FIRST_ITEM_ID  # padding, null and OOV score -inf, as the head sets them
 
 
 def brute_force(scores: np.ndarray, targets: np.ndarray, ks: list[int]) -> dict[str, float]:
@@ -32,10 +34,10 @@ def brute_force(scores: np.ndarray, targets: np.ndarray, ks: list[int]) -> dict[
 
 
 def test_hand_computed_example():
-    scores = torch.tensor([[NEG_INF, NEG_INF, 0.5, 0.9, 0.1],
-                           [NEG_INF, NEG_INF, 0.5, 0.9, 0.1]])
+    scores = torch.tensor([RESERVED + [0.5, 0.9, 0.1],
+                           RESERVED + [0.5, 0.9, 0.1]])
     m = RankingMetrics([1, 2])
-    m.update(scores, torch.tensor([2, 3]))  # ranks 2 and 1
+    m.update(scores, torch.tensor([FIRST_ITEM_ID, FIRST_ITEM_ID + 1]))  # ranks 2 and 1
     out = m.compute()
     assert out["recall@1"] == pytest.approx(0.5)
     assert out["recall@2"] == pytest.approx(1.0)
@@ -47,10 +49,11 @@ def test_hand_computed_example():
 
 
 def test_tie_rule_smaller_id_wins():
-    scores = torch.tensor([[NEG_INF, NEG_INF, 1.0, 1.0, 1.0, 0.0]])
-    assert ranks_of_targets(scores, torch.tensor([2])).tolist() == [1]
-    assert ranks_of_targets(scores, torch.tensor([4])).tolist() == [3]
-    assert ranks_of_targets(scores, torch.tensor([5])).tolist() == [4]
+    a = FIRST_ITEM_ID  # items a..a+3 score 1, 1, 1, 0
+    scores = torch.tensor([RESERVED + [1.0, 1.0, 1.0, 0.0]])
+    assert ranks_of_targets(scores, torch.tensor([a])).tolist() == [1]
+    assert ranks_of_targets(scores, torch.tensor([a + 2])).tolist() == [3]
+    assert ranks_of_targets(scores, torch.tensor([a + 3])).tolist() == [4]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -62,7 +65,7 @@ def test_matches_brute_force_with_ties_and_k_beyond_catalog(seed):
     all_scores, all_targets = [], []
     for batch_size in (1, 7, 16, 3):  # batches of different sizes: averages are over sessions
         scores = rng.integers(0, 4, size=(batch_size, V)).astype(np.float32)  # many ties
-        scores[:, :2] = NEG_INF
+        scores[:, :FIRST_ITEM_ID] = NEG_INF
         targets = rng.integers(0, V, size=batch_size)
         targets[rng.random(batch_size) < 0.2] = 0  # padding targets are skipped
         m.update(torch.from_numpy(scores), torch.from_numpy(targets))
@@ -78,16 +81,16 @@ def test_matches_brute_force_with_ties_and_k_beyond_catalog(seed):
 
 def test_session_average_not_mean_of_batch_means():
     m = RankingMetrics([1])
-    hit = torch.tensor([[NEG_INF, NEG_INF, 1.0, 0.0]])
-    m.update(hit, torch.tensor([2]))  # batch 1: 1 hit
-    m.update(hit.repeat(3, 1), torch.tensor([3, 3, 3]))  # batch 2: 3 misses
+    hit = torch.tensor([RESERVED + [1.0, 0.0]])
+    m.update(hit, torch.tensor([FIRST_ITEM_ID]))  # batch 1: 1 hit
+    m.update(hit.repeat(3, 1), torch.tensor([FIRST_ITEM_ID + 1] * 3))  # batch 2: 3 misses
     assert m.compute()["recall@1"] == pytest.approx(0.25)  # mean of batch means would be 0.5
 
 
 def test_merge_and_load_state_equal_one_pass():
     rng = np.random.default_rng(0)
     scores = torch.from_numpy(rng.normal(size=(30, 20)).astype(np.float32))
-    targets = torch.from_numpy(rng.integers(2, 20, size=30))
+    targets = torch.from_numpy(rng.integers(FIRST_ITEM_ID, 20, size=30))
     whole = RankingMetrics([5, 10])
     whole.update(scores, targets)
 

@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, MistralConfig
 
 from raytr.config import ConfigError, ModelConfig
-from raytr.features import SessionBatch
+from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, SessionBatch
 from raytr.metrics import RankingMetrics
 from raytr.models import SessionModel, SessionOutput
 from raytr.models.bodies import build_body, hf_config_for, model_config_values
@@ -25,7 +25,7 @@ def perturb_position(batch: SessionBatch, t: int) -> SessionBatch:
     """Change the event at column t (item id and side features) in every row that has one."""
     ids = batch.item_ids.clone()
     real = ids[:, t] != 0
-    ids[:, t] = torch.where(real, 2 + (ids[:, t] - 2 + 7) % (V - 2), ids[:, t])
+    ids[:, t] = torch.where(real, FIRST_ITEM_ID + (ids[:, t] - FIRST_ITEM_ID + 7) % (V - FIRST_ITEM_ID), ids[:, t])
     out = make_batch(ids)
     out.continuous = {k: v.clone() for k, v in batch.continuous.items()}
     for v in out.continuous.values():
@@ -65,11 +65,12 @@ def test_aggregations_and_no_side_features(aggregation):
 
 def test_clm_loss_counts_next_item_targets():
     model = build("gpt2", "clm")
-    batch = make_batch([[5, 9, 3, 0, 0, 0], [7, 1, 4, 6, 0, 0]])
+    batch = make_batch([[5, 9, FIRST_ITEM_ID, 0, 0, 0], [7, NULL_ID, 4, OOV_ID, 6, 0]])
     out = model(batch)
-    # targets: 9, 3 | (1 is OOV: ignored), 4, 6
+    # targets: 9, FIRST_ITEM_ID | (null: ignored), 4, (OOV: ignored), 6
     assert out.num_targets == 4
-    assert out.labels.tolist()[1] == [-100, 4, 6, -100, -100, -100]
+    assert out.labels.tolist()[0] == [9, FIRST_ITEM_ID, -100, -100, -100, -100]
+    assert out.labels.tolist()[1] == [-100, 4, -100, 6, -100, -100]
 
 
 def test_mlm_masks_are_reproducible_with_a_generator():
@@ -262,17 +263,20 @@ def test_recommend_contract():
     model = build("gpt2", "clm").eval()
     batch = random_batch(B=4, seed=4)
     scores = model.score_next(batch)
-    assert torch.all(scores[:, :2] == float("-inf"))
-    ids, vals = model.recommend(batch, k=V - 2)
-    assert ids.shape == (4, V - 2) and ids.dtype == torch.long and vals.dtype == torch.float32
-    assert ids.min() >= 2
+    assert torch.all(scores[:, :FIRST_ITEM_ID] == float("-inf"))
+    assert torch.all(torch.isfinite(scores[:, FIRST_ITEM_ID:]))
+    num_recommendable = V - FIRST_ITEM_ID  # padding, null and OOV are never recommended
+    ids, vals = model.recommend(batch, k=num_recommendable)
+    assert ids.shape == (4, num_recommendable) and ids.dtype == torch.long and vals.dtype == torch.float32
+    assert ids.min() >= FIRST_ITEM_ID
+    assert all(sorted(row) == list(range(FIRST_ITEM_ID, V)) for row in ids.tolist())
     assert torch.all(vals[:, :-1] >= vals[:, 1:])
     assert torch.equal(vals, scores.gather(1, ids))
     ids, _ = model.recommend(batch, k=5, exclude_seen=True)
     for row, seen in zip(ids.tolist(), batch.item_ids.tolist()):
         assert not set(row) & set(seen)
-    with pytest.raises(ValueError, match=f"k={V - 1}"):
-        model.recommend(batch, k=V - 1)
+    with pytest.raises(ValueError, match=f"k={num_recommendable + 1}"):
+        model.recommend(batch, k=num_recommendable + 1)
 
 
 def test_mlm_scores_full_sessions_by_dropping_the_first_event():
@@ -312,7 +316,7 @@ def test_check_batch_errors_name_the_problem():
 def successor_sessions(n: int, gen: torch.Generator, v: int = 30, t: int = 6) -> torch.Tensor:
     """Sessions of consecutive ids (item i is always followed by i + 1), right-padded, [n, t]."""
     lengths = torch.randint(2, t + 1, (n,), generator=gen)
-    starts = torch.randint(2, v - t, (n,), generator=gen)
+    starts = torch.randint(FIRST_ITEM_ID, v - t, (n,), generator=gen)
     ids = starts[:, None] + torch.arange(t)[None, :]
     return ids * (torch.arange(t)[None, :] < lengths[:, None])
 

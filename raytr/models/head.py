@@ -4,7 +4,7 @@ Losses are named pure functions over (hidden, weight, targets):
 - `chunked_cross_entropy`: full softmax over the catalog in row chunks, each chunk's logits
   recomputed in backward (activation checkpointing), so [N, V] logits never exist at once;
 - `sampled_softmax_loss`: shared log-uniform negatives with logQ correction.
-Only ids 2..V-1 are classes: padding (0) and OOV (1) can never be predicted.
+Only ids FIRST_ITEM_ID..V-1 are classes: padding (0), null (1) and OOV (2) are never predicted.
 
 Shape legend: N = positions with a target, D = d_model, V = item cardinality, K = negatives,
 B = batch (sessions), k = recommendations per session.
@@ -45,8 +45,8 @@ def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, smoothing: float,
 
 def _chunk_loss_sum(hidden: torch.Tensor, class_weight: torch.Tensor, target: torch.Tensor,
                     smoothing: float) -> torch.Tensor:
-    """Summed loss of one chunk. hidden [c, D], class_weight [V-2, D], target [c] in 0..V-3."""
-    logits = hidden @ class_weight.T  # [c, V-2], in the autocast dtype when autocast is on
+    """Summed loss of one chunk. hidden [c, D], class_weight [V-3, D], target [c] in 0..V-4."""
+    logits = hidden @ class_weight.T  # [c, V-3], in the autocast dtype when autocast is on
     # The log-softmax is done in fp32: bf16/fp16 logsumexp over 10^5 items loses the target's mass.
     logp = torch.log_softmax(logits.float(), dim=-1)
     return _smoothed_nll(logp, target, smoothing).sum()
@@ -54,21 +54,21 @@ def _chunk_loss_sum(hidden: torch.Tensor, class_weight: torch.Tensor, target: to
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean full-softmax cross-entropy of `targets` over the classes 2..V-1.
+    """Mean full-softmax cross-entropy of `targets` over the classes FIRST_ITEM_ID..V-1 (3..V-1).
 
-    hidden [N, D], weight [V, D] (the item embedding table), targets [N] in 2..V-1.
+    hidden [N, D], weight [V, D] (the item embedding table), targets [N] in FIRST_ITEM_ID..V-1.
     Equal (in value and gradients) to
-    `F.cross_entropy(hidden @ weight[2:].T, targets - 2, label_smoothing=s)`, but rows are processed
-    in chunks of `chunk_size` under `torch.utils.checkpoint`: forward keeps no logits, backward
-    recomputes one chunk's [chunk_size, V-2] logits at a time.
+    `F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=s)`,
+    but rows are processed in chunks of `chunk_size` under `torch.utils.checkpoint`: forward keeps no
+    logits, backward recomputes one chunk's [chunk_size, V-3] logits at a time.
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and DDP) happy with a zero loss
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
     if bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= weight.shape[0]).any()):
-        raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{weight.shape[0] - 1} (0 = padding, 1 = OOV)")
-    class_weight = weight[FIRST_ITEM_ID:]  # [V-2, D]: padding and OOV are not classes
+        raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{weight.shape[0] - 1} (0 = padding, 1 = null, 2 = OOV)")
+    class_weight = weight[FIRST_ITEM_ID:]  # [V-3, D]: padding, null and OOV are not classes
     classes = targets - FIRST_ITEM_ID
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
@@ -80,15 +80,16 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 def log_uniform_sample(num_items: int, num_samples: int, generator: torch.Generator | None = None,
                        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw `num_samples` ids from 2..V-1 (V = `num_items`) with replacement, under the log-uniform
-    (Zipf-like) law P(id) = log((r + 2) / (r + 1)) / log(n + 1), r = id - 2, n = V - 2.
+    """Draw `num_samples` ids from FIRST_ITEM_ID..V-1 (V = `num_items`) with replacement, under the
+    log-uniform (Zipf-like) law P(id) = log((r + 2) / (r + 1)) / log(n + 1), r = id - FIRST_ITEM_ID,
+    n = V - FIRST_ITEM_ID (the number of real items).
 
     Categorify numbers items by decreasing frequency, so this approximates popularity sampling.
     Returns (ids [K] int64, log_q [K] float32 = log P(id)).
     """
     n = num_items - FIRST_ITEM_ID
     if n < 1:
-        raise ValueError(f"num_items={num_items}: need at least one real item (ids 2..V-1)")
+        raise ValueError(f"num_items={num_items}: need at least one real item (ids {FIRST_ITEM_ID}..V-1)")
     gen_device = generator.device if generator is not None else device
     u = torch.rand(num_samples, generator=generator, device=gen_device, dtype=torch.float64)
     # Inverse CDF: CDF(r) = log(r + 2) / log(n + 1), so r = floor(exp(u * log(n + 1))) - 1.
@@ -98,7 +99,7 @@ def log_uniform_sample(num_items: int, num_samples: int, generator: torch.Genera
 
 
 def log_uniform_log_prob(ids: torch.Tensor, num_items: int) -> torch.Tensor:
-    """log P(id) under `log_uniform_sample`'s law. ids [...] in 2..V-1 -> float32 [...]."""
+    """log P(id) under `log_uniform_sample`'s law. ids [...] in FIRST_ITEM_ID..V-1 -> float32 [...]."""
     n = num_items - FIRST_ITEM_ID
     r = (ids - FIRST_ITEM_ID).double()
     return (torch.log(torch.log1p(1.0 / (r + 1.0))) - math.log(math.log(n + 1))).float()
@@ -109,7 +110,7 @@ def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean sampled-softmax cross-entropy with logQ correction.
 
-    hidden [N, D], weight [V, D], targets [N] in 2..V-1. K = `num_negatives` ids are drawn once per
+    hidden [N, D], weight [V, D], targets [N] in FIRST_ITEM_ID..V-1. K = `num_negatives` ids are drawn once per
     call and shared by all rows. Every logit (positive and negatives) is corrected by subtracting
     log(K * q(id)), the expected number of times the sampler draws that id, which makes the sampled
     softmax a consistent estimate of the full one. A negative equal to the row's positive (an
@@ -133,7 +134,7 @@ def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 def full_scores(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Scores of every item: hidden [N, D], weight [V, D] -> [N, V] float32, ids 0 and 1 at -inf."""
+    """Scores of every item: hidden [N, D], weight [V, D] -> [N, V] float32, reserved ids (< FIRST_ITEM_ID) at -inf."""
     scores = (hidden @ weight.T).float()  # [N, V]
     scores[:, :FIRST_ITEM_ID] = float("-inf")
     return scores
@@ -142,7 +143,7 @@ def full_scores(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best items per row under the tie rule (score descending, then id ascending).
 
-    scores [B, V]; exclude: optional [B, V] bool of items that must not be returned (ids 0 and 1
+    scores [B, V]; exclude: optional [B, V] bool of items that must not be returned (reserved ids
     are always excluded). Returns (ids [B, k] int64, scores [B, k] float32). Raises ValueError
     naming k when a row has fewer than k returnable items.
 
@@ -159,7 +160,7 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
     available = allowed.sum(dim=1)
     if k > V - FIRST_ITEM_ID:
         raise ValueError(
-            f"k={k} is larger than the number of recommendable items ({V - FIRST_ITEM_ID}: ids 2..{V - 1})"
+            f"k={k} is larger than the number of recommendable items ({V - FIRST_ITEM_ID}: ids {FIRST_ITEM_ID}..{V - 1})"
         )
     if bool((available < k).any()):
         raise ValueError(
@@ -217,5 +218,5 @@ class NextItemHead(nn.Module):
         return sampled_softmax_loss(hidden, self.weight, targets, self.num_negatives, self.label_smoothing, generator)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, D] -> [N, V] float32 with ids 0 and 1 at -inf."""
+        """hidden [N, D] -> [N, V] float32 with reserved ids (< FIRST_ITEM_ID) at -inf."""
         return full_scores(hidden, self.weight)

@@ -4,25 +4,25 @@ Every function here is pure: tensors in, tensors out, randomness only from an ex
 `torch.Generator` (torch's default generator when none is given).
 
 Shape legend: B = batch (sessions), T = max sequence length.
-Item ids: 0 = padding (`PAD_ID`), 1 = OOV/null, 2..V-1 = real items. Only ids >= 2 are ever
-targets: the head cannot score 0 or 1, so positions whose target would be 0 or 1 get
-`IGNORE_INDEX`.
+Item ids (Categorify's): 0 = padding, 1 = null, 2 = out of vocabulary, FIRST_ITEM_ID (3)..V-1 =
+real items. Only real items are ever targets: the head cannot score the reserved ids, so positions
+whose target would be one of them get `IGNORE_INDEX`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from raytr.features import PAD_ID, SessionBatch
+from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, PAD_ID, SessionBatch
+
+__all__ = ["FIRST_ITEM_ID", "IGNORE_INDEX", "MASK_SLOT_ID", "OOV_ID", "PAD_ID"]
 
 IGNORE_INDEX = -100  # label at positions that carry no target (same convention as F.cross_entropy)
-OOV_ID = 1  # Categorify's id for null / unseen items
-FIRST_ITEM_ID = 2  # the first id the head can predict
-MASK_SLOT_ID = OOV_ID  # placeholder item id of the appended MLM slot (its embedding is replaced)
+MASK_SLOT_ID = NULL_ID  # placeholder item id of the appended MLM slot (its embedding is replaced)
 
 
 def _predictable(item_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: ids that can be targets (real catalog items, not padding or OOV)."""
+    """[B, T] bool: ids that can be targets (real catalog items, not padding, null or OOV)."""
     return item_ids >= FIRST_ITEM_ID
 
 
@@ -30,7 +30,7 @@ def causal_targets(item_ids: torch.Tensor) -> torch.Tensor:
     """Next-item labels: `labels[:, t] = item_ids[:, t + 1]`.
 
     item_ids: [B, T] right-padded. Returns labels [B, T] int64, `IGNORE_INDEX` at the last column
-    and wherever the next id is padding or OOV.
+    and wherever the next id is a reserved id (padding, null or OOV).
 
     Example: [[5, 9, 3, 0]] -> [[9, 3, -100, -100]].
     """
@@ -50,7 +50,7 @@ def mlm_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose positions to mask for the masked-item objective.
 
-    Each predictable item (id >= 2) is masked independently with `probability`; a session with at
+    Each predictable item (id >= FIRST_ITEM_ID) is masked independently with `probability`; a session with at
     least one predictable item and no position drawn gets one chosen uniformly among them, so
     every such session contributes a target. Sessions with no predictable item get no mask.
 
@@ -117,7 +117,7 @@ def split_last_item(batch: SessionBatch) -> tuple[SessionBatch, torch.Tensor]:
     column, targets [B] int64 = the removed item ids). Raises ValueError when a session has fewer
     than 2 events (its prefix would be empty).
 
-    Example: [[5, 9, 3, 0], [7, 2, 0, 0]] -> prefix [[5, 9, 0, 0], [7, 0, 0, 0]], targets [3, 2].
+    Example: [[5, 9, 3, 0], [7, 4, 0, 0]] -> prefix [[5, 9, 0, 0], [7, 0, 0, 0]], targets [3, 4].
     """
     lengths = batch.lengths
     short = lengths < 2

@@ -164,14 +164,14 @@ class SessionModel(nn.Module):
 
     @torch.no_grad()
     def score_next(self, batch: SessionBatch) -> torch.Tensor:
-        """[B, V] float32 scores for the next item of each session; ids 0 and 1 are -inf.
+        """[B, V] float32 scores for the next item of each session; reserved ids (padding, null, OOV) are -inf.
         Runs without gradients; call `eval()` first for deterministic scores (dropout)."""
         return self.head.scores(self.next_hidden(batch))
 
     @torch.no_grad()
     def recommend(self, batch: SessionBatch, k: int, exclude_seen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k next items: (ids [B, k] int64, scores [B, k] float32), best first, ties to the
-        smaller id. Ids 0 and 1 are never returned; `exclude_seen` drops items already in the session.
+        smaller id. Reserved ids (padding, null, OOV) are never returned; `exclude_seen` drops items already in the session.
         Raises ValueError naming k when fewer than k items can be returned."""
         scores = self.score_next(batch)
         exclude = seen_items(batch.item_ids, scores.shape[1]) if exclude_seen else None
