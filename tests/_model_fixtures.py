@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from raytr.config import ModelConfig
-from raytr.features import FeatureSpec, SessionBatch
+from raytr.features import FIRST_ITEM_ID, OOV_ID, FeatureSpec, SessionBatch
 
-V = 40  # item cardinality: ids 2..39 are real items
+V = 40  # item cardinality: ids FIRST_ITEM_ID..39 are real items
 T = 6
 
 # Every body x objective combination ModelConfig allows.
@@ -56,13 +56,14 @@ def make_batch(
 
 
 def random_batch(B: int = 5, seed: int = 0, spec: FeatureSpec | None = None, min_len: int = 2) -> SessionBatch:
-    """B right-padded sessions of random length in min_len..T, items in 2..V-1 (some OOV=1)."""
+    """B right-padded sessions of random length in min_len..T, real items FIRST_ITEM_ID..V-1 with an
+    OOV id now and then."""
     spec = spec or tiny_spec()
     gen = torch.Generator().manual_seed(seed)
     T_ = spec.max_sequence_length
     lengths = torch.randint(min_len, T_ + 1, (B,), generator=gen)
     lengths[0] = T_  # at least one full session
-    ids = torch.randint(2, spec.item_cardinality, (B, T_), generator=gen)
-    ids[ids == 13] = 1  # an OOV id now and then
+    ids = torch.randint(FIRST_ITEM_ID, spec.item_cardinality, (B, T_), generator=gen)
+    ids[ids == 13] = OOV_ID  # an out-of-vocabulary item now and then
     ids = ids * (torch.arange(T_)[None, :] < lengths[:, None])
     return make_batch(ids, spec, seed=seed)
