@@ -213,8 +213,11 @@ class Trainer:
 
     def evaluate(self, eval_dataset: DatasetOrPath | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Next-item metrics (last item of each session from its prefix), averaged over sessions."""
-        metrics = evaluate_next_item(self.model, self._eval_batches(eval_dataset), self.args.metrics_top_k,
-                                     self.args.exclude_seen)
+        from tqdm.auto import tqdm
+
+        batches = tqdm(self._eval_batches(eval_dataset), desc="evaluate", unit="batch",
+                       disable=self.args.disable_tqdm, leave=False)
+        metrics = evaluate_next_item(self.model, batches, self.args.metrics_top_k, self.args.exclude_seen)
         if metrics.count == 0:
             raise ValueError("evaluation data has no session with >= 2 events")
         return {f"{metric_key_prefix}_{k}": v for k, v in metrics.compute().items()}
