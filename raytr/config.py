@@ -119,7 +119,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """The online service: where the model is, how many items, request limits."""
+    """The online service: where the model is, how many items, request limits.
+
+    max_batch_size, batch_wait_timeout_s: the Recommender's dynamic batching (`@serve.batch`).
+    reload_poll_s: how often replicas check whether `POST /admin/reload` announced a new bundle.
+    admin_token_file: a file holding the admin token (the env var RAYTR_ADMIN_TOKEN wins); with
+        neither, /admin/reload is disabled.
+    """
 
     model_dir: str = "runs/demo/model"
     host: str = "127.0.0.1"
@@ -130,6 +136,18 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     batch_wait_timeout_s: float = 0.005
     max_batch_size: int = 32
+    reload_poll_s: float = 2.0
+    admin_token_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("default_k", "max_events_per_session", "max_sessions_per_batch", "max_body_bytes", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name}={getattr(self, name)}: expected >= 1")
+        if self.batch_wait_timeout_s < 0 or self.reload_poll_s <= 0:
+            raise ConfigError(
+                f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0 and "
+                f"serve.reload_poll_s={self.reload_poll_s} > 0"
+            )
 
 
 @dataclass(frozen=True)

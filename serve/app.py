@@ -1,0 +1,361 @@
+"""The Ray Serve application: HTTP ingress -> Preprocessor -> Recommender, plus a bundle registry.
+
+    Ingress (FastAPI, serve/routes.py)  validates requests, maps answers to HTTP
+      -> Preprocessor (OnlinePreprocessor)  raw events -> encoded [B, T] batch; encoded ids -> raw ids
+         -> Recommender (SessionModel)      @serve.batch: requests of many clients in one model call;
+                                            takes a GPU with num_gpus > 0
+    BundleRegistry                       the bundle version `POST /admin/reload` announced
+
+Run it:
+    serve run serve.app:app_builder bundle_dir=runs/demo/train            (a dev server)
+    serve deploy serve/config.yaml                                        (a cluster; autoscaling)
+    raytr serve --model runs/demo/train, or start_local()/stop_local() from Python
+
+Reloading a bundle, without downtime:
+- `POST /admin/reload` (header X-Admin-Token; the token comes from env RAYTR_ADMIN_TOKEN or
+  serve.admin_token_file; without one the route answers 403) makes the registry re-read the bundle
+  directory. Every Preprocessor and Recommender replica polls the registry (`reload_poll_s`), loads
+  the new bundle in a thread while the old one keeps serving, then swaps. Encoded batches carry
+  their bundle version and a Recommender keeps the previous model too, so a request is never scored
+  by a model of another vocabulary while replicas switch; a replica that meets a version it lacks
+  loads the directory at once. Write a new bundle next to the old one and move it into place (or
+  overwrite files atomically) before calling reload.
+- `serve deploy` with a new `bundle_dir` in the config's args is a rolling update: Serve starts
+  replicas of the new version, then stops the old ones (use it when the event fields change,
+  which a reload refuses with 409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+
+from raytr.bundle import Bundle
+from raytr.config import ServeConfig
+from serve.api import BatchingStats, HealthResponse, ModelInfo, ReloadResponse
+from serve.core import (
+    Query,
+    Recommendations,
+    Rejection,
+    ScoringRequest,
+    ScoringResult,
+    VersionedStates,
+    VersionUnavailable,
+    data_config_changed,
+    read_data_config,
+    reload_response,
+)
+from serve.routes import build_app, resolve_admin_token
+
+if TYPE_CHECKING:  # the replicas that need them import torch/NVTabular in their constructors
+    from serve.engine import Encoder, Scorer
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "raytr"
+RETRIES = 2  # extra attempts when the replica a call went to died (another replica takes it)
+
+
+# ------------------------------------------------------------------------------------ handles
+async def call(method: Any, *args: Any, what: str) -> Any:
+    """`await handle.method.remote(*args)`, mapping an unavailable deployment to a 503 Rejection.
+    A call whose replica died is retried on another replica: scoring is idempotent."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return await method.remote(*args)
+        except RayTaskError:
+            raise  # a bug in our code: a 500 with the traceback in the replica's log
+        except RayActorError as exc:
+            if attempt == RETRIES:
+                return Rejection(503, f"the {what} replica died ({type(exc).__name__}); retry")
+            await asyncio.sleep(0.05 * (attempt + 1))
+        except (RayError, RayServeException) as exc:
+            return Rejection(503, f"the {what} is unavailable ({type(exc).__name__}); retry")
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------ deployments
+@serve.deployment(name="BundleRegistry", num_replicas=1, max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0})
+class BundleRegistry:
+    """The bundle version the service should serve: set at start, changed by /admin/reload."""
+
+    async def __init__(self, bundle_dir: str) -> None:
+        self._bundle_dir = bundle_dir
+        bundle = await asyncio.to_thread(Bundle.load, bundle_dir)
+        self._version, self._data = bundle.version, bundle.data
+        self._lock = asyncio.Lock()
+
+    def current(self) -> str:
+        return self._version
+
+    async def reload(self) -> ReloadResponse | Rejection:
+        async with self._lock:
+            try:
+                bundle = await asyncio.to_thread(Bundle.load, self._bundle_dir)
+            except (FileNotFoundError, ValueError) as exc:
+                return Rejection(409, f"cannot reload {self._bundle_dir}: {exc}")
+            if bundle.data != self._data:
+                return data_config_changed(self._bundle_dir)
+            previous, self._version = self._version, bundle.version
+            return reload_response(previous, self._version)
+
+
+@serve.deployment(name="Recommender", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+                  health_check_period_s=10, health_check_timeout_s=30)
+class Recommender:
+    """The SessionModel behind dynamic batching. Keeps the models of the last two bundle versions."""
+
+    async def __init__(self, bundle_dir: str, registry: DeploymentHandle, config: ServeConfig) -> None:
+        import torch
+
+        from serve.engine import Scorer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._states: VersionedStates[Scorer] = VersionedStates(bundle_dir, Scorer.loader(device), keep=2)
+        await self._states.sync_to_disk()
+        self._score_batch.set_max_batch_size(config.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._requests = self._batches = self._max_batch = 0
+        self._follow = asyncio.create_task(
+            self._states.follow(lambda: registry.current.remote(), config.reload_poll_s))
+        log.info("Recommender %s on %s serving %s", self._replica, device, self._states.versions)
+
+    async def score(self, request: ScoringRequest) -> ScoringResult | VersionUnavailable:
+        return await self._score_batch(request)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _score_batch(self, requests: list[ScoringRequest]) -> list[ScoringResult | VersionUnavailable]:
+        self._requests += len(requests)
+        self._batches += 1
+        self._max_batch = max(self._max_batch, len(requests))
+        if any(self._states.get(r.version) is None for r in requests):
+            await self._states.sync_to_disk()  # a Preprocessor already switched to a newer bundle
+        out: list[ScoringResult | VersionUnavailable | None] = [None] * len(requests)
+        for version in {r.version for r in requests}:
+            rows = [i for i, r in enumerate(requests) if r.version == version]
+            scorer = self._states.get(version)
+            if scorer is None:
+                for i in rows:
+                    out[i] = VersionUnavailable(version, self._states.versions)
+                continue
+            results = await asyncio.to_thread(scorer.score, [requests[i] for i in rows], len(requests))
+            for i, result in zip(rows, results):
+                out[i] = result
+        return out  # type: ignore[return-value]
+
+    def stats(self) -> BatchingStats:
+        return BatchingStats(replica=self._replica, requests=self._requests, batches=self._batches,
+                             max_batch_requests=self._max_batch)
+
+    def version(self) -> str:
+        return self._states.latest.version
+
+    def check_health(self) -> None:
+        if self._follow.done():
+            raise RuntimeError(f"the bundle follower stopped: {self._follow}")
+
+
+@serve.deployment(name="Preprocessor", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5},
+                  health_check_period_s=10, health_check_timeout_s=30)
+class Preprocessor:
+    """The compiled workflow: queries -> encoded batch -> Recommender -> raw ids."""
+
+    async def __init__(self, bundle_dir: str, recommender: DeploymentHandle, registry: DeploymentHandle,
+                       config: ServeConfig) -> None:
+        from serve.engine import Encoder
+
+        self._config = config
+        self._recommender = recommender
+        self._states: VersionedStates[Encoder] = VersionedStates(bundle_dir, Encoder.load, keep=1)
+        await self._states.sync_to_disk()
+        self._follow = asyncio.create_task(
+            self._states.follow(lambda: registry.current.remote(), config.reload_poll_s))
+
+    async def recommend(self, queries: list[Query]) -> Recommendations | Rejection:
+        encoder = self._states.latest
+        for _ in range(2):
+            request = await asyncio.to_thread(encoder.encode, queries)
+            if isinstance(request, Rejection):
+                return request
+            result = await call(self._recommender.score, request, what="Recommender")
+            if isinstance(result, Rejection):
+                return result
+            if isinstance(result, ScoringResult):
+                return Recommendations(encoder.version, encoder.decode(queries, result), result.batch_requests)
+            # VersionUnavailable: the Recommender only has another bundle; follow the directory.
+            newer = await self._states.sync_to_disk()
+            if newer.version == encoder.version:
+                break
+            encoder = newer
+        return Rejection(503, "a model reload is in progress (replicas disagree on the bundle version); retry")
+
+    async def model_info(self) -> ModelInfo:
+        info = self._states.latest.info(self._config)
+        stats = await call(self._recommender.stats, what="Recommender")
+        return info.model_copy(update={"batching": None if isinstance(stats, Rejection) else stats})
+
+    async def health(self) -> HealthResponse | Rejection:
+        version = await call(self._recommender.version, what="Recommender")
+        if isinstance(version, Rejection):
+            return version
+        return HealthResponse(model_version=self._states.latest.version)
+
+    def check_health(self) -> None:
+        if self._follow.done():
+            raise RuntimeError(f"the bundle follower stopped: {self._follow}")
+
+
+class ServeBackend:
+    """The routes' Backend over deployment handles (lives in the ingress replica)."""
+
+    def __init__(self, preprocessor: DeploymentHandle, registry: DeploymentHandle) -> None:
+        self._preprocessor = preprocessor
+        self._registry = registry
+
+    async def recommend(self, queries: list[Query]) -> Recommendations | Rejection:
+        return await call(self._preprocessor.recommend, queries, what="Preprocessor")
+
+    async def model_info(self) -> ModelInfo | Rejection:
+        return await call(self._preprocessor.model_info, what="Preprocessor")
+
+    async def health(self) -> HealthResponse | Rejection:
+        return await call(self._preprocessor.health, what="Preprocessor")
+
+    async def reload(self) -> ReloadResponse | Rejection:
+        return await call(self._registry.reload, what="BundleRegistry")
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress()
+class Ingress:
+    """The HTTP entry point. Its FastAPI app is built in each replica (`__serve_build_asgi_app__`),
+    from the bundle's data config: nothing unpicklable crosses the controller."""
+
+    def __init__(self, bundle_dir: str, preprocessor: DeploymentHandle, registry: DeploymentHandle,
+                 config: ServeConfig) -> None:
+        self._data = read_data_config(bundle_dir)
+        self._config = config
+        self._backend = ServeBackend(preprocessor, registry)
+        self._admin_token = resolve_admin_token(config)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_app(self._backend, self._data, self._config, self._admin_token)
+
+
+# ------------------------------------------------------------------------------------ builder
+class AppArgs(BaseModel):
+    """Arguments of `app_builder` (`serve run serve.app:app_builder key=value ...` passes strings;
+    they are parsed here). Replica counts left None use the deployment default or the
+    autoscaling_config of serve/config.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle_dir: str = Field(description="a `raytr train` output directory (model bundle)")
+    ingress_replicas: int | None = Field(None, ge=1)
+    preprocessor_replicas: int | None = Field(None, ge=1)
+    recommender_replicas: int | None = Field(None, ge=1)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per Recommender replica (0: CPU)")
+    recommender_num_cpus: float = Field(1.0, ge=0)
+    preprocessor_num_cpus: float = Field(0.5, ge=0)
+    ingress_num_cpus: float = Field(0.5, ge=0)
+    default_k: int = Field(ServeConfig.default_k, ge=1)
+    max_events_per_session: int = Field(ServeConfig.max_events_per_session, ge=1)
+    max_sessions_per_batch: int = Field(ServeConfig.max_sessions_per_batch, ge=1)
+    max_body_bytes: int = Field(ServeConfig.max_body_bytes, ge=1)
+    max_batch_size: int = Field(ServeConfig.max_batch_size, ge=1)
+    batch_wait_timeout_s: float = Field(ServeConfig.batch_wait_timeout_s, ge=0)
+    reload_poll_s: float = Field(ServeConfig.reload_poll_s, gt=0)
+    admin_token_file: str | None = None
+
+    def serve_config(self) -> ServeConfig:
+        return ServeConfig(
+            model_dir=self.bundle_dir, default_k=self.default_k, max_events_per_session=self.max_events_per_session,
+            max_sessions_per_batch=self.max_sessions_per_batch, max_body_bytes=self.max_body_bytes,
+            max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s,
+            reload_poll_s=self.reload_poll_s, admin_token_file=self.admin_token_file,
+        )
+
+
+def _replicas(count: int | None) -> dict[str, Any]:
+    return {} if count is None else {"num_replicas": count}
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for `args` (see `AppArgs`); validates them before anything starts."""
+    opts = AppArgs.model_validate(args)
+    read_data_config(opts.bundle_dir)  # fail here, naming the directory, rather than in a replica
+    config = opts.serve_config()
+    registry = BundleRegistry.bind(opts.bundle_dir)
+    recommender = Recommender.options(
+        **_replicas(opts.recommender_replicas),
+        max_ongoing_requests=max(64, 2 * opts.max_batch_size),  # >= max_batch_size or batches never fill
+        ray_actor_options={"num_cpus": opts.recommender_num_cpus, "num_gpus": opts.num_gpus},
+    ).bind(opts.bundle_dir, registry, config)
+    preprocessor = Preprocessor.options(
+        **_replicas(opts.preprocessor_replicas), ray_actor_options={"num_cpus": opts.preprocessor_num_cpus},
+    ).bind(opts.bundle_dir, recommender, registry, config)
+    return Ingress.options(
+        **_replicas(opts.ingress_replicas), ray_actor_options={"num_cpus": opts.ingress_num_cpus},
+    ).bind(opts.bundle_dir, preprocessor, registry, config)
+
+
+# ------------------------------------------------------------------------------------ local helpers
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll GET {url}/healthz until 200 (right after `serve.run` routes can 404 for a while)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=5.0)
+            if response.status_code == 200:
+                return response.json()
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f}s (last: {last})")
+
+
+def start_local(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 180.0,
+                **opts: Any) -> str:
+    """Serve `bundle_dir` on this machine's Ray (started if needed) and return the base URL once
+    /healthz answers. `opts` are `AppArgs` fields (e.g. recommender_replicas=2, num_gpus=1)."""
+    from raytr.ray_runtime import ensure_ray
+
+    application = app_builder({"bundle_dir": str(bundle_dir), **opts})
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    wait_until_healthy(url, timeout_s)
+    log.info("serving %s at %s", bundle_dir, url)
+    return url
+
+
+def stop_local() -> None:
+    """Stop Ray Serve (all applications and its HTTP proxy); Ray itself keeps running."""
+    if ray.is_initialized():
+        serve.shutdown()
+
+
+__all__ = ["APP_NAME", "AppArgs", "app_builder", "start_local", "stop_local", "wait_until_healthy", "free_port"]
+

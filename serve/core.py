@@ -1,0 +1,188 @@
+"""The light half of the service: hand-offs between deployments, version bookkeeping, helpers.
+
+Imported by every replica (the ingress too), so it imports neither torch nor NVTabular; the heavy
+half (Encoder, Scorer, LocalBackend) is serve/engine.py.
+
+    Query (raw events, k) --Encoder.encode--> ScoringRequest (encoded [n, T] batch, bundle version)
+                          --Scorer.score----> ScoringResult (encoded ids, scores) | VersionUnavailable
+                          --Encoder.decode--> Recommendations (raw ids)
+Every hand-off carries the bundle version: an encoded batch is only scored by the model of the
+same bundle (a reload may change the vocabularies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from raytr.bundle import Bundle
+from raytr.config import DataConfig, from_dict
+from serve.api import RecommendResponse, ReloadResponse
+
+if TYPE_CHECKING:
+    from raytr.features import SessionBatch
+
+log = logging.getLogger(__name__)
+
+Loc = tuple[str | int, ...]
+
+
+# ------------------------------------------------------------------------------------ hand-offs
+@dataclass(frozen=True)
+class Query:
+    """One session to recommend for. `loc` prefixes error locations, e.g. ("body", "requests", 3)."""
+
+    events: list[dict[str, Any]]  # raw columns of the data config, timestamps in unix seconds
+    k: int
+    exclude_seen: bool
+    session_id: Any = None
+    loc: Loc = ("body",)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A request the service will not answer: HTTP status and a FastAPI-shaped `detail`."""
+
+    status: int
+    detail: Any
+
+
+@dataclass
+class ScoringRequest:
+    """Encoded sessions of one HTTP request, for the model of bundle `version`."""
+
+    version: str
+    batch: SessionBatch  # [n, T] on CPU
+    k: list[int]  # [n]
+    exclude: list[np.ndarray | None]  # [n] encoded item ids never to return (exclude_seen)
+
+    def __len__(self) -> int:
+        return len(self.k)
+
+
+@dataclass
+class ScoringResult:
+    version: str
+    ids: list[list[int]]  # [n][<=k] encoded item ids, best first
+    scores: list[list[float]]
+    batch_requests: int  # requests scored in the same model call (dynamic batching)
+
+
+@dataclass
+class VersionUnavailable:
+    """The Recommender has no model for the requested bundle version."""
+
+    requested: str
+    available: list[str]
+
+
+@dataclass
+class Recommendations:
+    version: str
+    responses: list[RecommendResponse]
+    batch_requests: int = 1
+
+
+def read_data_config(bundle_dir: str | Path) -> DataConfig:
+    """The data config of a bundle, without hashing its weights (what the ingress needs)."""
+    path = Path(bundle_dir) / "prepare.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a model bundle (train with `raytr train`)")
+    return from_dict(DataConfig, json.loads(path.read_text())["data"], where=f"{path} data")
+
+
+def unprocessable(loc: Sequence[str | int], message: str, kind: str = "value_error", value: Any = None) -> Rejection:
+    return Rejection(422, [{"loc": list(loc), "msg": message, "type": kind, "input": value}])
+
+
+def data_config_changed(bundle_dir: str) -> Rejection:
+    return Rejection(409, f"the bundle in {bundle_dir} has a different data config (event fields) than the "
+                          "running service: deploy it as a new application (`serve deploy` / `serve run`)")
+
+
+def reload_response(previous: str, current: str) -> ReloadResponse:
+    changed = previous != current
+    detail = f"now serving {current}" if changed else f"{current} is already served (the bundle did not change)"
+    return ReloadResponse(previous_version=previous, model_version=current, changed=changed, detail=detail)
+
+
+# ------------------------------------------------------------------------------------ versions
+class Versioned(Protocol):
+    version: str
+
+
+S = TypeVar("S", bound=Versioned)
+
+
+class VersionedStates(Generic[S]):
+    """The loaded states (Encoder or Scorer) of the last `keep` bundle versions, newest first.
+
+    `sync_to_disk()` loads the bundle directory when it holds a version not loaded yet (in a
+    thread, one load at a time; the old state keeps serving until the new one is ready, then they
+    swap). `follow(current)` polls an announced version (the registry) and syncs when it changes.
+    """
+
+    def __init__(self, bundle_dir: str | Path, load: Callable[[Bundle], S], keep: int) -> None:
+        self.bundle_dir = str(bundle_dir)
+        self._load = load
+        self._keep = keep
+        self._states: list[S] = []
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def latest(self) -> S:
+        if not self._states:
+            raise RuntimeError("no bundle loaded yet: call sync_to_disk() first")
+        return self._states[0]
+
+    @property
+    def versions(self) -> list[str]:
+        return [s.version for s in self._states]
+
+    def get(self, version: str) -> S | None:
+        return next((s for s in self._states if s.version == version), None)
+
+    def load_sync(self) -> S:
+        """Load the bundle directory now, blocking (for constructors); return the newest state."""
+        bundle = Bundle.load(self.bundle_dir)
+        if self.get(bundle.version) is None:
+            self._add(self._load(bundle))
+        return self.latest
+
+    async def sync_to_disk(self) -> S:
+        """Load the bundle directory's version unless it is loaded already; return the newest state."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            bundle = await asyncio.to_thread(Bundle.load, self.bundle_dir)
+            if self.get(bundle.version) is None:
+                self._add(await asyncio.to_thread(self._load, bundle))
+            return self.latest
+
+    def _add(self, state: S) -> None:
+        self._states = [state, *self._states][: self._keep]  # one assignment: readers see old or new
+        log.info("loaded bundle %s from %s (kept: %s)", state.version, self.bundle_dir, self.versions)
+
+    async def follow(self, current: Callable[[], Awaitable[str]], poll_s: float) -> None:
+        """Forever: when the announced version changes and is not loaded, sync to disk."""
+        announced: str | None = None
+        while True:
+            await asyncio.sleep(poll_s)
+            try:
+                version = await current()
+                if version != announced:
+                    if self.get(version) is None:
+                        await self.sync_to_disk()
+                    announced = version  # only once loaded: a failed load is retried next poll
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep serving the loaded bundle; try again next poll
+                log.warning("following bundle versions of %s failed (%r); still serving %s",
+                            self.bundle_dir, exc, self.versions)

@@ -1,0 +1,435 @@
+"""The serving stack: routes and validation in-process (fast), then the Ray Serve app over real
+HTTP (answers, validation, batching, reload, a replica killed).
+
+Fast tests build a bundle without Ray (a workflow fitted in-process, an untrained model) and call
+the standalone FastAPI app through Starlette's TestClient; the routes are the same code the Serve
+ingress runs. The Serve tests share one bundle (trained a few steps on the shared prepared data)
+and one `serve.run` with two Recommender replicas; they run in file order and the destructive ones
+(reload, kill) come last. serve/config.yaml is checked against Ray's own schema without a cluster.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-admin-token"
+
+
+# ------------------------------------------------------------------------------------ config file
+def test_config_yaml_parses_with_rays_schema_and_our_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import AppArgs
+
+    raw = yaml.safe_load((REPO_ROOT / "serve" / "config.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    [app] = config.applications
+    assert app.import_path == "serve.app:app_builder"
+    AppArgs.model_validate(app.args)  # the builder accepts the args
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Ingress", "Preprocessor", "Recommender", "BundleRegistry"}
+    for name in ("Preprocessor", "Recommender"):
+        scaling = deployments[name].autoscaling_config
+        assert scaling["min_replicas"] >= 1 and scaling["max_replicas"] >= scaling["min_replicas"]
+        assert "target_ongoing_requests" in scaling
+    recommender = deployments["Recommender"]
+    assert recommender.ray_actor_options.num_gpus == 0
+    assert recommender.max_ongoing_requests >= app.args["max_batch_size"]
+    assert app.runtime_env["working_dir"]
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+EVENT = {"item_id": 1, "timestamp": 1_714_550_000.0}
+BAD_JSON = [
+    (b'{"events": [{"item_id": 1, "timestamp": 1.0, "price": NaN}]}', "price"),
+    (b'{"events": [{"item_id": 1, "timestamp": Infinity}]}', "timestamp"),
+    (b'{"events": [{"item_id": 1, "timestamp": 1.0}], "k": 3', "body"),  # malformed JSON
+    (b'[1, 2, 3]', "body"),
+    (b'', "body"),
+]
+BAD_BODIES = [
+    ({"events": []}, "events"),
+    ({"events": [EVENT], "k": 0}, "k"),
+    ({"events": [EVENT], "k": -3}, "k"),
+    ({"events": [EVENT], "k": 10**6}, "k"),  # above the catalog
+    ({"events": [EVENT], "k": "5"}, "k"),
+    ({"events": [EVENT], "k": 2.5}, "k"),
+    ({"events": [EVENT], "exclude_seen": "yes"}, "exclude_seen"),
+    ({"events": [EVENT], "colour": "red"}, "colour"),
+    ({"events": [{**EVENT, "colour": "red"}]}, "colour"),
+    ({"events": [{**EVENT, "item_id": 1.5}]}, "item_id"),
+    ({"events": [{**EVENT, "item_id": None}]}, "item_id"),
+    ({"events": [{**EVENT, "item_id": True}]}, "item_id"),
+    ({"events": [{**EVENT, "timestamp": "yesterday"}]}, "timestamp"),
+    ({"events": [{"item_id": 1}]}, "timestamp"),
+    ({"events": [{**EVENT, "price": "cheap"}]}, "price"),
+    ({"events": [{**EVENT, "price": -5.0}]}, "price"),  # log(-4) after the fitted LogOp
+    ({"events": [{**EVENT, "category": [1]}]}, "category"),
+    ({"events": {"item_id": 1}}, "events"),
+    ({"events": [EVENT] * 1001}, "events"),  # max_events_per_session, under max_body_bytes
+    ({"session_id": 1.5, "events": [EVENT]}, "session_id"),
+]
+BAD_BATCHES = [
+    ({"requests": []}, "requests"),
+    ({"requests": [{"events": [EVENT]}, {"events": [{**EVENT, "price": float("-1e9")}]}]}, "requests"),
+]
+
+
+
+def _assert_bad_inputs_rejected(post) -> None:
+    """Every case: a 4xx whose detail names the field. `post(path, json=..., content=...)`."""
+    for content, field_name in BAD_JSON:
+        response = post("/recommend", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 422, (content, response.text)
+        assert field_name in json.dumps(response.json()["detail"]), (content, response.text)
+    for path, cases in (("/recommend", BAD_BODIES), ("/recommend/batch", BAD_BATCHES)):
+        for body, field_name in cases:
+            response = post(path, json=body)
+            assert response.status_code == 422, (str(body)[:200], response.text[:500])
+            assert field_name in json.dumps(response.json()["detail"]), (str(body)[:200], response.text[:500])
+    huge = {"events": [{**EVENT, "timestamp": float(i)} for i in range(100_000)]}
+    response = post("/recommend", json=huge)
+    assert response.status_code == 413 and "max_body_bytes" in response.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------ in-process (fast)
+@pytest.fixture(scope="module")
+def local_bundle(tmp_path_factory) -> Path:
+    """A bundle without Ray: a workflow fitted in-process on synthetic events, an untrained model."""
+    from dataclasses import asdict
+
+    from raytr.config import load_config
+    from raytr.data.events import normalize_events, sort_events
+    from raytr.data.schema import feature_spec
+    from raytr.data.synth import SynthConfig, generate_events
+    from raytr.data.workflow import fit_workflow, output_schema, save_workflow
+    from raytr.models import SessionModel
+
+    config = load_config(REPO_ROOT / "configs" / "synthetic.yaml")
+    root = tmp_path_factory.mktemp("local") / "bundle"
+    events = generate_events(SynthConfig(sessions=300, items=80, days=2, seed=1))
+    sorted_file = root.parent / "sorted.parquet"
+    sort_events(normalize_events(events, config.data), config.data).to_parquet(sorted_file, index=False)
+    workflow = fit_workflow(config.data, [str(sorted_file)], root.parent / "fit")
+    save_workflow(workflow, root / "workflow")
+    spec = feature_spec(output_schema(workflow, config.data))
+    SessionModel(spec, config.model, seed=0).save(root / "model")
+    (root / "prepare.json").write_text(json.dumps({"data": asdict(config.data)}))
+    (root / "train_result.json").write_text(json.dumps({"run_name": "untrained", "metrics": {"loss": 9.9}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def raw_items(local_bundle) -> list[int]:
+    import pandas as pd
+
+    return pd.read_parquet(local_bundle / "workflow" / "categories" / "unique.item_id.parquet")["item_id"].tolist()
+
+
+def test_local_backend_recommends_without_http(local_bundle, raw_items):
+    from serve.core import Query, Recommendations
+    from serve.engine import LocalBackend
+
+    backend = LocalBackend(str(local_bundle))
+    catalog = len(raw_items)
+    session = [{"item_id": item, "timestamp": 1_714_550_000.0 + 60 * i, "category": None, "price": 9.5}
+               for i, item in enumerate(raw_items[:25])]  # 25 > T: the first 5 are cut from the input
+    queries = [Query(events=session, k=5, exclude_seen=True, session_id="a"),
+               Query(events=session, k=catalog, exclude_seen=True),
+               Query(events=session[:1], k=catalog, exclude_seen=False)]
+    outcome = backend.recommend_sync(queries)
+    assert isinstance(outcome, Recommendations)
+    first, capped, everything = outcome.responses
+    assert first.session_id == "a" and len(first.items) == 5
+    assert [i.score for i in first.items] == sorted((i.score for i in first.items), reverse=True)
+    assert len(capped.items) == catalog - 25 and not {i.item_id for i in capped.items} & set(raw_items[:25])
+    assert sorted(i.item_id for i in everything.items) == sorted(raw_items)  # raw ids, all of them
+
+
+def test_standalone_app_answers_and_rejects_bad_inputs(local_bundle, raw_items, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from serve.standalone import build_standalone_app
+
+    monkeypatch.delenv("RAYTR_ADMIN_TOKEN", raising=False)
+    client = TestClient(build_standalone_app(str(local_bundle)))
+    events = [{"item_id": raw_items[0], "timestamp": 1_714_550_000.0, "category": 1030, "price": 5.0},
+              {"item_id": 10**30, "timestamp": 1_714_550_001.0}]  # unknown: OOV
+    answer = client.post("/recommend", json={"events": events, "k": 4})
+    assert answer.status_code == 200 and answer.headers["x-raytr-batch-size"] == "1"
+    assert len(answer.json()["items"]) == 4 and {i["item_id"] for i in answer.json()["items"]} <= set(raw_items)
+    far = client.post("/recommend", json={"events": [EVENT, {**EVENT, "timestamp": 1e300}]})
+    assert far.status_code == 422 and "timestamp" in json.dumps(far.json()["detail"])
+    _assert_bad_inputs_rejected(client.post)
+    assert client.get("/model").json()["metrics"] == {"loss": 9.9}
+    assert client.post("/admin/reload", headers={"X-Admin-Token": "x"}).status_code == 403  # disabled
+    assert client.post("/recommend", json={"events": events}).status_code == 200  # still serving
+
+
+def test_standalone_reload_needs_the_token(local_bundle, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from serve.standalone import build_standalone_app
+
+    monkeypatch.setenv("RAYTR_ADMIN_TOKEN", TOKEN)
+    client = TestClient(build_standalone_app(str(local_bundle)))
+    assert client.post("/admin/reload").status_code == 401
+    assert client.post("/admin/reload", headers={"X-Admin-Token": "wrong"}).status_code == 403
+    same = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
+    assert same.status_code == 200 and same.json()["changed"] is False
+
+
+# ------------------------------------------------------------------------------------ Ray Serve (slow)
+@pytest.fixture(scope="module")
+def bundle_dir(ray_cluster, prepared_dir, tmp_path_factory) -> Path:
+    """A model bundle: one epoch on the shared prepared data, plus its workflow and schema."""
+    from raytr.bundle import attach_preprocessing
+    from raytr.config import load_config
+    from raytr.data.schema import feature_spec, load_schema
+    from raytr.models import SessionModel
+    from raytr.training.trainer import Trainer
+
+    config = load_config(REPO_ROOT / "configs" / "synthetic.yaml")
+    out = tmp_path_factory.mktemp("serve") / "bundle"
+    model = SessionModel(feature_spec(load_schema(prepared_dir)), config.model, seed=0)
+    args = replace(config.training, output_dir=str(out), launcher="local", num_train_epochs=1, max_steps=3, disable_tqdm=True)
+    Trainer(model, args, train_dataset_or_path=str(prepared_dir)).train()
+    attach_preprocessing(prepared_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(bundle_dir, tmp_path_factory):
+    from serve.app import free_port, start_local, stop_local
+
+    token_file = tmp_path_factory.mktemp("secrets") / "admin-token"
+    token_file.write_text(TOKEN + "\n")
+    base = start_local(
+        str(bundle_dir), port=free_port(), recommender_replicas=2, ingress_num_cpus=0.25,
+        preprocessor_num_cpus=0.25, recommender_num_cpus=0.25, max_batch_size=16, batch_wait_timeout_s=0.05,
+        reload_poll_s=0.5, admin_token_file=str(token_file),
+    )
+    try:
+        yield base
+    finally:
+        stop_local()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=30.0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def session_events(raw_events) -> list[dict]:
+    """The events of a real session (raw ids) as API events, in reverse order."""
+    sizes = raw_events.groupby("session_id").size()
+    rows = raw_events[raw_events["session_id"] == sizes[sizes >= 4].index[0]]
+    events = [{"item_id": int(r.item_id), "timestamp": float(r.timestamp), "category": int(r.category),
+               "price": float(r.price)} for r in rows.itertuples()]
+    return events[::-1]
+
+
+def _ok(client: httpx.Client, body: dict, path: str = "/recommend") -> dict:
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ------------------------------------------------------------------------------------ answers
+@pytest.mark.ray
+@pytest.mark.slow
+def test_recommend_returns_k_raw_ids_best_first(client, session_events, raw_events):
+    health = client.get("/healthz").json()
+    answer = _ok(client, {"session_id": "s-1", "events": session_events, "k": 5})
+    assert answer["session_id"] == "s-1"
+    assert answer["model_version"] == health["model_version"]
+    ids = [item["item_id"] for item in answer["items"]]
+    scores = [item["score"] for item in answer["items"]]
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert set(ids) <= set(raw_events["item_id"].tolist()), "ids must be raw ids of the data, not encoded ids"
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_exclude_seen_drops_every_item_of_the_session(client, raw_events):
+    catalog = client.get("/model").json()["catalog_size"]
+    items = raw_events["item_id"].drop_duplicates().tolist()[:25]  # more than T = 20 events
+    events = [{"item_id": int(item), "timestamp": 1_714_550_000.0 + 60 * i} for i, item in enumerate(items)]
+    excluded = _ok(client, {"events": events, "k": catalog - len(items)})
+    assert not {i["item_id"] for i in excluded["items"]} & set(items), "events before the last T count too"
+    everything = _ok(client, {"events": events, "k": catalog, "exclude_seen": False})
+    assert set(items) <= {i["item_id"] for i in everything["items"]}
+    capped = _ok(client, {"events": events, "k": catalog})  # fewer items than k are left
+    assert len(capped["items"]) == catalog - len(items)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_unknown_items_and_null_features_are_served(client):
+    events = [{"item_id": 1, "timestamp": 1_714_550_000.0},
+              {"item_id": "never-seen-sku", "timestamp": 1_714_550_010.0, "category": "new", "price": None},
+              {"item_id": 424242424242, "timestamp": 1_714_550_020.0, "category": None, "price": 3.5}]
+    answer = _ok(client, {"events": events, "k": 3})
+    assert len(answer["items"]) == 3
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_batch_endpoint_answers_each_request_in_order(client, session_events):
+    body = {"requests": [{"session_id": "a", "events": session_events, "k": 2},
+                         {"session_id": 7, "events": session_events[:1], "k": 4, "exclude_seen": False},
+                         {"events": session_events[1:3]}]}
+    answer = _ok(client, body, "/recommend/batch")
+    assert [r["session_id"] for r in answer["results"]] == ["a", 7, None]
+    assert [len(r["items"]) for r in answer["results"]] == [2, 4, 10]  # default k = 10
+    assert all(r["model_version"] == answer["model_version"] for r in answer["results"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_model_info_and_docs(client, bundle_dir):
+    info = client.get("/model").json()
+    train_result = json.loads((bundle_dir / "train_result.json").read_text())
+    assert info["run_name"] == train_result["run_name"]
+    assert info["catalog_size"] == info["item_cardinality"] - 3
+    assert info["max_sequence_length"] == 20
+    assert info["event_fields"] == ["item_id", "timestamp", "category", "price"]
+    assert "category-list" in info["features"]["categorical"] and "price-list" in info["features"]["continuous"]
+    assert info["metrics"] == pytest.approx(train_result["metrics"]) and info["metrics"]
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert "price" in json.dumps(schema["components"]["schemas"]["Event"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_bad_input_is_a_4xx_naming_the_field(client, session_events):
+    _assert_bad_inputs_rejected(client.post)
+    assert client.get("/nope").status_code == 404
+    _ok(client, {"events": session_events, "k": 3})  # still serving
+
+
+# ------------------------------------------------------------------------------------ batching
+@pytest.mark.ray
+@pytest.mark.slow
+def test_concurrent_requests_share_model_calls(client, session_events):
+    def one(i: int) -> httpx.Response:
+        return client.post("/recommend", json={"session_id": i, "events": session_events, "k": 3})
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(one, range(32)))
+    assert all(r.status_code == 200 for r in responses)
+    sizes = [int(r.headers["x-raytr-batch-size"]) for r in responses]
+    assert max(sizes) > 1, f"no dynamic batch had more than one request: {sizes}"
+    stats = client.get("/model").json()["batching"]
+    assert stats["requests"] >= stats["batches"] >= 1
+
+
+# ------------------------------------------------------------------------------------ reload
+def _rewrite_weights(bundle_dir: Path) -> None:
+    """A retrained model in place: new weights, same vocabularies; files replaced atomically."""
+    import torch
+
+    from raytr.models import SessionModel
+
+    model = SessionModel.load(bundle_dir / "model")
+    with torch.no_grad():
+        model.inputs.item_embedding.weight.mul_(1.5)
+    staging = bundle_dir / "model.staging"
+    model.save(staging)
+    os.replace(staging / "model.safetensors", bundle_dir / "model" / "model.safetensors")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_admin_reload_needs_the_token_and_swaps_the_model(client, bundle_dir, session_events):
+    assert client.post("/admin/reload").status_code == 401
+    assert client.post("/admin/reload", headers={"X-Admin-Token": "wrong"}).status_code == 403
+    same = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
+    assert same.status_code == 200 and same.json()["changed"] is False
+    old = same.json()["model_version"]
+
+    _rewrite_weights(bundle_dir)
+    reloaded = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
+    assert reloaded.status_code == 200, reloaded.text
+    new = reloaded.json()["model_version"]
+    assert reloaded.json()["changed"] is True and new != old and reloaded.json()["previous_version"] == old
+
+    deadline = time.monotonic() + 30
+    versions: list[str] = []
+    while time.monotonic() < deadline:  # replicas follow within reload_poll_s
+        versions = [_ok(client, {"events": session_events, "k": 2})["model_version"] for _ in range(6)]
+        if set(versions) == {new}:
+            break
+        assert set(versions) <= {old, new}
+        time.sleep(0.5)
+    assert set(versions) == {new}
+    assert client.get("/model").json()["model_version"] == new
+
+
+# ------------------------------------------------------------------------------------ failure
+def _recommender_replicas() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and "#Recommender#" in a["name"]]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_recommender_replica_costs_at_most_the_requests_in_flight(client, session_events):
+    import ray
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    assert len(_recommender_replicas()) == 2
+    threads, per_thread, period_s = 4, 50, 0.2  # 200 requests over ~10 s
+    failures: list[str] = []
+
+    def load(worker: int) -> int:
+        ok = 0
+        with httpx.Client(base_url=str(client.base_url), timeout=30.0) as c:
+            for i in range(per_thread):
+                started = time.monotonic()
+                try:
+                    r = c.post("/recommend", json={"session_id": f"{worker}-{i}", "events": session_events, "k": 3})
+                    if r.status_code == 200:
+                        ok += 1
+                    else:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                time.sleep(max(0.0, period_s - (time.monotonic() - started)))
+        return ok
+
+    with cf.ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(load, w) for w in range(threads)]
+        time.sleep(3.0)
+        victim = _recommender_replicas()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        oks = sum(f.result() for f in futures)
+    assert oks + len(failures) == threads * per_thread
+    assert len(failures) <= threads, f"more failures than requests in flight: {failures}"
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # Serve replaces the replica
+        replicas = serve.status().applications[APP_NAME].deployments["Recommender"].replica_states
+        if replicas.get("RUNNING", 0) == 2 and victim not in _recommender_replicas():
+            break
+        time.sleep(1.0)
+    assert replicas.get("RUNNING", 0) == 2, replicas
+    _ok(client, {"events": session_events, "k": 3})
