@@ -21,9 +21,8 @@ Semantics: `transform(events)` gives what `normalize_events` + `sort_events` + t
 - no `min_session_length` filter: a session of one event still gets a row (a visitor's first click
   must get recommendations; the filter exists to make training targets);
 - sessions come out in the order they first appear in the input, not sorted by session id;
-- events with equal timestamps keep their input order (a stable sort, as `sort_events` documents).
-  NVTabular's Groupby re-sorts by timestamp with numpy's unstable quicksort, so its order of tied
-  events depends on the other rows of the partition (even for 10 rows on AVX-512 machines);
+- (not a difference) events with equal timestamps keep their input order, as offline: the
+  workflow's Groupby sorts by (timestamp, event_order) where `sort_events` numbers the events;
 - a null in a categorical column whose fitted vocabulary is integer maps to the null id 1 (the
   Categorify rule); the NVTabular executor raises on it (it casts the column to int64 first);
 - a value that cannot be cast to a numeric vocabulary's type (e.g. "abc" for integer item ids)
@@ -48,6 +47,7 @@ import pandas as pd
 import torch
 
 from raytr.config import DataConfig
+from raytr.data.events import EVENT_ORDER
 from raytr.data.workflow import list_name, sequence_features
 from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, FeatureSpec, SessionBatch
 
@@ -364,7 +364,9 @@ def compile_workflow(workflow: Any, config: DataConfig) -> tuple[list[ColumnPlan
     groupby = _find_node(workflow.output_node, "Groupby")
     if groupby is None:
         raise WorkflowCompileError("the workflow has no Groupby: it does not build sessions")
-    if list(groupby.op.groupby_cols) != [config.session_col] or list(groupby.op.sort_cols) != [config.timestamp_col]:
+    if list(groupby.op.groupby_cols) != [config.session_col] or list(groupby.op.sort_cols) != [
+        config.timestamp_col, EVENT_ORDER
+    ]:
         raise WorkflowCompileError(
             f"the workflow groups by {groupby.op.groupby_cols} sorted by {groupby.op.sort_cols}; the data config "
             f"says session {config.session_col!r}, timestamp {config.timestamp_col!r}: the bundle's prepare.json "

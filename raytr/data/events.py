@@ -159,6 +159,13 @@ def normalize_events(frame: pd.DataFrame, config: DataConfig) -> pd.DataFrame:
     return frame
 
 
+EVENT_ORDER = "event_order"
+
+
 def sort_events(frame: pd.DataFrame, config: DataConfig) -> pd.DataFrame:
-    """Rows sorted by (session, timestamp), stable so equal timestamps keep their log order."""
-    return frame.sort_values([config.session_col, config.timestamp_col], kind="stable").reset_index(drop=True)
+    """Rows sorted by (session, timestamp), stable so equal timestamps keep their log order, plus
+    an `event_order` column (the row's position) that the workflow's Groupby sorts by after the
+    timestamp: its own sort is not stable, and ties must come out in log order offline as online."""
+    out = frame.sort_values([config.session_col, config.timestamp_col], kind="stable").reset_index(drop=True)
+    out[EVENT_ORDER] = np.arange(len(out), dtype=np.int64)
+    return out

@@ -1,7 +1,8 @@
 """The NVTabular Workflow built from a `DataConfig`: raw events in, one row per session out.
 
-Input rows must be sorted by (session, timestamp) (`sort_events`): the time-since-previous feature
-is a lag within each session. Per event it builds
+Input rows must come from `sort_events`: sorted by (session, timestamp) because the
+time-since-previous feature is a lag within each session, with an `event_order` column that breaks
+timestamp ties in log order. Per event it builds
     item id        -> Categorify (freq_threshold; 0 pad, 1 null, 2 OOV, items from 3 by frequency)
     categoricals   -> Categorify
     continuous     -> FillMissing(0) -> [LogOp] -> Normalize
@@ -24,6 +25,7 @@ from merlin.schema import ColumnSchema, Schema, Tags
 from nvtabular import ops
 
 from raytr.config import DataConfig
+from raytr.data.events import EVENT_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def build_workflow(config: DataConfig, categories_dir: str | Path = ".") -> nvt.
         return ops.Categorify(out_path=str(categories_dir), **kwargs)
 
     item_ids = [item] >> categorify(freq_threshold=config.freq_threshold) >> ops.TagAsItemID()
-    features = [session, ts] + item_ids
+    features = [session, ts, EVENT_ORDER] + item_ids
     if config.categorical:
         features += list(config.categorical) >> categorify()
     if config.user_col:
@@ -88,7 +90,7 @@ def build_workflow(config: DataConfig, categories_dir: str | Path = ".") -> nvt.
     aggs.update({name: ["list"] for name in categorical + continuous})
     if config.user_col:
         aggs[config.user_col] = ["first"]
-    grouped = features >> ops.Groupby(groupby_cols=[session], sort_cols=[ts], aggs=aggs, name_sep="-")
+    grouped = features >> ops.Groupby(groupby_cols=[session], sort_cols=[ts, EVENT_ORDER], aggs=aggs, name_sep="-")
 
     lists = [list_name(n) for n in [item, *categorical, *continuous]]
     sliced = grouped[lists] >> ops.ListSlice(-config.max_sequence_length)
