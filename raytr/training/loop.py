@@ -324,8 +324,13 @@ def local_context(output_dir: Path, keep: int, metric: str, greater_is_better: b
         shutil.copytree(checkpoint, target)
         saved.append((metrics, target))
         key = f"eval_{metric}"
-        # Keep the latest always (for resuming), plus the best by the metric.
-        ranked = sorted(saved[:-1], key=lambda mp: mp[0].get(key, float("-inf")), reverse=greater_is_better)
+        # Keep the latest always (for resuming), plus the best by the metric; without eval metrics
+        # (or on ties), the most recent.
+        def rank(mp: tuple[dict, Path]) -> tuple[float, float]:
+            value = mp[0].get(key)
+            return (0.0 if value is None else value if greater_is_better else -value), mp[0]["step"]
+
+        ranked = sorted(saved[:-1], key=rank, reverse=True)
         for _, path in ranked[max(keep - 1, 0):]:
             shutil.rmtree(path, ignore_errors=True)
             saved.remove(next(s for s in saved if s[1] == path))

@@ -1,0 +1,91 @@
+"""`raytr train` and `raytr evaluate` as a user runs them: subprocesses, JSON on stdout, exit codes.
+
+Training uses `--set training.launcher=local` (the same loop without Ray Train) and a tiny model, to
+keep each command to seconds; tests/test_jobs.py runs `raytr train` on Ray Train through
+`ray job submit`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raytr.bundle import Bundle
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+         "--set", "training.launcher=local", "--set", "training.disable_tqdm=true",
+         "--set", "training.per_device_train_batch_size=64"]
+
+pytestmark = pytest.mark.slow
+
+
+def raytr(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raytr.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def cli_trained(prepared_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cli") / "model"
+    proc = raytr("train", "--config", "configs/synthetic.yaml", "--data", str(prepared_dir), "--output", str(out),
+                 "--epochs", "1", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout)  # stdout is the JSON summary and nothing else
+
+
+def test_train_prints_json_summary_and_writes_a_bundle(cli_trained):
+    out, summary = cli_trained
+    assert set(summary) == {"model_dir", "checkpoint", "metrics"}
+    assert summary["model_dir"] == str(out / "model")
+    assert Path(summary["checkpoint"]).is_dir()
+    assert {"eval_ndcg@10", "eval_recall@20", "eval_mrr@20"} <= set(summary["metrics"])
+    assert all(k.startswith("eval_") and 0.0 <= v <= 1.0 for k, v in summary["metrics"].items())
+    bundle = Bundle.load(out)  # model + workflow + schema + prepare.json
+    assert (bundle.model_dir / "model.safetensors").is_file()
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["training_arguments"]["launcher"] == "local"
+    assert result["training_arguments"]["num_train_epochs"] == 1  # --epochs wins over the YAML's 5
+    assert result["model_config"]["d_model"] == 32
+
+
+def test_evaluate_prints_exactly_one_json_object(cli_trained, prepared_dir):
+    out, summary = cli_trained
+    proc = raytr("evaluate", "--model", str(out), "--data", str(prepared_dir), "--days", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    metrics = json.loads(proc.stdout)
+    assert {"ndcg@10", "recall@20", "mrr@5", "precision@20", "map@10"} <= set(metrics)
+    # `raytr train` evaluated the same model on the same (last) day.
+    for key, value in metrics.items():
+        assert value == pytest.approx(summary["metrics"][f"eval_{key}"], abs=1e-4), key
+
+    # The model/ directory itself works too, and --top-k picks the cut-offs.
+    proc = raytr("evaluate", "--model", str(out / "model"), "--data", str(prepared_dir), "--days", "3-4",
+                 "--top-k", "3", "50")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(json.loads(proc.stdout)) == {f"{m}@{k}" for m in ("precision", "recall", "ndcg", "map", "mrr")
+                                            for k in (3, 50)}
+
+
+def test_evaluate_without_sessions_exits_2_with_one_line(cli_trained, tmp_path):
+    out, _ = cli_trained
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    proc = raytr("evaluate", "--model", str(out), "--data", str(empty))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("raytr evaluate: error:")]
+    assert len(errors) == 1 and "no parquet files" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_missing_day_exits_2(cli_trained, prepared_dir):
+    out, _ = cli_trained
+    proc = raytr("evaluate", "--model", str(out), "--data", str(prepared_dir), "--days", "9")
+    assert proc.returncode == 2
+    assert "raytr evaluate: error: day(s) [9] not in" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,222 @@
+"""Trainer with launcher="ray": DDP over 2 gloo workers on Ray Train's TorchTrainer.
+
+Each `TorchTrainer.fit` costs 30-40 s on 2 cores, so the file runs four of them:
+    merlin engine, 2 workers, rows that do not split evenly, then a second train() (a new run)
+    ray (Ray Data) engine, 2 workers
+    fault tolerance: a worker SIGKILLed after the first checkpoint, max_failures=1
+All use the shared `ray_cluster` (4 logical CPUs: two 1-CPU workers plus Ray Data's tasks) and a
+tiny GPT-2 that starts from the same saved weights, so runs can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raytr.config import ModelConfig
+from raytr.data.loaders import DataLoader
+from raytr.data.prepare import day_paths
+from raytr.models import SessionModel
+from raytr.training.arguments import TrainingArguments
+from raytr.training.loop import TRAINING_STATE, read_trainer_state
+from raytr.training.trainer import Trainer
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+BATCH = 64
+UNEVEN_ROWS = 2 * BATCH * 5 + 1  # 641: rank 0 gets 321 rows (6 batches of <=64), rank 1 gets 320 (5)
+
+
+@pytest.fixture(scope="module")
+def init_model_dir(prepared_spec, tmp_path_factory) -> Path:
+    """Starting weights shared by every run of this module."""
+    torch.manual_seed(0)
+    model = SessionModel(prepared_spec, ModelConfig(d_model=32, n_layers=1, n_heads=2, categorical_dim=8), seed=0)
+    return model.save(tmp_path_factory.mktemp("dist") / "init")
+
+
+@pytest.fixture(scope="module")
+def uneven_file(prepared_dir, tmp_path_factory) -> Path:
+    """One parquet file with an odd number of sessions from days 1-2."""
+    table = pa.concat_tables(pq.read_table(p) for p in day_paths(prepared_dir, [1, 2]))
+    assert table.num_rows > UNEVEN_ROWS
+    path = tmp_path_factory.mktemp("uneven") / "part-0.parquet"
+    pq.write_table(table.slice(0, UNEVEN_ROWS), path)
+    return path
+
+
+def ray_args(output_dir: Path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(output_dir), launcher="ray", num_workers=2, num_train_epochs=2,
+                  per_device_train_batch_size=BATCH, learning_rate=5e-3, disable_tqdm=True, seed=0)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def rank_steps(spec, paths: list[str], world_size: int = 2) -> list[int]:
+    return [len(DataLoader(spec, paths, BATCH, shuffle=True, engine="pyarrow", rank=r, world_size=world_size))
+            for r in range(world_size)]
+
+
+def snapshot(run_dir: Path) -> dict:
+    """Ray Train's record of the reported checkpoints of one run."""
+    return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+
+
+def ray_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+@pytest.mark.timeout(300)
+def test_merlin_engine_two_workers_uneven_rows_and_a_new_run(ray_cluster, prepared_dir, prepared_spec, init_model_dir,
+                                                             uneven_file, tmp_path):
+    paths, eval_paths = [str(uneven_file)], day_paths(prepared_dir, [4])
+    # A per-rank batch count would differ (6 vs 5) and hang DDP; the loader gives every rank 6.
+    assert [math.ceil(n / BATCH) for n in (321, 320)] == [6, 5]
+    steps = rank_steps(prepared_spec, paths)
+    assert steps == [6, 6]
+    epochs = 3
+    # greater_is_better=False ranks the improving latest checkpoint worst: Ray keeps the latest on top
+    # of `num_to_keep`, and save_total_limit=2 must still mean at most 2 checkpoints on disk.
+    args = ray_args(tmp_path / "out", num_train_epochs=epochs, data_loader_engine="merlin", save_total_limit=2,
+                    greater_is_better=False)
+    trainer = Trainer(SessionModel.load(init_model_dir), args, train_dataset_or_path=paths,
+                      eval_dataset_or_path=eval_paths)
+    untrained = trainer.evaluate()
+    output = trainer.train()
+
+    final = read_trainer_state(Path(output.checkpoint))
+    assert final["epoch"] == epochs - 1
+    assert final["global_step"] == steps[0] * epochs  # every rank ran the same steps (else gloo hangs)
+    run_dir = tmp_path / "out" / "ray_results" / output.run_name
+    kept = ray_checkpoints(run_dir)
+    assert 1 <= len(kept) <= 2, kept
+    assert len(snapshot(run_dir)["checkpoint_results"]) == len(kept)
+    kept_scores = {str(c): read_trainer_state(c)["metrics"]["eval_ndcg@10"] for c in kept}
+    assert output.best_checkpoint == min(kept_scores, key=kept_scores.get)
+
+    trained = trainer.evaluate()
+    assert trained["eval_ndcg@10"] > untrained["eval_ndcg@10"] + 0.05, (untrained, trained)
+    assert output.metrics["eval_ndcg@10"] == pytest.approx(trained["eval_ndcg@10"], abs=1e-9)
+
+    # One worker (the same loop in-process) from the same weights on the same rows: comparable.
+    single = Trainer(SessionModel.load(init_model_dir), replace(args, launcher="local", num_workers=1,
+                                                                output_dir=str(tmp_path / "one")),
+                     train_dataset_or_path=paths, eval_dataset_or_path=eval_paths)
+    single.train()
+    one = single.evaluate()["eval_ndcg@10"]
+    two = trained["eval_ndcg@10"]
+    assert abs(two - one) < 0.1, (one, two)  # ndcg@10 ~0.3 either way; 2 workers take half the steps
+
+    # A second train() gets a new run name: it must not resume the finished run (which would skip
+    # training and report its step count), but train a fresh epoch from the current weights.
+    trainer.args = replace(args, num_train_epochs=1)
+    again = trainer.train()
+    assert again.run_name != output.run_name
+    state = read_trainer_state(Path(again.checkpoint))
+    assert state["epoch"] == 0 and state["global_step"] == steps[0]
+    adam = torch.load(Path(again.checkpoint) / TRAINING_STATE, weights_only=True)["optimizer"]["state"]
+    assert {int(s["step"]) for s in adam.values()} == {steps[0] * (epochs + 1)}  # optimizer state carried over
+    assert sorted(p.name for p in (tmp_path / "out" / "ray_results").iterdir()) == sorted(
+        [output.run_name, again.run_name])
+
+
+@pytest.mark.timeout(300)
+def test_ray_data_engine_two_workers(ray_cluster, prepared_dir, prepared_spec, init_model_dir, tmp_path):
+    paths, eval_paths = day_paths(prepared_dir, [1, 2]), day_paths(prepared_dir, [4])
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    args = ray_args(tmp_path / "out", data_loader_engine="ray", save_total_limit=1)
+    trainer = Trainer(SessionModel.load(init_model_dir), args, train_dataset_or_path=paths,
+                      eval_dataset_or_path=eval_paths)
+    untrained = trainer.evaluate()
+    output = trainer.train()
+    final = read_trainer_state(Path(output.checkpoint))
+    # Ray Data splits the shards with equal row counts (the remainder row is dropped).
+    assert final["epoch"] == 1 and final["global_step"] == 2 * math.ceil((rows // 2) / BATCH)
+    assert len(ray_checkpoints(tmp_path / "out" / "ray_results" / output.run_name)) == 1
+    trained = trainer.evaluate()
+    assert trained["eval_ndcg@10"] > untrained["eval_ndcg@10"] + 0.05, (untrained, trained)
+
+
+def _train_worker_processes():
+    """RayTrainWorker processes of this test session's cluster: descendants of this process (its
+    raylet). `ray.util.state.list_actors` needs the dashboard, which the shared cluster does not
+    start, and without it would query whatever cluster answers on the default port."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.cmdline()[:1] == ["ray::RayTrainWorker"]:
+                found.append((proc.create_time(), proc))
+        except psutil.Error:
+            pass
+    return [proc for _, proc in sorted(found, key=lambda tp: tp[0])]  # oldest first
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_restarts_and_resumes_from_the_last_checkpoint(ray_cluster, prepared_dir, prepared_spec,
+                                                                     init_model_dir, tmp_path):
+    paths = day_paths(prepared_dir, [1, 2])
+    steps, epochs = rank_steps(prepared_spec, paths)[0], 4
+    out_dir = tmp_path / "out"
+    args = ray_args(out_dir, num_train_epochs=epochs, max_failures=1, save_total_limit=10, data_loader_engine="pyarrow")
+    trainer = Trainer(SessionModel.load(init_model_dir), args, train_dataset_or_path=paths,
+                      eval_dataset_or_path=day_paths(prepared_dir, [4]))
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result["output"] = trainer.train()
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    # Wait until Ray Train has registered the first checkpoint of the run.
+    deadline, reported_before = time.monotonic() + 180, None
+    while time.monotonic() < deadline and thread.is_alive():
+        for run_dir in (out_dir / "ray_results").glob("*/"):
+            try:
+                snap = snapshot(run_dir)
+            except (OSError, ValueError):
+                continue
+            if snap.get("latest_checkpoint_result"):
+                reported_before = [r["metrics"]["epoch"] for r in snap["checkpoint_results"]]
+        if reported_before:
+            break
+        time.sleep(0.2)
+    assert reported_before, f"no checkpoint reported within 180 s: {result}"
+    workers = _train_worker_processes()
+    if not workers:
+        thread.join(240)
+        pytest.skip("the Ray workers are not child processes of this test process (an external cluster)")
+    assert len(workers) >= 2, workers
+    victim = workers[-1].pid  # the newest: a worker of this run's group
+    os.kill(victim, signal.SIGKILL)
+    thread.join(240)
+    assert not thread.is_alive(), "training did not finish within 240 s after the worker was killed"
+    assert "error" not in result, result.get("error")
+
+    assert max(reported_before) < epochs, "the worker was killed after training ended: nothing tested"
+    output = result["output"]
+    final = read_trainer_state(Path(output.checkpoint))
+    assert final["epoch"] == epochs - 1 and final["global_step"] == steps * epochs
+    run_dir = out_dir / "ray_results" / output.run_name
+    reported = [r["metrics"]["epoch"] for r in snapshot(run_dir)["checkpoint_results"]]
+    assert sorted(set(reported)) == [float(e) for e in range(1, epochs + 1)]
+    # Resumed, not restarted from scratch: a restart from epoch 0 would report every epoch again.
+    assert len(reported) < len(reported_before) + epochs, (reported_before, reported)
+    # Two worker groups ran: each group's rank 0 opened its own TensorBoard event file.
+    events = list((out_dir / "tensorboard" / output.run_name).glob("events.out.tfevents.*"))
+    assert len(events) == 2, events

@@ -1,0 +1,413 @@
+"""The Trainer API with launcher="local": the training loop in this process, no Ray Train.
+
+Every test trains a tiny GPT-2 (1 layer, d_model 32) on the shared prepared synthetic data of
+conftest.py (4 days: 344/402/340/381 sessions). The module fixture `trained` runs one 3-epoch
+training on days 1-3 evaluated on day 4; the tests below it read its outputs. The tests after it
+train their own models for a few steps each.
+
+Only the prepared data needs Ray (`raytr prepare` runs on Ray Data); training here never does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raytr.config import ModelConfig
+from raytr.data.loaders import DataLoader
+from raytr.data.prepare import day_paths
+from raytr.models import SessionModel
+from raytr.training.arguments import TrainingArguments
+from raytr.training.loop import TRAINER_STATE, TRAINING_STATE, TrainingDivergedError, read_trainer_state
+from raytr.training.trainer import Predictions, Trainer, TrainOutput
+
+TOP_K = (5, 10, 20)
+METRICS = ("precision", "recall", "ndcg", "map", "mrr")
+
+
+def small_model_config() -> ModelConfig:
+    return ModelConfig(body="gpt2", objective="clm", d_model=32, n_layers=1, n_heads=2, categorical_dim=8)
+
+
+def local_args(output_dir: Path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(output_dir), launcher="local", num_train_epochs=1, per_device_train_batch_size=64,
+                  learning_rate=5e-3, lr_scheduler_type="linear", disable_tqdm=True, logging_steps=1,
+                  data_loader_engine="pyarrow", metrics_top_k=TOP_K, seed=0)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def steps_per_epoch(spec, paths: list[str], batch_size: int) -> int:
+    return len(DataLoader(spec, paths, batch_size, shuffle=False, engine="pyarrow"))
+
+
+def scalars(event_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one TensorBoard scalar, from the event files in `event_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(event_dir.glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event file in {event_dir}"
+    out = []
+    for file in files:
+        acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return out
+
+
+def training_state(checkpoint: str | Path) -> dict:
+    return torch.load(Path(checkpoint) / TRAINING_STATE, map_location="cpu", weights_only=True)
+
+
+def optimizer_steps(checkpoint: str | Path) -> set[int]:
+    """AdamW's per-parameter step counters in a checkpoint (one value when all params trained)."""
+    return {int(s["step"]) for s in training_state(checkpoint)["optimizer"]["state"].values()}
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def first_batch(spec, paths: list[str], batch_size: int = 64):
+    return next(iter(DataLoader(spec, paths, batch_size, shuffle=False, engine="pyarrow")))
+
+
+# --------------------------------------------------------------------------- one shared training
+EPOCHS = 3
+EACH_N = 5  # compute_metrics_each_n_steps
+
+
+@dataclass
+class Trained:
+    trainer: Trainer
+    output: TrainOutput
+    before: dict[str, float]  # eval metrics of the untrained model
+    out_dir: Path
+    steps_per_epoch: int
+    eval_paths: list[str]
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_dir, prepared_spec, tmp_path_factory) -> Trained:
+    """3 epochs on days 1-3 with the default merlin reader, eval on day 4, best 2 checkpoints kept."""
+    out_dir = tmp_path_factory.mktemp("trainer") / "out"
+    train_paths, eval_paths = day_paths(prepared_dir, [1, 2, 3]), day_paths(prepared_dir, [4])
+    torch.manual_seed(0)
+    model = SessionModel(prepared_spec, small_model_config(), seed=0)
+    args = local_args(out_dir, num_train_epochs=EPOCHS, save_total_limit=2, compute_metrics_each_n_steps=EACH_N,
+                      data_loader_engine="merlin")
+    trainer = Trainer(model, args, train_dataset_or_path=train_paths, eval_dataset_or_path=eval_paths)
+    before = trainer.evaluate()
+    output = trainer.train()
+    return Trained(trainer, output, before, out_dir, steps_per_epoch(prepared_spec, train_paths, 64), eval_paths)
+
+
+@pytest.mark.slow
+def test_train_writes_model_result_and_reloadable_weights(trained: Trained, prepared_spec):
+    out, output = trained.out_dir, trained.output
+    assert isinstance(output, TrainOutput)
+    assert Path(output.model_dir) == out / "model"
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    total = trained.steps_per_epoch * EPOCHS
+    assert output.metrics["step"] == total and output.metrics["epoch"] == EPOCHS
+    assert trained.trainer.state["global_step"] == total
+
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["run_name"] == output.run_name
+    assert result["metrics"] == output.metrics
+    assert result["model_dir"] == output.model_dir and result["checkpoint"] == output.checkpoint
+    assert result["training_arguments"]["num_train_epochs"] == EPOCHS
+    assert result["feature_spec"] == prepared_spec.to_dict()
+
+    # The saved model scores exactly like the trainer's in-memory model.
+    batch = first_batch(prepared_spec, trained.eval_paths)
+    reloaded = SessionModel.load(output.model_dir)
+    model = trained.trainer.model.eval()
+    torch.testing.assert_close(reloaded.score_next(batch), model.score_next(batch), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_save_total_limit_latest_and_best(trained: Trained):
+    run_dir = trained.out_dir / "runs" / trained.output.run_name
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert 1 <= len(checkpoints) <= 2, checkpoints  # save_total_limit=2 of 3 epochs
+    latest = checkpoints[-1]
+    assert str(latest) == trained.output.checkpoint
+    for checkpoint in checkpoints:
+        names = {p.name for p in checkpoint.iterdir()}
+        assert {"model.safetensors", "config.json", TRAINING_STATE, TRAINER_STATE} <= names
+    state = read_trainer_state(latest)
+    assert state["epoch"] == EPOCHS - 1
+    assert state["global_step"] == trained.steps_per_epoch * EPOCHS
+    assert training_state(latest)["scheduler"]["last_epoch"] == state["global_step"]
+
+    # The best checkpoint is one that was kept, with the highest eval ndcg@10 among them.
+    assert trained.output.best_checkpoint in {str(c) for c in checkpoints}
+    scores = {str(c): read_trainer_state(c)["metrics"]["eval_ndcg@10"] for c in checkpoints}
+    assert scores[trained.output.best_checkpoint] == max(scores.values())
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_loss_eval_lr_and_step_metrics(trained: Trained):
+    event_dir = trained.out_dir / "tensorboard" / trained.output.run_name
+    spe, total = trained.steps_per_epoch, trained.steps_per_epoch * EPOCHS
+    epoch_ends = [spe * (e + 1) for e in range(EPOCHS)]
+    assert [s for s, _ in scalars(event_dir, "train/loss")] == epoch_ends
+    assert [s for s, _ in scalars(event_dir, "train/eval_ndcg@10")] == epoch_ends
+    # compute_metrics_each_n_steps: ranking metrics of the training batch every EACH_N steps.
+    step_metrics = scalars(event_dir, "train/ndcg@10")
+    assert [s for s, _ in step_metrics] == list(range(EACH_N, total + 1, EACH_N))
+    assert all(0.0 <= v <= 1.0 for _, v in step_metrics)
+    # logging_steps=1: the LR after every step, linear decay to 0 over the run.
+    lrs = scalars(event_dir, "train/learning_rate")
+    assert [s for s, _ in lrs] == list(range(1, total + 1))
+    lr0 = trained.trainer.args.learning_rate
+    np.testing.assert_allclose([v for _, v in lrs], [lr0 * (total - s) / total for s, _ in lrs], rtol=1e-5, atol=1e-9)
+    losses = [v for _, v in scalars(event_dir, "train/loss")]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_training_improves_eval_metrics_over_the_untrained_model(trained: Trained):
+    after = trained.trainer.evaluate()
+    before = trained.before
+    # Seeded run on the synthetic data: untrained ndcg@10 ~0.03, trained ~0.36 (recall@20 ~0.70).
+    assert before["eval_ndcg@10"] < 0.1, before
+    assert after["eval_ndcg@10"] > 0.25, after
+    assert after["eval_recall@20"] > 0.5, after
+    assert trained.output.metrics["loss"] < math.log(trained.trainer.model.spec.item_cardinality)
+
+
+@pytest.mark.slow
+def test_evaluate_keys_prefix_and_agreement_with_training_metrics(trained: Trained, prepared_dir):
+    metrics = trained.trainer.evaluate(metric_key_prefix="eval")
+    assert set(metrics) == {f"eval_{m}@{k}" for m in METRICS for k in TOP_K}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    # The loop evaluated the same final weights on the same day at the end of the last epoch.
+    for key, value in metrics.items():
+        assert value == pytest.approx(trained.output.metrics[key], abs=1e-9), key
+    other = trained.trainer.evaluate(day_paths(prepared_dir, [3]), metric_key_prefix="test")
+    assert set(other) == {f"test_{m}@{k}" for m in METRICS for k in TOP_K}
+    assert other["test_ndcg@10"] != metrics["eval_ndcg@10"]
+
+
+@pytest.mark.slow
+def test_predict_shapes_order_and_targets(trained: Trained):
+    trainer = trained.trainer
+    preds = trainer.predict()
+    assert isinstance(preds, Predictions)
+    expected_targets = np.concatenate([
+        [row[-1] for row in pq.read_table(p, columns=["item_id-list"]).column(0).to_pylist()]
+        for p in trained.eval_paths])
+    n, k = len(expected_targets), trainer.args.predict_top_k
+    assert preds.item_ids.shape == (n, k) and preds.scores.shape == (n, k) and preds.targets.shape == (n,)
+    np.testing.assert_array_equal(preds.targets, expected_targets)  # the last item of each session, in order
+    assert (np.diff(preds.scores, axis=1) <= 0).all()  # best first
+    assert not np.isin(preds.item_ids, [0, 1]).any()  # never padding or null
+    assert all(len(set(row)) == k for row in preds.item_ids.tolist())
+    # Hits in the top 20 agree with the evaluation (same tie rule).
+    recall20 = float((preds.item_ids[:, :20] == preds.targets[:, None]).any(axis=1).mean())
+    assert recall20 == pytest.approx(trainer.evaluate()["eval_recall@20"], abs=1e-12)
+
+    top5 = trainer.predict(k=5)
+    assert top5.item_ids.shape == (n, 5)
+    np.testing.assert_array_equal(top5.item_ids, preds.item_ids[:, :5])
+
+
+@pytest.mark.slow
+def test_without_eval_data_the_most_recent_checkpoints_are_kept(prepared_dir, prepared_spec, tmp_path):
+    paths = day_paths(prepared_dir, [1])
+    spe = steps_per_epoch(prepared_spec, paths, 64)
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                      local_args(tmp_path, num_train_epochs=3, save_total_limit=2), train_dataset_or_path=paths)
+    output = trainer.train()
+    kept = sorted(p.name for p in (tmp_path / "runs" / output.run_name / "checkpoints").iterdir())
+    assert kept == [f"checkpoint-{2 * spe:08d}", f"checkpoint-{3 * spe:08d}"]
+    assert output.best_checkpoint is None and "eval_ndcg@10" not in output.metrics
+
+
+# --------------------------------------------------------------------------- continued training
+@pytest.mark.slow
+def test_train_again_continues_weights_optimizer_and_lr_schedule(prepared_dir, prepared_spec, tmp_path):
+    """Three train() calls on one Trainer, the incremental recipe:
+    1. day 1, a linear schedule that decays to 0;
+    2. day 3 via the T4Rec alias, one step, no reset: the schedule continues (at 0), so the weights
+       must not move, while the optimizer and scheduler counters go on;
+    3. reset_lr_scheduler(), day 2 via `train_dataset`: a fresh schedule from the initial LR."""
+    bs, lr0 = 32, 5e-3
+    args = local_args(tmp_path / "out", per_device_train_batch_size=bs, learning_rate=lr0)
+    torch.manual_seed(0)
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), args,
+                      train_dataset_or_path=day_paths(prepared_dir, [1]))
+    steps1 = steps_per_epoch(prepared_spec, day_paths(prepared_dir, [1]), bs)
+    steps2 = steps_per_epoch(prepared_spec, day_paths(prepared_dir, [2]), bs)
+    assert steps1 != steps2  # so that the step counts below show which day was trained on
+
+    out1 = trainer.train()
+    after1 = clone_state(trainer.model)
+    assert training_state(out1.checkpoint)["scheduler"]["last_epoch"] == steps1
+    assert training_state(out1.checkpoint)["scheduler"]["_last_lr"] == [0.0, 0.0]
+
+    # 2. Continue without reset.
+    trainer.train_dataset_or_path = day_paths(prepared_dir, [3])
+    assert trainer.train_dataset == day_paths(prepared_dir, [3])
+    trainer.args = replace(args, max_steps=1)
+    out2 = trainer.train()
+    assert out2.run_name != out1.run_name
+    init2 = SessionModel.load(tmp_path / "out" / "runs" / out2.run_name / "init")
+    assert same_weights(clone_state(init2), after1), "the second run did not start from the current weights"
+    assert training_state(out2.checkpoint)["scheduler"]["last_epoch"] == steps1 + 1
+    assert optimizer_steps(out2.checkpoint) == {steps1 + 1}  # Adam moments carried over
+    assert same_weights(clone_state(trainer.model), after1), \
+        "the continued schedule is at LR 0, yet the first step of the next run moved the weights"
+    lrs2 = scalars(tmp_path / "out" / "tensorboard" / out2.run_name, "train/learning_rate")
+    assert lrs2 == [(1, 0.0)]
+
+    # 3. Reset: a fresh schedule over this run's steps, optimizer moments kept.
+    trainer.reset_lr_scheduler()
+    trainer.train_dataset = day_paths(prepared_dir, [2])
+    trainer.args = args
+    out3 = trainer.train()
+    assert training_state(out3.checkpoint)["scheduler"]["last_epoch"] == steps2
+    assert optimizer_steps(out3.checkpoint) == {steps1 + 1 + steps2}
+    assert read_trainer_state(Path(out3.checkpoint))["global_step"] == steps2
+    lrs3 = scalars(tmp_path / "out" / "tensorboard" / out3.run_name, "train/learning_rate")
+    assert lrs3[0][0] == 1
+    assert lrs3[0][1] == pytest.approx(lr0 * (steps2 - 1) / steps2, rel=1e-5)  # restarted from lr0
+    assert not same_weights(clone_state(trainer.model), after1)
+
+
+@pytest.mark.slow
+def test_reset_with_warmup_starts_the_next_run_at_lr_zero(prepared_dir, prepared_spec, tmp_path):
+    """With reset_lr_scheduler() and a warmup schedule the first step of the next run has LR 0:
+    the optimizer state loaded from the previous run must not bring the full LR back."""
+    args = local_args(tmp_path / "out", max_steps=2)
+    torch.manual_seed(0)
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), args,
+                      train_dataset_or_path=day_paths(prepared_dir, [1]))
+    trainer.train()
+    before = clone_state(trainer.model)
+    trainer.reset_lr_scheduler()
+    trainer.args = replace(args, lr_scheduler_type="constant_with_warmup", warmup_steps=5, max_steps=1)
+    trainer.train()
+    assert same_weights(clone_state(trainer.model), before)
+
+
+@pytest.mark.slow
+def test_train_and_eval_dataloader_arguments(prepared_dir, prepared_spec, tmp_path):
+    train_loader = DataLoader(prepared_spec, day_paths(prepared_dir, [1]), 64, shuffle=True, engine="pyarrow", seed=1)
+    eval_loader = DataLoader(prepared_spec, day_paths(prepared_dir, [4]), 256, shuffle=False, engine="pyarrow")
+    args = local_args(tmp_path / "a", num_train_epochs=2)
+    torch.manual_seed(0)
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), args,
+                      train_dataloader=train_loader, eval_dataloader=eval_loader)
+    output = trainer.train()
+    assert trainer.state["global_step"] == 2 * len(train_loader)
+    assert read_trainer_state(Path(output.checkpoint))["epoch"] == 1
+    metrics = trainer.evaluate()  # from eval_dataloader
+    assert set(metrics) == {f"eval_{m}@{k}" for m in METRICS for k in TOP_K}
+    by_path = trainer.evaluate(day_paths(prepared_dir, [4]))
+    assert metrics == pytest.approx(by_path, abs=1e-12)
+
+    # Any sized iterable of SessionBatch works, e.g. a list (no set_epoch).
+    batches = list(DataLoader(prepared_spec, day_paths(prepared_dir, [2]), 64, shuffle=False, engine="pyarrow"))
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), local_args(tmp_path / "b"),
+                      train_dataloader=batches)
+    trainer.train()
+    assert trainer.state["global_step"] == len(batches)
+
+
+# --------------------------------------------------------------------------- failures
+@pytest.mark.slow
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(prepared_dir, prepared_spec, tmp_path, monkeypatch):
+    paths = day_paths(prepared_dir, [1])
+    spe = steps_per_epoch(prepared_spec, paths, 64)
+    original = SessionModel.forward
+    calls = {"n": 0}
+
+    def forward_nan_in_second_epoch(self, batch, generator=None):
+        out = original(self, batch, generator)
+        calls["n"] += 1
+        if calls["n"] == spe + 2:  # the second step of epoch 1
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(SessionModel, "forward", forward_nan_in_second_epoch)
+    out_dir = tmp_path / "out"
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                      local_args(out_dir, num_train_epochs=3), train_dataset_or_path=paths)
+    with pytest.raises(TrainingDivergedError, match=rf"loss is nan at epoch 1, step {spe + 1}") as info:
+        trainer.train()
+    assert "learning_rate" in str(info.value) and "checkpoint is kept" in str(info.value)
+    checkpoints = list((out_dir / "runs").glob("*/checkpoints/checkpoint-*"))
+    assert len(checkpoints) == 1
+    state = read_trainer_state(checkpoints[0])
+    assert state["epoch"] == 0 and state["global_step"] == spe
+    SessionModel.load(checkpoints[0])  # loadable
+    assert not (out_dir / "model").exists()  # no final model from a diverged run
+
+
+def _write_empty_and_one_event_sessions(src: str, directory: Path) -> tuple[Path, Path]:
+    table = pq.read_table(src)
+    empty, short = directory / "empty.parquet", directory / "short.parquet"
+    pq.write_table(table.slice(0, 0), empty)
+    lists = [name for name in table.column_names if pa.types.is_list(table.schema.field(name).type)]
+    for name in lists:
+        table = table.set_column(table.schema.get_field_index(name), name, pc.list_slice(table.column(name), 0, 1))
+    pq.write_table(table, short)
+    return empty, short
+
+
+def test_empty_eval_data_raises_value_error(prepared_dir, prepared_spec, tmp_path):
+    empty, short = _write_empty_and_one_event_sessions(day_paths(prepared_dir, [4])[0], tmp_path)
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), local_args(tmp_path / "out"),
+                      train_dataset_or_path=day_paths(prepared_dir, [1]), eval_dataset_or_path=str(empty))
+    with pytest.raises(ValueError, match="0 sessions"):
+        trainer.evaluate()
+    with pytest.raises(ValueError, match="fewer than 2 events"):
+        trainer.evaluate(str(short))
+    with pytest.raises(ValueError, match="no evaluation data"):
+        Trainer(trainer.model, trainer.args).evaluate()
+    with pytest.raises(ValueError, match="0 sessions"):
+        trainer.train()  # the loop evaluates at the end of the first epoch
+
+
+def test_train_without_data_raises(prepared_spec, tmp_path):
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), local_args(tmp_path))
+    with pytest.raises(ValueError, match="train_dataset_or_path"):
+        trainer.train()
+    with pytest.raises(FileNotFoundError, match="no parquet files"):
+        Trainer(trainer.model, trainer.args, train_dataset_or_path=tmp_path).train()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has a GPU")
+def test_fp16_on_cpu_raises_a_clear_error(prepared_dir, prepared_spec, tmp_path):
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), local_args(tmp_path, fp16=True),
+                      train_dataset_or_path=day_paths(prepared_dir, [1]))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        trainer.train()
+
+
+def test_model_cardinality_smaller_than_the_data_names_the_column(prepared_dir, prepared_spec, tmp_path):
+    small_spec = replace(prepared_spec, item_cardinality=50)
+    trainer = Trainer(SessionModel(small_spec, small_model_config(), seed=0), local_args(tmp_path),
+                      train_dataset_or_path=day_paths(prepared_dir, [1]),
+                      eval_dataset_or_path=day_paths(prepared_dir, [4]))
+    with pytest.raises(ValueError, match=r"column 'item_id-list' has id \d+ .* cardinality is 50"):
+        trainer.train()
+    with pytest.raises(ValueError, match="item_id-list"):
+        trainer.evaluate()
