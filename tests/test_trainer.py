@@ -383,7 +383,7 @@ def test_empty_eval_data_raises_value_error(prepared_dir, prepared_spec, tmp_pat
     with pytest.raises(ValueError, match="no evaluation data"):
         Trainer(trainer.model, trainer.args).evaluate()
     with pytest.raises(ValueError, match="0 sessions"):
-        trainer.train()  # the loop evaluates at the end of the first epoch
+        trainer.train()  # checked before any training step
 
 
 def test_train_without_data_raises(prepared_spec, tmp_path):

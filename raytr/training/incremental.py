@@ -1,7 +1,7 @@
 """Incremental (time-window) evaluation: train on day t, evaluate on day t+1, for a range of days.
 
 mode "finetune": the model trained up to day t-1 continues on day t (one model, a fresh LR
-schedule per window); the baselines are fitted on all days <= t, the data the model has seen.
+schedule per window); the baselines are fitted on the days start_day..t, the data the model has seen.
 mode "retrain": a new model per window, trained on day t only; baselines fitted on day t only.
 
 Writes to the output directory: incremental.csv and incremental.json (metrics per evaluated day,
@@ -81,7 +81,7 @@ def run_incremental(
             trainer = Trainer(SessionModel(spec, config.model, seed=args.seed), trainer.args)
         else:
             trainer.reset_lr_scheduler()
-        train_days = [day] if mode == "retrain" else [d for d in days if d <= day]
+        train_days = [day] if mode == "retrain" else [d for d in days if start <= d <= day]
         trainer.train_dataset = day_paths(data_dir, [day])
         trainer.eval_dataset = day_paths(data_dir, [day + 1])
         log.info("incremental: train on day %d, evaluate on day %d", day, day + 1)

@@ -249,7 +249,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                                              torch.tensor(float(out.num_targets), device=device)]).double(), ctx)
             if not torch.isfinite(check).all():
                 raise TrainingDivergedError(
-                    f"loss is {float(loss):.4g} at epoch {epoch}, step {global_step}: training stopped; the last "
+                    f"loss is {float(loss.detach()):.4g} at epoch {epoch}, step {global_step}: training stopped; the last "
                     "good checkpoint is kept. Lower training.learning_rate, use bf16 instead of fp16, or clip "
                     "gradients (training.max_grad_norm)"
                 )

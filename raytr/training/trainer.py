@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from raytr.data.loaders import DataLoader
@@ -143,6 +144,8 @@ class Trainer:
             resolve_paths(self.train_dataset))
         eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
             resolve_paths(self.eval_dataset))
+        if eval_paths and sum(pq.ParquetFile(p).metadata.num_rows for p in eval_paths) == 0:
+            raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
         loop_args = replace(args, output_dir=str(output_dir), run_name=run_name)
         cfg = LoopConfig(
             spec=self.model.spec, model_config=self.model.config, args=loop_args, init_model_dir=str(init_dir),
