@@ -39,9 +39,10 @@ def test_only_configured_columns_are_kept_and_sorting_is_stable():
     frame = pd.DataFrame({"session_id": [2, 1, 1, 1], "item_id": [5, 7, 8, 9], "timestamp": [1.0, 3.0, 2.0, 2.0],
                           "noise": ["a", "b", "c", "d"]})
     out = sort_events(normalize_events(frame, DataConfig()), DataConfig())
-    assert list(out.columns) == ["session_id", "item_id", "timestamp"]
-    # equal timestamps keep their log order (8 before 9)
+    assert list(out.columns) == ["session_id", "item_id", "timestamp", "event_order"]
+    # equal timestamps keep their log order (8 before 9), numbered for the workflow's tie-break
     assert out["item_id"].tolist() == [8, 9, 7, 5]
+    assert out["event_order"].tolist() == [0, 1, 2, 3]
 
 
 def test_tab_separated_csv_is_sniffed(tmp_path):

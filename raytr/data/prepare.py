@@ -147,7 +147,7 @@ def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: Pa
     """Ray Data: read raw files, normalise types, and write rows partitioned by session bucket."""
     columns = config.raw_columns
     if fmt == "parquet":
-        ds = ray.data.read_parquet(list(paths), columns=columns)
+        ds = ray.data.read_parquet(list(paths)).select_columns(columns)
     else:
         import pyarrow.csv as pacsv
 
