@@ -38,7 +38,7 @@ class DemoReport:
 
 def run_demo(output: str | Path, sessions: int = 20_000, epochs: int = 3, serve: bool = True,
              config_path: str | Path = DEFAULT_CONFIG) -> DemoReport:
-    output = Path(output)
+    output = Path(output).resolve()  # Ray workers do not run in this directory
     report = DemoReport()
     raw, prepared, trained = output / "raw", output / "prepared", output / "model"
     config = load_config(config_path, {"training": {"output_dir": str(trained), "num_train_epochs": epochs}})

@@ -217,8 +217,9 @@ def load_prepare_info(directory: str | Path) -> dict:
 
 
 def day_paths(directory: str | Path, days: list[int] | None = None) -> list[str]:
-    """Parquet files of the given days (all days when None), in day order."""
-    root = Path(directory) / SESSIONS_DIR if (Path(directory) / SESSIONS_DIR).is_dir() else Path(directory)
+    """Absolute paths of the parquet files of the given days (all days when None), in day order."""
+    directory = Path(directory).resolve()
+    root = directory / SESSIONS_DIR if (directory / SESSIONS_DIR).is_dir() else directory
     available = sorted(int(p.name.split("=")[1]) for p in root.glob(f"{DAY}=*"))
     chosen = available if days is None else days
     missing = [d for d in chosen if d not in available]

@@ -60,10 +60,11 @@ class Predictions:
 
 
 def resolve_paths(data: DatasetOrPath) -> list[str]:
-    """Parquet files from a prepared directory (all days), a directory of parquet, a file or a list."""
+    """Absolute paths of the parquet files in a prepared directory (all days), a directory of parquet,
+    a file or a list of those. Absolute because Ray workers do not run in the caller's directory."""
     if isinstance(data, (list, tuple)):
         return [p for item in data for p in resolve_paths(item)]
-    path = Path(data)
+    path = Path(data).resolve()
     if path.is_file():
         return [str(path)]
     if path.is_dir():
@@ -146,7 +147,8 @@ class Trainer:
             resolve_paths(self.eval_dataset))
         if eval_paths and sum(pq.ParquetFile(p).metadata.num_rows for p in eval_paths) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
-        loop_args = replace(args, output_dir=str(output_dir), run_name=run_name)
+        resume = args.resume_from_checkpoint and str(Path(args.resume_from_checkpoint).resolve())
+        loop_args = replace(args, output_dir=str(output_dir), run_name=run_name, resume_from_checkpoint=resume)
         cfg = LoopConfig(
             spec=self.model.spec, model_config=self.model.config, args=loop_args, init_model_dir=str(init_dir),
             train_paths=train_paths, eval_paths=eval_paths, reset_scheduler=self._reset_scheduler,
@@ -185,7 +187,7 @@ class Trainer:
         ctx, saved = local_context(run_dir, args.save_total_limit, args.metric_for_best_model,
                                    args.greater_is_better, device)
         if args.resume_from_checkpoint:
-            ctx.restored_checkpoint = Path(args.resume_from_checkpoint)
+            ctx.restored_checkpoint = Path(args.resume_from_checkpoint).resolve()
         if self.train_dataloader is not None:
             loader = self.train_dataloader
             ctx.steps_per_epoch = len(loader)  # type: ignore[arg-type]
