@@ -1,0 +1,495 @@
+"""Recommendation quality: raytr's models next to popularity, item-kNN and a GRU, on three datasets.
+
+    python bench/quality.py                                   # all three datasets, CPU budget
+    python bench/quality.py --datasets yoochoose --epochs yoochoose=20
+
+Datasets and protocols (metrics: NDCG@10/20, Recall@10/20, MRR@20; full ranking over all items):
+  synthetic   `raytr synth` (20k sessions, 2k items, seed 0) + `raytr prepare` (configs/synthetic.yaml).
+              Train days 1-5, validation day 6, test day 7; each session's last item is predicted
+              from its prefix.
+  yoochoose   the YOOCHOOSE sample (../shared/data/yoochoose-rsc15-100k, configs/yoochoose.yaml).
+              Train days 1-5 minus a random 10% of their sessions (validation), test days 6-7 (the
+              sample's validation file). Plus a day-window run (`run_incremental`, finetune: train
+              on day t, evaluate on day t+1) of the transformer chosen on validation, for metrics
+              per day.
+  ml-100k     MovieLens-100k, read at run time from the recbole 1.2.1 wheel (`pip download --no-deps`
+              into runs/bench/downloads, never committed). Leave-one-out per user by time: last item
+              test, second-to-last validation, the rest training (cut into windows of T = 50 from
+              the end). Items the user already rated are excluded from the ranking (`exclude_seen`
+              over the user's whole history, not only the T-event window the model sees).
+Honest tuning: hyperparameters are fixed beforehand (d_model 64, 2 layers, 4 heads, dropout 0.2,
+lr 2e-3 with linear decay, batch 128); the choices made on validation are each model's epoch
+count (every epoch is checkpointed and scored on validation), item-kNN's recency decay, and which
+transformer is "the best". Test sets are scored once per model, with the chosen checkpoint.
+Every dataset runs under a wall-clock budget (`--budget-min`, default 8/14/8 minutes, recorded);
+a model that would start after the budget is spent is skipped and reported as skipped, and the
+YOOCHOOSE day windows get the epochs the remaining budget affords.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    DATA_DIR,
+    ITEM_COLUMN,
+    REPO,
+    envelope,
+    load_average,
+    prepared_synthetic,
+    setup_logging,
+    write_result,
+)
+
+log = logging.getLogger("bench.quality")
+
+DATASETS = ("synthetic", "yoochoose", "ml-100k")
+TOP_K = (10, 20)
+REPORTED = ("ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr@20")
+SELECT_BY = "ndcg@20"
+# (name, body, objective): transformers with both objectives, and the GRU baseline.
+NEURAL = (("gru", "gru", "clm"), ("gpt2-clm", "gpt2", "clm"), ("bert-mlm", "bert", "mlm"),
+          ("xlnet-clm", "xlnet", "clm"), ("xlnet-mlm", "xlnet", "mlm"))
+DEFAULT_EPOCHS = {"synthetic": 8, "yoochoose": 12, "ml-100k": 20}
+# Wall-clock budget per dataset, minutes (YOOCHOOSE also runs the day windows): 30 in all.
+DEFAULT_BUDGET_MIN = {"synthetic": 8.0, "yoochoose": 14.0, "ml-100k": 8.0}
+KNN_DECAYS = (1.0, 0.5, 0.0)
+ML_WINDOW = 50
+
+
+@dataclass
+class EvalSet:
+    """Sessions to score: each one's last item is the target, the rest the input. `history`
+    optionally adds, per session, items to exclude beyond the session itself ([N, V] bool, CSR)."""
+
+    name: str
+    paths: list[str] | None = None  # parquet sessions
+    sessions: Any = None  # or an in-memory [N, T] int64 tensor
+    history: Any = None  # scipy.sparse [N, V] of items seen before the input window
+
+    def batches(self, spec, batch_size: int = 512) -> Iterator[tuple[Any, Any]]:
+        import torch
+
+        from raytr.data.loaders import DataLoader
+        from raytr.features import SessionBatch
+
+        if self.paths is not None:
+            for b in DataLoader(spec, self.paths, batch_size, shuffle=False, engine="pyarrow"):
+                yield b, None
+            return
+        for start in range(0, self.sessions.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            hist = None
+            if self.history is not None:
+                hist = torch.from_numpy(self.history[rows].toarray().astype(bool))
+            yield SessionBatch(item_ids=self.sessions[rows]), hist
+
+
+@dataclass
+class QualityData:
+    name: str
+    spec: Any
+    train_paths: list[str]
+    valid: EvalSet
+    test: EvalSet
+    exclude_seen: bool
+    protocol: str
+    stats: dict[str, Any]
+
+
+def evaluate(scorer, data: QualityData, which: str) -> dict[str, float]:
+    """Full-ranking next-item metrics of `scorer` on the validation or test set."""
+    import torch
+
+    from raytr.metrics import RankingMetrics
+    from raytr.models.head import seen_items
+    from raytr.models.masking import split_last_item
+
+    eval_set = data.valid if which == "valid" else data.test
+    metrics = RankingMetrics(TOP_K)
+    if hasattr(scorer, "eval"):
+        scorer.eval()
+    with torch.no_grad():
+        for batch, history in eval_set.batches(data.spec):
+            prefix, targets = split_last_item(batch)
+            scores = scorer.score_next(prefix).float()  # [B, V]
+            if data.exclude_seen:
+                exclude = seen_items(prefix.item_ids, scores.shape[1])
+                if history is not None:
+                    exclude |= history
+                scores = scores.masked_fill(exclude, float("-inf"))
+            metrics.update(scores, targets)
+    out = metrics.compute()
+    return {k: out[k] for k in REPORTED} | {"sessions": metrics.count}
+
+
+# ---------------------------------------------------------------------------- datasets
+def _write_sessions(path: Path, sessions: list[np.ndarray]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(s) for s in sessions])
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    values = pa.array(np.concatenate(sessions).astype(np.int64) if sessions else np.zeros(0, np.int64))
+    pq.write_table(pa.table({ITEM_COLUMN: pa.ListArray.from_arrays(offsets, values)}), path)
+    return str(path)
+
+
+def load_synthetic() -> QualityData:
+    from raytr.data.prepare import day_paths, load_prepare_info
+    from raytr.data.schema import feature_spec, load_schema
+
+    directory = prepared_synthetic(20_000, 2_000, seed=0)
+    spec = feature_spec(load_schema(directory))
+    info = load_prepare_info(directory)["summary"]
+    return QualityData(
+        "synthetic", spec, day_paths(directory, [1, 2, 3, 4, 5]),
+        EvalSet("day 6", paths=day_paths(directory, [6])), EvalSet("day 7", paths=day_paths(directory, [7])),
+        exclude_seen=False, protocol="train days 1-5, validation day 6, test day 7; last item of each session",
+        stats={"sessions": info["sessions"], "items": info["items"], "sessions_per_day": info["sessions_per_day"],
+               "directory": str(directory)})
+
+
+def yoochoose_prepared() -> Path:
+    from raytr.config import load_config
+    from raytr.data.prepare import prepare
+
+    out = DATA_DIR / "yoochoose-prepared"
+    if not (out / "prepare.json").is_file():
+        prepare(load_config(REPO / "configs" / "yoochoose.yaml").data, REPO.parent / "shared" / "data" /
+                "yoochoose-rsc15-100k", out)
+    return out
+
+
+def load_yoochoose(seed: int = 0) -> QualityData:
+    """Days 1-5 split 90/10 by session (seeded) into train/validation files; test days 6-7."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytr.data.prepare import available_days, day_paths, load_prepare_info
+    from raytr.data.schema import feature_spec, load_schema
+
+    directory = yoochoose_prepared()
+    spec = feature_spec(load_schema(directory))
+    split_dir = DATA_DIR / "quality" / "yoochoose-split"
+    train_file, valid_file = split_dir / "train.parquet", split_dir / "valid.parquet"
+    if not (train_file.is_file() and valid_file.is_file()):
+        table = pa.concat_tables([pq.read_table(f) for f in day_paths(directory, [1, 2, 3, 4, 5])])
+        rng = np.random.default_rng(seed)
+        is_valid = rng.random(table.num_rows) < 0.1
+        split_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.filter(pa.array(~is_valid)), train_file)
+        pq.write_table(table.filter(pa.array(is_valid)), valid_file)
+    test_days = [d for d in available_days(directory) if d >= 6]
+    info = load_prepare_info(directory)["summary"]
+    return QualityData(
+        "yoochoose", spec, [str(train_file)], EvalSet("10% of days 1-5", paths=[str(valid_file)]),
+        EvalSet(f"days {test_days}", paths=day_paths(directory, test_days)), exclude_seen=False,
+        protocol="train days 1-5 (90% of sessions), validation the other 10%, test days 6-7 (the sample's "
+                 "validation file); last item of each session",
+        stats={"sessions": info["sessions"], "items": info["items"], "sessions_per_day": info["sessions_per_day"],
+               "directory": str(directory)})
+
+
+def movielens_interactions() -> Any:
+    """ml-100k.inter from the recbole 1.2.1 wheel, downloaded into runs/bench/downloads (git-ignored)."""
+    import subprocess
+
+    import pandas as pd
+
+    downloads = DATA_DIR / "downloads"
+    wheels = sorted(downloads.glob("recbole-1.2.1-*.whl"))
+    if not wheels:
+        downloads.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "recbole==1.2.1", "-d", str(downloads),
+                        "-q"], check=True)
+        wheels = sorted(downloads.glob("recbole-1.2.1-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z, z.open("recbole/dataset_example/ml-100k/ml-100k.inter") as f:
+        frame = pd.read_csv(f, sep="\t")
+    frame.columns = [c.split(":")[0] for c in frame.columns]
+    return frame
+
+
+def load_movielens() -> QualityData:
+    """Leave-one-out by time per user; item ids by descending frequency from 3 (as Categorify)."""
+    import scipy.sparse as sp
+    import torch
+
+    from raytr.features import FIRST_ITEM_ID, FeatureSpec
+
+    frame = movielens_interactions()
+    counts = frame["item_id"].value_counts()
+    ids = {raw: FIRST_ITEM_ID + i for i, raw in enumerate(counts.index)}
+    frame["item"] = frame["item_id"].map(ids).astype(np.int64)
+    frame = frame.sort_values(["user_id", "timestamp", "item"], kind="stable")
+    V = FIRST_ITEM_ID + len(ids)
+    spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=V, max_sequence_length=ML_WINDOW)
+    train_windows, valid_rows, test_rows, valid_hist, test_hist = [], [], [], [], []
+    for _, items in frame.groupby("user_id", sort=True)["item"]:
+        seq = items.to_numpy()
+        if len(seq) < 3:
+            continue
+        train = seq[:-2]
+        for end in range(len(train), 1, -ML_WINDOW):  # windows of T from the end, >= 2 events each
+            window = train[max(0, end - ML_WINDOW): end]
+            if len(window) >= 2:
+                train_windows.append(window)
+        valid_rows.append(seq[:-1][-ML_WINDOW:])
+        test_rows.append(seq[-ML_WINDOW:])
+        valid_hist.append(seq[:-2])
+        test_hist.append(seq[:-1])
+
+    def padded(rows: list[np.ndarray]) -> torch.Tensor:
+        out = np.zeros((len(rows), ML_WINDOW), dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return torch.from_numpy(out)
+
+    def history(rows: list[np.ndarray]) -> sp.csr_matrix:
+        r = np.concatenate([np.full(len(h), i) for i, h in enumerate(rows)])
+        c = np.concatenate(rows)
+        m = sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(len(rows), V))
+        m.data[:] = 1.0
+        return m
+
+    split_dir = DATA_DIR / "quality" / "ml-100k-split"
+    train_path = _write_sessions(split_dir / "train.parquet", train_windows)
+    return QualityData(
+        "ml-100k", spec, [train_path],
+        EvalSet("second-to-last item per user", sessions=padded(valid_rows), history=history(valid_hist)),
+        EvalSet("last item per user", sessions=padded(test_rows), history=history(test_hist)),
+        exclude_seen=True,
+        protocol=f"leave-one-out by time per user (last = test, second-to-last = validation); training "
+                 f"histories cut into windows of {ML_WINDOW} from the end; items already rated excluded",
+        stats={"users": len(test_rows), "items": V - FIRST_ITEM_ID, "interactions": int(len(frame)),
+               "train_windows": len(train_windows)})
+
+
+LOADERS = {"synthetic": load_synthetic, "yoochoose": load_yoochoose, "ml-100k": load_movielens}
+
+
+# ---------------------------------------------------------------------------- models
+def train_batches(data: QualityData):
+    from raytr.data.loaders import DataLoader
+
+    return DataLoader(data.spec, data.train_paths, 1024, shuffle=False, engine="pyarrow")
+
+
+def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
+    from raytr.baselines import Popularity, SessionItemKNN
+
+    out = {}
+    t = time.perf_counter()
+    pop = Popularity(data.spec.item_cardinality).fit(train_batches(data))
+    out["popularity"] = {"valid": evaluate(pop, data, "valid"), "test": evaluate(pop, data, "test"),
+                         "choice": {}, "seconds": time.perf_counter() - t}
+    t = time.perf_counter()
+    trials = []
+    for decay in KNN_DECAYS:
+        knn = SessionItemKNN(data.spec.item_cardinality, recency_decay=decay).fit(train_batches(data))
+        trials.append((evaluate(knn, data, "valid"), decay, knn))
+    valid, decay, knn = max(trials, key=lambda t: t[0][SELECT_BY])
+    out["item_knn"] = {"valid": valid, "test": evaluate(knn, data, "test"), "seconds": time.perf_counter() - t,
+                       "choice": {"recency_decay": decay},
+                       "validation_trials": {str(d): v[SELECT_BY] for v, d, _ in trials}}
+    return out
+
+
+def model_config(body: str, objective: str):
+    from raytr.config import ModelConfig
+
+    return ModelConfig(body=body, objective=objective, d_model=64, n_layers=2, n_heads=4, dropout=0.2)
+
+
+def training_args(output_dir: Path, epochs: int, seed: int = 0):
+    from raytr.training.arguments import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=128,
+        learning_rate=2e-3, launcher="local", data_loader_engine="pyarrow", report_to=(), disable_tqdm=True,
+        save_total_limit=epochs + 1,  # keep every epoch's checkpoint: the epoch is chosen on validation below
+        seed=seed, metrics_top_k=TOP_K,
+    )
+
+
+def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: int, work: Path) -> dict[str, Any]:
+    """Train `epochs` epochs, score every epoch's checkpoint on validation, test the best once."""
+    from raytr.models import SessionModel
+    from raytr.training.loop import read_trainer_state
+    from raytr.training.trainer import Trainer
+
+    out_dir = work / name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model = SessionModel(data.spec, model_config(body, objective), seed=0)
+    trainer = Trainer(model, training_args(out_dir, epochs), train_dataset_or_path=data.train_paths)
+    t = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    curve = []
+    for ckpt in sorted(Path(result.checkpoint).parent.glob("checkpoint-*")):
+        epoch = int(read_trainer_state(ckpt)["epoch"]) + 1
+        curve.append((epoch, evaluate(SessionModel.load(ckpt), data, "valid"), ckpt))
+    epoch, valid, ckpt = max(curve, key=lambda c: c[1][SELECT_BY])
+    test = evaluate(SessionModel.load(ckpt), data, "test")
+    eval_s = time.perf_counter() - t
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"body": body, "objective": objective, "valid": valid, "test": test, "choice": {"epochs": epoch},
+            "validation_curve": {e: v[SELECT_BY] for e, v, _ in curve}, "epochs_trained": epochs,
+            "train_seconds": train_s, "eval_seconds": eval_s,
+            "train_sessions_per_s": result.metrics.get("train_sessions_per_second")}
+
+
+def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path) -> dict[str, Any]:
+    """Day windows on the YOOCHOOSE sample with the chosen transformer: train day t, evaluate t+1."""
+    from raytr.config import load_config
+    from raytr.training.incremental import run_incremental
+
+    overrides = {
+        "model": {"body": body, "objective": objective, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.2},
+        "training": {"launcher": "local", "num_train_epochs": epochs, "disable_tqdm": True, "report_to": [],
+                     "data_loader_engine": "pyarrow", "metrics_top_k": list(TOP_K), "learning_rate": 2e-3,
+                     "per_device_train_batch_size": 128, "save_total_limit": 1},
+    }
+    config = load_config(REPO / "configs" / "yoochoose.yaml", overrides)
+    out_dir = work / "incremental"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    t = time.perf_counter()
+    result = run_incremental(config, yoochoose_prepared(), out_dir, end_day=6, mode="finetune")
+    seconds = time.perf_counter() - t
+    table = result.table
+    keep = ["day", "model", *[c for c in REPORTED if c in table.columns]]
+    rows = table[keep].to_dict(orient="records")
+    averages = result.averages[["model", *[c for c in REPORTED if c in result.averages.columns]]]
+    return {"model": f"{body}-{objective}", "epochs_per_window": epochs, "mode": "finetune", "seconds": seconds,
+            "per_day": rows, "average": averages.to_dict(orient="records")}
+
+
+def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, incremental: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    load0 = load_average()
+    data = LOADERS[name]()
+    work = work_root / name
+    results: dict[str, Any] = run_baselines(data)
+    log.info("%s baselines: %s", name, {k: round(v["test"][SELECT_BY], 4) for k, v in results.items()})
+    skipped = []
+    for model_name, body, objective in NEURAL:
+        spent = time.perf_counter() - started
+        if spent > budget_s:
+            skipped.append(model_name)
+            log.warning("%s: budget of %.0fs spent (%.0fs): skipping %s", name, budget_s, spent, model_name)
+            continue
+        res = run_neural(data, model_name, body, objective, epochs, work)
+        results[model_name] = res
+        log.info("%s %s: best epoch %d, valid %s %.4f, test %.4f (%.0fs)", name, model_name, res["choice"]["epochs"],
+                 SELECT_BY, res["valid"][SELECT_BY], res["test"][SELECT_BY], res["train_seconds"] + res["eval_seconds"])
+    transformers = {k: v for k, v in results.items() if k not in ("popularity", "item_knn", "gru")}
+    summary: dict[str, Any] = {}
+    if transformers:
+        best = max(transformers, key=lambda k: transformers[k]["valid"][SELECT_BY])
+        baselines = [k for k in ("popularity", "item_knn", "gru") if k in results]
+        beats = {m: {b: results[best]["test"][m] > results[b]["test"][m] for b in baselines} for m in REPORTED}
+        summary = {"best_transformer": best, "chosen_on": f"validation {SELECT_BY}",
+                   "beats_every_baseline": all(all(v.values()) for v in beats.values()), "beats": beats,
+                   "best_test": results[best]["test"],
+                   "best_baseline_test": {m: max((results[b]["test"][m], b) for b in baselines) for m in REPORTED}}
+    out = {"dataset": name, "protocol": data.protocol, "stats": data.stats, "exclude_seen": data.exclude_seen,
+           "epochs_max": epochs, "budget_s": budget_s, "skipped_for_budget": skipped, "models": results,
+           "summary": summary}
+    if incremental and name == "yoochoose" and summary:
+        # The windows cover days 1-5 once per epoch (~ the training set): estimate from the chosen
+        # model's epoch time and give them the epochs the remaining budget affords (at most its own).
+        remaining = budget_s - (time.perf_counter() - started)
+        best = results[summary["best_transformer"]]
+        per_epoch = best["train_seconds"] / best["epochs_trained"] * 1.25
+        inc_epochs = min(best["choice"]["epochs"], int(remaining // per_epoch))
+        if inc_epochs >= 1:
+            out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work)
+        else:
+            out["incremental"] = {"skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one "
+                                             f"epoch over the windows needs ~{per_epoch:.0f}s"}
+    out["seconds"] = time.perf_counter() - started
+    out["load_before"], out["load_after"] = load0, load_average()
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def print_dataset(res: dict[str, Any]) -> None:
+    print(f"\n{res['dataset']} ({res['protocol']}); {res['seconds']:.0f}s of a {res['budget_s']:.0f}s budget")
+    print(f"{'model':12} {'choice':22} " + " ".join(f"{m:>9}" for m in REPORTED))
+    for name, r in res["models"].items():
+        choice = ",".join(f"{k}={v}" for k, v in r.get("choice", {}).items())
+        print(f"{name:12} {choice:22} " + " ".join(f"{r['test'][m]:9.4f}" for m in REPORTED))
+    s = res.get("summary") or {}
+    if s:
+        print(f"best transformer on validation: {s['best_transformer']}; beats every baseline on every metric: "
+              f"{s['beats_every_baseline']}")
+    if res.get("skipped_for_budget"):
+        print(f"skipped (budget): {res['skipped_for_budget']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma list of {list(DATASETS)}")
+    p.add_argument("--epochs", action="append", default=[], metavar="DATASET=N",
+                   help=f"max epochs per model (default {DEFAULT_EPOCHS})")
+    p.add_argument("--budget-min", action="append", default=[], metavar="DATASET=MIN",
+                   help=f"wall-clock budget per dataset in minutes (default {DEFAULT_BUDGET_MIN})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core host)")
+    p.add_argument("--no-incremental", action="store_true", help="skip the YOOCHOOSE day-window run")
+    p.add_argument("--output", default="quality")
+    args = p.parse_args(argv)
+    setup_logging()
+    import ray
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started, load_before = time.time(), load_average()
+    epochs, budgets = dict(DEFAULT_EPOCHS), dict(DEFAULT_BUDGET_MIN)
+    for item in args.epochs:
+        key, _, value = item.partition("=")
+        epochs[key] = int(value)
+    for item in args.budget_min:
+        key, _, value = item.partition("=")
+        budgets[key] = float(value)
+    names = args.datasets.split(",")
+    bad = [n for n in names if n not in DATASETS]
+    if bad:
+        log.error("unknown dataset(s) %s; known: %s", bad, list(DATASETS))
+        return 2
+    results = []
+    for name in names:
+        res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work",
+                          incremental=not args.no_incremental)
+        print_dataset(res)
+        results.append(res)
+    if ray.is_initialized():
+        ray.shutdown()
+    notes = [
+        "Hyperparameters fixed beforehand: d_model 64, 2 layers, 4 heads, dropout 0.2, AdamW lr 2e-3 linear decay, "
+        "batch 128, full softmax, launcher local, torch threads as recorded.",
+        f"Chosen on validation ({SELECT_BY}): each model's epoch, item-kNN recency decay {list(KNN_DECAYS)}, the best transformer.",
+        "Test metrics computed once per model with the chosen checkpoint.",
+    ]
+    write_result(args.output, envelope("quality", started, load_before, threads=args.threads,
+                                       budget_min={n: budgets[n] for n in names}, datasets=results, notes=notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The GPU benchmarks in one command (an H100 machine): training step, loaders, then REPORT.md.
+
+    python bench/run_gpu.py
+    python bench/run_gpu.py --configs 5k,50k      # a subset of bench/train.py's GPU configs
+
+Runs `train.py --device cuda --configs <configs> --precision fp16,bf16`, `loader.py --device cuda`
+and `report.py`, each as its own process; see bench/README.md for running them one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="all", help="train.py --configs (default: the four GPU configs)")
+    p.add_argument("--precision", default="fp16,bf16")
+    args = p.parse_args(argv)
+    steps = [
+        ["train.py", "--device", "cuda", "--configs", args.configs, "--precision", args.precision],
+        ["loader.py", "--device", "cuda"],
+        ["report.py"],
+    ]
+    failed = []
+    for step in steps:
+        cmd = [sys.executable, str(BENCH / step[0]), *step[1:]]
+        print(f"\n=== {' '.join(cmd[1:])}", flush=True)
+        t = time.time()
+        rc = subprocess.run(cmd, cwd=BENCH.parent).returncode
+        print(f"=== exit {rc} after {time.time() - t:.0f}s", flush=True)
+        if rc != 0:
+            failed.append(step[0])
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
