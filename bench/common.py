@@ -155,14 +155,19 @@ class PeakRSS:
     def _targets(self):
         if self.child_match is None:
             return [self._proc]
-        out = []
-        for child in self._proc.children(recursive=True):
-            try:
-                if self.child_match in " ".join(child.cmdline()):
-                    out.append(child)
-            except Exception:  # noqa: BLE001 - processes come and go
-                continue
-        return out
+        # Scanning every descendant's command line is not free (a Ray node has dozens of
+        # processes): rescan once a second, sample the matches in between.
+        self._scan_count = getattr(self, "_scan_count", 0) + 1
+        if self._scan_count % 20 == 1 or not getattr(self, "_matched", None):
+            matched = []
+            for child in self._proc.children(recursive=True):
+                try:
+                    if self.child_match in " ".join(child.cmdline()):
+                        matched.append(child)
+                except Exception:  # noqa: BLE001 - processes come and go
+                    continue
+            self._matched = matched
+        return self._matched
 
     def _sample(self) -> None:
         rss, cpu = 0, 0.0

@@ -141,8 +141,9 @@ def engine_baseline_pyarrow(spec, files, batch: int, device):
         order = rng.permutation(n)
         for start in range(0, n, batch):
             rows = order[start: start + batch]
-            padded = {name: torch.from_numpy(_pad_numpy(v, o, rows, length)).to(device) for name, (v, o) in columns.items()}
-            yield len(rows)
+            padded = {name: torch.from_numpy(_pad_numpy(v, o, rows, length)).to(device)
+                      for name, (v, o) in columns.items()}
+            yield len(padded[spec.item_id])
 
     return epoch, build
 

@@ -29,14 +29,13 @@ YOOCHOOSE day windows get the epochs the remaining budget affords.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from bench.common import (  # noqa: E402
     envelope,
     load_average,
     prepared_synthetic,
+    read_result,
     setup_logging,
     write_result,
 )
@@ -236,7 +236,9 @@ def load_movielens() -> QualityData:
     counts = frame["item_id"].value_counts()
     ids = {raw: FIRST_ITEM_ID + i for i, raw in enumerate(counts.index)}
     frame["item"] = frame["item_id"].map(ids).astype(np.int64)
-    frame = frame.sort_values(["user_id", "timestamp", "item"], kind="stable")
+    # Stable by time: a user's ratings with equal timestamps keep the file's order (as RecBole does;
+    # breaking ties by item id would order them by popularity, a pattern models could learn).
+    frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
     V = FIRST_ITEM_ID + len(ids)
     spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=V, max_sequence_length=ML_WINDOW)
     train_windows, valid_rows, test_rows, valid_hist, test_hist = [], [], [], [], []
@@ -424,6 +426,7 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
             out["incremental"] = {"skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one "
                                              f"epoch over the windows needs ~{per_epoch:.0f}s"}
     out["seconds"] = time.perf_counter() - started
+    out["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
     out["load_before"], out["load_after"] = load0, load_average()
     shutil.rmtree(work, ignore_errors=True)
     return out
@@ -452,6 +455,8 @@ def main(argv=None) -> int:
                    help=f"wall-clock budget per dataset in minutes (default {DEFAULT_BUDGET_MIN})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core host)")
     p.add_argument("--no-incremental", action="store_true", help="skip the YOOCHOOSE day-window run")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only these datasets in the existing results file, keep the others")
     p.add_argument("--output", default="quality")
     args = p.parse_args(argv)
     setup_logging()
@@ -480,12 +485,17 @@ def main(argv=None) -> int:
         results.append(res)
     if ray.is_initialized():
         ray.shutdown()
+    if args.merge and (old := read_result(args.output)) is not None:
+        fresh = {r["dataset"]: r for r in results}
+        results = [fresh.pop(r["dataset"], r) for r in old["datasets"]] + list(fresh.values())
     notes = [
         "Hyperparameters fixed beforehand: d_model 64, 2 layers, 4 heads, dropout 0.2, AdamW lr 2e-3 linear decay, "
         "batch 128, full softmax, launcher local, torch threads as recorded.",
         f"Chosen on validation ({SELECT_BY}): each model's epoch, item-kNN recency decay {list(KNN_DECAYS)}, the best transformer.",
         "Test metrics computed once per model with the chosen checkpoint.",
     ]
+    if args.merge:
+        notes.append("Datasets may come from separate runs (--merge): each has its own `measured` time and load.")
     write_result(args.output, envelope("quality", started, load_before, threads=args.threads,
                                        budget_min={n: budgets[n] for n in names}, datasets=results, notes=notes))
     return 0

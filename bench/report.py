@@ -21,8 +21,9 @@ RESULTS = BENCH / "results"
 FIGURES = BENCH / "figures"
 REPORT = BENCH / "REPORT.md"
 
-GPU_COMMAND = ("python bench/train.py --device cuda --configs all --precision fp16,bf16 && "
-               "python bench/loader.py --device cuda && python bench/report.py")
+GPU_COMMAND = ".venv/bin/python bench/run_gpu.py"
+GPU_EXPANDED = ("python bench/train.py --device cuda --configs all --precision fp16,bf16; "
+                "python bench/loader.py --device cuda; python bench/report.py")
 
 # The issue's H100 figures for the bare loop and loaders (16 cores), for context only.
 REFERENCE_H100 = [
@@ -93,7 +94,18 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
             return [title, "", f"Not measured yet (no GPU on the machine that ran `make bench`). On an H100: "
                                f"`{GPU_COMMAND}`.", ""]
         return [title, "", "Not measured: run `python bench/train.py`.", ""]
-    rows = [r for r in res["results"]]
+    cfg_order = list(res.get("configs", {}))
+    impl_order = ["bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
+                  "raytr-ray-raydata"]
+    precision_order = ["fp32", "fp16", "bf16"]
+
+    def rank(r: dict[str, Any]) -> tuple[int, int, int]:
+        def pos(seq: list[str], x: str) -> int:
+            return seq.index(x) if x in seq else len(seq)
+
+        return pos(cfg_order, r["config"]), pos(precision_order, r["precision"]), pos(impl_order, r["impl"])
+
+    rows = sorted(res["results"], key=rank)  # merged re-measurements may come last in the file
     out = [title, "", machine_line(res), ""]
     if device == "cpu":
         out += ["CPU configs are scaled down from the issue's GPU configs (B = 256; the 50k catalog at D = 64).", ""]
@@ -130,6 +142,7 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
         out += ["", "Where raytr's time goes (wall-clock ratios; raytr-model = raytr's model in the bare loop, so "
                     "raytr-local ÷ raytr-model is the Trainer + loader, raytr-model ÷ bare the model):", "",
                 *decomposition]
+    out += ["", *[f"- {n}" for n in res.get("notes", [])]]
     out += ["", "*sessions/CPU-s* divides by the CPU time the training process(es) used in the timed window, which "
                 "other tenants' load disturbs far less than wall time. *peak GB*: " +
             "; ".join(sorted({r.get('peak_mem_kind', '') for r in rows if r.get('peak_mem_kind')})) +
@@ -137,8 +150,7 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
             "⚠ below 0.85 = the run was starved by other work, its wall-clock figure is low (compare sessions/CPU-s). "
             "*load*: 1-minute load average when the run started.", ""]
     plt = _plt()
-    groups = sorted({(r["config"], r["precision"]) for r in rows}, key=lambda g: (list(cfgs).index(g[0])
-                                                                                     if g[0] in cfgs else 0, g[1]))
+    groups = list(dict.fromkeys((r["config"], r["precision"]) for r in rows))  # rows are sorted already
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 2), 3.8))
     width = 0.8 / max(len(impls), 1)
@@ -180,15 +192,20 @@ def section_loader(res: dict[str, Any] | None, device: str) -> list[str]:
         if "error" in r:
             body.append([r["engine"], "error: " + r["error"][:60], "", "", "", "", ""])
             continue
-        body.append([r["engine"], fmt(r["sessions_per_s"]), fmt(r.get("sessions_per_cpu_s")), fmt(r.get("build_s"), 2),
+        share = None
+        if device == "cpu" and not r["engine"].startswith("raydata") and r.get("sessions_per_cpu_s"):
+            share = r["sessions_per_s"] / r["sessions_per_cpu_s"]
+        body.append([r["engine"], fmt(r["sessions_per_s"]), fmt(r.get("sessions_per_cpu_s")),
+                     fmt(share, 2) + (" ⚠" if share is not None and share < 0.85 else ""), fmt(r.get("build_s"), 2),
                      fmt(r.get("ratio_vs_baseline"), 2), fmt(r.get("ratio_vs_training"), 0),
-                     fmt(r.get("load_before", [None])[0], 1) + (" ⚠" if r.get("disturbed") else "")])
-    out += table(["engine", "sessions/s", "sessions/CPU-s (this process)", "build s", "÷ baseline-merlin",
-                  "÷ training step", "load"], body)
+                     fmt(r.get("load_before", [None])[0], 1)])
+    out += table(["engine", "sessions/s", "sessions/CPU-s (this process)", "CPU share", "build s",
+                  "÷ baseline-merlin", "÷ training step", "load"], body)
     if cons:
         out += ["", f"Training consumption: raytr-local {cons['config']} {cons['precision']} at "
                     f"{fmt(cons['sessions_per_s'])} sessions/s (train-{device}.json); target: each loader >= 2x."]
-    out += ["", "Ray Data reads in separate worker processes, so its CPU-s column counts only the consumer side.", ""]
+    out += ["", "Ray Data reads in separate worker processes, so its CPU-s column counts only the consumer side "
+                "(no CPU share). ⚠: CPU share below 0.85, starved by other work.", ""]
     plt = _plt()
     ok = [r for r in res["results"] if "error" not in r]
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -225,7 +242,9 @@ def section_prepare(res: dict[str, Any] | None) -> list[str]:
             growth.append(f"{name} x{s[sizes[-1]] / s[sizes[0]]:.1f}")
         out += ["", f"Time growth from {fmt(sizes[0])} to {fmt(sizes[-1])} sessions (x{sizes[-1] / sizes[0]:.0f} data): "
                     + ", ".join(growth) + "."]
-    out += ["", *[f"- {n}" for n in res.get("notes", [])], ""]
+    out += ["", *[f"- {n}" for n in res.get("notes", [])],
+            "- ⚠: 1-minute load above 1.5 x cores when the run started or ended. raytr's Ray tasks run at Ray's worker "
+            "niceness (15), so other work slows them more than the pandas pipeline.", ""]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name in ("pandas", "raytr"):
@@ -252,7 +271,9 @@ def section_quality(res: dict[str, Any] | None) -> list[str]:
                 ", ".join(f"{k} {fmt(v) if not isinstance(v, dict) else ''}".strip() for k, v in ds["stats"].items()
                           if k != "directory" and not isinstance(v, dict)) +
                 f". Wall time {ds['seconds']:.0f}s of a {ds['budget_s']:.0f}s budget, at most "
-                f"{ds['epochs_max']} epochs per model.", ""]
+                f"{ds['epochs_max']} epochs per model" +
+                (f"; measured {ds['measured']}, load {ds.get('load_before', ['?'])[0]} at the start" if ds.get("measured")
+                 else "") + ".", ""]
         best = {m: max(r["test"][m] for r in ds["models"].values()) for m in metrics}
         body = []
         for name, r in ds["models"].items():
@@ -383,7 +404,8 @@ def main() -> int:
     if not train_gpu or not loader_gpu:
         lines += ["**Not measured here: the GPU figures** (training step on the issue's four configs in fp16/bf16, "
                   "loaders delivering on the GPU, the 80% and 20 GB targets). On one H100:", "",
-                  f"```bash\nmake install && {GPU_COMMAND}\n```", ""]
+                  f"```bash\nmake install && {GPU_COMMAND}\n```", "",
+                  f"(= `{GPU_EXPANDED}`; bench/README.md has the split for 10-minute command limits.)", ""]
     lines += ["## Targets (issue #6)", ""] + [f"- {t}" for t in TARGETS] + [""]
     lines += target_status(train_cpu, train_gpu, loader_cpu, loader_gpu)
     lines += ["## Throughput", ""]

@@ -149,7 +149,6 @@ def bare_batches(ids, batch: int, device):
 
 # ---------------------------------------------------------------------------- bare model
 def build_bare_model(cfg: BenchConfig):
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
@@ -199,7 +198,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_bare_loop(cfg: BenchConfig, impl: str, precision: str, device, warmup: int, steps: int) -> dict[str, Any]:
+def raytr_model_config(cfg: BenchConfig, chunk: int | None):
+    """raytr's gpt2 CLM model at the config's sizes; `chunk` overrides logits_chunk_size."""
+    from raytr.config import ModelConfig
+
+    extra = {"logits_chunk_size": chunk} if chunk else {}
+    return ModelConfig(body="gpt2", objective="clm", d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
+                       dropout=DROPOUT, **extra)
+
+
+def measure_bare_loop(cfg: BenchConfig, impl: str, precision: str, device, warmup: int, steps: int,
+                      chunk: int | None = None) -> dict[str, Any]:
     """bare / bare-compiled / raytr-model: a plain loop over pre-materialised batches."""
     import torch
 
@@ -215,13 +224,11 @@ def measure_bare_loop(cfg: BenchConfig, impl: str, precision: str, device, warmu
     ids = materialise(data.files, cfg.seq_len, device)
     batches = bare_batches(ids, cfg.batch, device)
     if impl == "raytr-model":
-        from raytr.config import ModelConfig
         from raytr.features import FeatureSpec, SessionBatch
         from raytr.models import SessionModel
 
         spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
-        model = SessionModel(spec, ModelConfig(body="gpt2", objective="clm", d_model=cfg.d_model,
-                                               n_layers=cfg.layers, n_heads=cfg.heads, dropout=DROPOUT), seed=0)
+        model = SessionModel(spec, raytr_model_config(cfg, chunk), seed=0)
         model.to(device)
         step_inputs = [SessionBatch(item_ids=b) for b, _, _ in batches]
 
@@ -302,11 +309,10 @@ def step_times_from_tensorboard(directory: Path) -> list[tuple[int, float]]:
 
 
 def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup: int, steps: int,
-                    engine: str, threads: int) -> dict[str, Any]:
+                    engine: str, threads: int, chunk: int | None = None) -> dict[str, Any]:
     """raytr-local / raytr-local-compiled / raytr-ray / raytr-ray-raydata through `Trainer.train()`."""
     import torch
 
-    from raytr.config import ModelConfig
     from raytr.features import FeatureSpec
     from raytr.models import SessionModel
     from raytr.training.arguments import TrainingArguments
@@ -317,8 +323,7 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
     if impl == "raytr-ray-raydata":
         engine = "ray"
     spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
-    model = SessionModel(spec, ModelConfig(body="gpt2", objective="clm", d_model=cfg.d_model, n_layers=cfg.layers,
-                                           n_heads=cfg.heads, dropout=DROPOUT), seed=0)
+    model = SessionModel(spec, raytr_model_config(cfg, chunk), seed=0)
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     out_dir = Path(tempfile.mkdtemp(prefix="train-", dir=DATA_DIR))
     run_name = f"bench-{impl}-{precision}"
@@ -393,10 +398,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     impl, precision, threads = spec["impl"], spec["precision"], spec["threads"]
     torch.set_num_threads(threads)
     if impl.startswith("raytr-") and impl != "raytr-model":
-        out = measure_trainer(cfg, impl, precision, device, spec["warmup"], spec["steps"], spec["engine"], threads)
+        out = measure_trainer(cfg, impl, precision, device, spec["warmup"], spec["steps"], spec["engine"], threads,
+                              spec.get("chunk"))
     else:
-        out = measure_bare_loop(cfg, impl, precision, device, spec["warmup"], spec["steps"])
-    return {**out, "threads": threads}
+        out = measure_bare_loop(cfg, impl, precision, device, spec["warmup"], spec["steps"], spec.get("chunk"))
+    return {**out, "threads": threads, **({"logits_chunk_size": spec["chunk"]} if spec.get("chunk") else {})}
 
 
 # ---------------------------------------------------------------------------- driver side
@@ -409,6 +415,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on cpu; fp16,bf16 on cuda)")
     p.add_argument("--impls", default=None, help=f"comma list of {list(IMPLS)}")
     p.add_argument("--engine", default="merlin", choices=["merlin", "pyarrow"], help="raytr loader engine")
+    p.add_argument("--logits-chunk-size", type=int, default=None,
+                   help="raytr's model.logits_chunk_size (default: raytr's); smaller chunks lower the peak memory "
+                        "of the full softmax on large catalogs (e.g. 1024 for the 1M config)")
     p.add_argument("--warmup", type=int, default=None, help="steps before timing (default 4 cpu, 15 cuda)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 12 cpu, 60 cuda)")
     p.add_argument("--threads", type=int, default=None,
@@ -465,7 +474,8 @@ def main(argv=None) -> int:
             for repeat in range(args.repeats):
                 for impl in impls:  # interleaved: every impl sees the same phases of machine load
                     spec = {"config": asdict(cfg), "device": device, "impl": impl, "precision": precision,
-                            "warmup": warmup, "steps": steps, "engine": args.engine, "threads": threads}
+                            "warmup": warmup, "steps": steps, "engine": args.engine, "threads": threads,
+                            "chunk": args.logits_chunk_size}
                     load0 = load_average()
                     res = run_json_subprocess([str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
                                               timeout=args.timeout, env={"OMP_NUM_THREADS": str(threads)})
@@ -489,8 +499,9 @@ def main(argv=None) -> int:
         if old.get("device") != device:
             log.error("--merge: %s.json holds device %r results, not %r", name, old.get("device"), device)
             return 2
-        fresh = {(r["config"], r["precision"], r["impl"]) for r in rows}
-        rows = [r for r in old["results"] if (r["config"], r["precision"], r["impl"]) not in fresh] + rows
+        fresh = {(r["config"], r["precision"], r["impl"]): r for r in rows}
+        merged = [fresh.pop((r["config"], r["precision"], r["impl"]), r) for r in old["results"]]
+        rows = merged + list(fresh.values())  # re-measured rows keep their place
         configs = {**old.get("configs", {}), **configs}
     add_ratios(rows)
     print_table(rows)
