@@ -225,11 +225,12 @@ def run_epoch(epoch, device) -> tuple[int, float, float]:
 # ---------------------------------------------------------------------------- main
 def training_consumption(device: str) -> dict[str, Any] | None:
     """raytr's training-step consumption (sessions/s) from bench/results/train.json, if measured
-    on this kind of device: the fastest raytr-local figure per config at T = 20."""
+    on this kind of device: the fastest Trainer figure (local or Ray, eager or compiled) at T = 20."""
     train = read_result(f"train-{device}")
     if not train or train.get("device") != device:
         return None
-    rows = [r for r in train["results"] if r.get("impl") == "raytr-local" and "error" not in r and r["seq_len"] == 20]
+    rows = [r for r in train["results"] if r.get("impl", "").startswith(("raytr-local", "raytr-ray"))
+            and "error" not in r and r["seq_len"] == 20]
     if not rows:
         return None
     best = max(rows, key=lambda r: r["sessions_per_s"])
@@ -273,6 +274,36 @@ def main(argv=None) -> int:
     files = day_paths(data_dir)
     log.info("data: %s, %d files, columns %s, T=%d", data_dir, len(files), spec.columns, spec.max_sequence_length)
 
+    consumption = training_consumption(args.device)
+
+    def rows_and_write(partial: bool) -> list[dict[str, Any]]:
+        """The result rows so far, written to the results file (also after every epoch, marked partial,
+        so that a run cut short by a time limit keeps what it measured)."""
+        base = results.get(BASELINE, {}).get("sessions_per_s")
+        rows = []
+        for name in engines:
+            row = dict(results.get(name, {"engine": name, "error": "not run"}))
+            if "error" not in row:
+                if base:
+                    row["ratio_vs_baseline"] = row["sessions_per_s"] / base
+                if consumption:
+                    row["ratio_vs_training"] = row["sessions_per_s"] / consumption["sessions_per_s"]
+            rows.append(row)
+        notes = [f"B={args.batch_size}, T={spec.max_sequence_length}, {len(spec.columns)} list columns padded per "
+                 f"batch; baseline = {BASELINE}.",
+                 "Each figure: the fastest of --repeats full epochs (engines interleaved); build_s is the one-time read."]
+        if consumption:
+            notes.append("ratio_vs_training = loader sessions/s / raytr's training step sessions/s (train.json); "
+                         "on CPU both share the same cores.")
+        if partial:
+            notes.append("PARTIAL: the run stopped before every engine was measured ('not run' rows).")
+        write_result(args.output or f"loader-{args.device}", envelope(
+            "loader", started, load_before, threads=threads, device=args.device, data=str(data_dir),
+            sessions=next((r["sessions"] for r in results.values() if "sessions" in r), None),
+            batch_size=args.batch_size, max_sequence_length=spec.max_sequence_length, columns=spec.columns,
+            training_consumption=consumption, results=rows, notes=notes, partial=partial))
+        return rows
+
     built: dict[str, tuple[Any, float, float]] = {}
     for name in engines:
         with PeakRSS() as mem:
@@ -300,19 +331,10 @@ def main(argv=None) -> int:
                                  "build_mem_gb": build_gb, "load_before": load0, "load_after": load_average(),
                                  "disturbed": disturbed(load0)}
             results[name]["runs"] = runs
+            rows_and_write(partial=True)
     ray.shutdown()
 
-    consumption = training_consumption(args.device)
-    base = results.get(BASELINE, {}).get("sessions_per_s")
-    rows = []
-    for name in engines:
-        row = results.get(name, {"engine": name, "error": "not run"})
-        if "error" not in row:
-            if base:
-                row["ratio_vs_baseline"] = row["sessions_per_s"] / base
-            if consumption:
-                row["ratio_vs_training"] = row["sessions_per_s"] / consumption["sessions_per_s"]
-        rows.append(row)
+    rows = rows_and_write(partial=False)
     print(f"{'engine':22} {'sessions/s':>11} {'build s':>8} {'/baseline':>9} {'/training':>9}")
     for r in rows:
         if "error" in r:
@@ -323,17 +345,7 @@ def main(argv=None) -> int:
     if consumption:
         print(f"training consumption: {consumption['sessions_per_s']:.0f} sessions/s "
               f"(raytr-local, {consumption['config']} {consumption['precision']}, train.json)")
-    notes = [f"B={args.batch_size}, T={spec.max_sequence_length}, {len(spec.columns)} list columns padded per batch; "
-             f"baseline = {BASELINE}.",
-             "Each figure: the fastest of --repeats full epochs (engines interleaved); build_s is the one-time read."]
-    if consumption:
-        notes.append("ratio_vs_training = loader sessions/s / raytr's training step sessions/s (train.json); "
-                     "on CPU both share the same cores.")
-    write_result(args.output or f"loader-{args.device}", envelope(
-        "loader", started, load_before, threads=threads, device=args.device, data=str(data_dir),
-        sessions=results.get(engines[0], {}).get("sessions"), batch_size=args.batch_size,
-        max_sequence_length=spec.max_sequence_length, columns=spec.columns, training_consumption=consumption,
-        results=rows, notes=notes))
+
     return 0 if all("error" not in r for r in rows) else 1
 
 

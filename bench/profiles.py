@@ -13,7 +13,7 @@ script (a reproducible stand-in for other tenants; stopped by their process ids)
    the chunked full-softmax loss vs a plain F.cross_entropy on the same [N, V], and the host
    syncs per step (check_batch's min/max per id column, the target count, the loss checks).
 4. `raytr prepare`'s transform: cProfile of the fitted NVTabular workflow on one 20k-session frame.
-Nothing in raytr is changed: proposed fixes are demonstrated on copies here.
+Proposed fixes are demonstrated on copies here; REPORT.md marks the ones raytr has adopted since.
 """
 
 from __future__ import annotations

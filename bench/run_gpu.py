@@ -3,8 +3,9 @@
     python bench/run_gpu.py
     python bench/run_gpu.py --configs 5k,50k      # a subset of bench/train.py's GPU configs
 
-Runs `train.py --device cuda --configs <configs> --precision fp16,bf16`, `loader.py --device cuda`
-and `report.py`, each as its own process; see bench/README.md for running them one by one.
+Runs `train.py --device cuda --configs <configs> --precision fp16,bf16`, `loader.py --device cuda`,
+`profile_gpu.py` and `report.py`, each as its own process; see bench/README.md for running them one
+by one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     steps = [
         ["train.py", "--device", "cuda", "--configs", args.configs, "--precision", args.precision],
         ["loader.py", "--device", "cuda"],
+        ["profile_gpu.py", "--configs", "50k,1M", "--precision", "fp16"],
         ["report.py"],
     ]
     failed = []

@@ -19,6 +19,7 @@ implementation alike. Implementations (`--impls`):
                         real DataLoader (merlin engine) reading the parquet sessions.
   raytr-local-compiled  the same with TrainingArguments(torch_compile=True).
   raytr-ray             Trainer(launcher="ray"): TorchTrainer with one worker, merlin engine.
+  raytr-ray-compiled    the same with TrainingArguments(torch_compile=True).
   raytr-ray-raydata     Trainer(launcher="ray", data_loader_engine="ray"): Ray Data shard + padding.
 
 Throughput (sessions/s) is measured over steady steps only: `--warmup` steps are run first. The
@@ -94,10 +95,12 @@ CPU_CONFIGS = {
 }
 ALL_CONFIGS = {**GPU_CONFIGS, **CPU_CONFIGS}
 
-IMPLS = ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray", "raytr-ray-raydata")
+IMPLS = ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
+         "raytr-ray-compiled", "raytr-ray-raydata")
 DEFAULT_IMPLS = {
     "cpu": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-ray"),
-    "cuda": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray"),
+    "cuda": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
+             "raytr-ray-compiled"),
 }
 LEARNING_RATE = 1e-3
 DROPOUT = 0.1

@@ -90,6 +90,9 @@ class SessionBatch:
     item_ids: torch.Tensor  # [B, T] int64
     categorical: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, T] int64
     continuous: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, T] float32
+    # The spec whose id ranges a loader already checked (on the whole resident columns, once), so
+    # the model need not check them again with a host sync every step. None: unchecked.
+    ids_checked: FeatureSpec | None = field(default=None, compare=False)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -109,6 +112,7 @@ class SessionBatch:
             item_ids=self.item_ids.to(device, non_blocking=non_blocking),
             categorical={k: v.to(device, non_blocking=non_blocking) for k, v in self.categorical.items()},
             continuous={k: v.to(device, non_blocking=non_blocking) for k, v in self.continuous.items()},
+            ids_checked=self.ids_checked,
         )
 
     def select(self, index: torch.Tensor | slice) -> "SessionBatch":
@@ -117,4 +121,23 @@ class SessionBatch:
             item_ids=self.item_ids[index],
             categorical={k: v[index] for k, v in self.categorical.items()},
             continuous={k: v[index] for k, v in self.continuous.items()},
+            ids_checked=self.ids_checked,
         )
+
+
+def check_id_ranges(columns: dict[str, torch.Tensor], cardinalities: dict[str, int]) -> None:
+    """Raise ValueError naming the first column with an id outside 0..cardinality-1.
+
+    One host sync for all columns together (their min and max are gathered into one tensor)."""
+    names = [name for name, col in columns.items() if col.numel()]
+    if not names:
+        return
+    bounds = torch.stack([torch.stack([columns[n].min(), columns[n].max()]) for n in names]).tolist()
+    for name, (lo, hi) in zip(names, bounds):
+        cardinality = cardinalities[name]
+        if hi >= cardinality or lo < 0:
+            bad = hi if hi >= cardinality else lo
+            raise ValueError(
+                f"column {name!r} has id {bad} (max {hi}, min {lo}) but its cardinality is {cardinality} "
+                f"(valid ids 0..{cardinality - 1}); the batch was encoded with a different workflow than this model"
+            )

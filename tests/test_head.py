@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, PAD_ID
 from raytr.models.head import (
+    CLASS_ALIGNMENT,
     chunked_cross_entropy,
     full_scores,
     log_uniform_log_prob,
@@ -29,17 +30,21 @@ RESERVED = [NEG_INF] * FIRST_ITEM_ID  # scores of padding, null and OOV, as full
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records the largest tensor any op produces, and the input dtypes of log-softmax calls."""
+    """Records the largest tensor any op produces, and the input dtypes of softmax reductions
+    (logsumexp, log-softmax) and of matrix products."""
 
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0
-        self.log_softmax_dtypes: list[torch.dtype] = []
+        self.softmax_dtypes: list[torch.dtype] = []
+        self.matmul_dtypes: list[torch.dtype] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._log_softmax.default:
-            self.log_softmax_dtypes.append(args[0].dtype)
+        if func in (torch.ops.aten._log_softmax.default, torch.ops.aten.logsumexp.default):
+            self.softmax_dtypes.append(args[0].dtype)
+        if func is torch.ops.aten.mm.default:
+            self.matmul_dtypes.append(args[0].dtype)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
@@ -75,7 +80,8 @@ def test_chunked_cross_entropy_materialises_only_chunks():
     with OpRecorder() as rec:
         loss = chunked_cross_entropy(hidden, weight, targets, chunk)
         loss.backward()
-    assert rec.largest <= chunk * V, rec.largest  # one chunk of logits (or its gradient) at most
+    padded = -(-V // CLASS_ALIGNMENT) * CLASS_ALIGNMENT  # the class dimension, aligned for the GEMMs
+    assert rec.largest <= chunk * padded, rec.largest  # one chunk of logits (or its gradient) at most
 
     # The recorder sees the full matrix when it exists, so the bound above is meaningful.
     hidden, weight, targets = _case(N, V, D)
@@ -84,15 +90,48 @@ def test_chunked_cross_entropy_materialises_only_chunks():
     assert rec_plain.largest >= N * (V - FIRST_ITEM_ID)
 
 
-def test_chunked_cross_entropy_log_softmax_in_fp32_under_autocast():
+def test_chunked_cross_entropy_softmax_in_fp32_gemms_in_autocast_dtype():
     hidden, weight, targets = _case(N=40, V=50, D=8)
     with OpRecorder() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
         loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
-        loss.backward()
-    assert rec.log_softmax_dtypes and all(d == torch.float32 for d in rec.log_softmax_dtypes)
-    assert loss.dtype == torch.float32
+        g_hidden, g_weight = torch.autograd.grad(loss, (hidden, weight))
+    assert rec.softmax_dtypes and all(d == torch.float32 for d in rec.softmax_dtypes)
+    assert len(rec.matmul_dtypes) == 3 * 3 and all(d == torch.bfloat16 for d in rec.matmul_dtypes)  # 3 GEMMs x 3 chunks
+    assert loss.dtype == torch.float32 and g_hidden.dtype == g_weight.dtype == torch.float32
     ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID)
+    r_hidden, r_weight = torch.autograd.grad(ref, (hidden, weight))
     assert abs(loss.item() - ref.item()) < 0.05 * ref.item()  # bf16 matmul, fp32 softmax
+    assert torch.allclose(g_hidden, r_hidden, atol=0.05 * r_hidden.abs().max())
+    assert torch.allclose(g_weight, r_weight, atol=0.05 * r_weight.abs().max())
+
+
+def test_chunked_cross_entropy_recomputes_nothing_in_backward():
+    hidden, weight, targets = _case(N=40, V=50, D=8)
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+    with OpRecorder() as rec:
+        loss.backward()
+    assert rec.matmul_dtypes == []  # the gradients were made with the loss; backward only scales them
+
+
+def test_chunked_cross_entropy_without_grad_matches_and_keeps_no_graph():
+    hidden, weight, targets = _case(N=50, V=23, D=8)
+    with torch.no_grad():
+        loss = chunked_cross_entropy(hidden, weight, targets, 7, 0.1)
+    ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=0.1)
+    assert not loss.requires_grad and torch.allclose(loss, ref, atol=1e-6)
+
+
+def test_chunk_rows_are_capped_for_huge_catalogs(monkeypatch):
+    import raytr.models.head as head
+
+    monkeypatch.setattr(head, "MAX_CHUNK_LOGITS", 1000)  # V = 100 -> at most 10 rows per chunk
+    hidden, weight, targets = _case(N=64, V=100, D=4)
+    with OpRecorder() as rec:
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=4096)
+        loss.backward()
+    assert rec.largest <= 10 * 128  # 10 rows x the class dimension padded to 128
+    ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID)
+    assert torch.allclose(loss, ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("reserved", [PAD_ID, NULL_ID, OOV_ID])
@@ -272,3 +311,19 @@ def test_top_k_order_agrees_with_metric_ranks():
     for position in range(k):
         ranks = ranks_of_targets(scores, ids[:, position])
         assert torch.all(ranks == position + 1)
+
+
+@pytest.mark.slow
+def test_compiled_chunk_kernel_gives_the_same_loss_and_gradients():
+    """SessionModel.compile_regions hands chunked_cross_entropy a torch.compile'd chunk kernel."""
+    from raytr.models.head import _chunk_loss_and_grads
+
+    kernel = torch.compile(_chunk_loss_and_grads, dynamic=True)
+    for n in (50, 37):  # a second size: the last chunk's rows vary, without recompiling per value
+        hidden, weight, targets = _case(N=n, V=23, D=8, seed=n)
+        loss = chunked_cross_entropy(hidden, weight, targets, 16, 0.1, chunk_fn=kernel)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=0.1)
+        ref_grads = torch.autograd.grad(ref, (hidden, weight))
+        assert torch.allclose(loss, ref, atol=1e-5)
+        assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))

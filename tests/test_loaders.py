@@ -321,3 +321,20 @@ def test_prepared_data_both_engines_and_ranks(prepared_dir, prepared_schema, pre
             for r in range(2)
         ]
         assert torch.equal(torch.cat(halves), expected), engine
+
+
+# --- id ranges, checked once per loader ------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ids_beyond_the_cardinality_are_rejected_at_load_naming_column_and_file(files, engine):
+    small = FeatureSpec(item_id="item_id-list", item_cardinality=1_000_000, max_sequence_length=T,
+                        categorical={"category-list": 5}, continuous=("price-list",))  # the files hold 3..6
+    with pytest.raises(ValueError, match=r"column 'category-list' has id 6 .* cardinality is 5 .*part-000"):
+        DataLoader(small, files, 4, engine=engine)
+
+
+def test_batches_carry_the_spec_their_ids_were_checked_against(files):
+    batch = next(iter(DataLoader(SPEC, files, 4)))
+    assert batch.ids_checked == SPEC
+    assert batch.select(slice(0, 2)).ids_checked == SPEC and batch.to("cpu").ids_checked == SPEC

@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, MistralConfig
 
 from raytr.config import ConfigError, ModelConfig
-from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, SessionBatch
+from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, FeatureSpec, SessionBatch
 from raytr.metrics import RankingMetrics
 from raytr.models import SessionModel, SessionOutput
 from raytr.models.bodies import build_body, hf_config_for, model_config_values
@@ -340,3 +340,21 @@ def test_gpt2_learns_deterministic_successor():
     metrics = RankingMetrics([1, 5])
     metrics.update(model.score_next(prefix), targets)
     assert metrics.compute()["recall@1"] > 0.9, metrics.compute()
+
+
+@pytest.mark.slow
+def test_compile_regions_gives_the_eager_loss_and_keeps_parameter_names():
+    config = ModelConfig(body="gpt2", d_model=32, n_layers=1, n_heads=2, dropout=0.0)
+    eager = SessionModel(SPEC_FOR_COMPILE, config, seed=0)
+    compiled = SessionModel(SPEC_FOR_COMPILE, config, seed=0)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_regions()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    batch = SessionBatch(item_ids=torch.tensor([[5, 9, 7, 0], [4, 6, 8, 10], [3, 3, 0, 0]]))
+    a, b = eager(batch), compiled(batch)
+    assert torch.allclose(a.loss, b.loss, atol=1e-5)
+    b.loss.backward()
+    assert all(p.grad is not None for p in compiled.parameters() if p.requires_grad)
+
+
+SPEC_FOR_COMPILE = FeatureSpec(item_id="item_id-list", item_cardinality=20, max_sequence_length=4)

@@ -1,8 +1,9 @@
 """The next-item head: scores are dot products with the item embedding table (weight tying).
 
 Losses are named pure functions over (hidden, weight, targets):
-- `chunked_cross_entropy`: full softmax over the catalog in row chunks, each chunk's logits
-  recomputed in backward (activation checkpointing), so [N, V] logits never exist at once;
+- `chunked_cross_entropy`: full softmax over the catalog in row chunks, each chunk's gradients made
+  in the same pass as its loss (a fused linear + cross-entropy), so [N, V] logits never exist at
+  once and backward recomputes nothing;
 - `sampled_softmax_loss`: shared log-uniform negatives with logQ correction.
 Only ids FIRST_ITEM_ID..V-1 are classes: padding (0), null (1) and OOV (2) are never predicted.
 
@@ -21,7 +22,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from raytr.config import ModelConfig
 from raytr.features import PAD_ID
@@ -43,38 +43,116 @@ def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, smoothing: float,
     return (1.0 - smoothing) * nll + smoothing * smooth
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, class_weight: torch.Tensor, target: torch.Tensor,
-                    smoothing: float) -> torch.Tensor:
-    """Summed loss of one chunk. hidden [c, D], class_weight [V-3, D], target [c] in 0..V-4."""
-    logits = hidden @ class_weight.T  # [c, V-3], in the autocast dtype when autocast is on
-    # The log-softmax is done in fp32: bf16/fp16 logsumexp over 10^5 items loses the target's mass.
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return _smoothed_nll(logp, target, smoothing).sum()
+# A chunk holds at most this many logits ([rows, V]; 2^29 fp32 = 2 GiB), whatever `chunk_size` says,
+# so that a 1,000,000-item catalog gets 536-row chunks instead of 4096 x 10^6 logits. Not smaller:
+# every chunk adds its [V, D] weight gradient into the fp32 total, a pass over V x D each time.
+MAX_CHUNK_LOGITS = 2**29
+# The class dimension is padded to a multiple of this: with an odd catalog size (or the reserved
+# rows sliced off) cuBLAS falls back to unaligned GEMM kernels several times slower on an H100.
+CLASS_ALIGNMENT = 64
+
+
+def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                          num_classes: int, smoothing: float, with_grad: bool):
+    """One chunk of the fused linear + cross-entropy.
+
+    hidden [c, D] and weight [Vp, D] in the compute dtype (rows past the catalog are zero
+    padding), targets [c] item ids, valid [Vp] bool marking the `num_classes` real items. Returns
+    (summed loss, d loss/d hidden [c, D], d loss/d weight [Vp, D]), the gradients of the summed
+    loss, None without `with_grad` (no float scale argument: a compiled copy would specialise on
+    it). The logits are made once, reduced in fp32 (bf16/fp16 logsumexp over 10^5 items loses the
+    target's mass) and turned in place into their gradient softmax - (1 - s) * onehot - s / C, so a
+    chunk costs one [c, Vp] fp32 buffer.
+    """
+    logits = (hidden @ weight.T).float().masked_fill_(~valid, float("-inf"))  # [c, Vp]
+    lse = torch.logsumexp(logits, dim=1)  # [c]
+    loss = lse - logits.gather(1, targets[:, None]).squeeze(1)  # [c] -log p(target)
+    if smoothing:
+        mean = torch.where(valid, logits, 0.0).sum(dim=1) / num_classes
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - mean)
+    if not with_grad:
+        return loss.sum(), None, None
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits (0 where not a class)
+    if smoothing:
+        grad.sub_(valid * (smoothing / num_classes))
+    grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], smoothing - 1.0))
+    grad = grad.to(hidden.dtype)  # [c, Vp], entries in [-1, 1]: safe in fp16
+    return loss.sum(), grad @ weight, grad.T @ hidden
+
+
+def _padded_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [V, D] weight as [Vp, D] in `dtype` (Vp a multiple of CLASS_ALIGNMENT, zero rows after V)
+    and the [Vp] mask of real classes (ids FIRST_ITEM_ID..V-1): one copy, as the cast alone would be."""
+    V, D = weight.shape
+    padded = -(-V // CLASS_ALIGNMENT) * CLASS_ALIGNMENT
+    out = weight.new_zeros((padded, D), dtype=dtype)
+    out[:V].copy_(weight)
+    ids = torch.arange(padded, device=weight.device)
+    return out, (ids >= FIRST_ITEM_ID) & (ids < V)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` over the real items, computed chunk by chunk with
+    the gradients made during forward (backward only scales them): three GEMMs per chunk, no
+    recomputation, and never more than one chunk of logits alive."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, smoothing, chunk_fn, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            w, valid = _padded_weight(weight, dtype)
+            n, num_classes = h.shape[0], weight.shape[0] - FIRST_ITEM_ID
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                loss, g_h, g_w = chunk_fn(h[start:stop], w, targets[start:stop], valid, num_classes, smoothing, True)
+                total += loss
+                grad_hidden[start:stop] = g_h / n
+                grad_weight += g_w
+        ctx.save_for_backward(grad_hidden, (grad_weight[: weight.shape[0]] / n).to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_size: int, label_smoothing: float = 0.0) -> torch.Tensor:
+                          chunk_size: int, label_smoothing: float = 0.0, check_targets: bool = True,
+                          chunk_fn=_chunk_loss_and_grads) -> torch.Tensor:
     """Mean full-softmax cross-entropy of `targets` over the classes FIRST_ITEM_ID..V-1 (3..V-1).
 
     hidden [N, D], weight [V, D] (the item embedding table), targets [N] in FIRST_ITEM_ID..V-1.
     Equal (in value and gradients) to
     `F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=s)`,
-    but rows are processed in chunks of `chunk_size` under `torch.utils.checkpoint`: forward keeps no
-    logits, backward recomputes one chunk's [chunk_size, V-3] logits at a time.
+    but rows go through in chunks of `chunk_size` (capped at MAX_CHUNK_LOGITS / V rows), and each
+    chunk's gradients are made in the same pass as its loss: [N, V] logits never exist, and nothing
+    is recomputed in backward. Under autocast the GEMMs run in the autocast dtype and the softmax
+    in fp32. `check_targets=False` skips the target range check (a host sync) for callers that
+    guarantee it; `chunk_fn` may be a `torch.compile`d `_chunk_loss_and_grads`.
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and DDP) happy with a zero loss
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
-    if bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= weight.shape[0]).any()):
+    if check_targets and (bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= weight.shape[0]).any())):
         raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{weight.shape[0] - 1} (0 = padding, 1 = null, 2 = OOV)")
-    class_weight = weight[FIRST_ITEM_ID:]  # [V-3, D]: padding, null and OOV are not classes
-    classes = targets - FIRST_ITEM_ID
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        stop = start + chunk_size
-        total = total + checkpoint(_chunk_loss_sum, hidden[start:stop], class_weight, classes[start:stop],
-                                   label_smoothing, use_reentrant=False)
+    rows = max(1, min(chunk_size, MAX_CHUNK_LOGITS // weight.shape[0]))
+    dtype = _compute_dtype(hidden)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, rows, label_smoothing, chunk_fn, dtype)
+    w, valid = _padded_weight(weight, dtype)
+    num_classes = weight.shape[0] - FIRST_ITEM_ID
+    total = sum(chunk_fn(hidden[s:s + rows].to(dtype), w, targets[s:s + rows], valid, num_classes, label_smoothing,
+                         False)[0] for s in range(0, hidden.shape[0], rows))
     return total / hidden.shape[0]
 
 
@@ -202,6 +280,7 @@ class NextItemHead(nn.Module):
         self.chunk_size = config.logits_chunk_size
         self.num_negatives = config.num_negatives
         self.label_smoothing = config.label_smoothing
+        self.chunk_fn = _chunk_loss_and_grads  # SessionModel.compile_regions swaps in a compiled one
         if tied_weight is not None:
             if tied_weight.shape != (num_items, config.d_model):
                 raise ValueError(
@@ -211,10 +290,11 @@ class NextItemHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.randn(num_items, config.d_model) * 0.02)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None,
+                check_targets: bool = True) -> torch.Tensor:
         if self.loss_type == "full":
-            return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_size, self.label_smoothing)
+            return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_size, self.label_smoothing,
+                                         check_targets=check_targets, chunk_fn=self.chunk_fn)
         return sampled_softmax_loss(hidden, self.weight, targets, self.num_negatives, self.label_smoothing, generator)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:

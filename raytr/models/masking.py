@@ -107,7 +107,9 @@ def mlm_inference_input(batch: SessionBatch) -> tuple[SessionBatch, torch.Tensor
         col = _shift_left_if_full(col, full)
         col[rows, positions] = 0.0
         continuous[name] = col
-    return SessionBatch(item_ids=item_ids, categorical=categorical, continuous=continuous), positions
+    # The slot ids (MASK_SLOT_ID, PAD_ID) are valid in every spec: an id check still holds.
+    return SessionBatch(item_ids=item_ids, categorical=categorical, continuous=continuous,
+                        ids_checked=batch.ids_checked), positions
 
 
 def split_last_item(batch: SessionBatch) -> tuple[SessionBatch, torch.Tensor]:
@@ -141,5 +143,6 @@ def split_last_item(batch: SessionBatch) -> tuple[SessionBatch, torch.Tensor]:
         item_ids=drop_last(batch.item_ids, PAD_ID),
         categorical={k: drop_last(v, PAD_ID) for k, v in batch.categorical.items()},
         continuous={k: drop_last(v, 0.0) for k, v in batch.continuous.items()},
+        ids_checked=batch.ids_checked,
     )
     return prefix, targets

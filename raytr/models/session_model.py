@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from raytr.config import ModelConfig, from_dict
-from raytr.features import FeatureSpec, SessionBatch
+from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 from raytr.models.bodies import build_body
 from raytr.models.head import NextItemHead, seen_items, top_k
 from raytr.models.inputs import SessionInputs
@@ -77,7 +77,10 @@ class SessionModel(nn.Module):
 
     # ---------------------------------------------------------------- checks
     def check_batch(self, batch: SessionBatch) -> None:
-        """Raise ValueError when `batch` does not fit this model's FeatureSpec (named column, value, fix)."""
+        """Raise ValueError when `batch` does not fit this model's FeatureSpec (named column, value, fix).
+
+        Shapes cost nothing; the id ranges cost one host sync for all id columns together, skipped
+        when `batch.ids_checked` says a loader already checked them against the same spec."""
         spec = self.spec
         ids = batch.item_ids
         if ids.ndim != 2 or ids.dtype != torch.int64:
@@ -90,18 +93,21 @@ class SessionModel(nn.Module):
                 f"batch has T={T} columns but max_sequence_length={spec.max_sequence_length}; "
                 "keep the last max_sequence_length events of each session"
             )
-        self._check_ids(spec.item_id, ids, spec.item_cardinality)
+        id_columns = {spec.item_id: (ids, spec.item_cardinality)}
         for name, card in spec.categorical.items():
             col = batch.categorical.get(name)
             if col is None:
                 raise ValueError(f"batch is missing categorical column {name!r} (spec columns: {spec.columns})")
             self._check_shape(name, col, batch)
-            self._check_ids(name, col, card)
+            id_columns[name] = (col, card)
         for name in spec.continuous:
             col = batch.continuous.get(name)
             if col is None:
                 raise ValueError(f"batch is missing continuous column {name!r} (spec columns: {spec.columns})")
             self._check_shape(name, col, batch)
+        if ids.numel() and batch.ids_checked != spec:
+            check_id_ranges({name: col for name, (col, _) in id_columns.items()},
+                            {name: card for name, (_, card) in id_columns.items()})
 
     def _check_shape(self, name: str, col: torch.Tensor, batch: SessionBatch) -> None:
         if col.shape != batch.item_ids.shape:
@@ -110,17 +116,15 @@ class SessionModel(nn.Module):
                 f"like {self.spec.item_id!r}"
             )
 
-    @staticmethod
-    def _check_ids(name: str, col: torch.Tensor, cardinality: int) -> None:
-        if col.numel() == 0:
-            return
-        lo, hi = int(col.min()), int(col.max())
-        if hi >= cardinality or lo < 0:
-            bad = hi if hi >= cardinality else lo
-            raise ValueError(
-                f"column {name!r} has id {bad} (max {hi}, min {lo}) but its cardinality is {cardinality} "
-                f"(valid ids 0..{cardinality - 1}); the batch was encoded with a different workflow than this model"
-            )
+    def compile_regions(self) -> "SessionModel":
+        """torch.compile the fixed-shape parts in place: the input layer, the body and (on CUDA) the
+        loss's per-chunk kernel. The checks and target selection stay eager: their data-dependent
+        shapes would break one whole-model graph. Parameter names do not change."""
+        self.inputs.compile()
+        self.body.compile()
+        if next(self.parameters()).device.type == "cuda":
+            self.head.chunk_fn = torch.compile(self.head.chunk_fn, dynamic=True)
+        return self
 
     # ---------------------------------------------------------------- training
     def forward(self, batch: SessionBatch, generator: torch.Generator | None = None) -> SessionOutput:
@@ -130,16 +134,17 @@ class SessionModel(nn.Module):
         """
         self.check_batch(batch)
         generator = generator if generator is not None else self.generator
+        masked = None
         if self.config.objective == "clm":
             labels = causal_targets(batch.item_ids)  # [B, T]
-            x = self.inputs(batch)
         else:
             masked, labels = mlm_mask(batch.item_ids, self.config.mlm_probability, generator)  # [B, T] x2
-            x = self.inputs(batch, mask_positions=masked)
-        hidden = self.body(x, batch.mask)  # [B, T, D]
-        has_target = labels != IGNORE_INDEX
-        loss = self.head(hidden[has_target], labels[has_target], generator)  # [N, D], [N] -> scalar
-        return SessionOutput(loss=loss, num_targets=int(has_target.sum()), hidden=hidden, labels=labels)
+        # The one host sync of a step, taken before the body is queued so the GPU is not left idle.
+        positions = (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # [N] flat indices
+        hidden = self.body(self.inputs(batch, mask_positions=masked), batch.mask)  # [B, T, D]
+        targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
+        loss = self.head(targets, labels.view(-1).index_select(0, positions), generator, check_targets=False)
+        return SessionOutput(loss=loss, num_targets=positions.numel(), hidden=hidden, labels=labels)
 
     # ---------------------------------------------------------------- inference
     def next_hidden(self, batch: SessionBatch) -> torch.Tensor:

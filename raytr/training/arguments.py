@@ -39,6 +39,8 @@ class TrainingArguments:
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    # "adamw_torch_fused": one fused kernel per parameter group on CUDA (CPU always runs the plain one).
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch_fused"
     max_grad_norm: float = 1.0
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_ratio: float = 0.0

@@ -95,7 +95,9 @@ def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Op
             continue
         (no_decay if param.ndim < 2 or "embedding" in name or "norm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+    # On CUDA the fused kernel: one launch per group instead of a dozen (steps of small models are launch-bound).
+    fused = args.optim == "adamw_torch_fused" and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int):
@@ -103,6 +105,34 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, t
 
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
     return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class _LateRead:
+    """A small device tensor read on the host one step late, without stalling the GPU queue.
+
+    `put(t)` starts copying `t` into a pinned buffer (allocated once) and records a CUDA event;
+    `take()` waits for that event only, not for the work queued after it, and returns the copy.
+    Every `put` must be preceded by a `take` of the previous value. On CPU it holds the tensor."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._buffer = torch.empty(shape, dtype=dtype, pin_memory=self._cuda)
+        self._event = torch.cuda.Event() if self._cuda else None
+        self._value: torch.Tensor | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._cuda:
+            self._buffer.copy_(value, non_blocking=True)
+            self._event.record()
+            self._value = self._buffer
+        else:
+            self._value = value
+
+    def take(self) -> torch.Tensor | None:
+        if self._value is not None and self._event is not None:
+            self._event.synchronize()
+        value, self._value = self._value, None
+        return value
 
 
 def _all_reduce(tensor: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
@@ -190,18 +220,35 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         start_epoch, global_step = trainer_state["epoch"] + 1, trainer_state["global_step"]
         log.info("rank %d: resumed from %s at epoch %d, step %d", ctx.rank, restored, start_epoch, global_step)
 
-    ddp_model = ctx.prepare_model(model)
     if args.torch_compile:
-        ddp_model = torch.compile(ddp_model)
+        model.compile_regions()  # in place, before DDP wraps it: state_dict names stay the same
+    ddp_model = ctx.prepare_model(model)
     writer = _tensorboard(args) if ctx.is_main else None
     progress = _progress(args, ctx, total_steps, global_step)
     last_metrics: dict[str, float] = {}
     started = time.perf_counter()
     sessions_seen = 0
 
+    # The finiteness of each step's loss is read one step late: reading it at once would make the
+    # host wait for the GPU every step. A NaN step is still caught before any report or checkpoint.
+    last_step = _LateRead((3,), torch.float64, device)  # [loss x targets, targets, loss] of the last step
+    last_step_at = (0, 0)  # its (epoch, step)
+
+    def raise_if_diverged() -> None:
+        values = last_step.take()
+        if values is not None:
+            at_epoch, at_step = last_step_at
+            if not bool(torch.isfinite(values).all()):
+                raise TrainingDivergedError(
+                    f"loss is {float(values[2]):.4g} at epoch {at_epoch}, step {at_step}: training stopped; the last "
+                    "good checkpoint is kept. Lower training.learning_rate, use bf16 instead of fp16, or clip "
+                    "gradients (training.max_grad_norm)"
+                )
+
     def report(epoch: float, with_eval: bool, checkpoint_epoch: int | None) -> None:
         """Metrics (and, at an epoch's end, a checkpoint) to the context; every rank calls it."""
         nonlocal last_metrics
+        raise_if_diverged()
         metrics = {"epoch": float(epoch), "step": float(global_step), "loss": running_loss()}
         if with_eval and cfg.eval_paths:
             metrics.update({f"eval_{k}": v for k, v in evaluate_paths(model, cfg, ctx).items()})
@@ -245,14 +292,11 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
             loss = out.loss
             # One small all-reduce per step: every rank learns of a NaN on any rank and stops
             # together, instead of the others hanging in the next gradient all-reduce.
-            check = _all_reduce(torch.stack([loss.detach().float() * out.num_targets,
-                                             torch.tensor(float(out.num_targets), device=device)]).double(), ctx)
-            if not torch.isfinite(check).all():
-                raise TrainingDivergedError(
-                    f"loss is {float(loss.detach()):.4g} at epoch {epoch}, step {global_step}: training stopped; the last "
-                    "good checkpoint is kept. Lower training.learning_rate, use bf16 instead of fp16, or clip "
-                    "gradients (training.max_grad_norm)"
-                )
+            num_targets = torch.full((), float(out.num_targets), device=device)
+            check = _all_reduce(torch.stack([loss.detach().float() * num_targets, num_targets]).double(), ctx)
+            raise_if_diverged()  # the previous step's
+            last_step.put(torch.cat([check, loss.detach().double().view(1)]))
+            last_step_at = (epoch, global_step)
             loss_sum += check
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -24,7 +24,8 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raytr.features import FeatureSpec, SessionBatch
+from raytr.data.loaders import RaggedColumn, pad_rows
+from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 from raytr.ray_runtime import ensure_ray
 from raytr.training.loop import LoopConfig, WorkerContext, train_loop
 
@@ -33,20 +34,26 @@ log = logging.getLogger(__name__)
 
 def _pad_object_column(values: np.ndarray, length: int, dtype: torch.dtype) -> torch.Tensor:
     """Ray Data hands list columns over as object arrays of numpy arrays: right-pad, keep last T."""
-    out = torch.zeros(len(values), length, dtype=dtype)
-    for i, row in enumerate(values):
-        row = np.asarray(row)[-length:]
-        out[i, : len(row)] = torch.as_tensor(row, dtype=dtype)
-    return out
+    lengths = np.fromiter((len(row) for row in values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(list(values)) if len(values) else np.zeros(0)
+    column = RaggedColumn(torch.from_numpy(np.asarray(flat)), torch.from_numpy(offsets))
+    return pad_rows(column, torch.arange(len(values)), length, dtype)
 
 
 def _to_batch(spec: FeatureSpec, batch: dict[str, np.ndarray], device: torch.device) -> SessionBatch:
     length = spec.max_sequence_length
-    return SessionBatch(
+    cpu = SessionBatch(
         item_ids=_pad_object_column(batch[spec.item_id], length, torch.int64),
         categorical={n: _pad_object_column(batch[n], length, torch.int64) for n in spec.categorical},
         continuous={n: _pad_object_column(batch[n], length, torch.float32) for n in spec.continuous},
-    ).to(device)
+    )
+    # Checked on the host, before the copy: the model then skips its per-step device sync.
+    check_id_ranges({spec.item_id: cpu.item_ids, **cpu.categorical},
+                    {spec.item_id: spec.item_cardinality, **spec.categorical})
+    cpu.ids_checked = spec
+    return cpu.to(device)
 
 
 def _ray_data_batches(cfg: LoopConfig, device: torch.device, rows_per_worker: int):

@@ -1,0 +1,166 @@
+"""Where a training step's time goes on the GPU (torch.profiler): raytr's step vs the bare loop.
+
+    python bench/profile_gpu.py --configs 50k,1M --precision fp16      # -> results/profile-cuda.json
+
+For each config: raytr's step as `raytr.training.loop` runs it (its DataLoader gathering the batch
+on the device, SessionModel forward with the fused chunked loss, GradScaler, clip, AdamW), eager
+and with `SessionModel.compile_regions()`, and bench/train.py's bare loop compiled. Per variant:
+wall ms per step, GPU busy ms per step (the sum of kernel times: wall >> busy means the host or
+launches bound the step), host syncs per step, and the ops with the most GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import envelope, load_average, setup_logging, write_result  # noqa: E402
+from bench.train import GPU_CONFIGS, LEARNING_RATE, _autocast, bare_batches, build_bare_model, materialise, raytr_model_config, sessions_for  # noqa: E402
+
+
+def _step_fns(cfg, variant: str, precision: str, device):
+    """(step(i) -> loss, parameters) for one variant; every input is built before timing."""
+    import torch
+
+    data = sessions_for(cfg, 64)
+    if variant == "bare-compiled":
+        batches = bare_batches(materialise(data.files, cfg.seq_len, device), cfg.batch, device)
+        model = build_bare_model(cfg).to(device)
+        fn = torch.compile(model)
+
+        def loss_of(i):
+            return fn(*batches[i % len(batches)])
+    else:
+        from raytr.data.loaders import DataLoader
+        from raytr.features import FeatureSpec
+        from raytr.models import SessionModel
+
+        spec = FeatureSpec(item_id="item_id-list", item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
+        model = SessionModel(spec, raytr_model_config(cfg, None), seed=0).to(device)
+        model.generator = torch.Generator(device=device).manual_seed(0)
+        if variant.startswith("raytr-compiled"):
+            model.compile_regions()
+        loader = DataLoader(spec, list(data.files), cfg.batch, engine="pyarrow", device=device)
+        state = {"it": iter(loader)}
+
+        def next_batch():
+            try:
+                return next(state["it"])
+            except StopIteration:
+                state["it"] = iter(loader)
+                return next(state["it"])
+
+        def loss_of(i):
+            return model(next_batch()).loss
+    model.train()
+    if variant == "bare-compiled":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+    else:  # raytr's own optimizer (fused AdamW on CUDA, no decay on embeddings and norms)
+        from raytr.training.arguments import TrainingArguments
+        from raytr.training.loop import build_optimizer
+
+        optim = "adamw_torch" if variant.endswith("-foreach") else "adamw_torch_fused"
+        optimizer = build_optimizer(model, TrainingArguments(output_dir="unused", learning_rate=LEARNING_RATE,
+                                                             weight_decay=0.01, optim=optim))
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    def step(i):
+        with _autocast(precision, device):
+            loss = loss_of(i)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    return step
+
+
+def profile_variant(cfg, variant: str, precision: str, steps: int) -> dict[str, Any]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    step = _step_fns(cfg, variant, precision, device)
+    for i in range(8):  # warm-up: compilation, cuBLAS heuristics, allocator
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(40):  # timed without the profiler, whose per-op bookkeeping inflates host time
+        step(100 + i)
+    torch.cuda.synchronize()
+    plain_ms = 1000 * (time.perf_counter() - t0) / 40
+    syncs = {"n": 0}
+    torch.cuda.set_sync_debug_mode("warn")  # counts the syncs through the warnings it emits
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(8)
+        torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(0)
+    syncs["n"] = sum("synchroniz" in str(w.message) for w in caught)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(9 + i)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    kernels = [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
+    busy_us = sum(e.self_device_time_total for e in kernels)
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    return {
+        "variant": variant, "config": cfg.name, "precision": precision, "steps": steps,
+        "step_ms": plain_ms,
+        "sessions_per_s": cfg.batch * 1000 / plain_ms,
+        "wall_ms_per_step_profiled": 1000 * wall / steps,
+        "gpu_busy_ms_per_step": busy_us / 1000 / steps,
+        "host_syncs_per_step": syncs["n"],
+        "kernels_per_step": sum(e.count for e in kernels) / steps,
+        "top_gpu_ops": [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1000 / steps,
+                         "calls_per_step": e.count / steps} for e in top],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="50k")
+    p.add_argument("--precision", default="fp16")
+    p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled",
+                   help="bare-compiled, raytr, raytr-compiled, raytr-compiled-foreach (plain AdamW instead of fused)")
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args(argv)
+    setup_logging()
+    started, load_before = time.time(), load_average()
+    rows = []
+    for name in args.configs.split(","):
+        for variant in args.variants.split(","):
+            try:
+                row = profile_variant(GPU_CONFIGS[name], variant, args.precision, args.steps)
+            except Exception as err:  # one failing variant must not lose the others' figures
+                row = {"variant": variant, "config": name, "precision": args.precision, "error": repr(err)[:400]}
+            rows.append(row)
+            if "error" in row:
+                print(f"{name} {variant}: ERROR {row['error']}", flush=True)
+                continue
+            print(f"\n{name} {args.precision} {variant}: {row['step_ms']:.2f} ms/step ({row['sessions_per_s']:.0f} "
+                  f"sessions/s); profiled: wall {row['wall_ms_per_step_profiled']:.2f} ms/step, GPU busy "
+                  f"{row['gpu_busy_ms_per_step']:.2f} ms/step, {row['kernels_per_step']:.0f} kernels, "
+                  f"{row['host_syncs_per_step']} host syncs", flush=True)
+            for op in row["top_gpu_ops"]:
+                print(f"  {op['ms_per_step']:8.3f} ms  x{op['calls_per_step']:5.1f}  {op['name']}")
+    write_result("profile-cuda", envelope("profile-cuda", started, load_before, results=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
