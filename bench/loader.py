@@ -159,7 +159,7 @@ def engine_raydata(spec, files, batch: int, device, flavour: str):
     length = spec.max_sequence_length
 
     if flavour == "iter_batches":
-        # As raytr's Ray engine (ray_launcher._ray_data_batches): windows of 16 batches, shuffled inside.
+        # As raytr's Ray engine (ray_launcher.ray_data_batches): windows of 16 batches, shuffled inside.
         window = 16 * batch
         rng = np.random.default_rng(0)
 

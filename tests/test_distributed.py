@@ -148,6 +148,57 @@ def test_ray_data_engine_two_workers(ray_cluster, prepared_dir, prepared_spec, i
     assert trained["eval_ndcg@10"] > untrained["eval_ndcg@10"] + 0.05, (untrained, trained)
 
 
+@pytest.mark.ray
+def test_ray_data_engine_equal_steps_each_session_once_and_a_new_order_every_epoch(ray_cluster, tmp_path):
+    """The Ray Data engine's three facts, on the shards a TorchTrainer's 2 workers would get
+    (`streaming_split(2, equal=True)`, consumed concurrently as workers do)."""
+    from raytr.features import FeatureSpec
+    from raytr.training.loop import LoopConfig
+    from raytr.training.ray_launcher import ray_data_batches, ray_train_dataset
+
+    spec = FeatureSpec(item_id="item_id-list", item_cardinality=1000, max_sequence_length=5)
+    paths = []
+    for i, rows in enumerate([range(0, 37), range(37, 63)]):  # 63 sessions in 2 uneven files
+        path = tmp_path / f"part-{i}.parquet"
+        pq.write_table(pa.table({"item_id-list": pa.array([[3 + r, 500 + r] for r in rows], pa.list_(pa.int64()))}),
+                       path)
+        paths.append(str(path))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_workers=2,
+                             data_loader_engine="ray")
+    cfg = LoopConfig(spec=spec, model_config=ModelConfig(), args=args, init_model_dir="unused",
+                     train_paths=tuple(paths))
+    ds, rows_per_worker = ray_train_dataset(cfg)
+    assert rows_per_worker == 31  # the 63rd session is dropped by the equal split
+    engines = [ray_data_batches(shard, cfg, torch.device("cpu"), rows_per_worker)
+               for shard in ds.streaming_split(2, equal=True)]
+    assert [steps for _, steps in engines] == [8, 8]  # ceil(31 / 4) on every worker
+
+    orders = []
+    for epoch in range(2):
+        seen: list[list[int]] = [[], []]
+
+        def consume(worker: int) -> None:
+            for batch in engines[worker][0](epoch):
+                seen[worker].append(len(batch))
+                seen[worker] += (batch.item_ids[:, 0] - 3).tolist()
+
+        threads = [threading.Thread(target=consume, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        sessions = []
+        for worker in range(2):
+            it, batches = iter(seen[worker]), 0
+            for size in it:  # [size, ids...] per batch
+                sessions += [next(it) for _ in range(size)]
+                batches += 1
+            assert batches == 8, (epoch, worker, batches)
+        assert len(sessions) == 62 and len(set(sessions)) == 62 and set(sessions) <= set(range(63))
+        orders.append(sessions)
+    assert orders[0] != orders[1]
+
+
 def _train_worker_processes():
     """RayTrainWorker processes of this test session's cluster: descendants of this process (its
     raylet). `ray.util.state.list_actors` needs the dashboard, which the shared cluster does not

@@ -56,12 +56,12 @@ def _to_batch(spec: FeatureSpec, batch: dict[str, np.ndarray], device: torch.dev
     return cpu.to(device)
 
 
-def _ray_data_batches(cfg: LoopConfig, device: torch.device, rows_per_worker: int):
-    """Per-epoch batches from this worker's Ray Data shard. Ray splits shards with equal row counts,
-    so every worker runs the same number of steps; the block order is reshuffled every epoch and
-    rows are shuffled inside a window of 16 batches (no local shuffle buffer: it can yield short
-    batches mid-stream, ray #66085)."""
-    shard = ray.train.get_dataset_shard("train")
+def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per_worker: int):
+    """(batches(epoch), steps per epoch) from one worker's Ray Data shard (a DataIterator, as
+    `ray.train.get_dataset_shard` or `Dataset.streaming_split(n, equal=True)` give). The shards have
+    equal row counts, so every worker runs the same number of steps; the block order is reshuffled
+    every epoch and rows are shuffled inside a window of 16 batches (no local shuffle buffer: it can
+    yield short batches mid-stream, ray #66085)."""
     batch_size = cfg.args.per_device_train_batch_size
     window = 16 * batch_size
 
@@ -74,6 +74,20 @@ def _ray_data_batches(cfg: LoopConfig, device: torch.device, rows_per_worker: in
                 yield _to_batch(cfg.spec, {k: v[rows] for k, v in big.items()}, device)
 
     return batches, math.ceil(rows_per_worker / batch_size)
+
+
+def ray_train_dataset(cfg: LoopConfig, dataset: Any = None) -> tuple[Any, int]:
+    """The Ray Data engine's training dataset (the given one, or `cfg.train_paths` read) and the rows
+    each of `num_workers` shards gets (Ray's equal split drops the remainder rows)."""
+    ds = dataset if dataset is not None else ray.data.read_parquet(list(cfg.train_paths)).select_columns(cfg.spec.columns)
+    # Read once into the object store (spilled to disk when larger): otherwise every epoch re-reads
+    # and re-decodes every parquet file, which bounds the engine near 15k sessions/s on an H100
+    # host for prepare's many small files. The block order is still reshuffled every epoch.
+    ds = ds.materialize().randomize_block_order()
+    total, workers = ds.count(), cfg.args.num_workers
+    if total < workers:
+        raise ValueError(f"{total} sessions cannot feed {workers} workers")
+    return ds, total // workers
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -101,7 +115,8 @@ def _worker(config: dict[str, Any]) -> None:
         restored_checkpoint=restored,
     )
     if cfg.args.data_loader_engine == "ray":
-        ctx.train_batches, ctx.steps_per_epoch = _ray_data_batches(cfg, device, config["rows_per_worker"])
+        ctx.train_batches, ctx.steps_per_epoch = ray_data_batches(ray.train.get_dataset_shard("train"), cfg, device,
+                                                                  config["rows_per_worker"])
     train_loop(cfg, ctx)
 
 
@@ -112,13 +127,9 @@ def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any
     args = cfg.args
     datasets, rows_per_worker = None, 0
     if args.data_loader_engine == "ray":
-        ds = train_dataset if train_dataset is not None and not isinstance(train_dataset, (str, Path, list, tuple)) \
-            else ray.data.read_parquet(list(cfg.train_paths)).select_columns(cfg.spec.columns)
-        ds = ds.randomize_block_order()
-        total = ds.count()
-        if total < args.num_workers:
-            raise ValueError(f"{total} sessions cannot feed {args.num_workers} workers")
-        rows_per_worker = total // args.num_workers  # Ray's equal split drops the remainder rows
+        given = train_dataset if train_dataset is not None and not isinstance(train_dataset, (str, Path, list, tuple)) \
+            else None
+        ds, rows_per_worker = ray_train_dataset(cfg, given)
         datasets = {"train": ds}
     metric = f"eval_{args.metric_for_best_model}"
     # Ray always keeps the latest checkpoint on top of the `num_to_keep` best: keep the best
