@@ -225,8 +225,9 @@ def movielens_interactions() -> Any:
     return frame
 
 
-def load_movielens() -> QualityData:
-    """Leave-one-out by time per user; item ids by descending frequency from 3 (as Categorify)."""
+def load_movielens(window: int = ML_WINDOW) -> QualityData:
+    """Leave-one-out by time per user; item ids by descending frequency from 3 (as Categorify).
+    `window`: the sequence length T (training histories cut into windows of T, inputs the last T)."""
     import scipy.sparse as sp
     import torch
 
@@ -240,24 +241,24 @@ def load_movielens() -> QualityData:
     # breaking ties by item id would order them by popularity, a pattern models could learn).
     frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
     V = FIRST_ITEM_ID + len(ids)
-    spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=V, max_sequence_length=ML_WINDOW)
+    spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=V, max_sequence_length=window)
     train_windows, valid_rows, test_rows, valid_hist, test_hist = [], [], [], [], []
     for _, items in frame.groupby("user_id", sort=True)["item"]:
         seq = items.to_numpy()
         if len(seq) < 3:
             continue
         train = seq[:-2]
-        for end in range(len(train), 1, -ML_WINDOW):  # windows of T from the end, >= 2 events each
-            window = train[max(0, end - ML_WINDOW): end]
-            if len(window) >= 2:
-                train_windows.append(window)
-        valid_rows.append(seq[:-1][-ML_WINDOW:])
-        test_rows.append(seq[-ML_WINDOW:])
+        for end in range(len(train), 1, -window):  # windows of T from the end, >= 2 events each
+            part = train[max(0, end - window): end]
+            if len(part) >= 2:
+                train_windows.append(part)
+        valid_rows.append(seq[:-1][-window:])
+        test_rows.append(seq[-window:])
         valid_hist.append(seq[:-2])
         test_hist.append(seq[:-1])
 
     def padded(rows: list[np.ndarray]) -> torch.Tensor:
-        out = np.zeros((len(rows), ML_WINDOW), dtype=np.int64)
+        out = np.zeros((len(rows), window), dtype=np.int64)
         for i, r in enumerate(rows):
             out[i, : len(r)] = r
         return torch.from_numpy(out)
@@ -269,7 +270,7 @@ def load_movielens() -> QualityData:
         m.data[:] = 1.0
         return m
 
-    split_dir = DATA_DIR / "quality" / "ml-100k-split"
+    split_dir = DATA_DIR / "quality" / f"ml-100k-split-t{window}"
     train_path = _write_sessions(split_dir / "train.parquet", train_windows)
     return QualityData(
         "ml-100k", spec, [train_path],
@@ -277,7 +278,7 @@ def load_movielens() -> QualityData:
         EvalSet("last item per user", sessions=padded(test_rows), history=history(test_hist)),
         exclude_seen=True,
         protocol=f"leave-one-out by time per user (last = test, second-to-last = validation); training "
-                 f"histories cut into windows of {ML_WINDOW} from the end; items already rated excluded",
+                 f"histories cut into windows of {window} from the end; items already rated excluded",
         stats={"users": len(test_rows), "items": V - FIRST_ITEM_ID, "interactions": int(len(frame)),
                "train_windows": len(train_windows)})
 
@@ -312,10 +313,13 @@ def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
     return out
 
 
-def model_config(body: str, objective: str):
+DROPOUT = 0.2
+
+
+def model_config(body: str, objective: str, dropout: float = DROPOUT):
     from raytr.config import ModelConfig
 
-    return ModelConfig(body=body, objective=objective, d_model=64, n_layers=2, n_heads=4, dropout=0.2)
+    return ModelConfig(body=body, objective=objective, d_model=64, n_layers=2, n_heads=4, dropout=dropout)
 
 
 def training_args(output_dir: Path, epochs: int, seed: int = 0):
@@ -329,7 +333,8 @@ def training_args(output_dir: Path, epochs: int, seed: int = 0):
     )
 
 
-def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: int, work: Path) -> dict[str, Any]:
+def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: int, work: Path,
+               dropout: float = DROPOUT) -> dict[str, Any]:
     """Train `epochs` epochs, score every epoch's checkpoint on validation, test the best once."""
     from raytr.models import SessionModel
     from raytr.training.loop import read_trainer_state
@@ -337,7 +342,7 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
 
     out_dir = work / name
     shutil.rmtree(out_dir, ignore_errors=True)
-    model = SessionModel(data.spec, model_config(body, objective), seed=0)
+    model = SessionModel(data.spec, model_config(body, objective, dropout), seed=0)
     trainer = Trainer(model, training_args(out_dir, epochs), train_dataset_or_path=data.train_paths)
     t = time.perf_counter()
     result = trainer.train()
@@ -351,7 +356,8 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
     test = evaluate(SessionModel.load(ckpt), data, "test")
     eval_s = time.perf_counter() - t
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"body": body, "objective": objective, "valid": valid, "test": test, "choice": {"epochs": epoch},
+    return {"body": body, "objective": objective, "dropout": dropout, "valid": valid, "test": test,
+            "choice": {"epochs": epoch},
             "validation_curve": {e: v[SELECT_BY] for e, v, _ in curve}, "epochs_trained": epochs,
             "train_seconds": train_s, "eval_seconds": eval_s,
             "train_sessions_per_s": result.metrics.get("train_sessions_per_second")}
@@ -382,21 +388,25 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
             "per_day": rows, "average": averages.to_dict(orient="records")}
 
 
-def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, incremental: bool) -> dict[str, Any]:
+def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, incremental: bool,
+                models: tuple[str, ...] | None = None, ml_window: int = ML_WINDOW,
+                dropout: float = DROPOUT) -> dict[str, Any]:
     started = time.perf_counter()
     load0 = load_average()
-    data = LOADERS[name]()
+    data = load_movielens(ml_window) if name == "ml-100k" else LOADERS[name]()
     work = work_root / name
     results: dict[str, Any] = run_baselines(data)
     log.info("%s baselines: %s", name, {k: round(v["test"][SELECT_BY], 4) for k, v in results.items()})
     skipped = []
     for model_name, body, objective in NEURAL:
+        if models is not None and model_name not in models:
+            continue
         spent = time.perf_counter() - started
         if spent > budget_s:
             skipped.append(model_name)
             log.warning("%s: budget of %.0fs spent (%.0fs): skipping %s", name, budget_s, spent, model_name)
             continue
-        res = run_neural(data, model_name, body, objective, epochs, work)
+        res = run_neural(data, model_name, body, objective, epochs, work, dropout)
         results[model_name] = res
         log.info("%s %s: best epoch %d, valid %s %.4f, test %.4f (%.0fs)", name, model_name, res["choice"]["epochs"],
                  SELECT_BY, res["valid"][SELECT_BY], res["test"][SELECT_BY], res["train_seconds"] + res["eval_seconds"])
@@ -457,6 +467,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-incremental", action="store_true", help="skip the YOOCHOOSE day-window run")
     p.add_argument("--merge", action="store_true",
                    help="replace only these datasets in the existing results file, keep the others")
+    p.add_argument("--models", default=None, help=f"comma list of {[n for n, _, _ in NEURAL]} (default: all)")
+    p.add_argument("--ml-window", type=int, default=ML_WINDOW, help="MovieLens sequence length T")
+    p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout of the neural models")
     p.add_argument("--output", default="quality")
     args = p.parse_args(argv)
     setup_logging()
@@ -480,7 +493,9 @@ def main(argv=None) -> int:
     results = []
     for name in names:
         res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work",
-                          incremental=not args.no_incremental)
+                          incremental=not args.no_incremental,
+                          models=tuple(args.models.split(",")) if args.models else None, ml_window=args.ml_window,
+                          dropout=args.dropout)
         print_dataset(res)
         results.append(res)
     if ray.is_initialized():
