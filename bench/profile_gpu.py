@@ -19,8 +19,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import envelope, load_average, setup_logging, write_result  # noqa: E402
-from bench.train import GPU_CONFIGS, LEARNING_RATE, _autocast, bare_batches, build_bare_model, materialise, raytr_model_config, sessions_for  # noqa: E402
+from bench.common import envelope, load_average, setup_logging, write_result
+from bench.train import (
+    GPU_CONFIGS,
+    LEARNING_RATE,
+    amp_step,
+    bare_batches,
+    build_bare_model,
+    materialise,
+    raytr_model_config,
+    sessions_for,
+)
 
 
 def _step_fns(cfg, variant: str, precision: str, device):
@@ -67,20 +76,7 @@ def _step_fns(cfg, variant: str, precision: str, device):
         optim = "adamw_torch" if variant.endswith("-foreach") else "adamw_torch_fused"
         optimizer = build_optimizer(model, TrainingArguments(output_dir="unused", learning_rate=LEARNING_RATE,
                                                              weight_decay=0.01, optim=optim))
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-
-    def step(i):
-        with _autocast(precision, device):
-            loss = loss_of(i)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
-
-    return step
+    return amp_step(model, optimizer, loss_of, precision, device)
 
 
 def profile_variant(cfg, variant: str, precision: str, steps: int) -> dict[str, Any]:

@@ -194,6 +194,27 @@ def _autocast(precision: str, device):
     return torch.autocast(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
+def amp_step(model, optimizer, loss_of, precision: str, device):
+    """step(i) -> loss: the loss of input i under autocast, backward through a GradScaler (active
+    for fp16), grad-norm clip 1.0, optimizer step: the step every bare loop here times."""
+    import torch
+
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step(i: int):
+        with _autocast(precision, device):
+            loss = loss_of(i)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    return step
+
+
 def _sync(device) -> None:
     import torch
 
@@ -246,18 +267,7 @@ def measure_bare_loop(cfg: BenchConfig, impl: str, precision: str, device, warmu
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    def step(i: int) -> torch.Tensor:
-        with _autocast(precision, device):
-            loss = loss_of(i % len(batches))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
+    step = amp_step(model, optimizer, lambda i: loss_of(i % len(batches)), precision, device)
 
     started = time.perf_counter()
     for i in range(warmup):
