@@ -211,6 +211,7 @@ class PeakDeviceMemory:
         import torch
 
         self._torch = torch
+        self.interval = interval
         free, total = torch.cuda.mem_get_info()
         self.baseline = total - free
         self.peak = self.baseline

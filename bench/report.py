@@ -58,9 +58,10 @@ def machine_line(res: dict[str, Any]) -> str:
     m = res.get("machine", {})
     load = res.get("load_average", {})
     gpu = m.get("gpu", "no GPU")
+    loads = (f" 1/5/15-min load average before {load.get('before')}, after {load.get('after')} (the host is shared)."
+             if load else "")
     return (f"*Measured {res.get('started', '?')} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
-            f"{m.get('memory_gb', '?')} GB, {gpu}; torch {m.get('torch', '?')}. 1/5/15-min load average "
-            f"before {load.get('before')}, after {load.get('after')} (the host is shared).*")
+            f"{m.get('memory_gb', '?')} GB, {gpu}; torch {m.get('torch', '?')}.{loads}*")
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -123,7 +124,7 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
         body.append([r["config"], r["precision"], r["impl"], fmt(r["sessions_per_s"]), fmt(r["step_ms"], 1),
                      fmt(r.get("sessions_per_cpu_s")), fmt(share, 2) + (" ⚠" if share is not None and share < 0.85
                                                                          else ""),
-                     fmt(r.get("peak_mem_gb"), 2), fmt(r.get("ratio_vs_bare"), 2),
+                     peak_cell(r, device), fmt(r.get("ratio_vs_bare"), 2),
                      fmt(r.get("ratio_vs_bare_compiled"), 2), fmt(r.get("load_before", [None])[0], 1)])
     out += table(["config", "precision", "implementation", "sessions/s", "step ms", "sessions/CPU-s", "CPU share",
                   "peak GB", "÷ bare", "÷ bare compiled", "load"], body)
@@ -168,6 +169,16 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
     ax.grid(axis="y", alpha=0.3)
     out += [f"![training throughput]({save(fig, f'train_{device}.png')})", ""]
     return out
+
+
+def peak_cell(row: dict[str, Any], device: str) -> str:
+    """Peak memory. A Ray worker's GPU peak comes from the device-wide sampler, whose polling thread
+    died after its first sample in the first GPU runs (fixed since: PeakDeviceMemory.interval): a
+    reading of ~0 GB is shown as not measured."""
+    peak = row.get("peak_mem_gb")
+    if device == "cuda" and row["impl"].startswith("raytr-ray") and (peak is None or peak < 0.01):
+        return "n/m"
+    return fmt(peak, 2)
 
 
 def cpu_share(row: dict[str, Any], device: str) -> float | None:
