@@ -124,6 +124,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps({k: round(v, 6) for k, v in metrics.compute().items()}))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from raytr.models import SessionModel
+    from raytr.models.export import export_scorer
+
+    model_dir = _model_dir(args.model)
+    path = export_scorer(SessionModel.load(model_dir), args.output or Path(model_dir) / "scorer.pt2")
+    print(f"exported the next-item scorer to {path} (load with raytr.models.export.ExportedScorer.load)")
+
+
 def cmd_incremental(args: argparse.Namespace) -> None:
     from raytr.training.incremental import run_incremental
 
@@ -203,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--exclude-seen", action="store_true", help="never count items already in the session")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="the model's next-item scorer as a torch.export program (.pt2)")
+    p.add_argument("--model", required=True, help="a `raytr train` output (or its model/ directory)")
+    p.add_argument("--output", default=None, help="the .pt2 file (default: <model dir>/scorer.pt2)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("incremental", help="train on day t, evaluate on day t+1, over a range of days")
     _add_config(p)

@@ -93,7 +93,7 @@ def mlm_inference_input(batch: SessionBatch) -> tuple[SessionBatch, torch.Tensor
     lengths = batch.lengths
     full = lengths >= T  # [B]
     positions = torch.where(full, torch.full_like(lengths, T - 1), lengths)  # [B]
-    rows = torch.arange(len(batch), device=batch.item_ids.device)
+    rows = torch.arange(batch.item_ids.shape[0], device=batch.item_ids.device)  # a SymInt under export, not len()
 
     item_ids = _shift_left_if_full(batch.item_ids, full)
     item_ids[rows, positions] = MASK_SLOT_ID
@@ -130,7 +130,7 @@ def split_last_item(batch: SessionBatch) -> tuple[SessionBatch, torch.Tensor]:
             f"lengths {lengths[short][:5].tolist()}); each needs a prefix and a target: drop sessions "
             "shorter than 2 (data.min_session_length >= 2)"
         )
-    rows = torch.arange(len(batch), device=batch.item_ids.device)
+    rows = torch.arange(batch.item_ids.shape[0], device=batch.item_ids.device)  # a SymInt under export, not len()
     last = lengths - 1  # [B]
     targets = batch.item_ids[rows, last].clone()
 

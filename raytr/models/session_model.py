@@ -157,7 +157,13 @@ class SessionModel(nn.Module):
         lengths = batch.lengths
         if bool((lengths == 0).any()):
             raise ValueError(f"{int((lengths == 0).sum())} session(s) have no events; there is nothing to continue")
-        rows = torch.arange(len(batch), device=batch.item_ids.device)
+        return self.next_hidden_unchecked(batch)
+
+    def next_hidden_unchecked(self, batch: SessionBatch) -> torch.Tensor:
+        """`next_hidden` without the checks (no host syncs, no data-dependent branches: exportable).
+        The caller guarantees ids in range and at least one event per session."""
+        lengths = batch.lengths
+        rows = torch.arange(batch.item_ids.shape[0], device=batch.item_ids.device)  # a SymInt under export, not len()
         if self.config.objective == "clm":
             hidden = self.body(self.inputs(batch), batch.mask)  # [B, T, D]
             return hidden[rows, lengths - 1]

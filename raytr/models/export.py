@@ -1,0 +1,101 @@
+"""The next-item scorer as a `torch.export` program: serving without the Python model code.
+
+    program = export_scorer(model, "runs/model/scorer.pt2")     # after training
+    scorer = ExportedScorer.load("runs/model/scorer.pt2")         # later, anywhere torch runs
+    scores = scorer(batch)                                        # [B, V], as model.score_next(batch)
+
+The program takes the batch's tensors positionally, in `FeatureSpec.columns` order (item ids, then
+the categorical columns, then the continuous ones), each [B, T] with B dynamic (1..MAX_BATCH) and
+T = max_sequence_length. The ids are not checked inside (a check is a data-dependent branch, which
+export cannot trace): `ExportedScorer` checks them on the host first, as `score_next` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
+
+MAX_BATCH = 65_536
+
+
+class _ScoreNext(nn.Module):
+    """Tensor-in, tensor-out wrapper of `SessionModel` scoring: (columns in spec order) -> [B, V]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.spec: FeatureSpec = model.spec
+
+    def forward(self, *columns: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        n_cat = len(spec.categorical)
+        batch = SessionBatch(
+            item_ids=columns[0],
+            categorical=dict(zip(spec.categorical, columns[1: 1 + n_cat])),
+            continuous=dict(zip(spec.continuous, columns[1 + n_cat:])),
+        )
+        return self.model.head.scores(self.model.next_hidden_unchecked(batch))
+
+
+def _example(spec: FeatureSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
+    B, T = 2, spec.max_sequence_length
+    ids = torch.full((B, T), 3, dtype=torch.int64, device=device)
+    ids[:, T // 2:] = 0  # right-padded, so the traced code sees the general case
+    cats = [torch.ones(B, T, dtype=torch.int64, device=device) for _ in spec.categorical]
+    conts = [torch.zeros(B, T, device=device) for _ in spec.continuous]
+    return (ids, *cats, *conts)
+
+
+def export_scorer(model: nn.Module, path: str | Path) -> Path:
+    """Export `model` (a SessionModel, put in eval mode) as a scoring program saved at `path` (.pt2)."""
+    model.eval()
+    device = next(model.parameters()).device
+    example = _example(model.spec, device)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # forward(*columns): the varargs are one argument holding a tuple of tensors.
+    program = torch.export.export(_ScoreNext(model), example, dynamic_shapes=(tuple({0: batch} for _ in example),))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path), extra_files={"feature_spec.json": _spec_json(model.spec)})
+    return path
+
+
+def _spec_json(spec: FeatureSpec) -> str:
+    import json
+
+    return json.dumps(spec.to_dict(), sort_keys=True)
+
+
+class ExportedScorer:
+    """A loaded scoring program: `scorer(batch) -> [B, V]` float32 scores, reserved ids at -inf."""
+
+    def __init__(self, program: torch.export.ExportedProgram, spec: FeatureSpec) -> None:
+        self.module = program.module()
+        self.spec = spec
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExportedScorer":
+        import json
+
+        extra = {"feature_spec.json": ""}
+        program = torch.export.load(str(path), extra_files=extra)
+        return cls(program, FeatureSpec.from_dict(json.loads(extra["feature_spec.json"])))
+
+    @torch.no_grad()
+    def __call__(self, batch: SessionBatch) -> torch.Tensor:
+        spec = self.spec
+        if batch.item_ids.shape[1] != spec.max_sequence_length:
+            raise ValueError(f"batch has T={batch.item_ids.shape[1]}; the exported scorer takes "
+                             f"T={spec.max_sequence_length} (pad or cut to max_sequence_length)")
+        if batch.ids_checked != spec:
+            check_id_ranges({spec.item_id: batch.item_ids, **batch.categorical},
+                            {spec.item_id: spec.item_cardinality, **spec.categorical})
+        if bool((batch.lengths == 0).any()):
+            raise ValueError("a session has no events; there is nothing to continue")
+        columns = (batch.item_ids, *(batch.categorical[n] for n in spec.categorical),
+                   *(batch.continuous[n] for n in spec.continuous))
+        return self.module(*columns)
