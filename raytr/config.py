@@ -138,6 +138,9 @@ class ServeConfig:
     max_batch_size: int = 32
     reload_poll_s: float = 2.0
     admin_token_file: str | None = None
+    # "exported": the Recommender scores with a torch.export program of the model, made at load on
+    # its device (raytr.models.export); "eager": the SessionModel itself.
+    scorer: Literal["eager", "exported"] = "eager"
 
     def __post_init__(self) -> None:
         for name in ("default_k", "max_events_per_session", "max_sessions_per_batch", "max_body_bytes", "max_batch_size"):

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Literal, TYPE_CHECKING, Any
 
 import httpx
 import ray
@@ -123,7 +123,7 @@ class Recommender:
         from serve.engine import Scorer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._states: VersionedStates[Scorer] = VersionedStates(bundle_dir, Scorer.loader(device), keep=2)
+        self._states: VersionedStates[Scorer] = VersionedStates(bundle_dir, Scorer.loader(device, config.scorer), keep=2)
         await self._states.sync_to_disk()
         self._score_batch.set_max_batch_size(config.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -279,13 +279,14 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(ServeConfig.batch_wait_timeout_s, ge=0)
     reload_poll_s: float = Field(ServeConfig.reload_poll_s, gt=0)
     admin_token_file: str | None = None
+    scorer: Literal["eager", "exported"] = Field(ServeConfig.scorer, description="the model, or its torch.export program")
 
     def serve_config(self) -> ServeConfig:
         return ServeConfig(
             model_dir=self.bundle_dir, default_k=self.default_k, max_events_per_session=self.max_events_per_session,
             max_sessions_per_batch=self.max_sessions_per_batch, max_body_bytes=self.max_body_bytes,
             max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s,
-            reload_poll_s=self.reload_poll_s, admin_token_file=self.admin_token_file,
+            reload_poll_s=self.reload_poll_s, admin_token_file=self.admin_token_file, scorer=self.scorer,
         )
 
 

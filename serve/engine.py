@@ -20,6 +20,7 @@ from raytr.bundle import Bundle
 from raytr.config import ServeConfig
 from raytr.features import FIRST_ITEM_ID, SessionBatch
 from raytr.models import SessionModel
+from raytr.models.export import ExportedScorer
 from raytr.models.head import top_k
 from raytr.online import OnlineInputError, OnlinePreprocessor
 from serve.api import FeatureSummary, HealthResponse, ModelInfo, RecommendResponse, ReloadResponse, ScoredItem, api_field
@@ -117,20 +118,22 @@ def concat_batches(batches: Sequence[SessionBatch]) -> SessionBatch:
 class Scorer:
     """One bundle's model: encoded sessions -> top-k encoded ids and scores."""
 
-    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu", kind: str = "eager") -> None:
         self.version = bundle.version
         self.device = torch.device(device)
         self.model = SessionModel.load(bundle.model_dir, map_location=self.device)
+        # serve.scorer: the model itself, or its torch.export program (same scores, no Python model code).
+        self.score_next = ExportedScorer.from_model(self.model) if kind == "exported" else self.model.score_next
 
     @classmethod
-    def loader(cls, device: str) -> Callable[[Bundle], "Scorer"]:
-        return lambda bundle: cls(bundle, device)
+    def loader(cls, device: str, kind: str = "eager") -> Callable[[Bundle], "Scorer"]:
+        return lambda bundle: cls(bundle, device, kind)
 
     def score(self, requests: Sequence[ScoringRequest], batch_requests: int | None = None) -> list[ScoringResult]:
         """Score all sessions of `requests` in one model call. Each session gets its own k, capped
         at the items left after its exclusions."""
         batch = concat_batches([r.batch for r in requests]).to(self.device)
-        scores = self.model.score_next(batch).float()  # [N, V]
+        scores = self.score_next(batch).float()  # [N, V]
         N, V = scores.shape
         exclude = torch.zeros(N, V, dtype=torch.bool, device=self.device)
         ks = []
@@ -172,8 +175,8 @@ class _Pair:
         return self.encoder.version
 
 
-def _load_pair(bundle: Bundle, device: str) -> _Pair:
-    return _Pair(Encoder(bundle), Scorer(bundle, device))
+def _load_pair(bundle: Bundle, device: str, kind: str) -> _Pair:
+    return _Pair(Encoder(bundle), Scorer(bundle, device, kind))
 
 
 @dataclass
@@ -189,7 +192,7 @@ class LocalBackend:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self._states: VersionedStates[_Pair] = VersionedStates(self.bundle_dir, lambda b: _load_pair(b, self.device), 1)
+        self._states: VersionedStates[_Pair] = VersionedStates(self.bundle_dir, lambda b: _load_pair(b, self.device, self.serve_config.scorer), 1)
         self.data = self._states.load_sync().encoder.online.config
 
     def recommend_sync(self, queries: Sequence[Query]) -> Recommendations | Rejection:

@@ -32,10 +32,29 @@ def test_exported_scorer_rejects_what_score_next_rejects(tmp_path):
     empty.item_ids[1] = 0
     with pytest.raises(ValueError, match="no events"):
         scorer(empty)
-    short = random_batch(3).select(slice(None))
-    short.item_ids = short.item_ids[:, :3]
-    with pytest.raises(ValueError, match="T=3"):
-        scorer(short)
+    longer = random_batch(3)
+    longer.item_ids = torch.cat([longer.item_ids, longer.item_ids], dim=1)
+    with pytest.raises(ValueError, match=f"T={2 * longer.item_ids.shape[1] // 2}; .* at most"):
+        scorer(longer)
+
+
+def _first_columns(batch, keep: int):
+    return type(batch)(item_ids=batch.item_ids[:, :keep], categorical={k: v[:, :keep] for k, v in batch.categorical.items()},
+                       continuous={k: v[:, :keep] for k, v in batch.continuous.items()})
+
+
+@pytest.mark.parametrize("body", ["gpt2", "xlnet", "gru"])
+def test_exported_causal_scorer_right_pads_shorter_batches(body):
+    """The online path may hand over T below max_sequence_length: for CLM right padding changes no score."""
+    model = SessionModel(tiny_spec(), tiny_config(body, "clm"), seed=0).eval()
+    short = _first_columns(random_batch(4, seed=5), 4)  # full 4-event sessions among them
+    assert torch.allclose(ExportedScorer.from_model(model)(short), model.score_next(short), atol=1e-5)
+
+
+def test_exported_mlm_scorer_refuses_shorter_batches():
+    model = SessionModel(tiny_spec(), tiny_config("bert", "mlm"), seed=0).eval()
+    with pytest.raises(ValueError, match="MLM scorer takes exactly T="):
+        ExportedScorer.from_model(model)(_first_columns(random_batch(4, seed=5), 4))
 
 
 def test_raytr_export_command_writes_a_loadable_program(tmp_path, capsys):

@@ -433,3 +433,18 @@ def test_a_killed_recommender_replica_costs_at_most_the_requests_in_flight(clien
         time.sleep(1.0)
     assert replicas.get("RUNNING", 0) == 2, replicas
     _ok(client, {"events": session_events, "k": 3})
+
+
+def test_local_backend_with_the_exported_scorer_answers_as_the_eager_model(local_bundle, raw_items):
+    from raytr.config import ServeConfig
+    from serve.core import Query
+    from serve.engine import LocalBackend
+
+    session = [{"item_id": item, "timestamp": 1_714_550_000.0 + 60 * i, "category": None, "price": 9.5}
+               for i, item in enumerate(raw_items[:7])]
+    queries = [Query(events=session, k=10, exclude_seen=True), Query(events=session[:2], k=10, exclude_seen=False)]
+    eager = LocalBackend(str(local_bundle)).recommend_sync(queries)
+    exported = LocalBackend(str(local_bundle), ServeConfig(scorer="exported")).recommend_sync(queries)
+    for a, b in zip(eager.responses, exported.responses):
+        assert [i.item_id for i in a.items] == [i.item_id for i in b.items]
+        assert [i.score for i in a.items] == pytest.approx([i.score for i in b.items], abs=1e-4)

@@ -6,7 +6,7 @@
 
 The program takes the batch's tensors positionally, in `FeatureSpec.columns` order (item ids, then
 the categorical columns, then the continuous ones), each [B, T] with B dynamic (1..MAX_BATCH) and
-T = max_sequence_length. The ids are not checked inside (a check is a data-dependent branch, which
+T = max_sequence_length (`ExportedScorer` right-pads shorter batches for CLM models). The ids are not checked inside (a check is a data-dependent branch, which
 export cannot trace): `ExportedScorer` checks them on the host first, as `score_next` does.
 """
 
@@ -50,17 +50,23 @@ def _example(spec: FeatureSpec, device: torch.device) -> tuple[torch.Tensor, ...
     return (ids, *cats, *conts)
 
 
-def export_scorer(model: nn.Module, path: str | Path) -> Path:
-    """Export `model` (a SessionModel, put in eval mode) as a scoring program saved at `path` (.pt2)."""
+def export_program(model: nn.Module) -> torch.export.ExportedProgram:
+    """`model` (a SessionModel, put in eval mode) as a scoring program for its device."""
     model.eval()
     device = next(model.parameters()).device
     example = _example(model.spec, device)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     # forward(*columns): the varargs are one argument holding a tuple of tensors.
-    program = torch.export.export(_ScoreNext(model), example, dynamic_shapes=(tuple({0: batch} for _ in example),))
+    return torch.export.export(_ScoreNext(model), example, dynamic_shapes=(tuple({0: batch} for _ in example),))
+
+
+def export_scorer(model: nn.Module, path: str | Path) -> Path:
+    """Export `model` (a SessionModel, put in eval mode) as a scoring program saved at `path` (.pt2)."""
+    program = export_program(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path), extra_files={"feature_spec.json": _spec_json(model.spec)})
+    torch.export.save(program, str(path), extra_files={"feature_spec.json": _spec_json(model.spec),
+                                                        "objective": model.config.objective})
     return path
 
 
@@ -73,24 +79,36 @@ def _spec_json(spec: FeatureSpec) -> str:
 class ExportedScorer:
     """A loaded scoring program: `scorer(batch) -> [B, V]` float32 scores, reserved ids at -inf."""
 
-    def __init__(self, program: torch.export.ExportedProgram, spec: FeatureSpec) -> None:
+    def __init__(self, program: torch.export.ExportedProgram, spec: FeatureSpec, objective: str) -> None:
         self.module = program.module()
         self.spec = spec
+        self.objective = objective
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ExportedScorer":
+        """Export in memory, on the model's device (what the Serve app does at load)."""
+        return cls(export_program(model), model.spec, model.config.objective)
 
     @classmethod
     def load(cls, path: str | Path) -> "ExportedScorer":
         import json
 
-        extra = {"feature_spec.json": ""}
+        extra = {"feature_spec.json": "", "objective": ""}
         program = torch.export.load(str(path), extra_files=extra)
-        return cls(program, FeatureSpec.from_dict(json.loads(extra["feature_spec.json"])))
+        return cls(program, FeatureSpec.from_dict(json.loads(extra["feature_spec.json"])), extra["objective"])
 
     @torch.no_grad()
     def __call__(self, batch: SessionBatch) -> torch.Tensor:
         spec = self.spec
-        if batch.item_ids.shape[1] != spec.max_sequence_length:
-            raise ValueError(f"batch has T={batch.item_ids.shape[1]}; the exported scorer takes "
-                             f"T={spec.max_sequence_length} (pad or cut to max_sequence_length)")
+        T = batch.item_ids.shape[1]
+        if T > spec.max_sequence_length:
+            raise ValueError(f"batch has T={T}; the exported scorer takes at most "
+                             f"T={spec.max_sequence_length} (keep the last max_sequence_length events)")
+        if T < spec.max_sequence_length:
+            if self.objective != "clm":  # MLM drops the first event of a full session for its mask slot
+                raise ValueError(f"batch has T={T}; this MLM scorer takes exactly T={spec.max_sequence_length} "
+                                 "(padding would change the scores of full sessions)")
+            batch = _right_pad(batch, spec.max_sequence_length)  # causal: more right padding changes no score
         if batch.ids_checked != spec:
             check_id_ranges({spec.item_id: batch.item_ids, **batch.categorical},
                             {spec.item_id: spec.item_cardinality, **spec.categorical})
@@ -99,3 +117,11 @@ class ExportedScorer:
         columns = (batch.item_ids, *(batch.categorical[n] for n in spec.categorical),
                    *(batch.continuous[n] for n in spec.continuous))
         return self.module(*columns)
+
+
+def _right_pad(batch: SessionBatch, length: int) -> SessionBatch:
+    def pad(col: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(col, (0, length - col.shape[1]))
+
+    return SessionBatch(item_ids=pad(batch.item_ids), categorical={k: pad(v) for k, v in batch.categorical.items()},
+                        continuous={k: pad(v) for k, v in batch.continuous.items()}, ids_checked=batch.ids_checked)
