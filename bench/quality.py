@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import time
@@ -146,7 +147,9 @@ def _write_sessions(path: Path, sessions: list[np.ndarray]) -> str:
     lengths = np.array([len(s) for s in sessions])
     offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
     values = pa.array(np.concatenate(sessions).astype(np.int64) if sessions else np.zeros(0, np.int64))
-    pq.write_table(pa.table({ITEM_COLUMN: pa.ListArray.from_arrays(offsets, values)}), path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: runs side by side share the split
+    pq.write_table(pa.table({ITEM_COLUMN: pa.ListArray.from_arrays(offsets, values)}), tmp)
+    os.replace(tmp, path)
     return str(path)
 
 
@@ -316,25 +319,25 @@ def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
 DROPOUT = 0.2
 
 
-def model_config(body: str, objective: str, dropout: float = DROPOUT):
+def model_config(body: str, objective: str, dropout: float = DROPOUT, d_model: int = 64, n_layers: int = 2):
     from raytr.config import ModelConfig
 
-    return ModelConfig(body=body, objective=objective, d_model=64, n_layers=2, n_heads=4, dropout=dropout)
+    return ModelConfig(body=body, objective=objective, d_model=d_model, n_layers=n_layers, n_heads=4, dropout=dropout)
 
 
-def training_args(output_dir: Path, epochs: int, seed: int = 0):
+def training_args(output_dir: Path, epochs: int, seed: int = 0, lr: float = 2e-3):
     from raytr.training.arguments import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=128,
-        learning_rate=2e-3, launcher="local", data_loader_engine="pyarrow", report_to=(), disable_tqdm=True,
+        learning_rate=lr, launcher="local", data_loader_engine="pyarrow", report_to=(), disable_tqdm=True,
         save_total_limit=epochs + 1,  # keep every epoch's checkpoint: the epoch is chosen on validation below
         seed=seed, metrics_top_k=TOP_K,
     )
 
 
 def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: int, work: Path,
-               dropout: float = DROPOUT) -> dict[str, Any]:
+               dropout: float = DROPOUT, d_model: int = 64, n_layers: int = 2, lr: float = 2e-3) -> dict[str, Any]:
     """Train `epochs` epochs, score every epoch's checkpoint on validation, test the best once."""
     from raytr.models import SessionModel
     from raytr.training.loop import read_trainer_state
@@ -342,8 +345,8 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
 
     out_dir = work / name
     shutil.rmtree(out_dir, ignore_errors=True)
-    model = SessionModel(data.spec, model_config(body, objective, dropout), seed=0)
-    trainer = Trainer(model, training_args(out_dir, epochs), train_dataset_or_path=data.train_paths)
+    model = SessionModel(data.spec, model_config(body, objective, dropout, d_model, n_layers), seed=0)
+    trainer = Trainer(model, training_args(out_dir, epochs, lr=lr), train_dataset_or_path=data.train_paths)
     t = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t
@@ -356,7 +359,8 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
     test = evaluate(SessionModel.load(ckpt), data, "test")
     eval_s = time.perf_counter() - t
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"body": body, "objective": objective, "dropout": dropout, "valid": valid, "test": test,
+    return {"body": body, "objective": objective, "dropout": dropout, "d_model": d_model, "n_layers": n_layers,
+            "learning_rate": lr, "valid": valid, "test": test,
             "choice": {"epochs": epoch},
             "validation_curve": {e: v[SELECT_BY] for e, v, _ in curve}, "epochs_trained": epochs,
             "train_seconds": train_s, "eval_seconds": eval_s,
@@ -390,7 +394,7 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
 
 def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, incremental: bool,
                 models: tuple[str, ...] | None = None, ml_window: int = ML_WINDOW,
-                dropout: float = DROPOUT) -> dict[str, Any]:
+                dropout: float = DROPOUT, d_model: int = 64, n_layers: int = 2, lr: float = 2e-3) -> dict[str, Any]:
     started = time.perf_counter()
     load0 = load_average()
     data = load_movielens(ml_window) if name == "ml-100k" else LOADERS[name]()
@@ -406,7 +410,7 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
             skipped.append(model_name)
             log.warning("%s: budget of %.0fs spent (%.0fs): skipping %s", name, budget_s, spent, model_name)
             continue
-        res = run_neural(data, model_name, body, objective, epochs, work, dropout)
+        res = run_neural(data, model_name, body, objective, epochs, work, dropout, d_model, n_layers, lr)
         results[model_name] = res
         log.info("%s %s: best epoch %d, valid %s %.4f, test %.4f (%.0fs)", name, model_name, res["choice"]["epochs"],
                  SELECT_BY, res["valid"][SELECT_BY], res["test"][SELECT_BY], res["train_seconds"] + res["eval_seconds"])
@@ -470,6 +474,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None, help=f"comma list of {[n for n, _, _ in NEURAL]} (default: all)")
     p.add_argument("--ml-window", type=int, default=ML_WINDOW, help="MovieLens sequence length T")
     p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout of the neural models")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--output", default="quality")
     args = p.parse_args(argv)
     setup_logging()
@@ -492,10 +499,10 @@ def main(argv=None) -> int:
         return 2
     results = []
     for name in names:
-        res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work",
+        res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work" / args.output,
                           incremental=not args.no_incremental,
                           models=tuple(args.models.split(",")) if args.models else None, ml_window=args.ml_window,
-                          dropout=args.dropout)
+                          dropout=args.dropout, d_model=args.d_model, n_layers=args.n_layers, lr=args.lr)
         print_dataset(res)
         results.append(res)
     if ray.is_initialized():

@@ -164,7 +164,8 @@ class DataLoader:
             check_id_ranges({n: self.columns[n].values for n in [spec.item_id, *spec.categorical]},
                             {spec.item_id: spec.item_cardinality, **spec.categorical})
         except ValueError as err:
-            raise ValueError(f"{err} (in {paths[0]}{f' and {len(paths) - 1} more files' if len(paths) > 1 else ''})") from None
+            more = f" and {len(paths) - 1} more files" if len(paths) > 1 else ""
+            raise ValueError(f"{err} (in {paths[0]}{more})") from None
         self.num_rows = stop - start
         per_rank = math.ceil(self.total_rows / world_size)  # the largest share
         if drop_last:
