@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import envelope, load_average, setup_logging, write_result
 from bench.train import (
-    GPU_CONFIGS,
+    ALL_CONFIGS,
     LEARNING_RATE,
     amp_step,
     bare_batches,
@@ -110,29 +110,92 @@ def profile_variant(cfg, variant: str, precision: str, steps: int) -> dict[str, 
             step(9 + i)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    kernels = [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
-    busy_us = sum(e.self_device_time_total for e in kernels)
-    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:12]
     return {
         "variant": variant, "config": cfg.name, "precision": precision, "steps": steps,
         "step_ms": plain_ms,
         "sessions_per_s": cfg.batch * 1000 / plain_ms,
         "wall_ms_per_step_profiled": 1000 * wall / steps,
-        "gpu_busy_ms_per_step": busy_us / 1000 / steps,
         "host_syncs_per_step": syncs["n"],
+        **_summary(prof, steps),
+    }
+
+
+def _summary(prof, steps: int) -> dict[str, Any]:
+    """GPU busy time, kernels and the top GPU and host (CPU self time: Python-side ops and CUDA API
+    calls such as cudaStreamSynchronize) entries of a profile, per step."""
+    events = prof.key_averages()
+    kernels = [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
+    host = sorted((e for e in events if e not in kernels), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    return {
+        "gpu_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1000 / steps,
         "kernels_per_step": sum(e.count for e in kernels) / steps,
         "top_gpu_ops": [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1000 / steps,
                          "calls_per_step": e.count / steps} for e in top],
+        "top_host_ops": [{"name": e.key[:90], "ms_per_step": e.self_cpu_time_total / 1000 / steps,
+                          "calls_per_step": e.count / steps} for e in host],
     }
+
+
+def profile_trainer(cfg, precision: str, steps: int, device_name: str) -> dict[str, Any]:
+    """raytr's own training loop (`train_loop`: scheduler, NaN check, loss sums, TensorBoard scalar
+    every step, compiled regions) fed by the pyarrow DataLoader: ms per step between batches, then a
+    profile of `steps` steps taken from inside the loop's batch stream."""
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from raytr.data.loaders import DataLoader
+    from raytr.features import FeatureSpec
+    from raytr.models import SessionModel
+    from raytr.training.arguments import TrainingArguments
+    from raytr.training.loop import LoopConfig, WorkerContext, train_loop
+
+    device = torch.device(device_name)
+    warm, timed = 8, 40
+    data = sessions_for(cfg, warm + timed + steps)
+    spec = FeatureSpec(item_id="item_id-list", item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
+    work = Path(tempfile.mkdtemp(prefix="profile-trainer-"))
+    SessionModel(spec, raytr_model_config(cfg, None), seed=0).save(work / "init")
+    args = TrainingArguments(output_dir=str(work / "out"), max_steps=warm + timed + steps,
+                             per_device_train_batch_size=cfg.batch, learning_rate=LEARNING_RATE,
+                             fp16=precision == "fp16", bf16=precision == "bf16", torch_compile=True,
+                             launcher="local", use_gpu=device.type == "cuda", data_loader_engine="pyarrow",
+                             logging_steps=1, report_to=("tensorboard",), disable_tqdm=True, save_total_limit=1)
+    loader = DataLoader(spec, list(data.files), cfg.batch, engine="pyarrow", device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    marks: list[float] = []
+
+    def batches(epoch: int):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            marks.append(time.perf_counter())  # the loop asks for batch n once step n-1 is queued
+            if len(marks) == warm + timed + 1:
+                prof.start()
+            if len(marks) == warm + timed + 1 + steps:
+                prof.stop()
+            yield batch
+
+    ctx = WorkerContext(device=device, train_batches=batches, steps_per_epoch=len(loader))
+    train_loop(LoopConfig(spec=spec, model_config=raytr_model_config(cfg, None), args=args,
+                          init_model_dir=str(work / "init"), train_paths=tuple(data.files)), ctx)
+    step_ms = 1000 * (marks[warm + timed] - marks[warm]) / timed
+    return {"variant": "trainer", "config": cfg.name, "precision": precision, "steps": steps,
+            "step_ms": step_ms, "sessions_per_s": cfg.batch * 1000 / step_ms,
+            "wall_ms_per_step_profiled": 1000 * (marks[warm + timed + steps] - marks[warm + timed]) / steps,
+            "host_syncs_per_step": None, **_summary(prof, steps)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="50k")
     p.add_argument("--precision", default="fp16")
-    p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled",
-                   help="bare-compiled, raytr, raytr-compiled, raytr-compiled-foreach (plain AdamW instead of fused)")
+    p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled,trainer",
+                   help="bare-compiled, raytr, raytr-compiled, raytr-compiled-foreach (plain AdamW instead of fused), "
+                        "trainer (raytr's training loop itself; also runs with --device cpu)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
     setup_logging()
@@ -141,7 +204,10 @@ def main(argv=None) -> int:
     for name in args.configs.split(","):
         for variant in args.variants.split(","):
             try:
-                row = profile_variant(GPU_CONFIGS[name], variant, args.precision, args.steps)
+                if variant == "trainer":
+                    row = profile_trainer(ALL_CONFIGS[name], args.precision, args.steps, args.device)
+                else:
+                    row = profile_variant(ALL_CONFIGS[name], variant, args.precision, args.steps)
             except Exception as err:  # one failing variant must not lose the others' figures
                 row = {"variant": variant, "config": name, "precision": args.precision, "error": repr(err)[:400]}
             rows.append(row)
@@ -154,7 +220,10 @@ def main(argv=None) -> int:
                   f"{row['host_syncs_per_step']} host syncs", flush=True)
             for op in row["top_gpu_ops"]:
                 print(f"  {op['ms_per_step']:8.3f} ms  x{op['calls_per_step']:5.1f}  {op['name']}")
-    write_result("profile-cuda", envelope("profile-cuda", started, load_before, results=rows))
+            print("  host (CPU self time):")
+            for op in row["top_host_ops"][:8]:
+                print(f"  {op['ms_per_step']:8.3f} ms  x{op['calls_per_step']:5.1f}  {op['name']}")
+    write_result(f"profile-{args.device}", envelope(f"profile-{args.device}", started, load_before, results=rows))
     return 0
 
 

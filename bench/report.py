@@ -447,7 +447,7 @@ def section_profile_gpu(res: dict[str, Any] | None, before: dict[str, Any] | Non
             body.append([label, r["config"], r["precision"], r["variant"], fmt(r.get("step_ms"), 2),
                          fmt(r.get("sessions_per_s")), fmt(r.get("wall_ms_per_step_profiled",
                                                                  r.get("wall_ms_per_step")), 2),
-                         fmt(r["gpu_busy_ms_per_step"], 2), fmt(r["kernels_per_step"]), r["host_syncs_per_step"]])
+                         fmt(r["gpu_busy_ms_per_step"], 2), fmt(r["kernels_per_step"]), fmt(r.get("host_syncs_per_step"))])
     out += table(["code", "config", "precision", "variant", "ms/step", "sessions/s", "profiled wall ms",
                   "GPU busy ms", "kernels", "host syncs"], body)
     for r in res.get("results", []):

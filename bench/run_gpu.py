@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     steps = [
         ["train.py", "--device", "cuda", "--configs", args.configs, "--precision", args.precision],
         ["loader.py", "--device", "cuda"],
-        ["profile_gpu.py", "--configs", "50k,1M", "--precision", "fp16"],
+        ["profile_gpu.py", "--configs", "50k", "--precision", "fp16"],
         ["report.py"],
     ]
     failed = []
