@@ -318,3 +318,22 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+def run_benchmarks(steps: list[tuple[str, list[str]]]) -> int:
+    """Run `python bench/<script> <args>` for each (label, [script, *args]) in order, each as its own
+    process from the repository root; a failing one is reported and the rest still run. Returns 1
+    when any failed, else 0."""
+    failed = []
+    for label, (script, *args) in steps:
+        cmd = [sys.executable, str(BENCH_DIR / script), *args]
+        print(f"\n=== {label}: {' '.join(cmd[1:])}", flush=True)
+        started = time.time()
+        rc = subprocess.run(cmd, cwd=REPO).returncode
+        print(f"=== {label}: exit {rc} after {time.time() - started:.0f}s", flush=True)
+        if rc != 0:
+            failed.append(label)
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+        return 1
+    return 0

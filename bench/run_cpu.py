@@ -13,12 +13,13 @@ the timing-sensitive throughput benchmarks first and the training-step figure be
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import run_benchmarks  # noqa: E402
+
 STEPS = ("train", "loader", "prepare", "quality", "profiles", "report")
 
 
@@ -54,21 +55,7 @@ def main(argv=None) -> int:
         print(f"unknown step(s) {bad}; known: {list(STEPS)}", file=sys.stderr)
         return 2
     cmds = commands(args.quick)
-    failed = []
-    for step in STEPS:
-        if step not in chosen or not cmds[step]:
-            continue
-        cmd = [sys.executable, str(BENCH / cmds[step][0]), *cmds[step][1:]]
-        print(f"\n=== {step}: {' '.join(cmd[1:])}", flush=True)
-        t = time.time()
-        rc = subprocess.run(cmd, cwd=BENCH.parent).returncode
-        print(f"=== {step}: exit {rc} after {time.time() - t:.0f}s", flush=True)
-        if rc != 0:
-            failed.append(step)
-    if failed:
-        print(f"failed: {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return run_benchmarks([(step, cmds[step]) for step in STEPS if step in chosen and cmds[step]])
 
 
 if __name__ == "__main__":

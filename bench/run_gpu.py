@@ -11,12 +11,13 @@ by one.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import run_benchmarks  # noqa: E402
+
 
 
 def main(argv=None) -> int:
@@ -30,19 +31,7 @@ def main(argv=None) -> int:
         ["profile_gpu.py", "--configs", "50k", "--precision", "fp16"],
         ["report.py"],
     ]
-    failed = []
-    for step in steps:
-        cmd = [sys.executable, str(BENCH / step[0]), *step[1:]]
-        print(f"\n=== {' '.join(cmd[1:])}", flush=True)
-        t = time.time()
-        rc = subprocess.run(cmd, cwd=BENCH.parent).returncode
-        print(f"=== exit {rc} after {time.time() - t:.0f}s", flush=True)
-        if rc != 0:
-            failed.append(step[0])
-    if failed:
-        print(f"failed: {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return run_benchmarks([(step[0].removesuffix(".py"), step) for step in steps])
 
 
 if __name__ == "__main__":
