@@ -6,8 +6,9 @@
 
 The program takes the batch's tensors positionally, in `FeatureSpec.columns` order (item ids, then
 the categorical columns, then the continuous ones), each [B, T] with B dynamic (1..MAX_BATCH) and
-T = max_sequence_length (`ExportedScorer` right-pads shorter batches for CLM models). The ids are not checked inside (a check is a data-dependent branch, which
-export cannot trace): `ExportedScorer` checks them on the host first, as `score_next` does.
+T = max_sequence_length (`ExportedScorer` right-pads shorter batches for CLM models). The ids are
+not checked inside (a check is a data-dependent branch, which export cannot trace):
+`ExportedScorer` checks them on the host first, as `score_next` does.
 """
 
 from __future__ import annotations

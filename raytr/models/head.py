@@ -96,6 +96,29 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
 
 
+def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, smoothing: float,
+                  chunk_fn, dtype: torch.dtype, with_grad: bool):
+    """The mean loss over row chunks of `rows`, and with `with_grad` its gradients for hidden [N, D]
+    and weight [V, D] (None otherwise). GEMMs in `dtype`, autocast off (the casts are explicit)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.to(dtype)
+        w, valid = _padded_weight(weight, dtype)
+        n, num_classes = h.shape[0], weight.shape[0] - FIRST_ITEM_ID
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if with_grad else None
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            loss, g_h, g_w = chunk_fn(h[start:stop], w, targets[start:stop], valid, num_classes, smoothing, with_grad)
+            total += loss
+            if with_grad:
+                grad_hidden[start:stop] = g_h / n
+                grad_weight += g_w
+    if with_grad:
+        grad_weight = (grad_weight[: weight.shape[0]] / n).to(weight.dtype)
+    return total / n, grad_hidden, grad_weight
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` over the real items, computed chunk by chunk with
     the gradients made during forward (backward only scales them): three GEMMs per chunk, no
@@ -103,21 +126,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, smoothing, chunk_fn, dtype):
-        with torch.autocast(hidden.device.type, enabled=False):
-            h = hidden.to(dtype)
-            w, valid = _padded_weight(weight, dtype)
-            n, num_classes = h.shape[0], weight.shape[0] - FIRST_ITEM_ID
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-            for start in range(0, n, rows):
-                stop = min(start + rows, n)
-                loss, g_h, g_w = chunk_fn(h[start:stop], w, targets[start:stop], valid, num_classes, smoothing, True)
-                total += loss
-                grad_hidden[start:stop] = g_h / n
-                grad_weight += g_w
-        ctx.save_for_backward(grad_hidden, (grad_weight[: weight.shape[0]] / n).to(weight.dtype))
-        return total / n
+        loss, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, rows, smoothing, chunk_fn, dtype, True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -149,11 +160,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     dtype = _compute_dtype(hidden)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, rows, label_smoothing, chunk_fn, dtype)
-    w, valid = _padded_weight(weight, dtype)
-    num_classes = weight.shape[0] - FIRST_ITEM_ID
-    total = sum(chunk_fn(hidden[s:s + rows].to(dtype), w, targets[s:s + rows], valid, num_classes, label_smoothing,
-                         False)[0] for s in range(0, hidden.shape[0], rows))
-    return total / hidden.shape[0]
+    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, chunk_fn, dtype, False)[0]
 
 
 def log_uniform_sample(num_items: int, num_samples: int, generator: torch.Generator | None = None,

@@ -44,16 +44,16 @@ def _pad_object_column(values: np.ndarray, length: int, dtype: torch.dtype) -> t
 
 def _to_batch(spec: FeatureSpec, batch: dict[str, np.ndarray], device: torch.device) -> SessionBatch:
     length = spec.max_sequence_length
-    cpu = SessionBatch(
-        item_ids=_pad_object_column(batch[spec.item_id], length, torch.int64),
-        categorical={n: _pad_object_column(batch[n], length, torch.int64) for n in spec.categorical},
-        continuous={n: _pad_object_column(batch[n], length, torch.float32) for n in spec.continuous},
-    )
+    item_ids = _pad_object_column(batch[spec.item_id], length, torch.int64)
+    categorical = {n: _pad_object_column(batch[n], length, torch.int64) for n in spec.categorical}
     # Checked on the host, before the copy: the model then skips its per-step device sync.
-    check_id_ranges({spec.item_id: cpu.item_ids, **cpu.categorical},
-                    {spec.item_id: spec.item_cardinality, **spec.categorical})
-    cpu.ids_checked = spec
-    return cpu.to(device)
+    check_id_ranges({spec.item_id: item_ids, **categorical}, {spec.item_id: spec.item_cardinality, **spec.categorical})
+    return SessionBatch(
+        item_ids=item_ids,
+        categorical=categorical,
+        continuous={n: _pad_object_column(batch[n], length, torch.float32) for n in spec.continuous},
+        ids_checked=spec,
+    ).to(device)
 
 
 def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per_worker: int):
