@@ -36,7 +36,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -316,28 +316,38 @@ def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
     return out
 
 
-DROPOUT = 0.2
+@dataclass(frozen=True)
+class Hyper:
+    """The neural models' hyperparameters (fixed beforehand; the CLI options exist to try others on
+    validation)."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.2
+    learning_rate: float = 2e-3
 
 
-def model_config(body: str, objective: str, dropout: float = DROPOUT, d_model: int = 64, n_layers: int = 2):
+def model_config(body: str, objective: str, hp: Hyper = Hyper()):
     from raytr.config import ModelConfig
 
-    return ModelConfig(body=body, objective=objective, d_model=d_model, n_layers=n_layers, n_heads=4, dropout=dropout)
+    return ModelConfig(body=body, objective=objective, d_model=hp.d_model, n_layers=hp.n_layers, n_heads=hp.n_heads,
+                       dropout=hp.dropout)
 
 
-def training_args(output_dir: Path, epochs: int, seed: int = 0, lr: float = 2e-3):
+def training_args(output_dir: Path, epochs: int, seed: int = 0, hp: Hyper = Hyper()):
     from raytr.training.arguments import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=128,
-        learning_rate=lr, launcher="local", data_loader_engine="pyarrow", report_to=(), disable_tqdm=True,
+        learning_rate=hp.learning_rate, launcher="local", data_loader_engine="pyarrow", report_to=(), disable_tqdm=True,
         save_total_limit=epochs + 1,  # keep every epoch's checkpoint: the epoch is chosen on validation below
         seed=seed, metrics_top_k=TOP_K,
     )
 
 
 def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: int, work: Path,
-               dropout: float = DROPOUT, d_model: int = 64, n_layers: int = 2, lr: float = 2e-3) -> dict[str, Any]:
+               hp: Hyper = Hyper()) -> dict[str, Any]:
     """Train `epochs` epochs, score every epoch's checkpoint on validation, test the best once."""
     from raytr.models import SessionModel
     from raytr.training.loop import read_trainer_state
@@ -345,8 +355,8 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
 
     out_dir = work / name
     shutil.rmtree(out_dir, ignore_errors=True)
-    model = SessionModel(data.spec, model_config(body, objective, dropout, d_model, n_layers), seed=0)
-    trainer = Trainer(model, training_args(out_dir, epochs, lr=lr), train_dataset_or_path=data.train_paths)
+    model = SessionModel(data.spec, model_config(body, objective, hp), seed=0)
+    trainer = Trainer(model, training_args(out_dir, epochs, hp=hp), train_dataset_or_path=data.train_paths)
     t = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t
@@ -359,23 +369,24 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
     test = evaluate(SessionModel.load(ckpt), data, "test")
     eval_s = time.perf_counter() - t
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"body": body, "objective": objective, "dropout": dropout, "d_model": d_model, "n_layers": n_layers,
-            "learning_rate": lr, "valid": valid, "test": test,
+    return {"body": body, "objective": objective, "hyperparameters": asdict(hp), "valid": valid, "test": test,
             "choice": {"epochs": epoch},
             "validation_curve": {e: v[SELECT_BY] for e, v, _ in curve}, "epochs_trained": epochs,
             "train_seconds": train_s, "eval_seconds": eval_s,
             "train_sessions_per_s": result.metrics.get("train_sessions_per_second")}
 
 
-def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path) -> dict[str, Any]:
+def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path,
+                              hp: Hyper = Hyper()) -> dict[str, Any]:
     """Day windows on the YOOCHOOSE sample with the chosen transformer: train day t, evaluate t+1."""
     from raytr.config import load_config
     from raytr.training.incremental import run_incremental
 
     overrides = {
-        "model": {"body": body, "objective": objective, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.2},
+        "model": {"body": body, "objective": objective, "d_model": hp.d_model, "n_layers": hp.n_layers,
+                  "n_heads": hp.n_heads, "dropout": hp.dropout},
         "training": {"launcher": "local", "num_train_epochs": epochs, "disable_tqdm": True, "report_to": [],
-                     "data_loader_engine": "pyarrow", "metrics_top_k": list(TOP_K), "learning_rate": 2e-3,
+                     "data_loader_engine": "pyarrow", "metrics_top_k": list(TOP_K), "learning_rate": hp.learning_rate,
                      "per_device_train_batch_size": 128, "save_total_limit": 1},
     }
     config = load_config(REPO / "configs" / "yoochoose.yaml", overrides)
@@ -394,7 +405,7 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
 
 def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, incremental: bool,
                 models: tuple[str, ...] | None = None, ml_window: int = ML_WINDOW,
-                dropout: float = DROPOUT, d_model: int = 64, n_layers: int = 2, lr: float = 2e-3) -> dict[str, Any]:
+                hp: Hyper = Hyper()) -> dict[str, Any]:
     started = time.perf_counter()
     load0 = load_average()
     data = load_movielens(ml_window) if name == "ml-100k" else LOADERS[name]()
@@ -410,7 +421,7 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
             skipped.append(model_name)
             log.warning("%s: budget of %.0fs spent (%.0fs): skipping %s", name, budget_s, spent, model_name)
             continue
-        res = run_neural(data, model_name, body, objective, epochs, work, dropout, d_model, n_layers, lr)
+        res = run_neural(data, model_name, body, objective, epochs, work, hp)
         results[model_name] = res
         log.info("%s %s: best epoch %d, valid %s %.4f, test %.4f (%.0fs)", name, model_name, res["choice"]["epochs"],
                  SELECT_BY, res["valid"][SELECT_BY], res["test"][SELECT_BY], res["train_seconds"] + res["eval_seconds"])
@@ -435,7 +446,7 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
         per_epoch = best["train_seconds"] / best["epochs_trained"] * 1.25
         inc_epochs = min(best["choice"]["epochs"], int(remaining // per_epoch))
         if inc_epochs >= 1:
-            out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work)
+            out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work, hp)
         else:
             out["incremental"] = {"skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one "
                                              f"epoch over the windows needs ~{per_epoch:.0f}s"}
@@ -473,10 +484,10 @@ def main(argv=None) -> int:
                    help="replace only these datasets in the existing results file, keep the others")
     p.add_argument("--models", default=None, help=f"comma list of {[n for n, _, _ in NEURAL]} (default: all)")
     p.add_argument("--ml-window", type=int, default=ML_WINDOW, help="MovieLens sequence length T")
-    p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout of the neural models")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--dropout", type=float, default=Hyper.dropout, help="dropout of the neural models")
+    p.add_argument("--d-model", type=int, default=Hyper.d_model)
+    p.add_argument("--n-layers", type=int, default=Hyper.n_layers)
+    p.add_argument("--lr", type=float, default=Hyper.learning_rate)
     p.add_argument("--output", default="quality")
     args = p.parse_args(argv)
     setup_logging()
@@ -502,7 +513,8 @@ def main(argv=None) -> int:
         res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work" / args.output,
                           incremental=not args.no_incremental,
                           models=tuple(args.models.split(",")) if args.models else None, ml_window=args.ml_window,
-                          dropout=args.dropout, d_model=args.d_model, n_layers=args.n_layers, lr=args.lr)
+                          hp=Hyper(d_model=args.d_model, n_layers=args.n_layers, dropout=args.dropout,
+                                   learning_rate=args.lr))
         print_dataset(res)
         results.append(res)
     if ray.is_initialized():
