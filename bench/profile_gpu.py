@@ -33,7 +33,7 @@ from bench.train import (
 
 
 def _step_fns(cfg, variant: str, precision: str, device):
-    """(step(i) -> loss, parameters) for one variant; every input is built before timing."""
+    """step(i) -> loss for one variant; every input is built before timing."""
     import torch
 
     data = sessions_for(cfg, 64)
@@ -94,7 +94,6 @@ def profile_variant(cfg, variant: str, precision: str, steps: int) -> dict[str, 
         step(100 + i)
     torch.cuda.synchronize()
     plain_ms = 1000 * (time.perf_counter() - t0) / 40
-    syncs = {"n": 0}
     torch.cuda.set_sync_debug_mode("warn")  # counts the syncs through the warnings it emits
     import warnings
 
@@ -103,7 +102,7 @@ def profile_variant(cfg, variant: str, precision: str, steps: int) -> dict[str, 
         step(8)
         torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode(0)
-    syncs["n"] = sum("synchroniz" in str(w.message) for w in caught)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for i in range(steps):
@@ -115,7 +114,7 @@ def profile_variant(cfg, variant: str, precision: str, steps: int) -> dict[str, 
         "step_ms": plain_ms,
         "sessions_per_s": cfg.batch * 1000 / plain_ms,
         "wall_ms_per_step_profiled": 1000 * wall / steps,
-        "host_syncs_per_step": syncs["n"],
+        "host_syncs_per_step": syncs,
         **_summary(prof, steps),
     }
 
