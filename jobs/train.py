@@ -1,7 +1,8 @@
 """Entry point for `ray job submit --working-dir . -- python jobs/train.py ...`.
 
 Same arguments as `raytr train` (run with --help). Joins the cluster in RAY_ADDRESS (set by
-`ray job submit`) or starts a local Ray; paths may be local or shared storage visible to all nodes.
+`ray job submit`) or starts a local Ray; paths may be local, on storage mounted on all nodes, or
+fsspec URLs such as s3://bucket/prefix (see the README, "Paths").
 """
 
 import sys

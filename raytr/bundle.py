@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raytr import storage
 from raytr.config import DataConfig, from_dict
 
 MODEL_DIR = "model"
@@ -27,15 +28,18 @@ COPIED_FROM_PREPARE = ("workflow", "schema.json", "schema.pbtxt", "prepare.json"
 
 
 def attach_preprocessing(prepared_dir: str | Path, output_dir: str | Path) -> None:
-    """Copy the fitted workflow, schema and data config of `prepared_dir` next to the model."""
-    prepared_dir, output_dir = Path(prepared_dir), Path(output_dir)
+    """Copy the fitted workflow, schema and data config of `prepared_dir` next to the model (either
+    may be a local path or a URL)."""
     for name in COPIED_FROM_PREPARE:
-        src, dst = prepared_dir / name, output_dir / name
-        if not src.exists():
+        src, dst = storage.join(prepared_dir, name), storage.join(output_dir, name)
+        if not storage.exists(src):
             raise FileNotFoundError(f"{src} is missing: {prepared_dir} is not a `raytr prepare` output")
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+        storage.remove(dst)
+        if storage.is_dir(src):
+            with storage.local_copy(src) as local:
+                storage.put_dir(local, dst)
+        else:
+            storage.copy_file(src, dst)
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,21 @@ class Bundle:
 
     @classmethod
     def load(cls, root: str | Path) -> "Bundle":
-        root = Path(root).resolve()
-        missing = [n for n in (MODEL_DIR, WORKFLOW_DIR, "prepare.json") if not (root / n).exists()]
+        """Read a bundle; from a URL, its files are first copied to a new local directory that
+        stays for the life of the process (the workflow reads its category files lazily)."""
+        source = storage.normalize(root)
+        missing = [n for n in (MODEL_DIR, WORKFLOW_DIR, "prepare.json") if not storage.exists(storage.join(source, n))]
         if missing:
             raise FileNotFoundError(
-                f"{root} is not a model bundle: {missing} missing (train with `raytr train --data PREPARED_DIR`)"
+                f"{source} is not a model bundle: {missing} missing (train with `raytr train --data PREPARED_DIR`)"
             )
+        root = Path(source)
+        if storage.is_url(source):
+            root = Path(tempfile.mkdtemp(prefix="raytr-bundle-"))
+            for name in (*COPIED_FROM_PREPARE, MODEL_DIR, "train_result.json"):
+                if storage.exists(storage.join(source, name)):
+                    storage.download(storage.join(source, name), root / name if name in (MODEL_DIR, WORKFLOW_DIR)
+                                     else root)
         prepare_info = json.loads((root / "prepare.json").read_text())
         data = from_dict(DataConfig, prepare_info["data"], where=f"{root}/prepare.json data")
         result_path = root / "train_result.json"

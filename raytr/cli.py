@@ -100,14 +100,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _model_dir(path: str) -> str:
-    from pathlib import Path
+    from raytr import storage
 
-    return str(Path(path) / "model") if (Path(path) / "model" / "config.json").is_file() else path
+    nested = storage.join(path, "model")
+    return nested if storage.is_file(storage.join(nested, "config.json")) else path
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from raytr.data.loaders import DataLoader
     from raytr.data.prepare import day_paths
     from raytr.evaluation import evaluate_next_item
@@ -116,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     model = SessionModel.load(_model_dir(args.model))
     days = _days(args.days)
-    paths = day_paths(args.data, days) if days or (Path(args.data) / "sessions").is_dir() else resolve_paths(args.data)
+    paths = day_paths(args.data, days) if days else resolve_paths(args.data)
     loader = DataLoader(model.spec, paths, args.batch_size, shuffle=False, engine="pyarrow")
     metrics = evaluate_next_item(model, loader, args.top_k, args.exclude_seen)
     if metrics.count == 0:
@@ -125,14 +124,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+    from raytr import storage
     from raytr.models import SessionModel
     from raytr.models.export import export_scorer
 
     model_dir = _model_dir(args.model)
-    path = export_scorer(SessionModel.load(model_dir), args.output or Path(model_dir) / "scorer.pt2")
-    print(f"exported the next-item scorer to {path} (load with raytr.models.export.ExportedScorer.load)")
+    target = args.output or storage.join(model_dir, "scorer.pt2")
+    with storage.writable_dir(storage.parent(target)) as local:
+        export_scorer(SessionModel.load(model_dir), local / storage.name(target))
+    print(f"exported the next-item scorer to {storage.normalize(target)} (load with "
+          "raytr.models.export.ExportedScorer.load)")
 
 
 def cmd_incremental(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from raytr import storage
 from raytr.bundle import Bundle
 from raytr.config import DataConfig, from_dict
 from serve.api import RecommendResponse, ReloadResponse
@@ -92,10 +93,10 @@ class Recommendations:
 
 def read_data_config(bundle_dir: str | Path) -> DataConfig:
     """The data config of a bundle, without hashing its weights (what the ingress needs)."""
-    path = Path(bundle_dir) / "prepare.json"
-    if not path.is_file():
+    path = storage.join(bundle_dir, "prepare.json")
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a model bundle (train with `raytr train`)")
-    return from_dict(DataConfig, json.loads(path.read_text())["data"], where=f"{path} data")
+    return from_dict(DataConfig, json.loads(storage.read_text(path))["data"], where=f"{path} data")
 
 
 def unprocessable(loc: Sequence[str | int], message: str, kind: str = "value_error", value: Any = None) -> Rejection:

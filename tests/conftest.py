@@ -16,6 +16,8 @@ Everything expensive is session-scoped and shared, so the suite starts Ray once 
     prepared_schema  the Merlin schema read from `prepared_dir`.
     prepared_spec    the `FeatureSpec` derived from it.
     shared_data      ../shared/data/yoochoose-rsc15-100k (skips when absent).
+    s3_bucket        an empty bucket on a local S3 server (moto), as an "s3://..." URL; the Ray
+                     cluster's processes get its endpoint and dummy credentials from the start.
 
 Tests marked `gpu` are skipped when torch sees no CUDA device.
 """
@@ -23,6 +25,8 @@ Tests marked `gpu` are skipped when torch sees no CUDA device.
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -34,6 +38,23 @@ SHARED_DATA = REPO_ROOT / ".." / "shared" / "data" / "yoochoose-rsc15-100k"
 # DeprecationWarning). Ray workers and CLI subprocesses inherit this environment variable; the
 # test process itself is filtered in pytest_configure below.
 os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning,ignore::DeprecationWarning")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The local S3 server of `s3_bucket`: its address is fixed before Ray starts, so every Ray worker
+# (tasks, Ray Data, Ray Train workers) reaches it as a real deployment would, through AWS_* variables.
+S3_PORT = _free_port()
+S3_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "raytr-test",
+    "AWS_SECRET_ACCESS_KEY": "raytr-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -69,7 +90,7 @@ def ray_cluster():
     if ray.is_initialized():  # a caller (e.g. a notebook running pytest) already connected
         yield ray.get_runtime_context()
         return
-    context = ray.init(num_cpus=4, include_dashboard=False)
+    context = ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": S3_ENV})
     try:
         yield context
     finally:
@@ -152,3 +173,32 @@ def shared_data() -> Path:
     if not path.is_dir() or not any(path.glob("*.csv")):
         pytest.skip(f"YOOCHOOSE sample not found at {path} (../shared is not mounted here)")
     return path
+
+
+@pytest.fixture(scope="session")
+def _s3_server():
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    try:
+        yield
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture
+def s3_bucket(_s3_server) -> str:
+    """A new, empty bucket on the test session's local S3 server."""
+    import fsspec
+
+    name = f"raytr-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"

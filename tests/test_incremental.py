@@ -74,7 +74,7 @@ def test_table_has_a_row_per_day_and_model(finetuned: IncrementalResult):
 
 
 def test_writes_csv_json_and_png(finetuned: IncrementalResult):
-    out = finetuned.output_dir
+    out = Path(finetuned.output_dir)
     csv = pd.read_csv(out / "incremental.csv")
     pd.testing.assert_frame_equal(csv, finetuned.table, check_dtype=False)
     data = json.loads((out / "incremental.json").read_text())
@@ -91,7 +91,7 @@ def test_model_beats_popularity_on_average(finetuned: IncrementalResult):
 
 
 def test_finetune_continues_one_model_and_fits_baselines_on_all_days_seen(finetuned, prepared_dir, prepared_spec):
-    out = finetuned.output_dir
+    out = Path(finetuned.output_dir)
     runs = run_names(out)
     assert len(runs) == 3
     for previous, current in itertools.pairwise(runs):  # each window starts from the previous one's weights

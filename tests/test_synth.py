@@ -129,7 +129,8 @@ def test_day_partitions_written(tmp_path):
         back.append(part)
     restored = pd.concat(back).sort_values(["timestamp", "session_id"], kind="stable").reset_index(drop=True)
     pd.testing.assert_frame_equal(restored, frame)
-    assert not (tmp_path / "raw.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no staging directory left
+    assert (out / "_SUCCESS").is_file()
 
 
 def test_write_replaces_previous_output(tmp_path):

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from raytr import storage
 from raytr.config import DataConfig
 
 
@@ -30,51 +31,56 @@ class InputFiles:
 
 
 def find_input_files(path: str | Path, read_format: str = "auto") -> tuple[list[str], str]:
-    path = Path(path)
-    if not path.exists():
+    """The raw files at `path` (a file, or a directory searched recursively; a local path or a URL)
+    and their format."""
+    try:
+        found = storage.exists(path)
+    except ValueError as error:
+        raise InputError(f"input: {error}") from None
+    if not found:
         raise InputError(f"input {str(path)!r} does not exist")
     suffixes = {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv", ".csv")}
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
-        wanted = suffixes.get(read_format, (".parquet", ".csv", ".tsv"))
-        files = [p for p in files if p.suffix in wanted]
+    files = storage.list_files(path, suffixes.get(read_format, (".parquet", ".csv", ".tsv")))
     if not files:
         raise InputError(f"input {str(path)!r} has no .parquet, .csv or .tsv files")
     fmt = read_format
     if fmt == "auto":
         kinds = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
-        found = {kinds.get(p.suffix, "parquet") for p in files}
-        if len(found) > 1:
-            raise InputError(f"input {str(path)!r} mixes file formats {sorted(found)}: set data.read_format")
-        fmt = found.pop()
+        found_kinds = {kinds.get("." + f.rsplit(".", 1)[-1], "parquet") for f in files}
+        if len(found_kinds) > 1:
+            raise InputError(f"input {str(path)!r} mixes file formats {sorted(found_kinds)}: set data.read_format")
+        fmt = found_kinds.pop()
         if fmt == "csv" and _sniff_tab(files[0]):
             fmt = "tsv"
-    return [str(p) for p in files], fmt
+    return files, fmt
 
 
-def _sniff_tab(path: Path) -> bool:
-    with open(path) as f:
+def _sniff_tab(path: str) -> bool:
+    fs, p = storage.filesystem(path)
+    with fs.open(p, "r") as f:
         header = f.readline()
     return "\t" in header and "," not in header
+
+
+def _open_csv(path: str, fmt: str, block_size: int | None = None) -> pacsv.CSVStreamingReader:
+    fs, p = storage.filesystem(path)
+    read = pacsv.ReadOptions(block_size=block_size) if block_size else pacsv.ReadOptions()
+    return pacsv.open_csv(fs.open(p, "rb"), read_options=read,
+                          parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
 
 
 def read_file(path: str, fmt: str, columns: list[str] | None = None) -> pd.DataFrame:
     """Read one raw file into pandas (used by validation and tests; Ray Data reads in prepare)."""
     if fmt == "parquet":
-        return pq.read_table(path, columns=columns).to_pandas()
-    table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
+        return storage.read_table(path, columns).to_pandas()
+    table = _open_csv(path, fmt).read_all()
     return (table.select(columns) if columns else table).to_pandas()
 
 
 def _file_schema(path: str, fmt: str) -> pa.Schema:
     if fmt == "parquet":
-        return pq.read_schema(path)
-    delimiter = "\t" if fmt == "tsv" else ","
-    reader = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                            read_options=pacsv.ReadOptions(block_size=1 << 16))
-    return reader.schema
+        return storage.parquet_file(path).schema_arrow
+    return _open_csv(path, fmt, block_size=1 << 16).schema
 
 
 def _is_id(t: pa.DataType) -> bool:
@@ -112,7 +118,7 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
             if not ok(dtype):
                 raise InputError(f"{file}: column {name!r} ({role}) has type {dtype}, which cannot be used as a {role}")
         if fmt == "parquet":
-            meta = pq.ParquetFile(file).metadata
+            meta = storage.parquet_file(file).metadata
             total_rows += meta.num_rows
             nulls = _parquet_null_count(file, meta, config.item_col)
         else:
@@ -135,7 +141,7 @@ def _parquet_null_count(file: str, meta: pq.FileMetaData, column: str) -> int:
     for rg in range(meta.num_row_groups):
         stats = meta.row_group(rg).column(index).statistics
         if stats is None or not stats.has_null_count:
-            return int(pq.read_table(file, columns=[column]).column(0).null_count)
+            return int(storage.read_table(file, [column]).column(0).null_count)
         nulls += stats.null_count
     return nulls
 

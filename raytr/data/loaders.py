@@ -4,9 +4,9 @@
           --(epoch plan: shuffle, equal step count per rank)-----> row indices per batch
           --(gather + right-pad on the target device)------------> SessionBatch [B, T]
 
-The reader loads this rank's contiguous share of the rows once (W shares differ by at most one
-row); the columns stay resident as (values, offsets), on the GPU when `device` is one, and each
-batch is gathered and padded there. Every rank runs the same number of steps per epoch
+Files are local paths or fsspec URLs (raytr.storage), read in place. The reader loads this rank's
+contiguous share of the rows once (W shares differ by at most one row); the columns stay resident
+as (values, offsets), on the GPU when `device` is one, and each batch is gathered and padded there. Every rank runs the same number of steps per epoch
 (`steps_per_epoch`, computed from the global row count), every row of the rank's share is seen
 exactly once per epoch, and the order changes every epoch (seeded by seed, epoch and rank).
 
@@ -25,9 +25,9 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from raytr import storage
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class RaggedColumn:
 
 
 def _row_counts(files: Sequence[str]) -> list[int]:
-    return [pq.ParquetFile(f).metadata.num_rows for f in files]
+    return [storage.parquet_file(f).metadata.num_rows for f in files]
 
 
 def rank_row_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -60,7 +60,7 @@ def _read_pyarrow(files: Sequence[str], columns: Sequence[str], start: int, stop
     for file, rows in zip(files, _row_counts(files)):
         lo, hi = max(start - seen, 0), min(stop - seen, rows)
         if lo < hi:
-            tables.append(pq.read_table(file, columns=list(columns)).slice(lo, hi - lo))
+            tables.append(storage.read_table(file, columns).slice(lo, hi - lo))
         seen += rows
     table = pa.concat_tables(tables).combine_chunks()
     out = {}

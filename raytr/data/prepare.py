@@ -7,7 +7,8 @@
 
 A session hashes to exactly one bucket, so it is never split across two outputs, and every step
 after the first scales out by bucket. Everything is written under a temporary sibling directory
-that is renamed into place at the end: a failed run leaves no dataset that looks complete.
+that is moved into place at the end, `prepare.json` last (raytr.storage.commit_dir): a failed run
+leaves no dataset that looks complete. Input and output may be local paths or fsspec URLs.
 
 Output directory:
     sessions/day=N/*.parquet   one row per session (see raytr.data.workflow for columns)
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
+from raytr import storage
 from raytr.config import DataConfig
 from raytr.data.events import InputError, normalize_events, sort_events, validate_input
 from raytr.data.schema import save_schema
@@ -88,27 +90,32 @@ def prepare(
     start = time.perf_counter()
     files = validate_input(config, input_path)
     ensure_ray()
-    output = Path(output).resolve()
-    staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
+    output = storage.normalize(output)
+    staging = storage.staging_path(output, uuid.uuid4().hex[:8])
+    storage.makedirs(staging)
     try:
         buckets = num_buckets or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
         log.info("prepare: %d %s file(s), %d rows, %d session buckets", len(files.paths), files.format,
                  files.num_rows, buckets)
-        _bucket_events(config, files.paths, files.format, staging / "buckets", buckets)
-        sorted_files, origin_day = _sort_buckets(config, staging / "buckets", staging / "sorted")
+        _bucket_events(config, files.paths, files.format, storage.join(staging, "buckets"), buckets)
+        sorted_files, origin_day = _sort_buckets(config, storage.join(staging, "buckets"),
+                                                 storage.join(staging, "sorted"))
         if not sorted_files:
             raise InputError(f"input {str(input_path)!r} has no rows")
 
         log.info("prepare: fitting the workflow on %d sorted parts", len(sorted_files))
-        workflow = fit_workflow(config, sorted_files, staging / "fit")
-        save_workflow(workflow, staging / WORKFLOW_DIR)
-        shutil.rmtree(staging / "fit", ignore_errors=True)
-        schema = output_schema(workflow, config)
-        save_schema(schema, staging)
+        with tempfile.TemporaryDirectory(prefix="raytr-workflow-") as local:
+            # Fitted on this process's disk, then uploaded: the workflow is small, and NVTabular's
+            # fit scratch (per-column category files) never reaches shared storage.
+            workflow = fit_workflow(config, sorted_files, Path(local) / "fit")
+            save_workflow(workflow, Path(local) / "artifacts" / WORKFLOW_DIR)
+            schema = output_schema(workflow, config)
+            save_schema(schema, Path(local) / "artifacts")
+            storage.put_dir(Path(local) / "artifacts", staging)
 
         log.info("prepare: transforming %d parts", len(sorted_files))
-        stats = _transform_parts(config, sorted_files, staging / WORKFLOW_DIR, staging / SESSIONS_DIR, origin_day)
+        stats = _transform_parts(config, sorted_files, storage.join(staging, WORKFLOW_DIR),
+                                 storage.join(staging, SESSIONS_DIR), origin_day)
         sessions = sum(s["sessions"] for s in stats)
         if sessions == 0:
             raise InputError(
@@ -120,7 +127,7 @@ def prepare(
                 per_day[int(day)] = per_day.get(int(day), 0) + n
         item_col = schema[f"{config.item_col}-list"]
         summary = PrepareSummary(
-            output=str(output),
+            output=output,
             events=files.num_rows,
             sessions=sessions,
             items=int(item_col.properties["embedding_sizes"]["cardinality"]),
@@ -129,30 +136,31 @@ def prepare(
             origin_day=origin_day,
             seconds=time.perf_counter() - start,
         )
-        (staging / PREPARE_JSON).write_text(
-            json.dumps({"data": asdict(config), "summary": asdict(summary), "input": str(input_path)}, indent=2)
-        )
-        shutil.rmtree(staging / "buckets")
-        shutil.rmtree(staging / "sorted")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        storage.remove(storage.join(staging, "buckets"))
+        storage.remove(storage.join(staging, "sorted"))
+        storage.write_text(storage.join(staging, PREPARE_JSON), json.dumps(
+            {"data": asdict(config), "summary": asdict(summary), "input": str(input_path)}, indent=2))
+        storage.commit_dir(staging, output, marker=PREPARE_JSON)
         return summary
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            storage.remove(staging)
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            log.warning("prepare: could not remove the staging directory %s", staging)
         raise
 
 
-def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: Path, buckets: int) -> None:
+def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: str, buckets: int) -> None:
     """Ray Data: read raw files, normalise types, and write rows partitioned by session bucket."""
     columns = config.raw_columns
+    paths_in, fs_in = storage.pyarrow_location(paths)
     if fmt == "parquet":
-        ds = ray.data.read_parquet(list(paths)).select_columns(columns)
+        ds = ray.data.read_parquet(paths_in, filesystem=fs_in).select_columns(columns)
     else:
         import pyarrow.csv as pacsv
 
         parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
-        ds = ray.data.read_csv(list(paths), parse_options=parse)
+        ds = ray.data.read_csv(paths_in, filesystem=fs_in, parse_options=parse)
 
     def to_buckets(batch: pd.DataFrame) -> pd.DataFrame:
         frame = normalize_events(batch, config)
@@ -160,26 +168,32 @@ def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: Pa
         frame[BUCKET] = (hashed % np.uint64(buckets)).astype(np.int64)
         return frame
 
-    ds.map_batches(to_buckets, batch_format="pandas").write_parquet(str(out), partition_cols=[BUCKET])
+    [path_out], fs_out = storage.pyarrow_location([out])
+    ds.map_batches(to_buckets, batch_format="pandas").write_parquet(path_out, filesystem=fs_out,
+                                                                    partition_cols=[BUCKET])
 
 
 @ray.remote
 def _sort_bucket(config: DataConfig, bucket_dir: str, out_file: str) -> float | None:
     # ignore_metadata: Ray Data's pandas metadata would bring back pyarrow-backed dtypes, which
     # NVTabular's ops do not support; plain numpy dtypes are what the workflow is fitted on.
-    frame = pq.read_table(bucket_dir).to_pandas(ignore_metadata=True)
+    frame = storage.read_table(bucket_dir).to_pandas(ignore_metadata=True)
     frame = frame.drop(columns=[c for c in frame.columns if c == BUCKET])
     if frame.empty:
         return None
-    sort_events(normalize_events(frame, config), config).to_parquet(out_file, index=False)
+    _write_parquet(sort_events(normalize_events(frame, config), config), out_file)
     return float(frame[config.timestamp_col].min())
 
 
-def _sort_buckets(config: DataConfig, buckets_dir: Path, out: Path) -> tuple[list[str], int]:
-    out.mkdir(parents=True)
-    dirs = sorted(p for p in buckets_dir.glob(f"{BUCKET}=*") if p.is_dir())
-    files = [str(out / f"part-{d.name.split('=')[1]:0>5}.parquet") for d in dirs]
-    mins = ray.get([_sort_bucket.remote(config, str(d), f) for d, f in zip(dirs, files)])
+def _write_parquet(frame: pd.DataFrame, path: str) -> None:
+    storage.makedirs(storage.parent(path))
+    frame.to_parquet(path, index=False)  # pandas writes URLs through fsspec
+
+
+def _sort_buckets(config: DataConfig, buckets_dir: str, out: str) -> tuple[list[str], int]:
+    dirs = storage.list_dirs(buckets_dir, prefix=f"{BUCKET}=")
+    files = [storage.join(out, f"part-{storage.name(d).split('=')[1]:0>5}.parquet") for d in dirs]
+    mins = ray.get([_sort_bucket.remote(config, d, f) for d, f in zip(dirs, files)])
     kept = [f for f, m in zip(files, mins) if m is not None]
     starts = [m for m in mins if m is not None]
     origin_day = int(min(starts) // 86_400) if starts else 0
@@ -188,46 +202,46 @@ def _sort_buckets(config: DataConfig, buckets_dir: Path, out: Path) -> tuple[lis
 
 @ray.remote
 def _transform_part(config: DataConfig, part: str, workflow_dir: str, out_dir: str, origin_day: int) -> dict:
-    workflow = load_workflow(workflow_dir)
-    sessions = transform_frame(workflow, pd.read_parquet(part))
+    with storage.local_copy(workflow_dir) as local:  # the categories are read while transforming
+        sessions = transform_frame(load_workflow(local), pd.read_parquet(part))
     days = np.floor_divide(sessions[f"{config.timestamp_col}-first"].to_numpy(), 86_400).astype(np.int64)
     days = days - origin_day + 1
     per_day = {}
-    name = Path(part).name
     for day in np.unique(days):
         rows = sessions[days == day].reset_index(drop=True)
-        target = Path(out_dir) / f"{DAY}={day}" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        rows.to_parquet(target, index=False)
+        _write_parquet(rows, storage.join(out_dir, f"{DAY}={day}", storage.name(part)))
         per_day[int(day)] = len(rows)
     return {"sessions": len(sessions), "per_day": per_day, "length_sum": int(sessions[SESSION_LENGTH].sum())}
 
 
-def _transform_parts(config: DataConfig, parts: list[str], workflow_dir: Path, out: Path, origin_day: int) -> list[dict]:
-    out.mkdir(parents=True)
-    refs = [_transform_part.remote(config, p, str(workflow_dir), str(out), origin_day) for p in parts]
+def _transform_parts(config: DataConfig, parts: list[str], workflow_dir: str, out: str, origin_day: int) -> list[dict]:
+    refs = [_transform_part.remote(config, p, workflow_dir, out, origin_day) for p in parts]
     return ray.get(refs)
 
 
 def load_prepare_info(directory: str | Path) -> dict:
-    path = Path(directory) / PREPARE_JSON
-    if not path.is_file():
+    path = storage.join(directory, PREPARE_JSON)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{directory} is not a prepared dataset (no {PREPARE_JSON}): run `raytr prepare`")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
+
+
+def sessions_root(directory: str | Path) -> str:
+    """Where the day=N/ partitions are: `directory/sessions` of a prepared dataset, or `directory`."""
+    nested = storage.join(directory, SESSIONS_DIR)
+    return nested if storage.is_dir(nested) else storage.normalize(directory)
+
+
+def available_days(directory: str | Path) -> list[int]:
+    return sorted(int(storage.name(d).split("=")[1]) for d in storage.list_dirs(sessions_root(directory), f"{DAY}="))
 
 
 def day_paths(directory: str | Path, days: list[int] | None = None) -> list[str]:
-    """Absolute paths of the parquet files of the given days (all days when None), in day order."""
-    directory = Path(directory).resolve()
-    root = directory / SESSIONS_DIR if (directory / SESSIONS_DIR).is_dir() else directory
-    available = sorted(int(p.name.split("=")[1]) for p in root.glob(f"{DAY}=*"))
+    """Absolute paths (or URLs) of the parquet files of the given days (all days when None), in day order."""
+    root = sessions_root(directory)
+    available = available_days(directory)
     chosen = available if days is None else days
     missing = [d for d in chosen if d not in available]
     if missing:
         raise FileNotFoundError(f"day(s) {missing} not in {root}; available days: {available}")
-    return [str(f) for d in chosen for f in sorted((root / f"{DAY}={d}").glob("*.parquet"))]
-
-
-def available_days(directory: str | Path) -> list[int]:
-    root = Path(directory) / SESSIONS_DIR
-    return sorted(int(p.name.split("=")[1]) for p in root.glob(f"{DAY}=*"))
+    return [f for d in chosen for f in storage.list_files(storage.join(root, f"{DAY}={d}"))]

@@ -13,6 +13,7 @@ import numpy as np
 from merlin.schema import ColumnSchema, Schema, Tags
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 
+from raytr import storage
 from raytr.features import FeatureSpec
 
 SCHEMA_JSON = "schema.json"
@@ -30,18 +31,16 @@ def save_schema(schema: Schema, directory: str | Path) -> None:
 
 
 def load_schema(path: str | Path) -> Schema:
-    """Read `schema.json` (or `schema.pbtxt`) from a prepared directory or a file path."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / SCHEMA_JSON).is_file():
-            path = path / SCHEMA_JSON
-        elif (path / SCHEMA_PBTXT).is_file():
-            path = path / SCHEMA_PBTXT
-        else:
+    """Read `schema.json` (or `schema.pbtxt`) from a prepared directory or a file path (local or URL)."""
+    if storage.is_dir(path):
+        found = [f for f in (storage.join(path, SCHEMA_JSON), storage.join(path, SCHEMA_PBTXT)) if storage.is_file(f)]
+        if not found:
             raise FileNotFoundError(f"no {SCHEMA_JSON} or {SCHEMA_PBTXT} in {path}: run `raytr prepare` first")
-    if path.suffix == ".json":
-        return TensorflowMetadata.from_json(path.read_text()).to_merlin_schema()
-    return TensorflowMetadata.from_proto_text(path.read_text()).to_merlin_schema()
+        path = found[0]
+    text = storage.read_text(path)
+    if str(path).endswith(".json"):
+        return TensorflowMetadata.from_json(text).to_merlin_schema()
+    return TensorflowMetadata.from_proto_text(text).to_merlin_schema()
 
 
 def _cardinality(col: ColumnSchema) -> int:

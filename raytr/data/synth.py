@@ -16,16 +16,19 @@ Deterministic under `seed`.
 from __future__ import annotations
 
 import logging
-import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from raytr import storage
+
 log = logging.getLogger(__name__)
 
 DAY_SECONDS = 86_400
+SUCCESS = "_SUCCESS"  # the marker of a complete raw dataset
 START_TIMESTAMP = 1_714_521_600  # 2024-05-01 00:00:00 UTC
 
 
@@ -132,30 +135,34 @@ def _daily_rhythm() -> np.ndarray:
     return weights / weights.sum()
 
 
-def write_events(frame: pd.DataFrame, output: str | Path) -> list[Path]:
+def write_events(frame: pd.DataFrame, output: str | Path) -> list[str]:
     """Write events as parquet partitioned by the UTC day of each event: day=1/, day=2/, ...
 
-    Written to a temporary sibling and renamed, so a failed run leaves no partial dataset.
+    `output` is a local path or an fsspec URL. Written to a temporary sibling and moved into place
+    with a `_SUCCESS` marker last (raytr.storage.commit_dir), so a failed run leaves no partial
+    dataset; readers skip the marker like any file starting with "_".
     """
-    output = Path(output)
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    output = storage.normalize(output)
+    staging = storage.staging_path(output, uuid.uuid4().hex[:8])
     day_index = (frame["timestamp"] // DAY_SECONDS).astype(np.int64)
     day_number = day_index - day_index.min() + 1
-    written = []
-    for day, part in frame.groupby(day_number, sort=True):
-        path = tmp / f"day={day}" / "part-0.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part.reset_index(drop=True).to_parquet(path, index=False)
-        written.append(output / path.relative_to(tmp))
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
-    return written
+    names = []
+    try:
+        for day, part in frame.groupby(day_number, sort=True):
+            name = f"day={day}/part-0.parquet"
+            storage.makedirs(storage.join(staging, f"day={day}"))
+            part.reset_index(drop=True).to_parquet(storage.join(staging, name), index=False)
+            names.append(name)
+        storage.write_text(storage.join(staging, SUCCESS), "")
+        storage.commit_dir(staging, output, marker=SUCCESS)
+    except BaseException:
+        storage.remove(staging)
+        raise
+    return [storage.join(output, n) for n in names]
 
 
 def synthesize(config: SynthConfig, output: str | Path) -> pd.DataFrame:
-    """Generate events and write them to `output`; returns the events."""
+    """Generate events and write them to `output` (a local path or a URL); returns the events."""
     frame = generate_events(config)
     files = write_events(frame, output)
     log.info("wrote %d events of %d sessions to %s (%d day partitions)", len(frame),

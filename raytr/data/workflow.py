@@ -16,6 +16,7 @@ then groups by session (sorted by timestamp) into `<name>-list` columns, keeps t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def output_schema(workflow: nvt.Workflow, config: DataConfig) -> Schema:
     item tags leaking into the session length (Groupby's count inherits its column's tags)."""
     columns = []
     for col in workflow.output_schema:
+        if "cat_path" in col.properties:  # Categorify's fit scratch directory, deleted after prepare
+            col = dataclasses.replace(col, properties={k: v for k, v in col.properties.items() if k != "cat_path"})
         if col.name == SESSION_LENGTH:
             col = ColumnSchema(col.name, dtype=col.dtype)
         elif col.name.endswith("-list"):

@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from raytr import storage
 from raytr.config import ModelConfig, from_dict
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 from raytr.models.bodies import build_body
@@ -189,35 +190,40 @@ class SessionModel(nn.Module):
         return top_k(scores, k, exclude)
 
     # ---------------------------------------------------------------- artifacts
-    def save(self, directory: str | Path) -> Path:
-        """Write `model.safetensors` and `config.json` into `directory` (created if needed)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def save(self, directory: str | Path) -> str:
+        """Write `model.safetensors` and `config.json` into `directory` (a local path, created if
+        needed, or an fsspec URL); returns the directory as `load` takes it."""
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "feature_spec": self.spec.to_dict(),
             "model_config": dataclasses.asdict(self.config),
             "hf_config": self.custom_hf_config.to_dict() if self.custom_hf_config is not None else None,
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        # save_model (not save_file) because the tied head weight shares storage with the embedding.
-        save_model(self, str(directory / WEIGHTS_FILE))
-        return directory
+        with storage.writable_dir(directory) as local:
+            (local / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            # save_model (not save_file) because the tied head weight shares storage with the embedding.
+            save_model(self, str(local / WEIGHTS_FILE))
+        return storage.normalize(directory)
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "SessionModel":
-        """Rebuild a saved model (in eval mode) on `map_location`."""
-        directory = Path(directory)
+        """Rebuild a saved model (in eval mode) on `map_location`, from a local path or a URL."""
+        with storage.local_copy(directory) as local:
+            return cls._load_local(local, map_location, shown=str(directory))
+
+    @classmethod
+    def _load_local(cls, directory: Path, map_location: str | torch.device, shown: str) -> "SessionModel":
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist; expected a directory written by SessionModel.save")
+                raise FileNotFoundError(f"{shown}/{path.name} does not exist; expected a directory written by "
+                                        "SessionModel.save")
         meta = json.loads(config_path.read_text())
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: format_version={version!r}, this raytr reads {FORMAT_VERSION}")
+            raise ValueError(f"{shown}/{CONFIG_FILE}: format_version={version!r}, this raytr reads {FORMAT_VERSION}")
         spec = FeatureSpec.from_dict(meta["feature_spec"])
-        config = from_dict(ModelConfig, meta["model_config"], where=f"{config_path}:model_config")
+        config = from_dict(ModelConfig, meta["model_config"], where=f"{shown}/{CONFIG_FILE}:model_config")
         hf_config = None
         if meta.get("hf_config") is not None:
             hf_dict = dict(meta["hf_config"])
@@ -226,6 +232,6 @@ class SessionModel(nn.Module):
         model.to(map_location)
         missing, unexpected = load_model(model, str(weights_path), strict=True, device=str(map_location))
         if missing or unexpected:  # strict=True raises first; kept for clarity of intent
-            raise ValueError(f"{weights_path}: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"{shown}/{WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
         return model.eval()
 

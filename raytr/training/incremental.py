@@ -18,6 +18,7 @@ from typing import Literal
 
 import pandas as pd
 
+from raytr import storage
 from raytr.baselines import Popularity, SessionItemKNN
 from raytr.config import RaytrConfig
 from raytr.data.loaders import DataLoader
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class IncrementalResult:
     table: pd.DataFrame  # one row per (evaluated day, model name)
     averages: pd.DataFrame  # one row per model name
-    output_dir: Path
+    output_dir: str  # a local path or a URL
 
 
 def evaluate_baselines(spec, train_paths: list[str], eval_paths: list[str], top_k, exclude_seen: bool,
@@ -61,8 +62,7 @@ def run_incremental(
     baselines: bool = True,
 ) -> IncrementalResult:
     """Train on each day t in [start_day, end_day - 1] and evaluate on day t + 1."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = storage.normalize(output_dir)
     days = available_days(data_dir)
     if len(days) < 2:
         raise ValueError(f"{data_dir} has {len(days)} day(s) of sessions; incremental evaluation needs >= 2")
@@ -75,7 +75,7 @@ def run_incremental(
     args = config.training
     rows = []
     model = SessionModel(spec, config.model, seed=args.seed)
-    trainer = Trainer(model, replace(args, output_dir=str(output_dir / "train")))
+    trainer = Trainer(model, replace(args, output_dir=storage.join(output_dir, "train")))
     for day in windows:
         if mode == "retrain":
             trainer = Trainer(SessionModel(spec, config.model, seed=args.seed), trainer.args)
@@ -97,11 +97,12 @@ def run_incremental(
                 rows.append({"day": day + 1, "model": name, **values})
     table = pd.DataFrame(rows)
     averages = table.drop(columns=["day"]).groupby("model", sort=False).mean().reset_index()
-    table.to_csv(output_dir / "incremental.csv", index=False)
-    (output_dir / "incremental.json").write_text(json.dumps(
-        {"mode": mode, "per_day": table.to_dict(orient="records"), "average": averages.to_dict(orient="records")},
-        indent=2))
-    plot_incremental(table, output_dir / "incremental.png")
+    with storage.writable_dir(output_dir) as local:
+        table.to_csv(local / "incremental.csv", index=False)
+        (local / "incremental.json").write_text(json.dumps(
+            {"mode": mode, "per_day": table.to_dict(orient="records"), "average": averages.to_dict(orient="records")},
+            indent=2))
+        plot_incremental(table, local / "incremental.png")
     return IncrementalResult(table=table, averages=averages, output_dir=output_dir)
 
 

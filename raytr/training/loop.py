@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raytr import storage
 from raytr.config import ModelConfig
 from raytr.data.loaders import DataLoader
 from raytr.evaluation import update_next_item_metrics
@@ -69,7 +70,7 @@ class WorkerContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
     report: Callable[[dict[str, float], Path | None], None] = lambda metrics, checkpoint: None
-    restored_checkpoint: Path | None = None
+    restored_checkpoint: str | Path | None = None  # a checkpoint directory, local or a URL
     train_batches: Callable[[int], Iterable[SessionBatch]] | None = None  # Ray Data engine, per epoch
     steps_per_epoch: int | None = None
 
@@ -166,8 +167,8 @@ def _write_checkpoint(model: SessionModel, optimizer, scheduler, scaler, epoch: 
     return directory
 
 
-def read_trainer_state(directory: Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / TRAINER_STATE).read_text())
+def read_trainer_state(directory: str | Path) -> dict[str, Any]:
+    return json.loads(storage.read_text(storage.join(directory, TRAINER_STATE)))
 
 
 def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
@@ -197,7 +198,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16 and device.type == "cuda")
     start_epoch, global_step = 0, 0
     if cfg.init_training_state:
-        state = torch.load(cfg.init_training_state, map_location=device, weights_only=True)
+        with storage.local_copy(cfg.init_training_state) as path:
+            state = torch.load(path, map_location=device, weights_only=True)
         fresh_lrs = scheduler.get_last_lr()  # the new schedule's LR for its first step (0 under warmup)
         optimizer.load_state_dict(state["optimizer"])
         for group, lr in zip(optimizer.param_groups, fresh_lrs):  # a new run's learning rate wins over the saved one
@@ -212,7 +214,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     if ctx.restored_checkpoint is not None:
         restored = ctx.restored_checkpoint
         model.load_state_dict(SessionModel.load(restored, map_location=device).state_dict())
-        state = torch.load(restored / TRAINING_STATE, map_location=device, weights_only=True)
+        with storage.local_copy(storage.join(restored, TRAINING_STATE)) as path:
+            state = torch.load(path, map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -223,7 +226,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     if args.torch_compile:
         model.compile_regions()  # in place, before DDP wraps it: state_dict names stay the same
     ddp_model = ctx.prepare_model(model)
-    writer = _tensorboard(args) if ctx.is_main else None
+    writer, sync_tensorboard = _tensorboard(args) if ctx.is_main else (None, lambda: None)
     progress = _progress(args, ctx, total_steps, global_step)
     last_metrics: dict[str, float] = {}
     started = time.perf_counter()
@@ -258,6 +261,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
             for key, value in metrics.items():
                 writer.add_scalar(key if "/" in key else f"train/{key}", value, global_step)
             writer.flush()
+            sync_tensorboard()
         if ctx.is_main:
             log.info("epoch %d step %d: %s", epoch, global_step,
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step")))
@@ -332,17 +336,24 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         progress.close()
     if writer is not None:
         writer.close()
+        sync_tensorboard()
     return last_metrics
 
 
-def _tensorboard(args: TrainingArguments):
+def _tensorboard(args: TrainingArguments) -> tuple[Any, Callable[[], None]]:
+    """(SummaryWriter or None, sync): under output_dir/tensorboard/<run>; for a URL output the events
+    are written locally and `sync` uploads them (the caller runs it after each flush)."""
     if "tensorboard" not in args.report_to:
-        return None
+        return None, lambda: None
     from torch.utils.tensorboard import SummaryWriter
 
     # One subdirectory per run: every train() call restarts global_step at 0, so runs sharing a
     # directory would overwrite each other's curves.
-    return SummaryWriter(log_dir=str(Path(args.output_dir) / "tensorboard" / (args.run_name or "")))
+    target = storage.join(args.output_dir, "tensorboard", *([args.run_name] if args.run_name else []))
+    if not storage.is_url(target):
+        return SummaryWriter(log_dir=target), lambda: None
+    local = tempfile.mkdtemp(prefix="raytr-tensorboard-")
+    return SummaryWriter(log_dir=local), lambda: storage.put_dir(local, target)
 
 
 def _progress(args: TrainingArguments, ctx: WorkerContext, total: int, done: int):
@@ -353,30 +364,30 @@ def _progress(args: TrainingArguments, ctx: WorkerContext, total: int, done: int
     return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
 
 
-def local_context(output_dir: Path, keep: int, metric: str, greater_is_better: bool,
-                  device: torch.device | None = None) -> tuple[WorkerContext, list[tuple[dict, Path]]]:
-    """A one-process context that keeps the best `keep` checkpoints under output_dir/checkpoints."""
-    saved: list[tuple[dict, Path]] = []
-    root = Path(output_dir) / "checkpoints"
+def local_context(output_dir: str | Path, keep: int, metric: str, greater_is_better: bool,
+                  device: torch.device | None = None) -> tuple[WorkerContext, list[tuple[dict, str]]]:
+    """A one-process context that keeps the best `keep` checkpoints under output_dir/checkpoints
+    (a local path or a URL)."""
+    saved: list[tuple[dict, str]] = []
+    root = storage.join(output_dir, "checkpoints")
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
-        target = root / f"checkpoint-{int(metrics['step']):08d}"
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(checkpoint, target)
+        target = storage.join(root, f"checkpoint-{int(metrics['step']):08d}")
+        storage.remove(target)
+        storage.put_dir(checkpoint, target)
         saved.append((metrics, target))
         key = f"eval_{metric}"
         # Keep the latest always (for resuming), plus the best by the metric; without eval metrics
         # (or on ties), the most recent.
-        def rank(mp: tuple[dict, Path]) -> tuple[float, float]:
+        def rank(mp: tuple[dict, str]) -> tuple[float, float]:
             value = mp[0].get(key)
             return (0.0 if value is None else value if greater_is_better else -value), mp[0]["step"]
 
         ranked = sorted(saved[:-1], key=rank, reverse=True)
         for _, path in ranked[max(keep - 1, 0):]:
-            shutil.rmtree(path, ignore_errors=True)
+            storage.remove(path)
             saved.remove(next(s for s in saved if s[1] == path))
 
     ctx = WorkerContext(device=device or torch.device("cpu"), report=report)

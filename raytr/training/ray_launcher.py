@@ -24,6 +24,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from raytr import storage
 from raytr.data.loaders import RaggedColumn, pad_rows
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 from raytr.ray_runtime import ensure_ray
@@ -79,7 +80,10 @@ def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per
 def ray_train_dataset(cfg: LoopConfig, dataset: Any = None) -> tuple[Any, int]:
     """The Ray Data engine's training dataset (the given one, or `cfg.train_paths` read) and the rows
     each of `num_workers` shards gets (Ray's equal split drops the remainder rows)."""
-    ds = dataset if dataset is not None else ray.data.read_parquet(list(cfg.train_paths)).select_columns(cfg.spec.columns)
+    if dataset is None:
+        paths, fs = storage.pyarrow_location(cfg.train_paths)
+        dataset = ray.data.read_parquet(paths, filesystem=fs).select_columns(cfg.spec.columns)
+    ds = dataset
     # Read once into the object store (spilled to disk when larger): otherwise every epoch re-reads
     # and re-decodes every parquet file, which bounds the engine near 15k sessions/s on an H100
     # host for prepare's many small files. The block order is still reshuffled every epoch.
@@ -94,14 +98,14 @@ def _worker(config: dict[str, Any]) -> None:
     cfg: LoopConfig = config["loop"]
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
-    restored: Path | None = None
+    restored: str | Path | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group: continue from the last report
         restored = Path(tempfile.mkdtemp(prefix="raytr-restore-"))
         with checkpoint.as_directory() as src:
             shutil.copytree(src, restored, dirs_exist_ok=True)
     elif cfg.args.resume_from_checkpoint:
-        restored = Path(cfg.args.resume_from_checkpoint)
+        restored = cfg.args.resume_from_checkpoint  # the loop reads it (a local path or a URL)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
@@ -120,8 +124,8 @@ def _worker(config: dict[str, Any]) -> None:
     train_loop(cfg, ctx)
 
 
-def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any = None
-               ) -> tuple[dict[str, float], Path, Path | None]:
+def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any = None
+               ) -> tuple[dict[str, float], str, str | None]:
     """Run the loop on a TorchTrainer; returns (final metrics, latest checkpoint dir, best one)."""
     ensure_ray()
     args = cfg.args
@@ -131,6 +135,8 @@ def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any
             else None
         ds, rows_per_worker = ray_train_dataset(cfg, given)
         datasets = {"train": ds}
+    results = storage.join(cfg.args.output_dir, "ray_results")
+    [results_path], results_fs = storage.pyarrow_location([results])
     metric = f"eval_{args.metric_for_best_model}"
     # Ray always keeps the latest checkpoint on top of the `num_to_keep` best: keep the best
     # save_total_limit - 1 by the metric, so at most save_total_limit are on disk (as with the local
@@ -145,7 +151,8 @@ def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any
                                      resources_per_worker=args.resources_per_worker or None),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(run_dir.parent.parent / "ray_results"),
+            storage_path=results_path,
+            storage_filesystem=results_fs,
             failure_config=FailureConfig(max_failures=args.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=num_to_keep,
@@ -165,7 +172,9 @@ def fit_on_ray(cfg: LoopConfig, run_dir: Path, run_name: str, train_dataset: Any
         sign = 1 if args.greater_is_better else -1
         best = max(scored, key=lambda cm: sign * cm[1][metric])[0]
     # Copy the final checkpoint under the run directory so the output is self-contained.
-    final_dir = run_dir / "final_checkpoint"
+    final_dir = storage.join(run_dir, "final_checkpoint")
     with latest.as_directory() as src:
-        shutil.copytree(src, final_dir, dirs_exist_ok=True)
-    return dict(result.metrics or {}), final_dir, Path(best.path) if best is not None else None
+        storage.put_dir(src, final_dir)
+    # Ray names checkpoints as its filesystem does (no scheme): give the best one back as a URL.
+    best_dir = None if best is None else best.path if results_fs is None else results + best.path[len(results_path):]
+    return dict(result.metrics or {}), final_dir, best_dir

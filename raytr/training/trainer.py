@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -24,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from raytr import storage
 from raytr.data.loaders import DataLoader
 from raytr.evaluation import evaluate_next_item
 from raytr.features import SessionBatch
@@ -60,19 +59,16 @@ class Predictions:
 
 
 def resolve_paths(data: DatasetOrPath) -> list[str]:
-    """Absolute paths of the parquet files in a prepared directory (all days), a directory of parquet,
-    a file or a list of those. Absolute because Ray workers do not run in the caller's directory."""
+    """Absolute paths (or URLs) of the parquet files in a prepared directory (all days), a directory of
+    parquet, a file or a list of those. Absolute because Ray workers do not run in the caller's directory."""
     if isinstance(data, (list, tuple)):
         return [p for item in data for p in resolve_paths(item)]
-    path = Path(data).resolve()
-    if path.is_file():
-        return [str(path)]
-    if path.is_dir():
-        root = path / "sessions" if (path / "sessions").is_dir() else path
-        files = sorted(str(p) for p in root.rglob("*.parquet"))
-        if files:
-            return files
-    raise FileNotFoundError(f"no parquet files at {str(path)!r}: pass a `raytr prepare` output or parquet files")
+    from raytr.data.prepare import sessions_root
+
+    files = storage.list_files(sessions_root(data))
+    if not files:
+        raise FileNotFoundError(f"no parquet files at {str(data)!r}: pass a `raytr prepare` output or parquet files")
+    return files
 
 
 def _is_ray_dataset(data: Any) -> bool:
@@ -132,23 +128,22 @@ class Trainer:
         args = self.args
         if self.train_dataset is None and self.train_dataloader is None:
             raise ValueError("Trainer.train(): set train_dataset_or_path (or train_dataloader) first")
-        output_dir = Path(args.output_dir).resolve()
+        output_dir = storage.normalize(args.output_dir)
         run_name = args.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}"
-        run_dir = output_dir / "runs" / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        init_dir = self.model.save(run_dir / "init")
+        run_dir = storage.join(output_dir, "runs", run_name)
+        init_dir = self.model.save(storage.join(run_dir, "init"))
         init_state = None
         if self._training_state:
-            init_state = str(run_dir / "init" / TRAINING_STATE)
-            shutil.copy(self._training_state, init_state)
+            init_state = storage.join(init_dir, TRAINING_STATE)
+            storage.copy_file(self._training_state, init_state)
         train_paths = () if self.train_dataset is None or _is_ray_dataset(self.train_dataset) else tuple(
             resolve_paths(self.train_dataset))
         eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
             resolve_paths(self.eval_dataset))
-        if eval_paths and sum(pq.ParquetFile(p).metadata.num_rows for p in eval_paths) == 0:
+        if eval_paths and sum(storage.parquet_file(p).metadata.num_rows for p in eval_paths) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
-        resume = args.resume_from_checkpoint and str(Path(args.resume_from_checkpoint).resolve())
-        loop_args = replace(args, output_dir=str(output_dir), run_name=run_name, resume_from_checkpoint=resume)
+        resume = args.resume_from_checkpoint and storage.normalize(args.resume_from_checkpoint)
+        loop_args = replace(args, output_dir=output_dir, run_name=run_name, resume_from_checkpoint=resume)
         cfg = LoopConfig(
             spec=self.model.spec, model_config=self.model.config, args=loop_args, init_model_dir=str(init_dir),
             train_paths=train_paths, eval_paths=eval_paths, reset_scheduler=self._reset_scheduler,
@@ -164,22 +159,21 @@ class Trainer:
             metrics, checkpoint, best = fit_on_ray(cfg, run_dir, run_name, self.train_dataset)
         final = SessionModel.load(checkpoint, map_location="cpu")
         self.model.load_state_dict(final.state_dict())
-        self._training_state = str(Path(checkpoint) / TRAINING_STATE)
+        self._training_state = storage.join(checkpoint, TRAINING_STATE)
         self._reset_scheduler = False
-        model_dir = output_dir / "model"
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
+        model_dir = storage.join(output_dir, "model")
+        storage.remove(model_dir)
         final.save(model_dir)
-        self.state["global_step"] = int(read_trainer_state(Path(checkpoint))["global_step"])
+        self.state["global_step"] = int(read_trainer_state(checkpoint)["global_step"])
         result = TrainOutput(metrics=metrics, checkpoint=str(checkpoint), best_checkpoint=best and str(best),
                              model_dir=str(model_dir), run_name=run_name)
         self.state["runs"].append(asdict(result))
-        (output_dir / "train_result.json").write_text(json.dumps(
+        storage.write_text(storage.join(output_dir, "train_result.json"), json.dumps(
             {**asdict(result), "training_arguments": asdict(args), "model_config": asdict(self.model.config),
              "feature_spec": self.model.spec.to_dict()}, indent=2, default=str))
         return result
 
-    def _train_local(self, cfg: LoopConfig, run_dir: Path) -> tuple[dict[str, float], Path, Path | None]:
+    def _train_local(self, cfg: LoopConfig, run_dir: str) -> tuple[dict[str, float], str, str | None]:
         args = cfg.args
         device = torch.device("cuda" if args.use_gpu and torch.cuda.is_available() else "cpu")
         if args.use_gpu and device.type != "cuda":
@@ -187,7 +181,7 @@ class Trainer:
         ctx, saved = local_context(run_dir, args.save_total_limit, args.metric_for_best_model,
                                    args.greater_is_better, device)
         if args.resume_from_checkpoint:
-            ctx.restored_checkpoint = Path(args.resume_from_checkpoint).resolve()
+            ctx.restored_checkpoint = args.resume_from_checkpoint
         if self.train_dataloader is not None:
             loader = self.train_dataloader
             ctx.steps_per_epoch = len(loader)  # type: ignore[arg-type]

@@ -1,0 +1,262 @@
+"""Where raytr reads and writes: a local path or any fsspec URL (s3://, gs://, abfs://, file://, ...).
+
+Three rules, so that every node of a cluster sees the same data and no reader sees half an output:
+- Parquet is read in place, through the URL's fsspec filesystem (`parquet_file`, `read_table`,
+  `pyarrow_location` for Ray Data): training workers on any node read the dataset directly.
+- Small artifacts (a model, a fitted workflow, a checkpoint) are written to a local directory and
+  uploaded (`writable_dir`, `put_dir`), and read from a local copy (`local_copy`, `download`).
+- An output directory is complete when its marker file exists: `commit_dir` moves a finished
+  staging directory into place with the marker last. Locally that is one atomic rename; object
+  stores cannot rename, so there the old output is removed marker-first and the new one copied
+  marker-last, and a crash in between leaves no marker.
+
+The filesystem of a URL comes from fsspec (`fsspec.core.url_to_fs`): credentials and endpoints are
+the backend's own (AWS_* variables, an instance role, fsspec's config files), the same on every node.
+The backend package must be installed (s3fs for s3://, gcsfs for gs://, adlfs for abfs://).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+PathLike = str | os.PathLike
+
+
+def is_url(path: PathLike) -> bool:
+    """True for a remote URL (a scheme other than file://); local paths and file:// are local."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def normalize(path: PathLike) -> str:
+    """A URL without its trailing slash, or an absolute local path (file:// stripped). Absolute
+    because Ray workers do not run in the caller's directory."""
+    text = str(path)
+    if is_url(text):
+        return text.rstrip("/")
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return str(Path(text).expanduser().resolve())
+
+
+def join(base: PathLike, *names: str) -> str:
+    base = normalize(base)
+    if is_url(base):
+        return "/".join([base, *(n.strip("/") for n in names)])
+    return str(Path(base, *names))
+
+
+def name(path: PathLike) -> str:
+    return normalize(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(path: PathLike) -> str:
+    path = normalize(path)
+    return path.rsplit("/", 1)[0] if is_url(path) else str(Path(path).parent)
+
+
+def filesystem(path: PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of `path` and the path as that filesystem names it."""
+    try:
+        fs, stripped = fsspec.core.url_to_fs(normalize(path))
+    except (ImportError, ValueError) as error:  # an unknown scheme, or its backend not installed
+        raise ValueError(f"cannot open {str(path)!r}: {error}") from None
+    # Other processes (Ray tasks, workers) write the same paths: never answer from a stale listing.
+    fs.invalidate_cache(stripped)
+    return fs, stripped
+
+
+def _full(fs: fsspec.AbstractFileSystem, stripped: str) -> str:
+    return stripped if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(stripped)
+
+
+def exists(path: PathLike) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def is_file(path: PathLike) -> bool:
+    fs, p = filesystem(path)
+    return fs.isfile(p)
+
+
+def is_dir(path: PathLike) -> bool:
+    fs, p = filesystem(path)
+    return fs.isdir(p)
+
+
+def read_text(path: PathLike) -> str:
+    fs, p = filesystem(path)
+    with fs.open(p, "r") as f:
+        return f.read()
+
+
+def write_text(path: PathLike, text: str) -> None:
+    fs, p = filesystem(path)
+    fs.makedirs(fs._parent(p), exist_ok=True)
+    with fs.open(p, "w") as f:
+        f.write(text)
+
+
+def list_dirs(path: PathLike, prefix: str = "") -> list[str]:
+    """Full paths of the subdirectories of `path` whose names start with `prefix`, sorted."""
+    fs, p = filesystem(path)
+    if not fs.isdir(p):
+        return []
+    found = [e["name"] for e in fs.ls(p, detail=True) if e["type"] == "directory"]
+    return sorted(_full(fs, d) for d in found if d.rstrip("/").rsplit("/", 1)[-1].startswith(prefix))
+
+
+def list_files(path: PathLike, suffixes: Sequence[str] = (".parquet",)) -> list[str]:
+    """Full paths of the files under `path` (recursively) ending in one of `suffixes`, sorted;
+    hidden and underscore files (`.crc`, `_SUCCESS`, `_metadata`) are skipped."""
+    fs, p = filesystem(path)
+    if fs.isfile(p):
+        return [_full(fs, p)]
+    files = fs.find(p) if fs.isdir(p) else []
+    kept = [f for f in files if f.endswith(tuple(suffixes)) and not f.rsplit("/", 1)[-1].startswith((".", "_"))]
+    return sorted(_full(fs, f) for f in kept)
+
+
+def remove(path: PathLike) -> None:
+    """Remove a file or a directory tree; nothing happens when it does not exist."""
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def makedirs(path: PathLike) -> None:
+    fs, p = filesystem(path)
+    fs.makedirs(p, exist_ok=True)
+
+
+def put_dir(local_dir: PathLike, path: PathLike) -> None:
+    """Copy the contents of a local directory to `path` (replacing files of the same names)."""
+    fs, p = filesystem(path)
+    if isinstance(fs, LocalFileSystem):
+        shutil.copytree(local_dir, p, dirs_exist_ok=True)
+        return
+    files = [f for f in Path(local_dir).rglob("*") if f.is_file()]
+    if files:
+        targets = [f"{p}/{f.relative_to(local_dir).as_posix()}" for f in files]
+        fs.put([str(f) for f in files], targets)
+
+
+def download(path: PathLike, local_dir: PathLike) -> Path:
+    """Copy a directory (its contents) or a file (into `local_dir`) to the local disk."""
+    fs, p = filesystem(path)
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    if fs.isfile(p):
+        target = local_dir / p.rsplit("/", 1)[-1]
+        fs.get(p, str(target))
+        return target
+    if not fs.isdir(p):
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    files = fs.find(p)
+    fs.get(files, [str(local_dir / f[len(p):].lstrip("/")) for f in files])
+    return local_dir
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+    """Copy one file, across filesystems if need be."""
+    with local_copy(src) as local:
+        fs, p = filesystem(dst)
+        fs.makedirs(fs._parent(p), exist_ok=True)
+        fs.put_file(str(local), p)
+
+
+@contextmanager
+def local_copy(path: PathLike) -> Iterator[Path]:
+    """A local path to read `path` from: itself when local, else a temporary copy removed after."""
+    if not is_url(path):
+        yield Path(normalize(path))
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="raytr-read-"))
+    try:
+        yield download(path, scratch / "copy") if is_dir(path) else download(path, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def writable_dir(path: PathLike) -> Iterator[Path]:
+    """A local directory to write `path`'s contents into: itself when local, else a temporary one
+    uploaded to `path` when the block succeeds (nothing is uploaded when it raises)."""
+    if not is_url(path):
+        local = Path(normalize(path))
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="raytr-write-"))
+    try:
+        yield scratch
+        put_dir(scratch, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def staging_path(output: PathLike, tag: str) -> str:
+    """A hidden sibling of `output` to build it in (same filesystem, so a local rename is atomic)."""
+    return join(parent(output), f".{name(output)}.tmp-{tag}")
+
+
+def commit_dir(staging: PathLike, output: PathLike, marker: str) -> None:
+    """Move a finished staging directory to `output`, replacing it; `marker` (a file name inside)
+    arrives last. See the module docstring for what a crash leaves behind."""
+    fs, src = filesystem(staging)
+    _, dst = filesystem(output)
+    if isinstance(fs, LocalFileSystem):
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.rename(src, dst)
+        return
+    if fs.exists(f"{dst}/{marker}"):
+        fs.rm(f"{dst}/{marker}")
+    if fs.exists(dst):
+        fs.rm(dst, recursive=True)
+    files = [f for f in fs.find(src) if f != f"{src}/{marker}"]
+    for f in files:
+        fs.copy(f, f"{dst}/{f[len(src):].lstrip('/')}")
+    fs.copy(f"{src}/{marker}", f"{dst}/{marker}")
+    fs.rm(src, recursive=True)
+
+
+def parquet_file(path: PathLike):
+    """A `pyarrow.parquet.ParquetFile` over a local path or URL (metadata, row groups)."""
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    return pq.ParquetFile(p, filesystem=None if isinstance(fs, LocalFileSystem) else fs)
+
+
+def read_table(path: PathLike, columns: Sequence[str] | None = None):
+    """A parquet file or a directory of parquet files, as one `pyarrow.Table`."""
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    return pq.read_table(p, columns=list(columns) if columns is not None else None,
+                         filesystem=None if isinstance(fs, LocalFileSystem) else fs)
+
+
+def pyarrow_location(paths: Sequence[PathLike]):
+    """(paths, filesystem) for Ray Data's readers and writers: local paths as they are with no
+    filesystem, or URLs as their fsspec filesystem names them with that filesystem wrapped for
+    pyarrow, so Ray Data and the rest of raytr reach storage with the same configuration."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    resolved = [filesystem(p) for p in paths]
+    if not resolved or all(isinstance(fs, LocalFileSystem) for fs, _ in resolved):
+        return [p for _, p in resolved], None
+    protocols = {type(fs) for fs, _ in resolved}
+    if len(protocols) > 1:
+        raise ValueError(f"paths on more than one filesystem: {[str(p) for p in paths][:4]}")
+    return [p for _, p in resolved], PyFileSystem(FSSpecHandler(resolved[0][0]))

@@ -1,0 +1,126 @@
+"""raytr.storage: local paths and fsspec URLs behind one set of functions, and the commit rule
+(an output is complete when its marker exists; a failure never leaves a marker)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from raytr import storage
+
+
+@pytest.fixture
+def memory_root() -> str:
+    """A fresh directory on fsspec's in-memory filesystem (an object store with no rename)."""
+    return f"memory://raytr-{uuid.uuid4().hex[:8]}"
+
+
+def _tree(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "b.parquet").write_text("b")
+    (root / "a.parquet").write_text("a")
+    (root / "_SUCCESS").write_text("")
+    (root / ".a.parquet.crc").write_text("")
+    (root / "notes.txt").write_text("n")
+    return root
+
+
+def test_paths_normalize_to_absolute_or_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.normalize("x/y") == str(tmp_path / "x" / "y")
+    assert storage.normalize(f"file://{tmp_path}/z") == str(tmp_path / "z")
+    assert storage.normalize("s3://bucket/out/") == "s3://bucket/out"
+    assert storage.is_url("s3://b/k") and storage.is_url("gs://b") and not storage.is_url(f"file://{tmp_path}")
+    assert storage.join("s3://b/out/", "runs", "r1") == "s3://b/out/runs/r1"
+    assert storage.join("x", "a") == str(tmp_path / "x" / "a")
+    assert storage.parent("s3://b/out/model") == "s3://b/out" and storage.name("s3://b/out/model") == "model"
+    assert storage.staging_path("s3://b/out/prepared", "ab12") == "s3://b/out/.prepared.tmp-ab12"
+
+
+def test_unknown_scheme_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot open 'nosuchproto://x'"):
+        storage.exists("nosuchproto://x")
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "memory"])
+def test_listing_reading_and_writing(tmp_path, memory_root, remote):
+    local = _tree(tmp_path / "src")
+    root = memory_root if remote else str(tmp_path / "dst")
+    storage.put_dir(local, root)
+    files = storage.list_files(root)
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["a.parquet", "b.parquet"]  # hidden and _ files skipped
+    assert all(f.startswith("memory://" if remote else str(tmp_path)) for f in files)
+    assert storage.list_files(files[0]) == [files[0]]  # a file lists as itself
+    assert [storage.name(d) for d in storage.list_dirs(root)] == ["sub"]
+    assert storage.list_files(storage.join(root, "missing")) == []
+    storage.write_text(storage.join(root, "deep", "x.json"), "{}")
+    assert storage.read_text(storage.join(root, "deep", "x.json")) == "{}"
+    assert storage.is_dir(root) and storage.is_file(storage.join(root, "notes.txt"))
+    with storage.local_copy(root) as copy:
+        assert (copy / "sub" / "b.parquet").read_text() == "b" and (copy / "deep" / "x.json").is_file()
+    with storage.local_copy(storage.join(root, "notes.txt")) as copy:
+        assert copy.read_text() == "n"
+    storage.remove(storage.join(root, "sub"))
+    storage.remove(storage.join(root, "sub"))  # already gone: no error
+    assert not storage.exists(storage.join(root, "sub", "b.parquet"))
+
+
+def test_writable_dir_uploads_only_on_success(memory_root):
+    target = storage.join(memory_root, "model")
+    with pytest.raises(RuntimeError):
+        with storage.writable_dir(target) as local:
+            (local / "weights").write_text("half")
+            raise RuntimeError("crashed while writing")
+    assert not storage.exists(target)
+    with storage.writable_dir(target) as local:
+        (local / "weights").write_text("whole")
+    assert storage.read_text(storage.join(target, "weights")) == "whole"
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "memory"])
+def test_commit_replaces_the_output_marker_last(tmp_path, memory_root, remote):
+    base = memory_root if remote else str(tmp_path)
+    output, staging = storage.join(base, "out"), storage.join(base, ".out.tmp-1")
+    storage.write_text(storage.join(output, "old.txt"), "old")
+    storage.write_text(storage.join(output, "done.json"), "old")
+    storage.write_text(storage.join(staging, "data", "part.parquet"), "new")
+    storage.write_text(storage.join(staging, "done.json"), "new")
+    storage.commit_dir(staging, output, marker="done.json")
+    assert not storage.exists(staging)
+    assert not storage.exists(storage.join(output, "old.txt"))  # replaced, not merged
+    assert storage.read_text(storage.join(output, "done.json")) == "new"
+    assert storage.read_text(storage.join(output, "data", "part.parquet")) == "new"
+
+
+def test_a_commit_that_fails_midway_leaves_no_marker(memory_root, monkeypatch):
+    output, staging = storage.join(memory_root, "out"), storage.join(memory_root, ".out.tmp-1")
+    storage.write_text(storage.join(output, "done.json"), "old")
+    for name in ("a", "b", "c"):
+        storage.write_text(storage.join(staging, f"{name}.parquet"), name)
+    storage.write_text(storage.join(staging, "done.json"), "new")
+    fs = fsspec.filesystem("memory")
+    copied = []
+
+    def flaky_copy(src, dst, **kwargs):
+        if len(copied) == 2:
+            raise OSError("connection reset")
+        copied.append(dst)
+        return original(src, dst, **kwargs)
+
+    original = fs.copy
+    monkeypatch.setattr(fs, "copy", flaky_copy)
+    with pytest.raises(OSError, match="connection reset"):
+        storage.commit_dir(staging, output, marker="done.json")
+    assert not storage.exists(storage.join(output, "done.json"))  # readers see an incomplete output
+    assert all(not c.endswith("done.json") for c in copied)
+
+
+def test_copy_file_across_filesystems(tmp_path, memory_root):
+    (tmp_path / "state.pt").write_bytes(b"\x00\x01")
+    remote = storage.join(memory_root, "runs", "r", "state.pt")
+    storage.copy_file(tmp_path / "state.pt", remote)
+    storage.copy_file(remote, tmp_path / "back" / "state.pt")
+    assert (tmp_path / "back" / "state.pt").read_bytes() == b"\x00\x01"
