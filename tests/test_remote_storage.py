@@ -95,3 +95,22 @@ def test_failed_prepare_leaves_nothing_on_s3(ray_cluster, s3_bucket, raw_dir, ca
     assert code == 2
     assert "min_session_length=1000" in capsys.readouterr().err
     assert _bucket_entries(s3_bucket) == ["raw"]
+
+
+def test_incremental_writes_its_table_and_runs_to_s3(s3_bucket, prepared_dir):
+    from raytr.config import load_config
+    from raytr.training.incremental import run_incremental
+
+    config = load_config(storage.join(storage.parent(storage.parent(__file__)), CONFIG), {
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+        "training": {"launcher": "local", "num_train_epochs": 1, "disable_tqdm": True},
+    })
+    out = f"{s3_bucket}/incremental"
+    result = run_incremental(config, prepared_dir, out, start_day=2, end_day=3, baselines=False)
+    assert result.output_dir == out and list(result.table["day"]) == [3]
+    written = json.loads(storage.read_text(f"{out}/incremental.json"))
+    assert written["per_day"][0]["ndcg@20"] == pytest.approx(result.table["ndcg@20"].iloc[0])
+    with storage.local_copy(f"{out}/incremental.png") as png:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.is_file(f"{out}/train/model/model.safetensors")
+    assert storage.list_files(f"{out}/train/runs", suffixes=("model.safetensors",))  # init + checkpoints
