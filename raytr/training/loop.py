@@ -226,7 +226,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     if args.torch_compile:
         model.compile_regions()  # in place, before DDP wraps it: state_dict names stay the same
     ddp_model = ctx.prepare_model(model)
-    writer, sync_tensorboard = _tensorboard(args) if ctx.is_main else (None, lambda: None)
+    writer, sync_tensorboard = _tensorboard(args) if ctx.is_main else (None, lambda closed: None)
     progress = _progress(args, ctx, total_steps, global_step)
     last_metrics: dict[str, float] = {}
     started = time.perf_counter()
@@ -261,7 +261,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
             for key, value in metrics.items():
                 writer.add_scalar(key if "/" in key else f"train/{key}", value, global_step)
             writer.flush()
-            sync_tensorboard()
+            sync_tensorboard(False)
         if ctx.is_main:
             log.info("epoch %d step %d: %s", epoch, global_step,
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step")))
@@ -336,24 +336,31 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         progress.close()
     if writer is not None:
         writer.close()
-        sync_tensorboard()
+        sync_tensorboard(True)
     return last_metrics
 
 
-def _tensorboard(args: TrainingArguments) -> tuple[Any, Callable[[], None]]:
-    """(SummaryWriter or None, sync): under output_dir/tensorboard/<run>; for a URL output the events
-    are written locally and `sync` uploads them (the caller runs it after each flush)."""
+def _tensorboard(args: TrainingArguments) -> tuple[Any, Callable[[bool], None]]:
+    """(SummaryWriter or None, sync): under output_dir/tensorboard/<run>. For a URL output the events
+    are written locally and `sync(closed)` uploads them; the caller runs it after each flush, and
+    with closed=True after closing the writer (the local copy is then removed)."""
     if "tensorboard" not in args.report_to:
-        return None, lambda: None
+        return None, lambda closed: None
     from torch.utils.tensorboard import SummaryWriter
 
     # One subdirectory per run: every train() call restarts global_step at 0, so runs sharing a
     # directory would overwrite each other's curves.
     target = storage.join(args.output_dir, "tensorboard", *([args.run_name] if args.run_name else []))
     if not storage.is_url(target):
-        return SummaryWriter(log_dir=target), lambda: None
+        return SummaryWriter(log_dir=target), lambda closed: None
     local = tempfile.mkdtemp(prefix="raytr-tensorboard-")
-    return SummaryWriter(log_dir=local), lambda: storage.put_dir(local, target)
+
+    def sync(closed: bool) -> None:
+        storage.put_dir(local, target)
+        if closed:
+            shutil.rmtree(local, ignore_errors=True)
+
+    return SummaryWriter(log_dir=local), sync
 
 
 def _progress(args: TrainingArguments, ctx: WorkerContext, total: int, done: int):

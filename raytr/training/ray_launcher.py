@@ -121,7 +121,11 @@ def _worker(config: dict[str, Any]) -> None:
     if cfg.args.data_loader_engine == "ray":
         ctx.train_batches, ctx.steps_per_epoch = ray_data_batches(ray.train.get_dataset_shard("train"), cfg, device,
                                                                   config["rows_per_worker"])
-    train_loop(cfg, ctx)
+    try:
+        train_loop(cfg, ctx)
+    finally:
+        if checkpoint is not None:
+            shutil.rmtree(restored, ignore_errors=True)
 
 
 def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any = None
