@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,4 +82,21 @@ class Bundle:
         train_result = json.loads(result_path.read_text()) if result_path.is_file() else {}
         digest = hashlib.sha256((root / MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()[:12]
         version = f"{train_result.get('run_name', 'model')}-{digest}"
+        if storage.is_url(source):
+            root = _keep_copy(root, source, version)
         return cls(root=root, data=data, version=version, train_result=train_result)
+
+
+def _keep_copy(fresh: Path, source: str, version: str) -> Path:
+    """One local copy per (bundle URL, version) on this node: a reload of an unchanged bundle (or
+    another replica loading it) reuses it instead of keeping one more copy."""
+    kept = Path(tempfile.gettempdir()) / "raytr-bundles" / hashlib.sha256(source.encode()).hexdigest()[:16] / version
+    if not kept.is_dir():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(fresh, kept)
+            return kept
+        except OSError:  # another process on this node kept the same version first
+            pass
+    shutil.rmtree(fresh, ignore_errors=True)
+    return kept

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from raytr import storage
 from raytr.config import load_config
 from raytr.data.prepare import day_paths, prepare
 from raytr.data.synth import SynthConfig, synthesize
@@ -38,6 +39,8 @@ class DemoReport:
 
 def run_demo(output: str | Path, sessions: int = 20_000, epochs: int = 3, serve: bool = True,
              config_path: str | Path = DEFAULT_CONFIG) -> DemoReport:
+    if storage.is_url(output):
+        raise ValueError(f"demo output {str(output)!r}: the demo writes a local directory; the jobs take URLs")
     output = Path(output).resolve()  # Ray workers do not run in this directory
     report = DemoReport()
     raw, prepared, trained = output / "raw", output / "prepared", output / "model"

@@ -44,7 +44,7 @@ def normalize(path: PathLike) -> str:
         return text.rstrip("/")
     if text.startswith("file://"):
         text = text[len("file://"):]
-    return str(Path(text).expanduser().resolve())
+    return str(Path(text).resolve())
 
 
 def join(base: PathLike, *names: str) -> str:
@@ -60,11 +60,18 @@ def name(path: PathLike) -> str:
 
 def parent(path: PathLike) -> str:
     path = normalize(path)
-    return path.rsplit("/", 1)[0] if is_url(path) else str(Path(path).parent)
+    if not is_url(path):
+        return str(Path(path).parent)
+    scheme, _, rest = path.partition("://")
+    if "/" not in rest.strip("/"):
+        raise ValueError(f"{path!r} is the root of its store (a bucket): name a directory inside it")
+    return path.rsplit("/", 1)[0]
 
 
 def filesystem(path: PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of `path` and the path as that filesystem names it."""
+    if not is_url(path):  # plain paths are never parsed as URLs ("::" chains, "~")
+        return LocalFileSystem(), normalize(path)
     try:
         fs, stripped = fsspec.core.url_to_fs(normalize(path))
     except (ImportError, ValueError) as error:  # an unknown scheme, or its backend not installed
@@ -211,9 +218,15 @@ def staging_path(output: PathLike, tag: str) -> str:
 
 def commit_dir(staging: PathLike, output: PathLike, marker: str) -> None:
     """Move a finished staging directory to `output`, replacing it; `marker` (a file name inside)
-    arrives last. See the module docstring for what a crash leaves behind."""
+    arrives last. Locally one atomic rename. On an object store: the old marker is removed first,
+    the new files are copied over the output, files of the old output not in the new one are
+    removed, then the marker is copied and the staging directory removed. A failure before the
+    marker leaves the output without one (readers refuse it) and the staging directory intact,
+    so nothing is lost and the commit can be retried."""
     fs, src = filesystem(staging)
-    _, dst = filesystem(output)
+    out_fs, dst = filesystem(output)
+    if type(fs) is not type(out_fs):
+        raise ValueError(f"staging {str(staging)!r} and output {str(output)!r} are on different filesystems")
     if isinstance(fs, LocalFileSystem):
         if os.path.exists(dst):
             shutil.rmtree(dst)
@@ -221,11 +234,12 @@ def commit_dir(staging: PathLike, output: PathLike, marker: str) -> None:
         return
     if fs.exists(f"{dst}/{marker}"):
         fs.rm(f"{dst}/{marker}")
-    if fs.exists(dst):
-        fs.rm(dst, recursive=True)
-    files = [f for f in fs.find(src) if f != f"{src}/{marker}"]
-    for f in files:
-        fs.copy(f, f"{dst}/{f[len(src):].lstrip('/')}")
+    new = {f[len(src):].lstrip("/") for f in fs.find(src)} - {marker}
+    for name in sorted(new):
+        fs.copy(f"{src}/{name}", f"{dst}/{name}")
+    stale = [f for f in (fs.find(dst) if fs.isdir(dst) else []) if f[len(dst):].lstrip("/") not in new]
+    if stale:
+        fs.rm(stale)
     fs.copy(f"{src}/{marker}", f"{dst}/{marker}")
     fs.rm(src, recursive=True)
 

@@ -84,6 +84,7 @@ def test_synth_prepare_train_evaluate_with_s3_urls(ray_cluster, s3_bucket, synth
     bundle = Bundle.load(out)  # the serving path: a local copy of the bundle's files
     assert bundle.model_dir.is_dir() and (bundle.workflow_dir / "workflow.pkl").is_file()
     assert bundle.train_result["run_name"] == train_result["run_name"]
+    assert Bundle.load(out).root == bundle.root  # a reload of the same version reuses the local copy
 
 
 def test_failed_prepare_leaves_nothing_on_s3(ray_cluster, s3_bucket, raw_dir, capsys, monkeypatch):

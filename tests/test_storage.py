@@ -95,9 +95,10 @@ def test_commit_replaces_the_output_marker_last(tmp_path, memory_root, remote):
     assert storage.read_text(storage.join(output, "data", "part.parquet")) == "new"
 
 
-def test_a_commit_that_fails_midway_leaves_no_marker(memory_root, monkeypatch):
+def test_a_commit_that_fails_midway_leaves_no_marker_and_can_be_retried(memory_root, monkeypatch):
     output, staging = storage.join(memory_root, "out"), storage.join(memory_root, ".out.tmp-1")
     storage.write_text(storage.join(output, "done.json"), "old")
+    storage.write_text(storage.join(output, "stale.parquet"), "old")
     for name in ("a", "b", "c"):
         storage.write_text(storage.join(staging, f"{name}.parquet"), name)
     storage.write_text(storage.join(staging, "done.json"), "new")
@@ -116,6 +117,25 @@ def test_a_commit_that_fails_midway_leaves_no_marker(memory_root, monkeypatch):
         storage.commit_dir(staging, output, marker="done.json")
     assert not storage.exists(storage.join(output, "done.json"))  # readers see an incomplete output
     assert all(not c.endswith("done.json") for c in copied)
+    assert len(storage.list_files(staging, (".parquet", ".json"))) == 4  # nothing lost: retry works
+    monkeypatch.setattr(fs, "copy", original)
+    storage.commit_dir(staging, output, marker="done.json")
+    assert [storage.name(f) for f in storage.list_files(output, (".parquet", ".json"))] == [
+        "a.parquet", "b.parquet", "c.parquet", "done.json"]  # the old output's stale file is gone
+    assert not storage.exists(staging)
+
+
+def test_a_bucket_root_is_refused_as_an_output():
+    for output in ("s3://bucket", "s3://bucket/"):
+        with pytest.raises(ValueError, match="root of its store"):
+            storage.staging_path(output, "x")
+
+
+def test_local_paths_are_never_parsed_as_urls(tmp_path):
+    odd = tmp_path / "a::b" / "x.parquet"
+    odd.parent.mkdir()
+    odd.write_text("1")
+    assert storage.list_files(odd.parent) == [str(odd)]
 
 
 def test_copy_file_across_filesystems(tmp_path, memory_root):

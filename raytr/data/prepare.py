@@ -140,14 +140,18 @@ def prepare(
         storage.remove(storage.join(staging, "sorted"))
         storage.write_text(storage.join(staging, PREPARE_JSON), json.dumps(
             {"data": asdict(config), "summary": asdict(summary), "input": str(input_path)}, indent=2))
-        storage.commit_dir(staging, output, marker=PREPARE_JSON)
-        return summary
     except BaseException:
         try:
             storage.remove(staging)
         except Exception:  # noqa: BLE001 - the original error is the one to report
             log.warning("prepare: could not remove the staging directory %s", staging)
         raise
+    try:
+        storage.commit_dir(staging, output, marker=PREPARE_JSON)
+    except BaseException:  # the finished dataset stays in staging: nothing is lost
+        log.error("prepare: moving %s to %s failed; the finished dataset is kept in %s", staging, output, staging)
+        raise
+    return summary
 
 
 def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: str, buckets: int) -> None:
@@ -227,19 +231,32 @@ def load_prepare_info(directory: str | Path) -> dict:
 
 
 def sessions_root(directory: str | Path) -> str:
-    """Where the day=N/ partitions are: `directory/sessions` of a prepared dataset, or `directory`."""
+    """Where the day=N/ partitions are: `directory/sessions` of a prepared dataset (which must be
+    complete: its prepare.json is written last), or `directory` itself."""
     nested = storage.join(directory, SESSIONS_DIR)
-    return nested if storage.is_dir(nested) else storage.normalize(directory)
+    if not storage.is_dir(nested):
+        return storage.normalize(directory)
+    if not storage.is_file(storage.join(directory, PREPARE_JSON)):
+        raise FileNotFoundError(f"{directory} has {SESSIONS_DIR}/ but no {PREPARE_JSON}: an interrupted "
+                                "`raytr prepare` wrote it; run prepare again")
+    return nested
+
+
+def _days_in(root: str) -> list[int]:
+    return sorted(int(storage.name(d).split("=")[1]) for d in storage.list_dirs(root, f"{DAY}="))
 
 
 def available_days(directory: str | Path) -> list[int]:
-    return sorted(int(storage.name(d).split("=")[1]) for d in storage.list_dirs(sessions_root(directory), f"{DAY}="))
+    """The days of a prepared dataset (none when `directory` is not one)."""
+    if not storage.is_dir(storage.join(directory, SESSIONS_DIR)):
+        return []
+    return _days_in(sessions_root(directory))
 
 
 def day_paths(directory: str | Path, days: list[int] | None = None) -> list[str]:
     """Absolute paths (or URLs) of the parquet files of the given days (all days when None), in day order."""
     root = sessions_root(directory)
-    available = available_days(directory)
+    available = _days_in(root)
     chosen = available if days is None else days
     missing = [d for d in chosen if d not in available]
     if missing:

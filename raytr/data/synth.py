@@ -154,10 +154,10 @@ def write_events(frame: pd.DataFrame, output: str | Path) -> list[str]:
             part.reset_index(drop=True).to_parquet(storage.join(staging, name), index=False)
             names.append(name)
         storage.write_text(storage.join(staging, SUCCESS), "")
-        storage.commit_dir(staging, output, marker=SUCCESS)
     except BaseException:
         storage.remove(staging)
         raise
+    storage.commit_dir(staging, output, marker=SUCCESS)  # on failure the events stay in staging
     return [storage.join(output, n) for n in names]
 
 
