@@ -122,6 +122,7 @@ def test_retrain_mode_trains_a_new_model_per_window(prepared_dir, prepared_spec,
 def test_fewer_than_two_days_or_no_window_raise(prepared_dir, tmp_path):
     one_day = tmp_path / "one_day"
     shutil.copytree(Path(prepared_dir) / "sessions" / "day=1", one_day / "sessions" / "day=1")
+    shutil.copy(Path(prepared_dir) / "prepare.json", one_day / "prepare.json")  # a complete dataset
     with pytest.raises(ValueError, match=r"1 day\(s\) of sessions; incremental evaluation needs >= 2"):
         run_incremental(small_config(), one_day, tmp_path / "out")
     with pytest.raises(ValueError, match="no day t with t and t\\+1"):
