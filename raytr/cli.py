@@ -129,11 +129,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from raytr.models.export import export_scorer
 
     model_dir = _model_dir(args.model)
-    target = args.output or storage.join(model_dir, "scorer.pt2")
-    with storage.writable_dir(storage.parent(target)) as local:
-        export_scorer(SessionModel.load(model_dir), local / storage.name(target))
-    print(f"exported the next-item scorer to {storage.normalize(target)} (load with "
-          "raytr.models.export.ExportedScorer.load)")
+    path = export_scorer(SessionModel.load(model_dir), args.output or storage.join(model_dir, "scorer.pt2"))
+    print(f"exported the next-item scorer to {path} (load with raytr.models.export.ExportedScorer.load)")
 
 
 def cmd_incremental(args: argparse.Namespace) -> None:

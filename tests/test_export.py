@@ -68,3 +68,16 @@ def test_raytr_export_command_writes_a_loadable_program(tmp_path, capsys):
     batch = random_batch(4, seed=9)
     assert torch.allclose(ExportedScorer.load(path)(batch), model.score_next(batch), atol=1e-5)
     assert main(["export", "--model", str(tmp_path / "missing")]) == 2  # a clear error, no traceback
+
+
+def test_export_to_and_load_from_a_url():
+    """Any fsspec URL: written through a local file and uploaded, loaded from a local copy."""
+    import uuid
+
+    from raytr import storage
+
+    model = SessionModel(tiny_spec(), tiny_config(), seed=0).eval()
+    url = f"memory://raytr-export-{uuid.uuid4().hex[:8]}/model/scorer.pt2"
+    assert export_scorer(model, url) == url and storage.is_file(url)
+    batch = random_batch(4)
+    assert torch.allclose(ExportedScorer.load(url)(batch), model.score_next(batch), atol=1e-5)

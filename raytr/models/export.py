@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raytr import storage
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 
 MAX_BATCH = 65_536
@@ -61,14 +62,14 @@ def export_program(model: nn.Module) -> torch.export.ExportedProgram:
     return torch.export.export(_ScoreNext(model), example, dynamic_shapes=(tuple({0: batch} for _ in example),))
 
 
-def export_scorer(model: nn.Module, path: str | Path) -> Path:
-    """Export `model` (a SessionModel, put in eval mode) as a scoring program saved at `path` (.pt2)."""
+def export_scorer(model: nn.Module, path: str | Path) -> str:
+    """Export `model` (a SessionModel, put in eval mode) as a scoring program saved at `path` (.pt2,
+    a local path or an fsspec URL); returns the path as `ExportedScorer.load` takes it."""
     program = export_program(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path), extra_files={"feature_spec.json": _spec_json(model.spec),
-                                                        "objective": model.config.objective})
-    return path
+    with storage.writable_dir(storage.parent(path)) as local:
+        torch.export.save(program, str(local / storage.name(path)),
+                          extra_files={"feature_spec.json": _spec_json(model.spec), "objective": model.config.objective})
+    return storage.normalize(path)
 
 
 def _spec_json(spec: FeatureSpec) -> str:
@@ -95,7 +96,8 @@ class ExportedScorer:
         import json
 
         extra = {"feature_spec.json": "", "objective": ""}
-        program = torch.export.load(str(path), extra_files=extra)
+        with storage.local_copy(path) as local:
+            program = torch.export.load(str(local), extra_files=extra)
         return cls(program, FeatureSpec.from_dict(json.loads(extra["feature_spec.json"])), extra["objective"])
 
     @torch.no_grad()
