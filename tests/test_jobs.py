@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from raytr import storage
 from raytr.bundle import Bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,14 +142,17 @@ def ray_cli(*args: str, env: dict[str, str], timeout: int) -> subprocess.Complet
 
 
 @pytest.mark.timeout(240)
-def test_ray_job_submit_trains_a_model_bundle(prepared_dir, tmp_path):
-    output = tmp_path / "model"
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_ray_job_submit_trains_a_model_bundle(prepared_dir, tmp_path, request, where):
+    """The same job with a local output directory, and with an s3:// one (the bucket on the test's
+    local S3 server, reached by the job's Ray cluster through the AWS_* variables it inherits)."""
+    output = str(tmp_path / "model") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/model"
     job_id = f"raytr-test-{uuid.uuid4().hex[:8]}"
     with ray_head(tmp_path / "ray-start.log") as (url, env):
         submit = ray_cli(
             "job", "submit", "--address", url, "--submission-id", job_id, "--working-dir", ".",
             "--", "python", "jobs/train.py", "--config", "configs/synthetic.yaml", "--data", str(prepared_dir),
-            "--output", str(output), "--epochs", "1", "--set", "training.num_workers=1",
+            "--output", output, "--epochs", "1", "--set", "training.num_workers=1",
             "--set", "training.disable_tqdm=true", env=env, timeout=200)
         status = ray_cli("job", "status", "--address", url, job_id, env=env, timeout=60)
     logs = submit.stdout[-6000:] + submit.stderr[-3000:]
@@ -156,11 +160,12 @@ def test_ray_job_submit_trains_a_model_bundle(prepared_dir, tmp_path):
     assert submit.returncode == 0, logs
 
     # The job printed the training summary and wrote a complete model bundle.
-    assert f'"model_dir": "{output / "model"}"' in submit.stdout
+    assert f'"model_dir": "{storage.join(output, "model")}"' in submit.stdout
     bundle = Bundle.load(output)
     assert (bundle.model_dir / "model.safetensors").is_file() and bundle.workflow_dir.is_dir()
-    result = json.loads((output / "train_result.json").read_text())
+    result = json.loads(storage.read_text(storage.join(output, "train_result.json")))
     assert result["training_arguments"]["launcher"] == "ray" and result["training_arguments"]["num_workers"] == 1
     assert result["training_arguments"]["num_train_epochs"] == 1
     assert 0.0 < result["metrics"]["eval_ndcg@10"] <= 1.0
-    assert (output / "ray_results" / result["run_name"]).is_dir()  # trained by Ray Train on the head
+    # trained by Ray Train on the head, its checkpoints under the output
+    assert storage.list_files(storage.join(output, "ray_results", result["run_name"]), suffixes=("model.safetensors",))
