@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raytr import storage
 from raytr.config import ModelConfig
 from raytr.data.loaders import DataLoader
 from raytr.data.prepare import day_paths
@@ -333,7 +336,11 @@ def test_train_and_eval_dataloader_arguments(prepared_dir, prepared_spec, tmp_pa
 
 # --------------------------------------------------------------------------- failures
 @pytest.mark.slow
-def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(prepared_dir, prepared_spec, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "url"])
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(prepared_dir, prepared_spec, tmp_path, monkeypatch,
+                                                            where):
+    """Also with the output at a URL (fsspec's in-memory store): the checkpoint and the TensorBoard
+    curves up to the failure are there, and no local copy is left behind."""
     paths = day_paths(prepared_dir, [1])
     spe = steps_per_epoch(prepared_spec, paths, 64)
     original = SessionModel.forward
@@ -347,18 +354,22 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(prepared_dir, prepar
         return out
 
     monkeypatch.setattr(SessionModel, "forward", forward_nan_in_second_epoch)
-    out_dir = tmp_path / "out"
+    out_dir = str(tmp_path / "out") if where == "local" else f"memory://raytr-nan-{uuid.uuid4().hex[:8]}/out"
+    scratch = set(Path(tempfile.gettempdir()).glob("raytr-tensorboard-*"))
     trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
                       local_args(out_dir, num_train_epochs=3), train_dataset_or_path=paths)
     with pytest.raises(TrainingDivergedError, match=rf"loss is nan at epoch 1, step {spe + 1}") as info:
         trainer.train()
     assert "learning_rate" in str(info.value) and "checkpoint is kept" in str(info.value)
-    checkpoints = list((out_dir / "runs").glob("*/checkpoints/checkpoint-*"))
-    assert len(checkpoints) == 1
-    state = read_trainer_state(checkpoints[0])
+    checkpoints = storage.list_files(storage.join(out_dir, "runs"), suffixes=("trainer_state.json",))
+    assert len(checkpoints) == 1 and "/checkpoints/checkpoint-" in checkpoints[0]
+    checkpoint = storage.parent(checkpoints[0])
+    state = read_trainer_state(checkpoint)
     assert state["epoch"] == 0 and state["global_step"] == spe
-    SessionModel.load(checkpoints[0])  # loadable
-    assert not (out_dir / "model").exists()  # no final model from a diverged run
+    SessionModel.load(checkpoint)  # loadable
+    assert not storage.exists(storage.join(out_dir, "model"))  # no final model from a diverged run
+    assert any("tfevents" in f for f in storage.list_files(storage.join(out_dir, "tensorboard"), suffixes=("",)))
+    assert set(Path(tempfile.gettempdir()).glob("raytr-tensorboard-*")) == scratch
 
 
 def _write_empty_and_one_event_sessions(src: str, directory: Path) -> tuple[Path, Path]:

@@ -286,57 +286,59 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         return value
 
     train_metrics = RankingMetrics(args.metrics_top_k)
-    for epoch in range(start_epoch, epochs):
-        steps_this_epoch = 0
-        for batch in batches_for_epoch(epoch):
-            if global_step >= total_steps or steps_this_epoch >= steps_per_epoch:
-                break
-            with _autocast(args, device):
-                out = ddp_model(batch)
-            loss = out.loss
-            # One small all-reduce per step: every rank learns of a NaN on any rank and stops
-            # together, instead of the others hanging in the next gradient all-reduce.
-            num_targets = torch.full((), float(out.num_targets), device=device)
-            check = _all_reduce(torch.stack([loss.detach().float() * num_targets, num_targets]).double(), ctx)
-            raise_if_diverged()  # the previous step's
-            last_step.put(torch.cat([check, loss.detach().double().view(1)]))
-            last_step_at = (epoch, global_step)
-            loss_sum += check
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            global_step += 1
-            steps_this_epoch += 1
-            sessions_seen += len(batch)
-            if progress is not None:
-                progress.update(1)
-            if args.compute_metrics_each_n_steps and global_step % args.compute_metrics_each_n_steps == 0:
-                train_metrics = RankingMetrics(args.metrics_top_k)
-                model.eval()
+    try:
+        for epoch in range(start_epoch, epochs):
+            steps_this_epoch = 0
+            for batch in batches_for_epoch(epoch):
+                if global_step >= total_steps or steps_this_epoch >= steps_per_epoch:
+                    break
                 with _autocast(args, device):
-                    update_next_item_metrics(train_metrics, model, batch)
-                model.train()
-                train_metrics.load_state(_all_reduce(train_metrics.state.to(device), ctx).cpu())
-                if writer is not None:
-                    for key, value in train_metrics.compute().items():
-                        writer.add_scalar(f"train/{key}", value, global_step)
-            if ctx.is_main and args.logging_steps and global_step % args.logging_steps == 0 and writer is not None:
-                writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], global_step)
-            if args.eval_steps and global_step % args.eval_steps == 0 and steps_this_epoch < steps_per_epoch:
-                report(epoch + steps_this_epoch / steps_per_epoch, with_eval=True, checkpoint_epoch=None)
-        report(epoch + 1, with_eval=True, checkpoint_epoch=epoch)
-        if global_step >= total_steps:
-            break
-    if progress is not None:
-        progress.close()
-    if writer is not None:
-        writer.close()
-        sync_tensorboard(True)
+                    out = ddp_model(batch)
+                loss = out.loss
+                # One small all-reduce per step: every rank learns of a NaN on any rank and stops
+                # together, instead of the others hanging in the next gradient all-reduce.
+                num_targets = torch.full((), float(out.num_targets), device=device)
+                check = _all_reduce(torch.stack([loss.detach().float() * num_targets, num_targets]).double(), ctx)
+                raise_if_diverged()  # the previous step's
+                last_step.put(torch.cat([check, loss.detach().double().view(1)]))
+                last_step_at = (epoch, global_step)
+                loss_sum += check
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if args.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                global_step += 1
+                steps_this_epoch += 1
+                sessions_seen += len(batch)
+                if progress is not None:
+                    progress.update(1)
+                if args.compute_metrics_each_n_steps and global_step % args.compute_metrics_each_n_steps == 0:
+                    train_metrics = RankingMetrics(args.metrics_top_k)
+                    model.eval()
+                    with _autocast(args, device):
+                        update_next_item_metrics(train_metrics, model, batch)
+                    model.train()
+                    train_metrics.load_state(_all_reduce(train_metrics.state.to(device), ctx).cpu())
+                    if writer is not None:
+                        for key, value in train_metrics.compute().items():
+                            writer.add_scalar(f"train/{key}", value, global_step)
+                if ctx.is_main and args.logging_steps and global_step % args.logging_steps == 0 and writer is not None:
+                    writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], global_step)
+                if args.eval_steps and global_step % args.eval_steps == 0 and steps_this_epoch < steps_per_epoch:
+                    report(epoch + steps_this_epoch / steps_per_epoch, with_eval=True, checkpoint_epoch=None)
+            report(epoch + 1, with_eval=True, checkpoint_epoch=epoch)
+            if global_step >= total_steps:
+                break
+    finally:  # also when a step raises: the curves so far reach the output (a URL's are uploaded)
+        if progress is not None:
+            progress.close()
+        if writer is not None:
+            writer.close()
+            sync_tensorboard(True)
     return last_metrics
 
 
