@@ -11,9 +11,12 @@ target device, B = 1024, in shuffled order where the engine shuffles. Engines:
   raytr-merlin         raytr DataLoader(engine="merlin"): reads once (merlin-dataloader), keeps the
                        columns resident (on the GPU with --device cuda), gathers + pads per batch
   raytr-pyarrow        raytr DataLoader(engine="pyarrow"): the same, read with PyArrow
-  raydata-iter_batches Ray Data read_parquet -> iter_batches(numpy) -> raytr's Ray-engine padding
-                       (raytr.training.ray_launcher._to_batch), with the engine's window shuffle
-  raydata-iter_torch   Ray Data iter_torch_batches with a NumpyBatchCollateFn calling the same padding
+  raytr-ray            raytr's Ray Data engine as a Ray Train worker runs it: the dataset read into
+                       the object store once (ray_launcher.ray_train_dataset), a one-way
+                       streaming_split shard, batches padded by ray_launcher.ray_data_batches with its
+                       window shuffle and a new block order every epoch
+  raydata-iter_torch   Ray Data read_parquet streamed every epoch -> iter_torch_batches with a
+                       NumpyBatchCollateFn calling raytr's Ray-engine padding
   raydata-arrow-pad    iter_torch_batches with an ArrowBatchCollateFn padding vectorised from the
                        Arrow offsets (not in raytr: what the Ray engine could do)
   baseline-merlin      merlin.dataloader.torch.Loader(shuffle=True) + naive padding (a Python loop
@@ -21,8 +24,8 @@ target device, B = 1024, in shuffled order where the engine shuffles. Engines:
   baseline-pyarrow     pq.read_table once + numpy gather/pad per shuffled batch (vectorised)
 
 sessions/s is measured over full epochs after the loader is built (the best of --repeats epochs);
-`build_s` is the construction (read) time of the resident engines. Ray Data streams from the
-files every epoch, so its figure includes reading. With a train.json present, each engine's rate
+`build_s` is the construction (read) time of the resident engines and of raytr-ray's
+materialize; the two raydata-* flavours stream from the files every epoch, so theirs include reading. With a train.json present, each engine's rate
 is also divided by the rate at which raytr's training step consumed sessions (the loader should
 deliver at least 2x that).
 """
@@ -53,7 +56,7 @@ from bench.common import (  # noqa: E402
 
 log = logging.getLogger("bench.loader")
 
-ENGINES = ("raytr-merlin", "raytr-pyarrow", "raydata-iter_batches", "raydata-iter_torch", "raydata-arrow-pad",
+ENGINES = ("raytr-merlin", "raytr-pyarrow", "raytr-ray", "raydata-iter_torch", "raydata-arrow-pad",
            "baseline-merlin", "baseline-pyarrow")
 BASELINE = "baseline-merlin"
 
@@ -85,6 +88,30 @@ def engine_raytr(spec, files, batch: int, device, engine: str):
 
     def epoch():
         for b in loader:
+            yield len(b)
+
+    return epoch, build
+
+
+def engine_raytr_ray(spec, files, batch: int, device):
+    from itertools import count
+
+    from raytr.config import ModelConfig
+    from raytr.training.arguments import TrainingArguments
+    from raytr.training.loop import LoopConfig
+    from raytr.training.ray_launcher import ray_data_batches, ray_train_dataset
+
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=batch, data_loader_engine="ray")
+    cfg = LoopConfig(spec=spec, model_config=ModelConfig(), args=args, init_model_dir="unused",
+                     train_paths=tuple(files))
+    t0 = time.perf_counter()
+    ds, rows_per_worker = ray_train_dataset(cfg)
+    build = time.perf_counter() - t0
+    batches, _ = ray_data_batches(ds.streaming_split(1, equal=True)[0], cfg, device, rows_per_worker)
+    epochs = count()
+
+    def epoch():
+        for b in batches(next(epochs)):
             yield len(b)
 
     return epoch, build
@@ -158,20 +185,6 @@ def engine_raydata(spec, files, batch: int, device, flavour: str):
     ds = ray.data.read_parquet(list(files)).select_columns(spec.columns)
     length = spec.max_sequence_length
 
-    if flavour == "iter_batches":
-        # As raytr's Ray engine (ray_launcher.ray_data_batches): windows of 16 batches, shuffled inside.
-        window = 16 * batch
-        rng = np.random.default_rng(0)
-
-        def epoch():
-            for big in ds.iter_batches(batch_size=window, batch_format="numpy", drop_last=False):
-                order = rng.permutation(len(next(iter(big.values()))))
-                for start in range(0, len(order), batch):
-                    rows = order[start: start + batch]
-                    yield len(_to_batch(spec, {k: v[rows] for k, v in big.items()}, device))
-
-        return epoch, 0.0
-
     if flavour == "iter_torch":
         class Collate(NumpyBatchCollateFn):
             def __call__(self, b):
@@ -205,6 +218,8 @@ def build_engine(name: str, spec, files, batch: int, device):
         return engine_raytr(spec, files, batch, device, "merlin")
     if name == "raytr-pyarrow":
         return engine_raytr(spec, files, batch, device, "pyarrow")
+    if name == "raytr-ray":
+        return engine_raytr_ray(spec, files, batch, device)
     if name == "baseline-merlin":
         return engine_baseline_merlin(spec, files, batch, device)
     if name == "baseline-pyarrow":
