@@ -7,8 +7,8 @@ Three rules, so that every node of a cluster sees the same data and no reader se
   uploaded (`writable_dir`, `put_dir`), and read from a local copy (`local_copy`, `download`).
 - An output directory is complete when its marker file exists: `commit_dir` moves a finished
   staging directory into place with the marker last. Locally that is one atomic rename; object
-  stores cannot rename, so there the old output is removed marker-first and the new one copied
-  marker-last, and a crash in between leaves no marker.
+  stores cannot rename, so there the old marker goes first, the new files are copied over, and the
+  new marker comes last: a crash in between leaves no marker, and the staging copy to retry from.
 
 The filesystem of a URL comes from fsspec (`fsspec.core.url_to_fs`): credentials and endpoints are
 the backend's own (AWS_* variables, an instance role, fsspec's config files), the same on every node.
@@ -62,7 +62,7 @@ def parent(path: PathLike) -> str:
     path = normalize(path)
     if not is_url(path):
         return str(Path(path).parent)
-    scheme, _, rest = path.partition("://")
+    _, _, rest = path.partition("://")
     if "/" not in rest.strip("/"):
         raise ValueError(f"{path!r} is the root of its store (a bucket): name a directory inside it")
     return path.rsplit("/", 1)[0]
