@@ -326,13 +326,15 @@ class Hyper:
     n_heads: int = 4
     dropout: float = 0.2
     learning_rate: float = 2e-3
+    weight_decay: float = 0.01  # AdamW, on the weight matrices (not embeddings, norms, biases)
+    label_smoothing: float = 0.0
 
 
 def model_config(body: str, objective: str, hp: Hyper = Hyper()):
     from raytr.config import ModelConfig
 
     return ModelConfig(body=body, objective=objective, d_model=hp.d_model, n_layers=hp.n_layers, n_heads=hp.n_heads,
-                       dropout=hp.dropout)
+                       dropout=hp.dropout, label_smoothing=hp.label_smoothing)
 
 
 def training_args(output_dir: Path, epochs: int, seed: int = 0, hp: Hyper = Hyper()):
@@ -340,7 +342,8 @@ def training_args(output_dir: Path, epochs: int, seed: int = 0, hp: Hyper = Hype
 
     return TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=128,
-        learning_rate=hp.learning_rate, launcher="local", data_loader_engine="pyarrow", report_to=(), disable_tqdm=True,
+        learning_rate=hp.learning_rate, weight_decay=hp.weight_decay, launcher="local", data_loader_engine="pyarrow",
+        report_to=(), disable_tqdm=True,
         save_total_limit=epochs + 1,  # keep every epoch's checkpoint: the epoch is chosen on validation below
         seed=seed, metrics_top_k=TOP_K,
     )
@@ -488,6 +491,8 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=Hyper.d_model)
     p.add_argument("--n-layers", type=int, default=Hyper.n_layers)
     p.add_argument("--lr", type=float, default=Hyper.learning_rate)
+    p.add_argument("--weight-decay", type=float, default=Hyper.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=Hyper.label_smoothing)
     p.add_argument("--output", default="quality")
     args = p.parse_args(argv)
     setup_logging()
@@ -514,6 +519,7 @@ def main(argv=None) -> int:
                           incremental=not args.no_incremental,
                           models=tuple(args.models.split(",")) if args.models else None, ml_window=args.ml_window,
                           hp=Hyper(d_model=args.d_model, n_layers=args.n_layers, dropout=args.dropout,
+                                   weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                                    learning_rate=args.lr))
         print_dataset(res)
         results.append(res)
