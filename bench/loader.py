@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from raytr.data.prepare import day_paths
+    from raytr.data.layout import day_paths
     from raytr.data.schema import feature_spec, load_schema
 
     started, load_before = time.time(), load_average()

@@ -91,7 +91,7 @@ def loader_profile() -> dict[str, Any]:
     import torch
 
     import raytr.data.loaders as loaders
-    from raytr.data.prepare import day_paths
+    from raytr.data.layout import day_paths
     from raytr.data.schema import feature_spec, load_schema
 
     data = prepared_synthetic(200_000, 5_000)
@@ -152,7 +152,7 @@ _STEP_SCRIPT = r"""
 import sys, time, torch
 from raytr.config import ModelConfig
 from raytr.data.loaders import DataLoader
-from raytr.data.prepare import day_paths
+from raytr.data.layout import day_paths
 from raytr.data.schema import feature_spec, load_schema
 from raytr.models import SessionModel
 torch.set_num_threads(int(sys.argv[2]))

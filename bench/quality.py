@@ -154,7 +154,7 @@ def _write_sessions(path: Path, sessions: list[np.ndarray]) -> str:
 
 
 def load_synthetic() -> QualityData:
-    from raytr.data.prepare import day_paths, load_prepare_info
+    from raytr.data.layout import day_paths, load_prepare_info
     from raytr.data.schema import feature_spec, load_schema
 
     directory = prepared_synthetic(20_000, 2_000, seed=0)
@@ -184,7 +184,7 @@ def load_yoochoose(seed: int = 0) -> QualityData:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raytr.data.prepare import available_days, day_paths, load_prepare_info
+    from raytr.data.layout import available_days, day_paths, load_prepare_info
     from raytr.data.schema import feature_spec, load_schema
 
     directory = yoochoose_prepared()

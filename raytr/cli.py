@@ -108,7 +108,7 @@ def _model_dir(path: str) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from raytr.data.loaders import DataLoader
-    from raytr.data.prepare import day_paths
+    from raytr.data.layout import day_paths
     from raytr.evaluation import evaluate_next_item
     from raytr.models import SessionModel
     from raytr.training.trainer import resolve_paths

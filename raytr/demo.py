@@ -15,7 +15,8 @@ import pandas as pd
 
 from raytr import storage
 from raytr.config import load_config
-from raytr.data.prepare import day_paths, prepare
+from raytr.data.layout import day_paths
+from raytr.data.prepare import prepare
 from raytr.data.synth import SynthConfig, synthesize
 from raytr.training.incremental import evaluate_baselines
 from raytr.training.trainer import train_prepared

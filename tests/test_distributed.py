@@ -26,7 +26,7 @@ import torch
 
 from raytr.config import ModelConfig
 from raytr.data.loaders import DataLoader
-from raytr.data.prepare import day_paths
+from raytr.data.layout import day_paths
 from raytr.models import SessionModel
 from raytr.training.arguments import TrainingArguments
 from raytr.training.loop import TRAINING_STATE, read_trainer_state

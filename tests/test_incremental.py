@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from raytr.config import load_config
-from raytr.data.prepare import day_paths
+from raytr.data.layout import day_paths
 from raytr.models import SessionModel
 from raytr.training.incremental import IncrementalResult, evaluate_baselines, run_incremental
 

@@ -295,7 +295,7 @@ def test_pad_rows():
 
 @pytest.mark.ray
 def test_prepared_data_both_engines_and_ranks(prepared_dir, prepared_schema, prepared_spec):
-    from raytr.data.prepare import day_paths
+    from raytr.data.layout import day_paths
 
     paths = day_paths(prepared_dir)
     merlin = list(DataLoader.from_schema(prepared_schema, paths, 128, shuffle=False, engine="merlin"))

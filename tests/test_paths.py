@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raytr.data.prepare import day_paths
+from raytr.data.layout import day_paths
 from raytr.training.trainer import resolve_paths
 
 
@@ -35,7 +35,7 @@ def test_relative_inputs_resolve_to_absolute_paths(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_prepare_is_refused(tmp_path):
-    from raytr.data.prepare import available_days
+    from raytr.data.layout import available_days
 
     _prepared_layout(tmp_path / "prepared")  # sessions/ but no prepare.json: the marker never came
     with pytest.raises(FileNotFoundError, match="no prepare.json: an interrupted"):

@@ -19,13 +19,8 @@ import pytest
 
 from raytr.data import prepare as prepare_module
 from raytr.data.events import InputError, normalize_events, read_file, sort_events, validate_input
-from raytr.data.prepare import (
-    PREPARE_JSON,
-    available_days,
-    day_paths,
-    load_prepare_info,
-    prepare,
-)
+from raytr.data.layout import PREPARE_JSON, available_days, day_paths, load_prepare_info
+from raytr.data.prepare import prepare
 from raytr.data.synth import DAY_SECONDS
 from raytr.data.workflow import SESSION_LENGTH, load_workflow, transform_frame
 

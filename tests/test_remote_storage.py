@@ -19,7 +19,7 @@ from raytr import storage
 from raytr.bundle import Bundle
 from raytr.cli import main
 from raytr.data.loaders import DataLoader
-from raytr.data.prepare import day_paths, load_prepare_info
+from raytr.data.layout import day_paths, load_prepare_info
 from raytr.data.schema import load_schema
 from raytr.evaluation import evaluate_next_item
 from raytr.models import SessionModel

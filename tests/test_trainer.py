@@ -27,7 +27,7 @@ import torch
 from raytr import storage
 from raytr.config import ModelConfig
 from raytr.data.loaders import DataLoader
-from raytr.data.prepare import day_paths
+from raytr.data.layout import day_paths
 from raytr.models import SessionModel
 from raytr.training.arguments import TrainingArguments
 from raytr.training.loop import TRAINER_STATE, TRAINING_STATE, TrainingDivergedError, read_trainer_state

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import ray
 
 from raytr import storage
 from raytr.config import DataConfig
 from raytr.data.events import InputError, normalize_events, sort_events, validate_input
+from raytr.data.layout import DAY, PREPARE_JSON, SESSIONS_DIR, WORKFLOW_DIR
 from raytr.data.schema import save_schema
 from raytr.ray_runtime import ensure_ray
 from raytr.data.workflow import (
@@ -49,10 +49,6 @@ from raytr.data.workflow import (
 log = logging.getLogger(__name__)
 
 BUCKET = "__bucket"
-SESSIONS_DIR = "sessions"
-WORKFLOW_DIR = "workflow"
-PREPARE_JSON = "prepare.json"
-DAY = "day"
 
 
 @dataclass(frozen=True)
@@ -221,44 +217,3 @@ def _transform_part(config: DataConfig, part: str, workflow_dir: str, out_dir: s
 def _transform_parts(config: DataConfig, parts: list[str], workflow_dir: str, out: str, origin_day: int) -> list[dict]:
     refs = [_transform_part.remote(config, p, workflow_dir, out, origin_day) for p in parts]
     return ray.get(refs)
-
-
-def load_prepare_info(directory: str | Path) -> dict:
-    path = storage.join(directory, PREPARE_JSON)
-    if not storage.is_file(path):
-        raise FileNotFoundError(f"{directory} is not a prepared dataset (no {PREPARE_JSON}): run `raytr prepare`")
-    return json.loads(storage.read_text(path))
-
-
-def sessions_root(directory: str | Path) -> str:
-    """Where the day=N/ partitions are: `directory/sessions` of a prepared dataset (which must be
-    complete: its prepare.json is written last), or `directory` itself."""
-    nested = storage.join(directory, SESSIONS_DIR)
-    if not storage.is_dir(nested):
-        return storage.normalize(directory)
-    if not storage.is_file(storage.join(directory, PREPARE_JSON)):
-        raise FileNotFoundError(f"{directory} has {SESSIONS_DIR}/ but no {PREPARE_JSON}: an interrupted "
-                                "`raytr prepare` wrote it; run prepare again")
-    return nested
-
-
-def _days_in(root: str) -> list[int]:
-    return sorted(int(storage.name(d).split("=")[1]) for d in storage.list_dirs(root, f"{DAY}="))
-
-
-def available_days(directory: str | Path) -> list[int]:
-    """The days of a prepared dataset (none when `directory` is not one)."""
-    if not storage.is_dir(storage.join(directory, SESSIONS_DIR)):
-        return []
-    return _days_in(sessions_root(directory))
-
-
-def day_paths(directory: str | Path, days: list[int] | None = None) -> list[str]:
-    """Absolute paths (or URLs) of the parquet files of the given days (all days when None), in day order."""
-    root = sessions_root(directory)
-    available = _days_in(root)
-    chosen = available if days is None else days
-    missing = [d for d in chosen if d not in available]
-    if missing:
-        raise FileNotFoundError(f"day(s) {missing} not in {root}; available days: {available}")
-    return [f for d in chosen for f in storage.list_files(storage.join(root, f"{DAY}={d}"))]

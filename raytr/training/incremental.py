@@ -22,7 +22,7 @@ from raytr import storage
 from raytr.baselines import Popularity, SessionItemKNN
 from raytr.config import RaytrConfig
 from raytr.data.loaders import DataLoader
-from raytr.data.prepare import available_days, day_paths
+from raytr.data.layout import available_days, day_paths
 from raytr.data.schema import feature_spec, load_schema
 from raytr.evaluation import evaluate_next_item
 from raytr.models import SessionModel

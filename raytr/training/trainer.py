@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from raytr import storage
+from raytr.data.layout import available_days, day_paths, sessions_root
 from raytr.data.loaders import DataLoader
 from raytr.evaluation import evaluate_next_item
 from raytr.features import SessionBatch
@@ -63,8 +64,6 @@ def resolve_paths(data: DatasetOrPath) -> list[str]:
     parquet, a file or a list of those. Absolute because Ray workers do not run in the caller's directory."""
     if isinstance(data, (list, tuple)):
         return [p for item in data for p in resolve_paths(item)]
-    from raytr.data.prepare import sessions_root
-
     files = storage.list_files(sessions_root(data))
     if not files:
         raise FileNotFoundError(f"no parquet files at {str(data)!r}: pass a `raytr prepare` output or parquet files")
@@ -249,7 +248,6 @@ def train_prepared(
     Default split: evaluate on the last day, train on the days before it (all days if only one).
     """
     from raytr.bundle import attach_preprocessing
-    from raytr.data.prepare import available_days, day_paths
     from raytr.data.schema import feature_spec, load_schema
 
     days = available_days(data_dir)
