@@ -17,15 +17,19 @@ The backend package must be installed (s3fs for s3://, gcsfs for gs://, adlfs fo
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 
@@ -209,6 +213,28 @@ def writable_dir(path: PathLike) -> Iterator[Path]:
         put_dir(scratch, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def staged_output(output: PathLike, marker: str) -> Iterator[str]:
+    """Build `output` in a staging directory beside it (yielded), then commit it (`commit_dir`) when
+    the block succeeds; the block writes `marker` inside last. When the block raises, the staging
+    directory is removed; when the commit fails, it is kept, with the finished output to retry from."""
+    staging = staging_path(output, uuid.uuid4().hex[:8])
+    makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        try:
+            remove(staging)
+        except Exception:  # noqa: BLE001 - the block's error is the one to report
+            log.warning("could not remove the staging directory %s", staging)
+        raise
+    try:
+        commit_dir(staging, output, marker)
+    except BaseException:
+        log.error("moving %s to %s failed; the finished output is kept in %s", staging, output, staging)
+        raise
 
 
 def staging_path(output: PathLike, tag: str) -> str:

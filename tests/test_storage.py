@@ -144,3 +144,19 @@ def test_copy_file_across_filesystems(tmp_path, memory_root):
     storage.copy_file(tmp_path / "state.pt", remote)
     storage.copy_file(remote, tmp_path / "back" / "state.pt")
     assert (tmp_path / "back" / "state.pt").read_bytes() == b"\x00\x01"
+
+
+def test_staged_output_commits_on_success_and_cleans_up_on_error(memory_root):
+    output = storage.join(memory_root, "out")
+    storage.write_text(storage.join(output, "done.json"), "old")
+    with pytest.raises(RuntimeError):
+        with storage.staged_output(output, marker="done.json") as staging:
+            storage.write_text(storage.join(staging, "part.parquet"), "half")
+            raise RuntimeError("failed while building")
+    assert storage.read_text(storage.join(output, "done.json")) == "old"  # the old output is untouched
+    assert [storage.name(d) for d in storage.list_dirs(memory_root)] == ["out"]  # no staging left
+    with storage.staged_output(output, marker="done.json") as staging:
+        storage.write_text(storage.join(staging, "part.parquet"), "new")
+        storage.write_text(storage.join(staging, "done.json"), "new")
+    assert storage.read_text(storage.join(output, "part.parquet")) == "new"
+    assert [storage.name(d) for d in storage.list_dirs(memory_root)] == ["out"]

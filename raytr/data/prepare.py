@@ -23,7 +23,6 @@ import json
 import logging
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,9 +86,7 @@ def prepare(
     files = validate_input(config, input_path)
     ensure_ray()
     output = storage.normalize(output)
-    staging = storage.staging_path(output, uuid.uuid4().hex[:8])
-    storage.makedirs(staging)
-    try:
+    with storage.staged_output(output, marker=PREPARE_JSON) as staging:
         buckets = num_buckets or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
         log.info("prepare: %d %s file(s), %d rows, %d session buckets", len(files.paths), files.format,
                  files.num_rows, buckets)
@@ -136,17 +133,6 @@ def prepare(
         storage.remove(storage.join(staging, "sorted"))
         storage.write_text(storage.join(staging, PREPARE_JSON), json.dumps(
             {"data": asdict(config), "summary": asdict(summary), "input": str(input_path)}, indent=2))
-    except BaseException:
-        try:
-            storage.remove(staging)
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            log.warning("prepare: could not remove the staging directory %s", staging)
-        raise
-    try:
-        storage.commit_dir(staging, output, marker=PREPARE_JSON)
-    except BaseException:  # the finished dataset stays in staging: nothing is lost
-        log.error("prepare: moving %s to %s failed; the finished dataset is kept in %s", staging, output, staging)
-        raise
     return summary
 
 

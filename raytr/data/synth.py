@@ -16,7 +16,6 @@ Deterministic under `seed`.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,22 +141,16 @@ def write_events(frame: pd.DataFrame, output: str | Path) -> list[str]:
     with a `_SUCCESS` marker last (raytr.storage.commit_dir), so a failed run leaves no partial
     dataset; readers skip the marker like any file starting with "_".
     """
-    output = storage.normalize(output)
-    staging = storage.staging_path(output, uuid.uuid4().hex[:8])
     day_index = (frame["timestamp"] // DAY_SECONDS).astype(np.int64)
     day_number = day_index - day_index.min() + 1
     names = []
-    try:
+    with storage.staged_output(output, marker=SUCCESS) as staging:
         for day, part in frame.groupby(day_number, sort=True):
             name = f"day={day}/part-0.parquet"
             storage.makedirs(storage.join(staging, f"day={day}"))
             part.reset_index(drop=True).to_parquet(storage.join(staging, name), index=False)
             names.append(name)
         storage.write_text(storage.join(staging, SUCCESS), "")
-    except BaseException:
-        storage.remove(staging)
-        raise
-    storage.commit_dir(staging, output, marker=SUCCESS)  # on failure the events stay in staging
     return [storage.join(output, n) for n in names]
 
 
