@@ -213,13 +213,13 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                 group["lr"] = lr
     if ctx.restored_checkpoint is not None:
         restored = ctx.restored_checkpoint
-        model.load_state_dict(SessionModel.load(restored, map_location=device).state_dict())
-        with storage.local_copy(storage.join(restored, TRAINING_STATE)) as path:
-            state = torch.load(path, map_location=device, weights_only=True)
+        with storage.local_copy(restored) as local:  # one copy of a URL checkpoint for its three parts
+            model.load_state_dict(SessionModel.load(local, map_location=device).state_dict())
+            state = torch.load(local / TRAINING_STATE, map_location=device, weights_only=True)
+            trainer_state = read_trainer_state(local)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        trainer_state = read_trainer_state(restored)
         start_epoch, global_step = trainer_state["epoch"] + 1, trainer_state["global_step"]
         log.info("rank %d: resumed from %s at epoch %d, step %d", ctx.rank, restored, start_epoch, global_step)
 
