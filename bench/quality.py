@@ -15,13 +15,18 @@ Datasets and protocols (metrics: NDCG@10/20, Recall@10/20, MRR@20; full ranking 
   ml-100k     MovieLens-100k, read at run time from the recbole 1.2.1 wheel (`pip download --no-deps`
               into runs/bench/downloads, never committed). Leave-one-out per user by time: last item
               test, second-to-last validation, the rest training (cut into windows of T = 50 from
-              the end). Items the user already rated are excluded from the ranking (`exclude_seen`
-              over the user's whole history, not only the T-event window the model sees).
+              the end). Half of MovieLens's ratings share their second with the previous one, so
+              their order is the file's, not the user's: the training windows are written in 4
+              orders (the file's and 3 with same-second ratings shuffled). Items the user already
+              rated are excluded from the ranking (`exclude_seen` over the user's whole history, not
+              only the T-event window the model sees).
 Honest tuning: hyperparameters are fixed beforehand (d_model 64, 2 layers, 4 heads, dropout 0.2,
 lr 2e-3 with linear decay, batch 128); the choices made on validation are each model's epoch
-count (every epoch is checkpointed and scored on validation), item-kNN's recency decay, and which
-transformer is "the best". Test sets are scored once per model, with the chosen checkpoint.
-Every dataset runs under a wall-clock budget (`--budget-min`, default 8/14/8 minutes, recorded);
+count (every epoch is checkpointed and scored on validation), item-kNN's recency decay, which
+transformer is "the best", and for MovieLens-100k the batch size (32) and the 4 tie orders
+(`DEFAULT_BATCH`, `ML_TIE_ORDERS`: trials and their validation scores in comments there). Test
+sets are scored once per model, with the chosen checkpoint.
+Every dataset runs under a wall-clock budget (`--budget-min`, default 8/14/30 minutes, recorded);
 a model that would start after the budget is spent is skipped and reported as skipped, and the
 YOOCHOOSE day windows get the epochs the remaining budget affords.
 """
@@ -66,10 +71,17 @@ SELECT_BY = "ndcg@20"
 NEURAL = (("gru", "gru", "clm"), ("gpt2-clm", "gpt2", "clm"), ("bert-mlm", "bert", "mlm"),
           ("xlnet-clm", "xlnet", "clm"), ("xlnet-mlm", "xlnet", "mlm"))
 DEFAULT_EPOCHS = {"synthetic": 8, "yoochoose": 12, "ml-100k": 20}
-# Wall-clock budget per dataset, minutes (YOOCHOOSE also runs the day windows): 30 in all.
-DEFAULT_BUDGET_MIN = {"synthetic": 8.0, "yoochoose": 14.0, "ml-100k": 8.0}
+# MovieLens-100k has ~100 events per user and 943 users: 19 steps per epoch at 128 left the models
+# short of updates (best-epoch validation ndcg@20 of xlnet-clm: batch 128 0.146, 32 0.155, 16 0.157;
+# 32 and 16 plateau alike at ~0.153, and 32 takes half the steps).
+DEFAULT_BATCH = {"synthetic": 128, "yoochoose": 128, "ml-100k": 32}
+# Wall-clock budget per dataset, minutes (YOOCHOOSE also runs the day windows): 52 in all.
+DEFAULT_BUDGET_MIN = {"synthetic": 8.0, "yoochoose": 14.0, "ml-100k": 30.0}
 KNN_DECAYS = (1.0, 0.5, 0.0)
 ML_WINDOW = 50
+# Orders of MovieLens ratings that share a second, chosen on validation (xlnet-clm ndcg@20 with 40
+# passes over the windows: 1 order 0.155, 4 orders 0.158 and 80 passes 0.170, 8 orders 0.170).
+ML_TIE_ORDERS = 4
 
 
 @dataclass
@@ -110,6 +122,9 @@ class QualityData:
     exclude_seen: bool
     protocol: str
     stats: dict[str, Any]
+    # What popularity and item-kNN are fitted on, when not `train_paths` (the neural models' copies
+    # of the windows in several orders would change their counts, not what they know).
+    baseline_paths: list[str] | None = None
 
 
 def evaluate(scorer, data: QualityData, which: str) -> dict[str, float]:
@@ -228,9 +243,23 @@ def movielens_interactions() -> Any:
     return frame
 
 
-def load_movielens(window: int = ML_WINDOW) -> QualityData:
+def _windows(seq: np.ndarray, window: int) -> list[np.ndarray]:
+    """`seq` cut into windows of `window` from the end, each with >= 2 events."""
+    parts = [seq[max(0, end - window): end] for end in range(len(seq), 1, -window)]
+    return [p for p in parts if len(p) >= 2]
+
+
+def _tie_orders(items: np.ndarray, times: np.ndarray, orders: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`items` (sorted by `times`) as listed, then in `orders` - 1 more orders that shuffle the
+    items sharing a timestamp (MovieLens: half the ratings share their second with the previous one)."""
+    return [items] + [items[np.lexsort((rng.random(len(items)), times))] for _ in range(orders - 1)]
+
+
+def load_movielens(window: int = ML_WINDOW, tie_orders: int = ML_TIE_ORDERS) -> QualityData:
     """Leave-one-out by time per user; item ids by descending frequency from 3 (as Categorify).
-    `window`: the sequence length T (training histories cut into windows of T, inputs the last T)."""
+    `window`: the sequence length T (training histories cut into windows of T, inputs the last T).
+    `tie_orders` > 1: the training windows are written that many times, the ratings that share a
+    timestamp in a different random order each time (validation and test keep the file's order)."""
     import scipy.sparse as sp
     import torch
 
@@ -245,16 +274,15 @@ def load_movielens(window: int = ML_WINDOW) -> QualityData:
     frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
     V = FIRST_ITEM_ID + len(ids)
     spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=V, max_sequence_length=window)
-    train_windows, valid_rows, test_rows, valid_hist, test_hist = [], [], [], [], []
-    for _, items in frame.groupby("user_id", sort=True)["item"]:
-        seq = items.to_numpy()
+    train_windows, file_order_windows, valid_rows, test_rows, valid_hist, test_hist = [], [], [], [], [], []
+    rng = np.random.default_rng(0)
+    for _, user in frame.groupby("user_id", sort=True):
+        seq, times = user["item"].to_numpy(), user["timestamp"].to_numpy()
         if len(seq) < 3:
             continue
-        train = seq[:-2]
-        for end in range(len(train), 1, -window):  # windows of T from the end, >= 2 events each
-            part = train[max(0, end - window): end]
-            if len(part) >= 2:
-                train_windows.append(part)
+        orders = [_windows(order, window) for order in _tie_orders(seq[:-2], times[:-2], tie_orders, rng)]
+        file_order_windows += orders[0]
+        train_windows += [w for windows in orders for w in windows]
         valid_rows.append(seq[:-1][-window:])
         test_rows.append(seq[-window:])
         valid_hist.append(seq[:-2])
@@ -273,27 +301,30 @@ def load_movielens(window: int = ML_WINDOW) -> QualityData:
         m.data[:] = 1.0
         return m
 
-    split_dir = DATA_DIR / "quality" / f"ml-100k-split-t{window}"
+    split_dir = DATA_DIR / "quality" / f"ml-100k-split-t{window}-o{tie_orders}"
     train_path = _write_sessions(split_dir / "train.parquet", train_windows)
+    file_order_path = _write_sessions(split_dir / "train-file-order.parquet", file_order_windows)
     return QualityData(
         "ml-100k", spec, [train_path],
         EvalSet("second-to-last item per user", sessions=padded(valid_rows), history=history(valid_hist)),
         EvalSet("last item per user", sessions=padded(test_rows), history=history(test_hist)),
         exclude_seen=True,
         protocol=f"leave-one-out by time per user (last = test, second-to-last = validation); training "
-                 f"histories cut into windows of {window} from the end; items already rated excluded",
+                 f"histories cut into windows of {window} from the end, for the neural models in {tie_orders} "
+                 f"orders of same-second ratings; items already rated excluded",
         stats={"users": len(test_rows), "items": V - FIRST_ITEM_ID, "interactions": int(len(frame)),
-               "train_windows": len(train_windows)})
+               "train_windows": len(file_order_windows), "tie_orders": tie_orders},
+        baseline_paths=[file_order_path])
 
 
 LOADERS = {"synthetic": load_synthetic, "yoochoose": load_yoochoose, "ml-100k": load_movielens}
 
 
 # ---------------------------------------------------------------------------- models
-def train_batches(data: QualityData):
+def baseline_batches(data: QualityData):
     from raytr.data.loaders import DataLoader
 
-    return DataLoader(data.spec, data.train_paths, 1024, shuffle=False, engine="pyarrow")
+    return DataLoader(data.spec, data.baseline_paths or data.train_paths, 1024, shuffle=False, engine="pyarrow")
 
 
 def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
@@ -301,13 +332,13 @@ def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
 
     out = {}
     t = time.perf_counter()
-    pop = Popularity(data.spec.item_cardinality).fit(train_batches(data))
+    pop = Popularity(data.spec.item_cardinality).fit(baseline_batches(data))
     out["popularity"] = {"valid": evaluate(pop, data, "valid"), "test": evaluate(pop, data, "test"),
                          "choice": {}, "seconds": time.perf_counter() - t}
     t = time.perf_counter()
     trials = []
     for decay in KNN_DECAYS:
-        knn = SessionItemKNN(data.spec.item_cardinality, recency_decay=decay).fit(train_batches(data))
+        knn = SessionItemKNN(data.spec.item_cardinality, recency_decay=decay).fit(baseline_batches(data))
         trials.append((evaluate(knn, data, "valid"), decay, knn))
     valid, decay, knn = max(trials, key=lambda t: t[0][SELECT_BY])
     out["item_knn"] = {"valid": valid, "test": evaluate(knn, data, "test"), "seconds": time.perf_counter() - t,
@@ -328,6 +359,8 @@ class Hyper:
     learning_rate: float = 2e-3
     weight_decay: float = 0.01  # AdamW, on the weight matrices (not embeddings, norms, biases)
     label_smoothing: float = 0.0
+    batch_size: int = 128
+    seed: int = 0  # model initialisation, dropout and data order
 
 
 def model_config(body: str, objective: str, hp: Hyper = Hyper()):
@@ -337,15 +370,15 @@ def model_config(body: str, objective: str, hp: Hyper = Hyper()):
                        dropout=hp.dropout, label_smoothing=hp.label_smoothing)
 
 
-def training_args(output_dir: Path, epochs: int, seed: int = 0, hp: Hyper = Hyper()):
+def training_args(output_dir: Path, epochs: int, hp: Hyper = Hyper()):
     from raytr.training.arguments import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=128,
+        output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=hp.batch_size,
         learning_rate=hp.learning_rate, weight_decay=hp.weight_decay, launcher="local", data_loader_engine="pyarrow",
         report_to=(), disable_tqdm=True,
         save_total_limit=epochs + 1,  # keep every epoch's checkpoint: the epoch is chosen on validation below
-        seed=seed, metrics_top_k=TOP_K,
+        seed=hp.seed, metrics_top_k=TOP_K,
     )
 
 
@@ -358,8 +391,8 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
 
     out_dir = work / name
     shutil.rmtree(out_dir, ignore_errors=True)
-    model = SessionModel(data.spec, model_config(body, objective, hp), seed=0)
-    trainer = Trainer(model, training_args(out_dir, epochs, hp=hp), train_dataset_or_path=data.train_paths)
+    model = SessionModel(data.spec, model_config(body, objective, hp), seed=hp.seed)
+    trainer = Trainer(model, training_args(out_dir, epochs, hp), train_dataset_or_path=data.train_paths)
     t = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t
@@ -390,7 +423,7 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
                   "n_heads": hp.n_heads, "dropout": hp.dropout},
         "training": {"launcher": "local", "num_train_epochs": epochs, "disable_tqdm": True, "report_to": [],
                      "data_loader_engine": "pyarrow", "metrics_top_k": list(TOP_K), "learning_rate": hp.learning_rate,
-                     "per_device_train_batch_size": 128, "save_total_limit": 1},
+                     "per_device_train_batch_size": hp.batch_size, "save_total_limit": 1},
     }
     config = load_config(REPO / "configs" / "yoochoose.yaml", overrides)
     out_dir = work / "incremental"
@@ -407,11 +440,11 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
 
 
 def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, incremental: bool,
-                models: tuple[str, ...] | None = None, ml_window: int = ML_WINDOW,
+                models: tuple[str, ...] | None = None, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS,
                 hp: Hyper = Hyper()) -> dict[str, Any]:
     started = time.perf_counter()
     load0 = load_average()
-    data = load_movielens(ml_window) if name == "ml-100k" else LOADERS[name]()
+    data = load_movielens(ml_window, ml_tie_orders) if name == "ml-100k" else LOADERS[name]()
     work = work_root / name
     results: dict[str, Any] = run_baselines(data)
     log.info("%s baselines: %s", name, {k: round(v["test"][SELECT_BY], 4) for k, v in results.items()})
@@ -474,6 +507,22 @@ def print_dataset(res: dict[str, Any]) -> None:
         print(f"skipped (budget): {res['skipped_for_budget']}")
 
 
+def _check_datasets(names: list[str]) -> None:
+    bad = [n for n in names if n not in DATASETS]
+    if bad:
+        raise ValueError(f"unknown dataset(s) {bad}; known: {list(DATASETS)}")
+
+
+def _per_dataset(defaults: dict[str, Any], items: list[str], kind: type) -> dict[str, Any]:
+    """`defaults` updated by DATASET=VALUE command-line items."""
+    out = dict(defaults)
+    for item in items:
+        key, _, value = item.partition("=")
+        _check_datasets([key])
+        out[key] = kind(value)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma list of {list(DATASETS)}")
@@ -487,12 +536,18 @@ def main(argv=None) -> int:
                    help="replace only these datasets in the existing results file, keep the others")
     p.add_argument("--models", default=None, help=f"comma list of {[n for n, _, _ in NEURAL]} (default: all)")
     p.add_argument("--ml-window", type=int, default=ML_WINDOW, help="MovieLens sequence length T")
+    p.add_argument("--ml-tie-orders", type=int, default=ML_TIE_ORDERS,
+                   help="MovieLens: write the training windows in this many orders of same-second ratings")
     p.add_argument("--dropout", type=float, default=Hyper.dropout, help="dropout of the neural models")
     p.add_argument("--d-model", type=int, default=Hyper.d_model)
     p.add_argument("--n-layers", type=int, default=Hyper.n_layers)
+    p.add_argument("--n-heads", type=int, default=Hyper.n_heads)
     p.add_argument("--lr", type=float, default=Hyper.learning_rate)
     p.add_argument("--weight-decay", type=float, default=Hyper.weight_decay)
     p.add_argument("--label-smoothing", type=float, default=Hyper.label_smoothing)
+    p.add_argument("--batch-size", action="append", default=[], metavar="DATASET=N",
+                   help=f"training batch size per dataset (default {DEFAULT_BATCH})")
+    p.add_argument("--seed", type=int, default=Hyper.seed)
     p.add_argument("--output", default="quality")
     args = p.parse_args(argv)
     setup_logging()
@@ -501,26 +556,24 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     started, load_before = time.time(), load_average()
-    epochs, budgets = dict(DEFAULT_EPOCHS), dict(DEFAULT_BUDGET_MIN)
-    for item in args.epochs:
-        key, _, value = item.partition("=")
-        epochs[key] = int(value)
-    for item in args.budget_min:
-        key, _, value = item.partition("=")
-        budgets[key] = float(value)
     names = args.datasets.split(",")
-    bad = [n for n in names if n not in DATASETS]
-    if bad:
-        log.error("unknown dataset(s) %s; known: %s", bad, list(DATASETS))
+    try:
+        _check_datasets(names)
+        epochs = _per_dataset(DEFAULT_EPOCHS, args.epochs, int)
+        budgets = _per_dataset(DEFAULT_BUDGET_MIN, args.budget_min, float)
+        batches = _per_dataset(DEFAULT_BATCH, args.batch_size, int)
+    except ValueError as exc:
+        log.error("%s", exc)
         return 2
     results = []
     for name in names:
         res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work" / args.output,
                           incremental=not args.no_incremental,
                           models=tuple(args.models.split(",")) if args.models else None, ml_window=args.ml_window,
-                          hp=Hyper(d_model=args.d_model, n_layers=args.n_layers, dropout=args.dropout,
+                          ml_tie_orders=args.ml_tie_orders,
+                          hp=Hyper(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout,
                                    weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                                   learning_rate=args.lr))
+                                   learning_rate=args.lr, batch_size=batches[name], seed=args.seed))
         print_dataset(res)
         results.append(res)
     if ray.is_initialized():
@@ -529,9 +582,11 @@ def main(argv=None) -> int:
         fresh = {r["dataset"]: r for r in results}
         results = [fresh.pop(r["dataset"], r) for r in old["datasets"]] + list(fresh.values())
     notes = [
-        "Hyperparameters fixed beforehand: d_model 64, 2 layers, 4 heads, dropout 0.2, AdamW lr 2e-3 linear decay, "
-        "batch 128, full softmax, launcher local, torch threads as recorded.",
-        f"Chosen on validation ({SELECT_BY}): each model's epoch, item-kNN recency decay {list(KNN_DECAYS)}, the best transformer.",
+        ("Hyperparameters fixed beforehand: d_model 64, 2 layers, 4 heads, dropout 0.2, AdamW lr 2e-3 linear decay, "
+         "full softmax, launcher local, torch threads as recorded."),
+        (f"Chosen on validation ({SELECT_BY}): each model's epoch, item-kNN recency decay {list(KNN_DECAYS)}, the best "
+         f"transformer; for MovieLens-100k the batch size {DEFAULT_BATCH['ml-100k']} (others "
+         f"{DEFAULT_BATCH['synthetic']}) and {ML_TIE_ORDERS} orders of same-second ratings in the training windows."),
         "Test metrics computed once per model with the chosen checkpoint.",
     ]
     if args.merge:

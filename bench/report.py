@@ -299,7 +299,11 @@ def section_quality(res: dict[str, Any] | None) -> list[str]:
         s = ds.get("summary") or {}
         if s:
             verdict = "beats" if s["beats_every_baseline"] else "does **not** beat"
-            losses = [f"{m.upper()}: {s['best_transformer']} {s['best_test'][m]:.4f} vs {b} {v:.4f}"
+            n = s["best_test"].get("sessions")
+            # A recall is hits / sessions: say how many test sessions a recall gap amounts to.
+            losses = [f"{m.upper()}: {s['best_transformer']} {s['best_test'][m]:.4f} vs {b} {v:.4f}" + (
+                      f" ({round((v - s['best_test'][m]) * n)} of {n:,} test sessions)"
+                      if n and m.startswith("recall") else "")
                       for m, (v, b) in s["best_baseline_test"].items() if v >= s["best_test"][m]]
             out += ["", f"The best transformer on validation, **{s['best_transformer']}**, {verdict} every baseline "
                         f"(popularity, item-kNN, GRU) on every test metric." + (
