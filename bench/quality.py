@@ -304,7 +304,8 @@ def load_movielens(window: int = ML_WINDOW, tie_orders: int = ML_TIE_ORDERS) -> 
 
     split_dir = DATA_DIR / "quality" / f"ml-100k-split-t{window}-o{tie_orders}"
     train_path = _write_sessions(split_dir / "train.parquet", train_windows)
-    file_order_path = _write_sessions(split_dir / "train-file-order.parquet", file_order_windows)
+    file_order_path = (train_path if tie_orders == 1  # the same windows: not written twice
+                       else _write_sessions(split_dir / "train-file-order.parquet", file_order_windows))
     return QualityData(
         "ml-100k", spec, [train_path],
         EvalSet("second-to-last item per user", sessions=padded(valid_rows), history=history(valid_hist)),
