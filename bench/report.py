@@ -246,9 +246,10 @@ def section_prepare(res: dict[str, Any] | None) -> list[str]:
     out += table(["sessions", "raw events", "pipeline", "seconds", "events/s", "raytr ÷ pandas", "stages (s)",
                   "outputs agree", "load"], body)
     sizes = sorted({r["raw_sessions"] for r in res["results"]})
+    pipelines = list(dict.fromkeys(r["pipeline"] for r in res["results"]))
     if len(sizes) >= 2:
         growth = []
-        for name in ("pandas", "raytr"):
+        for name in pipelines:
             s = {r["raw_sessions"]: r["seconds"] for r in res["results"] if r["pipeline"] == name}
             growth.append(f"{name} x{s[sizes[-1]] / s[sizes[0]]:.1f}")
         out += ["", f"Time growth from {fmt(sizes[0])} to {fmt(sizes[-1])} sessions (x{sizes[-1] / sizes[0]:.0f} data): "
@@ -258,7 +259,7 @@ def section_prepare(res: dict[str, Any] | None) -> list[str]:
             "niceness (15), so other work slows them more than the pandas pipeline.", ""]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name in ("pandas", "raytr"):
+    for name in pipelines:
         pts = sorted((r["events"], r["seconds"]) for r in res["results"] if r["pipeline"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xscale("log")

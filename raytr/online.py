@@ -290,7 +290,7 @@ def _find_node(node: Any, op_name: str, seen: set[int] | None = None) -> Any | N
     if id(node) in seen:
         return None
     seen.add(id(node))
-    if type(node.op).__name__ == op_name:
+    if any(cls.__name__ == op_name for cls in type(node.op).__mro__):  # subclasses too (ColumnarGroupby)
         return node
     for parent in node.parents_with_dependencies:
         found = _find_node(parent, op_name, seen)

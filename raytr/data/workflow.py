@@ -26,6 +26,7 @@ from merlin.schema import ColumnSchema, Schema, Tags
 from nvtabular import ops
 
 from raytr.config import DataConfig
+from raytr.data.columnar_groupby import ColumnarGroupby
 from raytr.data.events import EVENT_ORDER
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def build_workflow(config: DataConfig, categories_dir: str | Path = ".") -> nvt.
     aggs.update({name: ["list"] for name in categorical + continuous})
     if config.user_col:
         aggs[config.user_col] = ["first"]
-    grouped = features >> ops.Groupby(groupby_cols=[session], sort_cols=[ts, EVENT_ORDER], aggs=aggs, name_sep="-")
+    # ColumnarGroupby: NVTabular's Groupby, with list columns built from sorted offsets on the CPU.
+    grouped = features >> ColumnarGroupby(groupby_cols=[session], sort_cols=[ts, EVENT_ORDER], aggs=aggs, name_sep="-")
 
     lists = [list_name(n) for n in [item, *categorical, *continuous]]
     sliced = grouped[lists] >> ops.ListSlice(-config.max_sequence_length)
