@@ -206,7 +206,8 @@ PIPELINES = {"pandas": pandas_prepare, "raytr": raytr_prepare, "raytr-nvt-groupb
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sessions", default="20000,200000", help="comma list of synthetic session counts")
-    p.add_argument("--repeats", type=int, default=1, help="runs per pipeline and size; the fastest is kept")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs per pipeline and size; the fastest is kept (the first also warms Ray Data's workers)")
     p.add_argument("--pipelines", default=",".join(PIPELINES),
                    help="comma list of " + ", ".join(PIPELINES) + " (pandas, the baseline, always runs)")
     p.add_argument("--output", default="prepare")
@@ -261,6 +262,8 @@ def main(argv=None) -> int:
         print(line)
     ray.shutdown()
     notes = [f"Ray started once before timing ({ray_start:.1f}s, not counted); prepare uses its default buckets (2 x CPUs).",
+             f"Fastest of {args.repeats} run(s) per pipeline and size, interleaved; a first run also pays Ray Data's "
+             "worker start-up (~3-5 s).",
              "events_per_s = raw events / wall seconds of the whole pipeline (read to written parquet).",
              "Growth: compare seconds across sizes (x10 sessions)."]
     write_result(args.output, envelope("prepare", started, load_before, ray_start_s=ray_start, results=rows,

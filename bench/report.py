@@ -396,6 +396,10 @@ FIXED_SINCE = {
         "Since fixed: the loss is a fused linear + cross-entropy that makes each chunk's gradients with its "
         "loss (no recomputation, three GEMMs per chunk); `check_batch` takes one sync for all id columns and is "
         "skipped for loader batches (checked once per loader); the target count is the step's one sync."),
+    "Preparation: where the NVTabular transform": (
+        "Since fixed: the workflow groups with `ColumnarGroupby` (raytr/data/columnar_groupby.py), which builds the "
+        "lists from one stable sort and the session offsets; `bench/prepare.py` measures both ops in one run "
+        "(Preparation above: `raytr` against `raytr-nvt-groupby`)."),
 }
 
 
