@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,42 @@ def section_prepare(res: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def section_quality(res: dict[str, Any] | None) -> list[str]:
+def seed_spread(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[str]:
+    """The chosen transformer of `ds` retrained with other seeds (quality-seed*.json: same
+    hyperparameters, epoch chosen on validation again): its test metrics per seed, their mean and
+    spread, against the best baseline of each metric."""
+    s = ds.get("summary") or {}
+    name = s.get("best_transformer")
+    if not name:
+        return []
+    main = ds["models"][name]
+    runs = [main]
+    for res in seed_runs:
+        for other in res["datasets"]:
+            r = other["models"].get(name)
+            if other["dataset"] == ds["dataset"] and r is not None and all(
+                    r["hyperparameters"][k] == v for k, v in main["hyperparameters"].items() if k != "seed"):
+                runs.append(r)
+    if len(runs) < 2:
+        return []
+    metrics = ("ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr@20")
+    body = [[str(r["hyperparameters"]["seed"]), str(r["choice"]["epochs"]), f"{r['valid']['ndcg@20']:.4f}",
+             *[f"{r['test'][m]:.4f}" for m in metrics]] for r in runs]
+    mean = {m: statistics.mean(r["test"][m] for r in runs) for m in metrics}
+    std = {m: statistics.stdev(r["test"][m] for r in runs) for m in metrics}
+    body.append(["mean ± sd", "", "", *[f"{mean[m]:.4f} ± {std[m]:.4f}" for m in metrics]])
+    body.append(["best baseline", "", "", *[f"{s['best_baseline_test'][m][0]:.4f} ({s['best_baseline_test'][m][1]})"
+                                            for m in metrics]])
+    wins = [m for m in metrics if mean[m] > s["best_baseline_test"][m][0]]
+    return ["", f"Seed spread: **{name}** with the same hyperparameters and {len(runs)} seeds (model initialisation, "
+                "dropout, data order; each run's epoch chosen on validation again, test scored once per run; seed "
+                f"{main['hyperparameters']['seed']} is the run above). Its mean beats the best baseline on "
+                f"{len(wins)} of {len(metrics)} test metrics" + (f" ({', '.join(m.upper() for m in wins)})" if wins
+                                                                else "") + ".", "",
+            *table(["seed", "epochs", "valid NDCG@20", *[f"test {m.upper()}" for m in metrics]], body)]
+
+
+def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] = ()) -> list[str]:
     title = "### Recommendation quality"
     if res is None:
         return [title, "", "Not measured: `python bench/quality.py`.", ""]
@@ -309,6 +345,7 @@ def section_quality(res: dict[str, Any] | None) -> list[str]:
             out += ["", f"The best transformer on validation, **{s['best_transformer']}**, {verdict} every baseline "
                         f"(popularity, item-kNN, GRU) on every test metric." + (
                         " Where it loses: " + "; ".join(losses) + "." if losses else "")]
+            out += seed_spread(ds, list(seed_runs))
         capped = [n for n, r in ds["models"].items() if r.get("choice", {}).get("epochs") == ds["epochs_max"]]
         if capped:
             out += ["", f"*(cap)*: validation still improving at the last allowed epoch ({', '.join(capped)}): "
@@ -500,7 +537,8 @@ def main() -> int:
     lines += ["Reference (the issue, 16 cores): " + "; ".join(f"{k} {v} sessions/s" for k, v in REFERENCE_LOADERS) + ".",
               ""]
     lines += section_prepare(load("prepare"))
-    lines += ["## Quality", ""] + section_quality(load("quality"))
+    lines += ["## Quality", ""] + section_quality(load("quality"), [
+        json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-seed*.json"))])
     lines += ["## Serving", ""] + section_serve(load("serve"))
     lines += ["## Profiles", ""] + section_profile_gpu(load("profile-cuda"), load("profile-cuda-unaligned"))
     lines += section_profile(load("profile"))
