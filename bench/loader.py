@@ -13,12 +13,13 @@ target device, B = 1024, in shuffled order where the engine shuffles. Engines:
   raytr-pyarrow        raytr DataLoader(engine="pyarrow"): the same, read with PyArrow
   raytr-ray            raytr's Ray Data engine as a Ray Train worker runs it: the dataset read into
                        the object store once (ray_launcher.ray_train_dataset), a one-way
-                       streaming_split shard, batches padded by ray_launcher.ray_data_batches with its
-                       window shuffle and a new block order every epoch
+                       streaming_split shard, batches gathered and padded by
+                       ray_launcher.ray_data_batches from Arrow windows of 16 batches (shuffled
+                       inside, a new block order every epoch)
   raydata-iter_torch   Ray Data read_parquet streamed every epoch -> iter_torch_batches with a
-                       NumpyBatchCollateFn calling raytr's Ray-engine padding
+                       NumpyBatchCollateFn flattening the rows' object arrays and padding them
   raydata-arrow-pad    iter_torch_batches with an ArrowBatchCollateFn padding vectorised from the
-                       Arrow offsets (not in raytr: what the Ray engine could do)
+                       Arrow offsets
   baseline-merlin      merlin.dataloader.torch.Loader(shuffle=True) + naive padding (a Python loop
                        over the sessions of each batch) -- the baseline the ratios refer to
   baseline-pyarrow     pq.read_table once + numpy gather/pad per shuffled batch (vectorised)
@@ -180,16 +181,22 @@ def engine_raydata(spec, files, batch: int, device, flavour: str):
     import torch
     from ray.data.collate_fn import ArrowBatchCollateFn, NumpyBatchCollateFn
 
-    from raytr.training.ray_launcher import _to_batch
-
     ds = ray.data.read_parquet(list(files)).select_columns(spec.columns)
     length = spec.max_sequence_length
 
     if flavour == "iter_torch":
         class Collate(NumpyBatchCollateFn):
             def __call__(self, b):
-                sb = _to_batch(spec, b, torch.device("cpu"))
-                return {spec.item_id: sb.item_ids, **sb.categorical, **sb.continuous}
+                # Ray Data hands list columns to numpy collates as object arrays of rows: flatten them.
+                out = {}
+                for name in spec.columns:
+                    rows = b[name]
+                    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+                    np.cumsum([len(r) for r in rows], out=offsets[1:])
+                    values = np.concatenate(list(rows)) if len(rows) else np.zeros(0)
+                    padded = _pad_numpy(values, offsets, np.arange(len(rows)), length)
+                    out[name] = torch.from_numpy(padded).to(_dtype_of(spec, name))
+                return out
 
         collate = Collate()
     else:

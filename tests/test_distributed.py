@@ -181,6 +181,8 @@ def test_ray_data_engine_equal_steps_each_session_once_and_a_new_order_every_epo
             for batch in engines[worker][0](epoch):
                 seen[worker].append(len(batch))
                 seen[worker] += (batch.item_ids[:, 0] - 3).tolist()
+                first = batch.item_ids[:, :1]  # session r is [3 + r, 500 + r], right-padded to T = 5
+                assert torch.equal(batch.item_ids, torch.cat([first, first + 497, torch.zeros_like(first).expand(-1, 3)], 1))
 
         threads = [threading.Thread(target=consume, args=(w,)) for w in range(2)]
         for t in threads:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raytr.data.loaders import DataLoader, RaggedColumn, pad_rows, rank_row_range
+from raytr.data.loaders import DataLoader, RaggedColumn, pad_rows, ragged_from_arrow, rank_row_range
 from raytr.features import FeatureSpec, SessionBatch
 
 T = 5
@@ -288,6 +288,46 @@ def test_pad_rows():
     out = pad_rows(column, torch.tensor([2, 0, 1]), 3, torch.int64)
     assert out.tolist() == [[4, 5, 6], [1, 2, 0], [0, 0, 0]]
     assert pad_rows(column, torch.tensor([0]), 3, torch.float32).dtype == torch.float32
+
+
+ROWS = [[1, 2, 3], [4], [], [5, 6]]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: pa.array(ROWS, pa.list_(pa.int64())),
+    lambda: pa.array(ROWS, pa.large_list(pa.int64())),
+    lambda: pa.chunked_array([pa.array(ROWS[:1], pa.list_(pa.int64())), pa.array(ROWS[1:], pa.list_(pa.int64()))]),
+    lambda: pa.array([[0, 0]] + ROWS, pa.list_(pa.int64())).slice(1),  # values start past offset 0
+], ids=["list", "large_list", "chunked", "sliced"])
+def test_ragged_from_arrow(make):
+    column = ragged_from_arrow(make())
+    assert column.values.tolist() == [1, 2, 3, 4, 5, 6]
+    assert column.offsets.tolist() == [0, 3, 4, 4, 6]
+    assert pad_rows(column, torch.tensor([3, 2, 0]), 2, torch.int64).tolist() == [[5, 6], [0, 0], [2, 3]]
+
+
+def test_ragged_from_arrow_fixed_size_rows():
+    """A non-list column (fixed-size lists here) is read row by row."""
+    column = ragged_from_arrow(pa.array([[1, 2], [3, 4]], pa.list_(pa.int64(), 2)))
+    assert column.values.tolist() == [1, 2, 3, 4] and column.offsets.tolist() == [0, 2, 4]
+
+
+@pytest.mark.ray
+def test_ragged_from_arrow_reads_ray_datas_in_memory_columns(ray_cluster):
+    """What the Ray engine meets in a user's in-memory Ray Dataset: tensor columns (fixed and
+    variable shape) and lists."""
+    import ray
+
+    datasets = {
+        "fixed-shape tensor": ray.data.from_numpy(np.array([[1, 2], [3, 4]])).rename_columns({"data": "x"}),
+        "variable-shape tensor": ray.data.from_items([{"x": np.array([1, 2, 3])}, {"x": np.array([4])}]),
+        "list": ray.data.from_pandas(pd.DataFrame({"x": [[1, 2, 3], [4]]})),
+    }
+    offsets = {"fixed-shape tensor": [0, 2, 4], "variable-shape tensor": [0, 3, 4], "list": [0, 3, 4]}
+    for name, ds in datasets.items():
+        table = next(iter(ds.iter_batches(batch_size=10, batch_format="pyarrow")))
+        column = ragged_from_arrow(table.column("x"))
+        assert column.values.tolist() == [1, 2, 3, 4] and column.offsets.tolist() == offsets[name], name
 
 
 # --- the prepared synthetic dataset ----------------------------------------------------------

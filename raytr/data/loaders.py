@@ -62,16 +62,21 @@ def _read_pyarrow(files: Sequence[str], columns: Sequence[str], start: int, stop
         if lo < hi:
             tables.append(storage.read_table(file, columns).slice(lo, hi - lo))
         seen += rows
-    table = pa.concat_tables(tables).combine_chunks()
-    out = {}
-    for name in columns:
-        array = table.column(name).chunk(0) if table.column(name).num_chunks else pa.array([], pa.list_(pa.int64()))
-        offsets = np.asarray(array.offsets, dtype=np.int64)
-        # `.values` ignores the slice: a sliced array's rows start at values[offsets[0]], not 0.
-        values = array.values.to_numpy(zero_copy_only=False)[offsets[0]: offsets[-1]]
-        offsets = offsets - offsets[0]
-        out[name] = RaggedColumn(torch.from_numpy(np.array(values)), torch.from_numpy(offsets))
-    return out
+    table = pa.concat_tables(tables)
+    return {name: ragged_from_arrow(table.column(name)) for name in columns}
+
+
+def ragged_from_arrow(column: pa.Array | pa.ChunkedArray) -> RaggedColumn:
+    """An Arrow list column as (values, offsets), without a Python loop over rows. Other column
+    types (e.g. Ray Data's tensor columns of an in-memory dataset) are converted row by row first."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], pa.list_(pa.int64()))
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        column = pa.array([np.asarray(row).reshape(-1) for row in column.to_numpy(zero_copy_only=False)])
+    offsets = np.asarray(column.offsets, dtype=np.int64)
+    # `.values` ignores the slice: a sliced array's rows start at values[offsets[0]], not 0.
+    values = column.values.to_numpy(zero_copy_only=False)[offsets[0]: offsets[-1]]
+    return RaggedColumn(torch.from_numpy(np.array(values)), torch.from_numpy(offsets - offsets[0]))
 
 
 def _read_merlin(files: Sequence[str], columns: Sequence[str], start: int, stop: int) -> dict[str, RaggedColumn]:
@@ -124,6 +129,25 @@ def pad_rows(column: RaggedColumn, rows: torch.Tensor, length: int, dtype: torch
     return torch.where(valid, gathered, torch.zeros((), dtype=dtype, device=rows.device))
 
 
+def check_column_ids(spec: FeatureSpec, columns: dict[str, RaggedColumn]) -> None:
+    """Every id of the spec's id columns within its cardinality (one host sync for all columns):
+    batches gathered from checked columns can skip the model's per-step check."""
+    check_id_ranges({n: columns[n].values for n in [spec.item_id, *spec.categorical]},
+                    {spec.item_id: spec.item_cardinality, **spec.categorical})
+
+
+def gather_batch(spec: FeatureSpec, columns: dict[str, RaggedColumn], rows: torch.Tensor) -> SessionBatch:
+    """Rows of checked ragged columns (`check_column_ids`) as a padded [B, T] SessionBatch, on the
+    columns' device."""
+    length = spec.max_sequence_length
+    return SessionBatch(
+        item_ids=pad_rows(columns[spec.item_id], rows, length, torch.int64),
+        categorical={n: pad_rows(columns[n], rows, length, torch.int64) for n in spec.categorical},
+        continuous={n: pad_rows(columns[n], rows, length, torch.float32) for n in spec.continuous},
+        ids_checked=spec,
+    )
+
+
 class DataLoader:
     """Iterates `SessionBatch`es for one rank; see the module docstring for the guarantees."""
 
@@ -161,8 +185,7 @@ class DataLoader:
         self.columns = {name: col.to(self.device) for name, col in columns.items()}
         # Checked once here, on the resident columns, so that batches skip the per-step check.
         try:
-            check_id_ranges({n: self.columns[n].values for n in [spec.item_id, *spec.categorical]},
-                            {spec.item_id: spec.item_cardinality, **spec.categorical})
+            check_column_ids(spec, self.columns)
         except ValueError as err:
             more = f" and {len(paths) - 1} more files" if len(paths) > 1 else ""
             raise ValueError(f"{err} (in {paths[0]}{more})") from None
@@ -212,11 +235,5 @@ class DataLoader:
         plan = self._plan()
         if self.shuffle:
             self.epoch += 1
-        length = self.spec.max_sequence_length
         for rows in plan:
-            yield SessionBatch(
-                item_ids=pad_rows(self.columns[self.spec.item_id], rows, length, torch.int64),
-                categorical={n: pad_rows(self.columns[n], rows, length, torch.int64) for n in self.spec.categorical},
-                continuous={n: pad_rows(self.columns[n], rows, length, torch.float32) for n in self.spec.continuous},
-                ids_checked=self.spec,
-            )
+            yield gather_batch(self.spec, self.columns, rows)

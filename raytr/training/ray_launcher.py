@@ -25,36 +25,12 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytr import storage
-from raytr.data.loaders import RaggedColumn, pad_rows
-from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
+from raytr.data.loaders import check_column_ids, gather_batch, ragged_from_arrow
+from raytr.features import SessionBatch
 from raytr.ray_runtime import ensure_ray
 from raytr.training.loop import LoopConfig, WorkerContext, train_loop
 
 log = logging.getLogger(__name__)
-
-
-def _pad_object_column(values: np.ndarray, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Ray Data hands list columns over as object arrays of numpy arrays: right-pad, keep last T."""
-    lengths = np.fromiter((len(row) for row in values), dtype=np.int64, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(list(values)) if len(values) else np.zeros(0)
-    column = RaggedColumn(torch.from_numpy(np.asarray(flat)), torch.from_numpy(offsets))
-    return pad_rows(column, torch.arange(len(values)), length, dtype)
-
-
-def _to_batch(spec: FeatureSpec, batch: dict[str, np.ndarray], device: torch.device) -> SessionBatch:
-    length = spec.max_sequence_length
-    item_ids = _pad_object_column(batch[spec.item_id], length, torch.int64)
-    categorical = {n: _pad_object_column(batch[n], length, torch.int64) for n in spec.categorical}
-    # Checked on the host, before the copy: the model then skips its per-step device sync.
-    check_id_ranges({spec.item_id: item_ids, **categorical}, {spec.item_id: spec.item_cardinality, **spec.categorical})
-    return SessionBatch(
-        item_ids=item_ids,
-        categorical=categorical,
-        continuous={n: _pad_object_column(batch[n], length, torch.float32) for n in spec.continuous},
-        ids_checked=spec,
-    ).to(device)
 
 
 def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per_worker: int):
@@ -62,17 +38,20 @@ def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per
     `ray.train.get_dataset_shard` or `Dataset.streaming_split(n, equal=True)` give). The shards have
     equal row counts, so every worker runs the same number of steps; the block order is reshuffled
     every epoch and rows are shuffled inside a window of 16 batches (no local shuffle buffer: it can
-    yield short batches mid-stream, ray #66085)."""
-    batch_size = cfg.args.per_device_train_batch_size
-    window = 16 * batch_size
+    yield short batches mid-stream, ray #66085). Each window arrives as Arrow lists, is checked once
+    and moved to the device as ragged columns, and its batches are gathered and padded there, as
+    the merlin/pyarrow loaders do with their resident columns."""
+    spec, batch_size = cfg.spec, cfg.args.per_device_train_batch_size
 
     def batches(epoch: int) -> Iterator[SessionBatch]:
         rng = np.random.default_rng(cfg.args.seed * 1_000_003 + epoch)
-        for big in shard.iter_batches(batch_size=window, batch_format="numpy", drop_last=False):
-            order = rng.permutation(len(next(iter(big.values()))))
-            for start in range(0, len(order), batch_size):
-                rows = order[start: start + batch_size]
-                yield _to_batch(cfg.spec, {k: v[rows] for k, v in big.items()}, device)
+        for table in shard.iter_batches(batch_size=16 * batch_size, batch_format="pyarrow", drop_last=False):
+            columns = {name: ragged_from_arrow(table.column(name)) for name in spec.columns}
+            check_column_ids(spec, columns)  # on the host, before the copy
+            columns = {name: column.to(device) for name, column in columns.items()}
+            order = torch.from_numpy(rng.permutation(table.num_rows)).to(device)
+            for rows in torch.split(order, batch_size):
+                yield gather_batch(spec, columns, rows)
 
     return batches, math.ceil(rows_per_worker / batch_size)
 
