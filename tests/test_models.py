@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BertConfig, MistralConfig
 
 from raytr.config import ConfigError, ModelConfig
@@ -130,6 +131,40 @@ def test_padding_never_affects_real_positions(body, objective):
         a = model.body(x, mask)
         b = model.body(garbage, mask)
     assert torch.allclose(a[mask], b[mask], atol=1e-5)
+
+
+# Ops that make the host wait for the GPU (a value read back, or an output whose size depends on
+# the data). Counted on the CPU, where a dispatch mode sees them: each is a stalled queue on a GPU.
+HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal",
+                 "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave"}
+# A training forward's budget: the target count (SessionModel.forward's nonzero), plus one inside
+# Hugging Face's GPT-2/LLaMA (create_causal_mask's packed-sequence check on the position ids, skipped
+# under torch.compile) and BERT MLM (its bidirectional-mask check on the padding mask).
+TRAINING_FORWARD_SYNCS = {"gpt2": 2, "llama": 2, ("bert", "mlm"): 2}
+
+
+class HostSyncs(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in HOST_SYNC_OPS:
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("body,objective", ALLOWED)
+def test_training_forward_host_syncs(body, objective):
+    """Causal bodies get no padding mask (causality hides right padding): with one, Hugging Face's
+    SDPA path read it on the host twice per forward."""
+    model = build(body, objective).train()
+    batch = random_batch(B=5, seed=1)
+    batch.ids_checked = model.spec  # as loader batches are: no per-step id check
+    with HostSyncs() as syncs:
+        model(batch)
+    budget = TRAINING_FORWARD_SYNCS.get((body, objective), TRAINING_FORWARD_SYNCS.get(body, 1))
+    assert syncs.ops.count("aten::nonzero") == 1 and len(syncs.ops) <= budget, syncs.ops
 
 
 @pytest.mark.parametrize("body,objective", ALLOWED)

@@ -188,7 +188,6 @@ class HFBody(SessionBody):
         self.model = model
         self.is_causal = is_causal
         self._is_xlnet = isinstance(model, XLNetModel)
-        self._xlnet_uni = self._is_xlnet and getattr(model.config, "attn_type", None) == "uni"
         params = inspect.signature(model.forward).parameters
         self._extra_kwargs: dict[str, Any] = {}
         if "use_cache" in params:
@@ -208,19 +207,19 @@ class HFBody(SessionBody):
                 layer.rel_attn.r_s_bias.requires_grad_(False)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.clone()
-        # Rows with no event at all would give fully masked attention rows (NaN in some kernels);
-        # their outputs are never read, and for right-padded rows with events column 0 is set anyway.
-        mask[:, 0] = True
-        if self._xlnet_uni:
-            # XLNetModel with attn_type="uni" fails on any padding mask when B > 1 (it adds the
-            # [T, T, B, 1] data mask in place into the [T, T, 1, 1] causal mask). None is needed: with
-            # right padding, padded positions come after every real one and causality hides them.
+        if self.is_causal:
+            # No padding mask: with right padding, padded positions come after every real one and
+            # causality hides them. Given one, Hugging Face's SDPA path reads it on the host to
+            # decide whether it may use is_causal (two GPU syncs per forward in eager mode) and
+            # attends through a materialised [B, 1, T, T] mask; XLNetModel with attn_type="uni"
+            # even fails on any padding mask when B > 1.
             mask_arg = None
-        elif self._is_xlnet:
-            mask_arg = mask.to(inputs_embeds.dtype)
         else:
-            mask_arg = mask.long()
+            mask = attention_mask.clone()
+            # Rows with no event at all would give fully masked attention rows (NaN in some kernels);
+            # their outputs are never read, and for right-padded rows with events column 0 is set anyway.
+            mask[:, 0] = True
+            mask_arg = mask.to(inputs_embeds.dtype) if self._is_xlnet else mask.long()
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=mask_arg, **self._extra_kwargs)
         return out.last_hidden_state  # [B, T, D]
 
