@@ -78,8 +78,8 @@ def _group_offsets(df: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, np.nd
     codes = [pd.factorize(df[k], sort=True)[0] for k in keys]  # -1 for nulls
     order = np.lexsort(codes[::-1])  # stable: equal keys keep their sorted-by-sort_cols order
     sorted_codes = np.stack([c[order] for c in codes])  # [K, rows]
-    order = order[(sorted_codes >= 0).all(axis=0)]
-    sorted_codes = sorted_codes[:, (sorted_codes >= 0).all(axis=0)]
+    keyed = (sorted_codes >= 0).all(axis=0)
+    order, sorted_codes = order[keyed], sorted_codes[:, keyed]
     changes = np.flatnonzero((np.diff(sorted_codes, axis=1) != 0).any(axis=0)) + 1
     offsets = np.concatenate([[0], changes, [order.size]]).astype(np.int64)
     return order, offsets
