@@ -6,7 +6,9 @@ For each config: raytr's step as `raytr.training.loop` runs it (its DataLoader g
 on the device, SessionModel forward with the fused chunked loss, GradScaler, clip, AdamW), eager
 and with `SessionModel.compile_regions()`, and bench/train.py's bare loop compiled. Per variant:
 wall ms per step, GPU busy ms per step (the sum of kernel times: wall >> busy means the host or
-launches bound the step), host syncs per step, and the ops with the most GPU time.
+launches bound the step), host syncs per step, and the ops with the most GPU time. Then raytr's
+training loop itself (`trainer`, also on --device cpu) and variants of it that change one thing each
+(see `profile_trainer`): the Trainer measured ~5 ms per step slower than its step alone on an H100.
 """
 
 from __future__ import annotations
@@ -136,10 +138,18 @@ def _summary(prof, steps: int) -> dict[str, Any]:
     }
 
 
-def profile_trainer(cfg, precision: str, steps: int, device_name: str) -> dict[str, Any]:
+TRAINER_OPTIONS = ("merlin", "quiet", "nogc")
+
+
+def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: str) -> dict[str, Any]:
     """raytr's own training loop (`train_loop`: scheduler, NaN check, loss sums, TensorBoard scalar
     every step, compiled regions) fed by the pyarrow DataLoader: ms per step between batches, then a
-    profile of `steps` steps taken from inside the loop's batch stream."""
+    profile of `steps` steps taken from inside the loop's batch stream.
+
+    The variant's suffixes change one thing each, to find what costs the Trainer its time on the
+    GPU: `-merlin` reads with the merlin engine (bench/train.py's default), `-quiet` writes no
+    TensorBoard scalars, `-nogc` disables Python's garbage collector during the loop."""
+    import gc
     import tempfile
 
     import torch
@@ -151,6 +161,11 @@ def profile_trainer(cfg, precision: str, steps: int, device_name: str) -> dict[s
     from raytr.training.arguments import TrainingArguments
     from raytr.training.loop import LoopConfig, WorkerContext, train_loop
 
+    options = variant.split("-")[1:]
+    unknown = [o for o in options if o not in TRAINER_OPTIONS]
+    if variant.split("-")[0] != "trainer" or unknown:
+        raise ValueError(f"variant {variant!r}: expected trainer[-{'][-'.join(TRAINER_OPTIONS)}]")
+    engine = "merlin" if "merlin" in options else "pyarrow"
     device = torch.device(device_name)
     warm, timed = 8, 40
     data = sessions_for(cfg, warm + timed + steps)
@@ -160,9 +175,11 @@ def profile_trainer(cfg, precision: str, steps: int, device_name: str) -> dict[s
     args = TrainingArguments(output_dir=str(work / "out"), max_steps=warm + timed + steps,
                              per_device_train_batch_size=cfg.batch, learning_rate=LEARNING_RATE,
                              fp16=precision == "fp16", bf16=precision == "bf16", torch_compile=True,
-                             launcher="local", use_gpu=device.type == "cuda", data_loader_engine="pyarrow",
-                             logging_steps=1, report_to=("tensorboard",), disable_tqdm=True, save_total_limit=1)
-    loader = DataLoader(spec, list(data.files), cfg.batch, engine="pyarrow", device=device)
+                             launcher="local", use_gpu=device.type == "cuda", data_loader_engine=engine,
+                             logging_steps=0 if "quiet" in options else 1,
+                             report_to=() if "quiet" in options else ("tensorboard",), disable_tqdm=True,
+                             save_total_limit=1)
+    loader = DataLoader(spec, list(data.files), cfg.batch, engine=engine, device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
     marks: list[float] = []
@@ -178,10 +195,15 @@ def profile_trainer(cfg, precision: str, steps: int, device_name: str) -> dict[s
             yield batch
 
     ctx = WorkerContext(device=device, train_batches=batches, steps_per_epoch=len(loader))
-    train_loop(LoopConfig(spec=spec, model_config=raytr_model_config(cfg, None), args=args,
-                          init_model_dir=str(work / "init"), train_paths=tuple(data.files)), ctx)
+    if "nogc" in options:
+        gc.disable()
+    try:
+        train_loop(LoopConfig(spec=spec, model_config=raytr_model_config(cfg, None), args=args,
+                              init_model_dir=str(work / "init"), train_paths=tuple(data.files)), ctx)
+    finally:
+        gc.enable()
     step_ms = 1000 * (marks[warm + timed] - marks[warm]) / timed
-    return {"variant": "trainer", "config": cfg.name, "precision": precision, "steps": steps,
+    return {"variant": variant, "config": cfg.name, "precision": precision, "steps": steps,
             "step_ms": step_ms, "sessions_per_s": cfg.batch * 1000 / step_ms,
             "wall_ms_per_step_profiled": 1000 * (marks[warm + timed + steps] - marks[warm + timed]) / steps,
             "host_syncs_per_step": None, **_summary(prof, steps)}
@@ -191,9 +213,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="50k")
     p.add_argument("--precision", default="fp16")
-    p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled,trainer",
+    p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled,trainer,trainer-merlin,trainer-quiet,"
+                                         "trainer-nogc",
                    help="bare-compiled, raytr, raytr-compiled, raytr-compiled-foreach (plain AdamW instead of fused), "
-                        "trainer (raytr's training loop itself; also runs with --device cpu)")
+                        "trainer (raytr's training loop itself; also runs with --device cpu), trainer with any of the "
+                        "suffixes -merlin (merlin engine), -quiet (no TensorBoard), -nogc (no garbage collector)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
@@ -203,8 +227,8 @@ def main(argv=None) -> int:
     for name in args.configs.split(","):
         for variant in args.variants.split(","):
             try:
-                if variant == "trainer":
-                    row = profile_trainer(ALL_CONFIGS[name], args.precision, args.steps, args.device)
+                if variant.startswith("trainer"):
+                    row = profile_trainer(ALL_CONFIGS[name], variant, args.precision, args.steps, args.device)
                 else:
                     row = profile_variant(ALL_CONFIGS[name], variant, args.precision, args.steps)
             except Exception as err:  # one failing variant must not lose the others' figures
