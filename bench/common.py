@@ -337,3 +337,15 @@ def run_benchmarks(steps: list[tuple[str, list[str]]]) -> int:
         print(f"failed: {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def training_consumption(train: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The rate raytr's training consumes sessions at, from a train-<device>.json result: its
+    fastest Trainer figure (local or Ray, eager or compiled) at T = 20; None if there is none."""
+    rows = [r for r in (train or {}).get("results", []) if r.get("impl", "").startswith(("raytr-local", "raytr-ray"))
+            and "error" not in r and r.get("seq_len") == 20]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["sessions_per_s"])
+    return {"config": best["config"], "precision": best["precision"], "batch": best["batch"],
+            "sessions_per_s": best["sessions_per_s"]}

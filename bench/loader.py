@@ -52,6 +52,7 @@ from bench.common import (  # noqa: E402
     prepared_synthetic,
     read_result,
     setup_logging,
+    training_consumption,
     write_result,
 )
 
@@ -245,19 +246,11 @@ def run_epoch(epoch, device) -> tuple[int, float, float]:
 
 
 # ---------------------------------------------------------------------------- main
-def training_consumption(device: str) -> dict[str, Any] | None:
-    """raytr's training-step consumption (sessions/s) from bench/results/train.json, if measured
-    on this kind of device: the fastest Trainer figure (local or Ray, eager or compiled) at T = 20."""
+def training_consumption_on(device: str) -> dict[str, Any] | None:
+    """raytr's training-step consumption (sessions/s) from bench/results/train-<device>.json, if
+    measured on this kind of device."""
     train = read_result(f"train-{device}")
-    if not train or train.get("device") != device:
-        return None
-    rows = [r for r in train["results"] if r.get("impl", "").startswith(("raytr-local", "raytr-ray"))
-            and "error" not in r and r["seq_len"] == 20]
-    if not rows:
-        return None
-    best = max(rows, key=lambda r: r["sessions_per_s"])
-    return {"config": best["config"], "precision": best["precision"], "batch": best["batch"],
-            "sessions_per_s": best["sessions_per_s"]}
+    return training_consumption(train) if train and train.get("device") == device else None
 
 
 def main(argv=None) -> int:
@@ -296,7 +289,7 @@ def main(argv=None) -> int:
     files = day_paths(data_dir)
     log.info("data: %s, %d files, columns %s, T=%d", data_dir, len(files), spec.columns, spec.max_sequence_length)
 
-    consumption = training_consumption(args.device)
+    consumption = training_consumption_on(args.device)
 
     def rows_and_write(partial: bool) -> list[dict[str, Any]]:
         """The result rows so far, written to the results file (also after every epoch, marked partial,

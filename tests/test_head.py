@@ -31,7 +31,7 @@ RESERVED = [NEG_INF] * FIRST_ITEM_ID  # scores of padding, null and OOV, as full
 
 class OpRecorder(TorchDispatchMode):
     """Records the largest tensor any op produces, and the input dtypes of softmax reductions
-    (logsumexp, log-softmax) and of matrix products."""
+    (logsumexp, log-softmax, the max and exponentials of a hand-made softmax) and of matrix products."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,7 +41,8 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten._log_softmax.default, torch.ops.aten.logsumexp.default):
+        if func in (torch.ops.aten._log_softmax.default, torch.ops.aten.logsumexp.default, torch.ops.aten.amax.default,
+                    torch.ops.aten.exp.default, torch.ops.aten.exp_.default):
             self.softmax_dtypes.append(args[0].dtype)
         if func is torch.ops.aten.mm.default:
             self.matmul_dtypes.append(args[0].dtype)
@@ -124,7 +125,8 @@ def test_chunked_cross_entropy_without_grad_matches_and_keeps_no_graph():
 def test_chunk_rows_are_capped_for_huge_catalogs(monkeypatch):
     import raytr.models.head as head
 
-    monkeypatch.setattr(head, "MAX_CHUNK_LOGITS", 1000)  # V = 100 -> at most 10 rows per chunk
+    monkeypatch.setattr(head, "CPU_CHUNK_LOGITS", 1000)  # V = 100 -> at most 10 rows per chunk
+    monkeypatch.setattr(head, "CPU_MIN_CHUNK_ROWS", 1)
     hidden, weight, targets = _case(N=64, V=100, D=4)
     with OpRecorder() as rec:
         loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=4096)
@@ -132,6 +134,17 @@ def test_chunk_rows_are_capped_for_huge_catalogs(monkeypatch):
     assert rec.largest <= 10 * 128  # 10 rows x the class dimension padded to 128
     ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID)
     assert torch.allclose(loss, ref, atol=1e-6)
+
+
+def test_chunk_rows_per_device():
+    from raytr.models.head import chunk_rows
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert chunk_rows(4096, 50_000, gpu) == 4096  # 2 GiB of logits allowed on a GPU
+    assert chunk_rows(4096, 1_000_000, gpu) == 2**29 // 1_000_000  # 536
+    assert chunk_rows(4096, 50_000, cpu) == 2**22 // 50_000  # 83 rows: 16 MiB on the CPU
+    assert chunk_rows(4096, 1_000_000, cpu) == 64  # the floor
+    assert chunk_rows(4096, 500, cpu) == 4096 and chunk_rows(16, 500, cpu) == 16  # chunk_size still caps
 
 
 @pytest.mark.parametrize("reserved", [PAD_ID, NULL_ID, OOV_ID])
