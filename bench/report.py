@@ -38,6 +38,7 @@ REFERENCE_H100 = [
 ]
 REFERENCE_LOADERS = [("merlin CPU mode + padding", "50k"), ("pyarrow + numpy padding", "646k"),
                      ("GPU-resident gather", "1.78M")]
+RAYTR_ENGINES = ("raytr-merlin", "raytr-pyarrow", "raytr-ray")  # bench/loader.py's names for raytr's own engines
 TARGETS = ["raytr >= 80% of the bare compiled loop on the 5k and 50k configs (GPU)",
            "the 1M config trains in < 20 GB (GPU)", "each loader >= 2x what training consumes"]
 
@@ -597,10 +598,19 @@ def target_status(train_cpu, train_gpu, loader_cpu, loader_gpu) -> list[str]:
                               if r.get("ratio_vs_bare_compiled") is not None else "") + " (CPU analogue of the 80% target)")
     for res, dev in ((loader_cpu, "CPU"), (loader_gpu, "GPU")):
         if res and res.get("training_consumption"):
-            worst = min((r for r in res["results"] if "error" not in r), key=lambda r: r["sessions_per_s"])
-            ok = [r["engine"] for r in res["results"] if r.get("ratio_vs_training", 0) >= 2]
-            out.append(f"- {dev} loaders >= 2x training consumption: {len(ok)}/{len(res['results'])} engines "
-                       f"(slowest {worst['engine']} at {worst.get('ratio_vs_training', float('nan')):.0f}x)")
+            # The target is on raytr's engines; Ray Data's own iterators and the baselines are context.
+            measured = {r["engine"]: r for r in res["results"] if "error" not in r}
+            ours = [measured[e] for e in RAYTR_ENGINES if e in measured]
+            missing = [e for e in RAYTR_ENGINES if e not in measured]
+            line = f"- {dev} raytr loader engines >= 2x training consumption: "
+            if ours:
+                ok = [r for r in ours if r.get("ratio_vs_training", 0) >= 2]
+                worst = min(ours, key=lambda r: r["sessions_per_s"])
+                line += (f"{len(ok)}/{len(ours)} measured (**{'met' if len(ok) == len(ours) else 'NOT met'}**; "
+                         f"slowest {worst['engine']} at {worst['ratio_vs_training']:.0f}x)")
+            else:
+                line += "none measured"
+            out.append(line + (f"; not measured: {', '.join(missing)}" if missing else ""))
     return out + [""]
 
 
