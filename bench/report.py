@@ -450,12 +450,15 @@ def section_profile(res: dict[str, Any] | None) -> list[str]:
     if res is None:
         return [title, "", "Not profiled: `python bench/profiles.py`.", ""]
     out = [title, "", machine_line(res), ""]
+    out += [f"*{note}*" for note in res.get("notes", [])] + ([""] if res.get("notes") else [])
     for f in res.get("findings", []):
-        out += [f"**{f['title']}**", "", f["text"], ""]
+        out += [f"**{f['title']}**" + (f" (measured {f['measured']})" if f.get("measured") else ""), "", f["text"], ""]
         fixed = next((note for prefix, note in FIXED_SINCE.items() if f["title"].startswith(prefix)), None)
         if fixed:
             out += [f"*{fixed}*", ""]
-        for key in ("table", "table2"):
+        for text, key in (("text", "table"), ("text2", "table2")):
+            if text == "text2" and f.get("text2"):
+                out += [f["text2"], ""]
             if f.get(key):
                 out += table(f[key]["header"], f[key]["rows"]) + [""]
         if f.get("profile"):
