@@ -98,7 +98,7 @@ ALL_CONFIGS = {**GPU_CONFIGS, **CPU_CONFIGS}
 IMPLS = ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
          "raytr-ray-compiled", "raytr-ray-raydata")
 DEFAULT_IMPLS = {
-    "cpu": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-ray"),
+    "cpu": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray"),
     "cuda": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
              "raytr-ray-compiled"),
 }
