@@ -456,11 +456,12 @@ def section_profile(res: dict[str, Any] | None) -> list[str]:
         fixed = next((note for prefix, note in FIXED_SINCE.items() if f["title"].startswith(prefix)), None)
         if fixed:
             out += [f"*{fixed}*", ""]
-        for text, key in (("text", "table"), ("text2", "table2")):
-            if text == "text2" and f.get("text2"):
-                out += [f["text2"], ""]
-            if f.get(key):
-                out += table(f[key]["header"], f[key]["rows"]) + [""]
+        if f.get("table"):
+            out += table(f["table"]["header"], f["table"]["rows"]) + [""]
+        if f.get("text2"):  # a second table's own text
+            out += [f["text2"], ""]
+        if f.get("table2"):
+            out += table(f["table2"]["header"], f["table2"]["rows"]) + [""]
         if f.get("profile"):
             out += ["```", *f["profile"], "```", ""]
     return out
