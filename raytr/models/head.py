@@ -49,7 +49,7 @@ def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, smoothing: float,
 MAX_CHUNK_LOGITS = 2**29
 # On the CPU far fewer (16 MiB of fp32 logits): glibc gives big freed buffers back to the system, so
 # a larger chunk's buffers fault their pages in again for every chunk, and never stay in cache.
-# The loss at 50k items and 2,600 targets ran 2x faster than with 2^29. At least 64 rows, for the
+# The loss at 50k items and 2,600 targets ran 1.8x faster than with 2^29. At least 64 rows, for the
 # same [V, D] pass per chunk (at 10^6 items 8-row chunks were 3x slower than 64).
 CPU_CHUNK_LOGITS = 2**22
 CPU_MIN_CHUNK_ROWS = 64
