@@ -437,15 +437,11 @@ def main(argv=None) -> int:
         print(json.dumps(findings[-1], indent=1)[:3000])
     old = read_result("profile") if args.only else None
     if old:
-        fresh = {f["title"]: f for f in findings}  # a profile's title names it from run to run
-        kept = [fresh.pop(f["title"], f) for f in old["findings"]]
-        old_started = old.get("started")
+        # A profile's title names it from run to run; kept findings keep the date they were measured.
+        fresh = {f["title"]: f for f in findings}
+        kept = [fresh.pop(f["title"], {"measured": old["started"], **f}) for f in old["findings"]]
         findings = kept + list(fresh.values())
-        result = envelope("profile", started, load_before, findings=findings)
-        result["notes"] = [f"Findings without their own date were measured in the run of {old_started}."]
-    else:
-        result = envelope("profile", started, load_before, findings=findings)
-    write_result("profile", result)
+    write_result("profile", envelope("profile", started, load_before, findings=findings))
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import training_consumption  # noqa: E402
+from bench.loader import RAYTR_ENGINES  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -38,7 +39,6 @@ REFERENCE_H100 = [
 ]
 REFERENCE_LOADERS = [("merlin CPU mode + padding", "50k"), ("pyarrow + numpy padding", "646k"),
                      ("GPU-resident gather", "1.78M")]
-RAYTR_ENGINES = ("raytr-merlin", "raytr-pyarrow", "raytr-ray")  # bench/loader.py's names for raytr's own engines
 TARGETS = ["raytr >= 80% of the bare compiled loop on the 5k and 50k configs (GPU)",
            "the 1M config trains in < 20 GB (GPU)", "each loader >= 2x what training consumes"]
 
@@ -450,7 +450,6 @@ def section_profile(res: dict[str, Any] | None) -> list[str]:
     if res is None:
         return [title, "", "Not profiled: `python bench/profiles.py`.", ""]
     out = [title, "", machine_line(res), ""]
-    out += [f"*{note}*" for note in res.get("notes", [])] + ([""] if res.get("notes") else [])
     for f in res.get("findings", []):
         out += [f"**{f['title']}**" + (f" (measured {f['measured']})" if f.get("measured") else ""), "", f["text"], ""]
         fixed = next((note for prefix, note in FIXED_SINCE.items() if f["title"].startswith(prefix)), None)
