@@ -57,6 +57,21 @@ def gpu_name() -> str:
     return "no GPU"
 
 
+def code_version() -> str:
+    """The commit measured (short hash, '+' when the tree has changes), or 'unknown' outside git
+    (the GPU machine gets a copy of the working tree without .git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 

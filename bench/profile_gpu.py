@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import envelope, load_average, setup_logging, write_result
+from bench.common import code_version, envelope, load_average, read_result, setup_logging, write_result
 from bench.train import (
     ALL_CONFIGS,
     LEARNING_RATE,
@@ -203,8 +203,12 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
     finally:
         gc.enable()
     step_ms = 1000 * (marks[warm + timed] - marks[warm]) / timed
+    # Even gaps mean a per-step cost; a few long ones a periodic stall (collector, writer thread).
+    gaps = sorted(1000 * (b - a) for a, b in zip(marks[warm:warm + timed], marks[warm + 1:warm + timed + 1]))
     return {"variant": variant, "config": cfg.name, "precision": precision, "steps": steps,
             "step_ms": step_ms, "sessions_per_s": cfg.batch * 1000 / step_ms,
+            "step_ms_median": gaps[len(gaps) // 2], "step_ms_p90": gaps[int(0.9 * len(gaps))],
+            "step_ms_max": gaps[-1],
             "wall_ms_per_step_profiled": 1000 * (marks[warm + timed + steps] - marks[warm + timed]) / steps,
             "host_syncs_per_step": None, **_summary(prof, steps)}
 
@@ -220,9 +224,16 @@ def main(argv=None) -> int:
                         "suffixes -merlin (merlin engine), -quiet (no TensorBoard), -nogc (no garbage collector)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--code", default=None,
+                   help="what code is measured, stored on each row (default: the git commit; on a machine without "
+                        ".git pass it, e.g. --code $(git rev-parse --short HEAD) from where the tree was copied)")
+    p.add_argument("--merge", action="store_true",
+                   help="add this run's rows to results/profile-<device>.json instead of replacing it (rows are dated)")
     args = p.parse_args(argv)
     setup_logging()
     started, load_before = time.time(), load_average()
+    stamp = {"measured": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+             "code": args.code or code_version()}
     rows = []
     for name in args.configs.split(","):
         for variant in args.variants.split(","):
@@ -233,6 +244,7 @@ def main(argv=None) -> int:
                     row = profile_variant(ALL_CONFIGS[name], variant, args.precision, args.steps)
             except Exception as err:  # one failing variant must not lose the others' figures
                 row = {"variant": variant, "config": name, "precision": args.precision, "error": repr(err)[:400]}
+            row.update(stamp)
             rows.append(row)
             if "error" in row:
                 print(f"{name} {variant}: ERROR {row['error']}", flush=True)
@@ -241,12 +253,19 @@ def main(argv=None) -> int:
                   f"sessions/s); profiled: wall {row['wall_ms_per_step_profiled']:.2f} ms/step, GPU busy "
                   f"{row['gpu_busy_ms_per_step']:.2f} ms/step, {row['kernels_per_step']:.0f} kernels, "
                   f"{row['host_syncs_per_step']} host syncs", flush=True)
+            if "step_ms_median" in row:
+                print(f"  steps between batches: median {row['step_ms_median']:.2f} ms, p90 {row['step_ms_p90']:.2f}, "
+                      f"max {row['step_ms_max']:.2f}")
             for op in row["top_gpu_ops"]:
                 print(f"  {op['ms_per_step']:8.3f} ms  x{op['calls_per_step']:5.1f}  {op['name']}")
             print("  host (CPU self time):")
             for op in row["top_host_ops"][:8]:
                 print(f"  {op['ms_per_step']:8.3f} ms  x{op['calls_per_step']:5.1f}  {op['name']}")
-    write_result(f"profile-{args.device}", envelope(f"profile-{args.device}", started, load_before, results=rows))
+    name, extra = f"profile-{args.device}", {}
+    if args.merge and (old := read_result(name)) is not None:
+        rows = old["results"] + rows
+        extra = {k: old[k] for k in ("findings",) if k in old}  # written by hand from the rows: kept
+    write_result(name, envelope(name, started, load_before, results=rows, **extra))
     return 0
 
 

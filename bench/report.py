@@ -121,19 +121,12 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
             f"B={c['batch']}" for n, c in cfgs.items()]
     out += ["", f"{res.get('warmup')} warm-up steps, {res.get('steps')} timed steps, fastest of {res.get('repeats')} "
                 f"run(s), each run in a fresh process; torch threads {rows[0].get('threads', '?') if rows else '?'}.", ""]
-    body = []
-    for r in rows:
-        if "error" in r:
-            body.append([r["config"], r["precision"], r["impl"], "error: " + r["error"][:60], "", "", "", "", "", ""])
-            continue
-        share = cpu_share(r, device)
-        body.append([r["config"], r["precision"], r["impl"], fmt(r["sessions_per_s"]), fmt(r["step_ms"], 1),
-                     fmt(r.get("sessions_per_cpu_s")), fmt(share, 2) + (" ⚠" if share is not None and share < 0.85
-                                                                         else ""),
-                     peak_cell(r, device), fmt(r.get("ratio_vs_bare"), 2),
-                     fmt(r.get("ratio_vs_bare_compiled"), 2), fmt(r.get("load_before", [None])[0], 1)])
-    out += table(["config", "precision", "implementation", "sessions/s", "step ms", "sessions/CPU-s", "CPU share",
-                  "peak GB", "÷ bare", "÷ bare compiled", "load"], body)
+    out += train_table(rows, device)
+    previous = sorted(res.get("previous_results", []), key=rank)
+    if previous:
+        out += ["", "Earlier runs of the configs and precisions above, replaced by the run in the table (ratios "
+                    "within their own run; the host's speed differs run to run, so runs are not mixed):", "",
+                *train_table(previous, device)]
     decomposition = []
     for cfg_name, precision in dict.fromkeys((r["config"], r["precision"]) for r in rows):
         get = {r["impl"]: r for r in rows if (r["config"], r["precision"]) == (cfg_name, precision) and "error" not in r}
@@ -150,6 +143,13 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
                     "raytr-local ÷ raytr-model is the Trainer + loader, raytr-model ÷ bare the model):", "",
                 *decomposition]
     out += ["", *[f"- {n}" for n in res.get("notes", [])]]
+    every_step = sorted({r.get("measured", "?") for r in rows + previous
+                         if r["impl"].startswith("raytr-") and r["impl"] != "raytr-model"
+                         and r.get("logging_steps", 1) == 1 and "error" not in r})
+    if every_step and device == "cuda":
+        out.append("- The Trainer rows of the runs " + ", ".join(every_step) + " were timed by a TensorBoard scalar "
+                   "every step (logging_steps=1), which cost the loop 2.7-3.5 ms per step on the H100 host "
+                   "(Profiles: trainer vs trainer-quiet); bench/train.py now logs every gcd(warmup, steps) steps.")
     out += ["", "*sessions/CPU-s* divides by the CPU time the training process(es) used in the timed window, which "
                 "other tenants' load disturbs far less than wall time. *peak GB*: " +
             "; ".join(sorted({r.get('peak_mem_kind', '') for r in rows if r.get('peak_mem_kind')})) +
@@ -175,6 +175,26 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
     ax.grid(axis="y", alpha=0.3)
     out += [f"![training throughput]({save(fig, f'train_{device}.png')})", ""]
     return out
+
+
+def train_table(rows: list[dict[str, Any]], device: str) -> list[str]:
+    """One row per measurement; a *measured* column when the rows come from runs of different days."""
+    dated = len({r.get("measured") for r in rows}) > 1
+    body = []
+    for r in rows:
+        when = [r.get("measured", "–")] if dated else []
+        if "error" in r:
+            body.append([r["config"], r["precision"], r["impl"], *when, "error: " + r["error"][:60],
+                         "", "", "", "", "", "", ""])
+            continue
+        share = cpu_share(r, device)
+        body.append([r["config"], r["precision"], r["impl"], *when, fmt(r["sessions_per_s"]), fmt(r["step_ms"], 1),
+                     fmt(r.get("sessions_per_cpu_s")), fmt(share, 2) + (" ⚠" if share is not None and share < 0.85
+                                                                         else ""),
+                     peak_cell(r, device), fmt(r.get("ratio_vs_bare"), 2),
+                     fmt(r.get("ratio_vs_bare_compiled"), 2), fmt(r.get("load_before", [None])[0], 1)])
+    return table(["config", "precision", "implementation", *(["measured"] if dated else []), "sessions/s", "step ms",
+                  "sessions/CPU-s", "CPU share", "peak GB", "÷ bare", "÷ bare compiled", "load"], body)
 
 
 def peak_cell(row: dict[str, Any], device: str) -> str:
@@ -490,25 +510,42 @@ def section_profile_gpu(res: dict[str, Any] | None, before: dict[str, Any] | Non
         return [title, "", "Not profiled: `python bench/profile_gpu.py` on a GPU.", ""]
     out = [title, "", machine_line(res), "",
            "raytr's step as the training loop runs it (DataLoader gather on the GPU, SessionModel with the fused "
-           "chunked loss, GradScaler, clip, AdamW) outside the Trainer, next to the compiled bare loop. *ms/step* "
-           "is timed without the profiler; *GPU busy* is the sum of kernel times under it: wall well above busy "
-           "means the host (Python, launches, syncs) bounds the step.", ""]
+           "chunked loss, GradScaler, clip, AdamW) outside the Trainer (`raytr-compiled`), the compiled bare loop, and "
+           "raytr's training loop itself (`trainer`; `-quiet`: no TensorBoard, `-nogc`: no garbage collector). "
+           "*ms/step* is timed without the profiler (for `trainer`, between the batches the loop asks for; *median* "
+           "is the median gap); *GPU busy* is the sum of kernel times under it: wall well above busy means the host "
+           "(Python, launches, syncs) bounds the step. Rows are grouped by run (*measured*, *code*: the commit); "
+           "compare rows of one run only.", ""]
     body = []
-    for label, r_set in (("now", res), ("before (unaligned GEMMs, foreach AdamW)", before)):
-        for r in (r_set or {}).get("results", []):
-            if "error" in r:
-                continue
-            body.append([label, r["config"], r["precision"], r["variant"], fmt(r.get("step_ms"), 2),
-                         fmt(r.get("sessions_per_s")), fmt(r.get("wall_ms_per_step_profiled",
-                                                                 r.get("wall_ms_per_step")), 2),
-                         fmt(r["gpu_busy_ms_per_step"], 2), fmt(r["kernels_per_step"]), fmt(r.get("host_syncs_per_step"))])
-    out += table(["code", "config", "precision", "variant", "ms/step", "sessions/s", "profiled wall ms",
-                  "GPU busy ms", "kernels", "host syncs"], body)
-    for r in res.get("results", []):
-        if "error" in r or not r.get("top_gpu_ops"):
+    for r in (res.get("results", [])):
+        if "error" in r:
             continue
-        out += ["", f"Top GPU time, {r['config']} {r['precision']} {r['variant']} (ms per step):", "", "```",
-                *[f"{op['ms_per_step']:7.3f}  x{op['calls_per_step']:4.1f}  {op['name']}" for op in r["top_gpu_ops"][:8]],
+        body.append([r.get("measured", res.get("started")), r.get("code", "?"), r["config"], r["precision"],
+                     r["variant"], fmt(r.get("step_ms"), 2), fmt(r.get("step_ms_median"), 2), fmt(r.get("sessions_per_s")),
+                     fmt(r.get("wall_ms_per_step_profiled", r.get("wall_ms_per_step")), 2),
+                     fmt(r["gpu_busy_ms_per_step"], 2), fmt(r["kernels_per_step"]), fmt(r.get("host_syncs_per_step"))])
+    for r in (before or {}).get("results", []):  # before the GEMM alignment and fused AdamW, profiled only
+        if "error" not in r:
+            body.append([before.get("started"), "before (unaligned GEMMs, foreach AdamW)", r["config"], r["precision"],
+                         r["variant"], "–", "–", "–", fmt(r.get("wall_ms_per_step_profiled", r.get("wall_ms_per_step")), 2),
+                         fmt(r["gpu_busy_ms_per_step"], 2), fmt(r["kernels_per_step"]), fmt(r.get("host_syncs_per_step"))])
+    out += table(["measured", "code", "config", "precision", "variant", "ms/step", "median", "sessions/s",
+                  "profiled wall ms", "GPU busy ms", "kernels", "host syncs"], body)
+    notes = sorted({r["note"] for r in res.get("results", []) if r.get("note")})
+    out += [""] + [f"- {n}" for n in notes] if notes else []
+    for f in res.get("findings", []):
+        out += ["", f"**{f['title']}.** {f['text']}"]
+    dated = [r for r in res.get("results", []) if "error" not in r and r.get("top_gpu_ops")]
+    latest = max((r.get("measured", "") for r in dated), default=None)
+    for r in dated:
+        if r.get("measured", "") != latest or r["variant"] not in ("raytr-compiled", "bare-compiled"):
+            continue
+        out += ["", f"Top GPU time and host (CPU self) time, {r['config']} {r['precision']} {r['variant']}, "
+                    f"{r.get('measured')} (ms per step):", "", "```",
+                *[f"{op['ms_per_step']:7.3f}  x{op['calls_per_step']:5.1f}  {op['name']}" for op in r["top_gpu_ops"][:8]],
+                "  host:",
+                *[f"{op['ms_per_step']:7.3f}  x{op['calls_per_step']:5.1f}  {op['name']}"
+                  for op in r.get("top_host_ops", [])[:8]],
                 "```"]
     return out + [""]
 
@@ -540,7 +577,7 @@ def main() -> int:
     lines += ["## Machines", ""] + table(["results", "measured on"], [[k, v] for k, v in machines.items()]) + [""]
     gpu_gaps = gpu_not_measured(train_gpu, loader_gpu)
     if gpu_gaps and (train_gpu or loader_gpu):
-        lines += ["**GPU figures measured in part** (one H100 session of 30 device-minutes). Not measured: "
+        lines += ["**GPU figures measured in part** (H100 device sessions of 15-30 minutes). Not measured: "
                   + "; ".join(gpu_gaps) + f". All of them: `{GPU_COMMAND}`.", ""]
     if not train_gpu or not loader_gpu:
         lines += ["**Not measured here: the GPU figures** (training step on the issue's four configs in fp16/bf16, "

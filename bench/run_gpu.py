@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     steps = [
         ["train.py", "--device", "cuda", "--configs", args.configs, "--precision", args.precision],
         ["loader.py", "--device", "cuda"],
-        ["profile_gpu.py", "--configs", "50k", "--precision", "fp16"],
+        ["profile_gpu.py", "--configs", "50k", "--precision", "fp16", "--merge"],
         ["report.py"],
     ]
     return run_benchmarks([(step[0].removesuffix(".py"), step) for step in steps])

@@ -24,8 +24,11 @@ implementation alike. Implementations (`--impls`):
 
 Throughput (sessions/s) is measured over steady steps only: `--warmup` steps are run first. The
 bare loops time the measured steps between two device synchronisations; the Trainer runs log
-the learning rate at every step (`logging_steps=1`, TensorBoard) and the wall times of those
-events give the steady step rate from inside raytr's own loop, data loading included.
+the learning rate every gcd(warmup, steps) steps (`logging_steps`, TensorBoard: an event at the first
+and the last timed step) and the wall times of those events give the steady step rate from inside
+raytr's own loop, data loading included. Not every step: a TensorBoard scalar per step cost the
+loop 2.7-3.5 ms per step on the H100 host (bench/profile_gpu.py, trainer vs trainer-quiet), a cost
+that raytr's default (logging_steps=50) spreads over 50 steps.
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` in-process (not for raytr-ray, whose step
 runs in a Ray worker) and the device-wide peak from cudaMemGetInfo for all; on CPU the peak
 resident memory of the process that trains, sampled every 50 ms, minus its resident memory
@@ -332,6 +335,7 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
     from raytr.training.trainer import Trainer
 
     data = sessions_for(cfg, warmup + steps)
+    logging_steps = math.gcd(warmup, steps)  # events at step `warmup` and `warmup + steps`
     launcher = "ray" if impl.startswith("raytr-ray") else "local"
     if impl == "raytr-ray-raydata":
         engine = "ray"
@@ -344,7 +348,7 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
         output_dir=str(out_dir), max_steps=warmup + steps, per_device_train_batch_size=cfg.batch,
         learning_rate=LEARNING_RATE, fp16=precision == "fp16", bf16=precision == "bf16",
         torch_compile=impl.endswith("compiled"), launcher=launcher, num_workers=1,
-        use_gpu=device.type == "cuda", data_loader_engine=engine, logging_steps=1,
+        use_gpu=device.type == "cuda", data_loader_engine=engine, logging_steps=logging_steps,
         report_to=("tensorboard",), disable_tqdm=True, save_total_limit=1, run_name=run_name, seed=0,
         # The worker gets as many CPUs as the local runs use threads: Ray sets OMP_NUM_THREADS from it.
         resources_per_worker={"CPU": float(threads)} if launcher == "ray" and device.type == "cpu" else {},
@@ -376,7 +380,7 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
     if len(times) < 2:
         raise RuntimeError(f"only {len(times)} step events after warmup in the TensorBoard log")
     (s0, w0), (s1, w1) = times[0], times[-1]
-    gaps = sorted(b[1] - a[1] for a, b in zip(times, times[1:]))
+    gaps = sorted((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(times, times[1:]))  # per step
     cpu = rss.cpu_seconds_between(w0, w1) if rss is not None else float("nan")
     out = {
         "sessions_per_s": (s1 - s0) * cfg.batch / (w1 - w0),
@@ -389,6 +393,7 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
         "final_loss": result.metrics.get("loss"),
         "engine": engine,
         "launcher": launcher,
+        "logging_steps": logging_steps,
     }
     mem = _memory(rss, dev_mem, device)
     if launcher == "ray":
@@ -477,7 +482,11 @@ def main(argv=None) -> int:
     threads = args.threads or (1 if device == "cpu" else (os.cpu_count() or 1))
     warmup = args.warmup if args.warmup is not None else (15 if device == "cuda" else 4)
     steps = args.steps if args.steps is not None else (60 if device == "cuda" else 12)
+    if warmup < 1 or steps < 1:
+        log.error("--warmup and --steps must be >= 1 (the timing starts at the event of step `warmup`)")
+        return 2
 
+    measured = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))  # this run, on each of its rows
     rows: list[dict[str, Any]] = []
     for name in names:
         cfg = ALL_CONFIGS[name]
@@ -505,16 +514,16 @@ def main(argv=None) -> int:
                     else:
                         prev["runs"].append(res.get("sessions_per_s"))
             for impl, res in best.items():
-                rows.append({"config": name, **asdict(cfg), "precision": precision, "impl": impl, **res})
+                rows.append({"config": name, **asdict(cfg), "precision": precision, "impl": impl, **res,
+                             "measured": measured})
     name = args.output or f"train-{device}"
     configs = {n: asdict(ALL_CONFIGS[n]) for n in names}
+    previous: list[dict[str, Any]] = []
     if args.merge and (old := read_result(name)) is not None:
         if old.get("device") != device:
             log.error("--merge: %s.json holds device %r results, not %r", name, old.get("device"), device)
             return 2
-        fresh = {(r["config"], r["precision"], r["impl"]): r for r in rows}
-        merged = [fresh.pop((r["config"], r["precision"], r["impl"]), r) for r in old["results"]]
-        rows = merged + list(fresh.values())  # re-measured rows keep their place
+        rows, previous = merge_results(old, rows)
         configs = {**old.get("configs", {}), **configs}
     add_ratios(rows)
     print_table(rows)
@@ -528,18 +537,33 @@ def main(argv=None) -> int:
     if device == "cpu":
         notes.append("CPU run: scaled-down configs (the issue's GPU configs need an H100; run with --device cuda).")
     write_result(name, envelope("train", started, load_before, device=device, warmup=warmup, steps=steps,
-                                repeats=args.repeats, configs=configs, results=rows, notes=notes))
+                                repeats=args.repeats, configs=configs, results=rows, previous_results=previous,
+                                notes=notes))
     return 0 if all("error" not in r for r in rows) else 1
 
 
+def merge_results(old: dict[str, Any], fresh: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(results, previous_results) after a --merge run. A re-measured config and precision replaces
+    all of its rows, so that no ratio compares runs of different days (GPU hosts differ run to run
+    by far more than the effects measured); the replaced rows move to previous_results, which keeps
+    the latest replaced row of each config, precision and implementation."""
+    groups = {(r["config"], r["precision"]) for r in fresh}
+    kept = [r for r in old["results"] if (r["config"], r["precision"]) not in groups]
+    replaced = [r for r in old["results"] if (r["config"], r["precision"]) in groups]
+    previous = {(r["config"], r["precision"], r["impl"]): r for r in old.get("previous_results", []) + replaced}
+    return kept + fresh, list(previous.values())
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's sessions/s over the bare loops' of the same config, precision and run."""
     for row in rows:
         row.pop("ratio_vs_bare", None)
         row.pop("ratio_vs_bare_compiled", None)
     for row in rows:
         for base, key in (("bare", "ratio_vs_bare"), ("bare-compiled", "ratio_vs_bare_compiled")):
             ref = next((r for r in rows if r["config"] == row["config"] and r["precision"] == row["precision"]
-                        and r["impl"] == base and "error" not in r), None)
+                        and r.get("measured") == row.get("measured") and r["impl"] == base and "error" not in r),
+                       None)
             if ref is not None and "error" not in row:
                 row[key] = row["sessions_per_s"] / ref["sessions_per_s"]
 
