@@ -149,7 +149,8 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
     if every_step and device == "cuda":
         out.append("- The Trainer rows of the runs " + ", ".join(every_step) + " were timed by a TensorBoard scalar "
                    "every step (logging_steps=1), which cost the loop 2.7-3.5 ms per step on the H100 host "
-                   "(Profiles: trainer vs trainer-quiet); bench/train.py now logs every gcd(warmup, steps) steps.")
+                   "(Profiles: trainer vs trainer-quiet); the loop now writes scalars in bursts (ScalarLog) and "
+                   "bench/train.py logs every gcd(warmup, steps) steps.")
     out += ["", "*sessions/CPU-s* divides by the CPU time the training process(es) used in the timed window, which "
                 "other tenants' load disturbs far less than wall time. *peak GB*: " +
             "; ".join(sorted({r.get('peak_mem_kind', '') for r in rows if r.get('peak_mem_kind')})) +

@@ -27,8 +27,9 @@ bare loops time the measured steps between two device synchronisations; the Trai
 the learning rate every gcd(warmup, steps) steps (`logging_steps`, TensorBoard: an event at the first
 and the last timed step) and the wall times of those events give the steady step rate from inside
 raytr's own loop, data loading included. Not every step: a TensorBoard scalar per step cost the
-loop 2.7-3.5 ms per step on the H100 host (bench/profile_gpu.py, trainer vs trainer-quiet), a cost
-that raytr's default (logging_steps=50) spreads over 50 steps.
+loop 2.7-3.5 ms per step on the H100 host (bench/profile_gpu.py, trainer vs trainer-quiet) before
+the loop wrote its scalars in bursts (raytr.training.loop.ScalarLog), and a user logs less often
+(raytr's default is logging_steps=50).
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` in-process (not for raytr-ray, whose step
 runs in a Ray worker) and the device-wide peak from cudaMemGetInfo for all; on CPU the peak
 resident memory of the process that trains, sampled every 50 ms, minus its resident memory

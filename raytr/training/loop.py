@@ -226,7 +226,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     if args.torch_compile:
         model.compile_regions()  # in place, before DDP wraps it: state_dict names stay the same
     ddp_model = ctx.prepare_model(model)
-    writer, sync_tensorboard = _tensorboard(args) if ctx.is_main else (None, lambda closed: None)
+    scalars = _tensorboard(args) if ctx.is_main else None
     progress = _progress(args, ctx, total_steps, global_step)
     last_metrics: dict[str, float] = {}
     started = time.perf_counter()
@@ -257,11 +257,10 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
             metrics.update({f"eval_{k}": v for k, v in evaluate_paths(model, cfg, ctx).items()})
         elapsed = time.perf_counter() - started
         metrics["train_sessions_per_second"] = sessions_seen * ctx.world_size / max(elapsed, 1e-9)
-        if writer is not None:
+        if scalars is not None:
             for key, value in metrics.items():
-                writer.add_scalar(key if "/" in key else f"train/{key}", value, global_step)
-            writer.flush()
-            sync_tensorboard(False)
+                scalars.add(key if "/" in key else f"train/{key}", value, global_step)
+            scalars.flush()
         if ctx.is_main:
             log.info("epoch %d step %d: %s", epoch, global_step,
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step")))
@@ -323,11 +322,11 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                         update_next_item_metrics(train_metrics, model, batch)
                     model.train()
                     train_metrics.load_state(_all_reduce(train_metrics.state.to(device), ctx).cpu())
-                    if writer is not None:
+                    if scalars is not None:
                         for key, value in train_metrics.compute().items():
-                            writer.add_scalar(f"train/{key}", value, global_step)
-                if ctx.is_main and args.logging_steps and global_step % args.logging_steps == 0 and writer is not None:
-                    writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], global_step)
+                            scalars.add(f"train/{key}", value, global_step)
+                if args.logging_steps and global_step % args.logging_steps == 0 and scalars is not None:
+                    scalars.add("train/learning_rate", scheduler.get_last_lr()[0], global_step)
                 if args.eval_steps and global_step % args.eval_steps == 0 and steps_this_epoch < steps_per_epoch:
                     report(epoch + steps_this_epoch / steps_per_epoch, with_eval=True, checkpoint_epoch=None)
             report(epoch + 1, with_eval=True, checkpoint_epoch=epoch)
@@ -336,25 +335,62 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     finally:  # also when a step raises: the curves so far reach the output (a URL's are uploaded)
         if progress is not None:
             progress.close()
-        if writer is not None:
-            writer.close()
-            sync_tensorboard(True)
+        if scalars is not None:
+            scalars.close()
     return last_metrics
 
 
-def _tensorboard(args: TrainingArguments) -> tuple[Any, Callable[[bool], None]]:
-    """(SummaryWriter or None, sync): under output_dir/tensorboard/<run>. For a URL output the events
-    are written locally and `sync(closed)` uploads them; the caller runs it after each flush, and
-    with closed=True after closing the writer (the local copy is then removed)."""
+class ScalarLog:
+    """TensorBoard scalars for the training loop, written to the SummaryWriter in bursts.
+
+    Every `add_scalar` wakes the writer's background thread, and trading the GIL with it (every torch
+    op releases it) costs the loop far more than the call's ~30 us: a scalar every step added 0.2-0.5
+    ms to a 4 ms step on 2 CPU cores (bench/profiles.py --only tensorboard) and 2.7-3.5 ms per step
+    on an H100's host (bench/profile_gpu.py, trainer vs trainer-quiet). Held back and written `burst` at a time (or once `max_delay_s` has
+    passed, or at `flush`), each scalar still keeps its own step and wall time, so the curves are
+    the same."""
+
+    def __init__(self, writer: Any, sync: Callable[[bool], None] = lambda closed: None, burst: int = 64,
+                 max_delay_s: float = 30.0) -> None:
+        self.writer, self._sync, self.burst, self.max_delay_s = writer, sync, burst, max_delay_s
+        self._pending: list[tuple[str, float, int, float]] = []
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        now = time.time()
+        self._pending.append((tag, float(value), step, now))
+        if len(self._pending) >= self.burst or now - self._pending[0][3] >= self.max_delay_s:
+            self._write()
+
+    def _write(self) -> None:
+        for tag, value, step, walltime in self._pending:
+            self.writer.add_scalar(tag, value, step, walltime=walltime)
+        self._pending.clear()
+
+    def flush(self) -> None:
+        """Everything added so far on disk (and uploaded, for a URL output)."""
+        self._write()
+        self.writer.flush()
+        self._sync(False)
+
+    def close(self) -> None:
+        self._write()
+        self.writer.close()
+        self._sync(True)
+
+
+def _tensorboard(args: TrainingArguments) -> ScalarLog | None:
+    """A ScalarLog under output_dir/tensorboard/<run>, or None without "tensorboard" in report_to.
+    For a URL output the events are written locally and uploaded at every flush and at close (the
+    local copy is then removed)."""
     if "tensorboard" not in args.report_to:
-        return None, lambda closed: None
+        return None
     from torch.utils.tensorboard import SummaryWriter
 
     # One subdirectory per run: every train() call restarts global_step at 0, so runs sharing a
     # directory would overwrite each other's curves.
     target = storage.join(args.output_dir, "tensorboard", *([args.run_name] if args.run_name else []))
     if not storage.is_url(target):
-        return SummaryWriter(log_dir=target), lambda closed: None
+        return ScalarLog(SummaryWriter(log_dir=target))
     local = tempfile.mkdtemp(prefix="raytr-tensorboard-")
 
     def sync(closed: bool) -> None:
@@ -362,7 +398,7 @@ def _tensorboard(args: TrainingArguments) -> tuple[Any, Callable[[bool], None]]:
         if closed:
             shutil.rmtree(local, ignore_errors=True)
 
-    return SummaryWriter(log_dir=local), sync
+    return ScalarLog(SummaryWriter(log_dir=local), sync)
 
 
 def _progress(args: TrainingArguments, ctx: WorkerContext, total: int, done: int):
