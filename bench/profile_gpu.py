@@ -52,10 +52,17 @@ def _step_fns(cfg, variant: str, precision: str, device):
         from raytr.models import SessionModel
 
         spec = FeatureSpec(item_id="item_id-list", item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
-        model = SessionModel(spec, raytr_model_config(cfg, None), seed=0).to(device)
+        # -bigchunk: chunks of up to MAX_CHUNK_LOGITS (10,737 rows at 50k items) instead of 4,096 rows:
+        # what the per-chunk launches and glue cost.
+        chunk = 1 << 20 if variant.endswith("-bigchunk") else None
+        model = SessionModel(spec, raytr_model_config(cfg, chunk), seed=0).to(device)
         model.generator = torch.Generator(device=device).manual_seed(0)
         if variant.startswith("raytr-compiled"):
             model.compile_regions()
+        cudagraphs = variant.endswith("-cudagraphs")
+        if cudagraphs:  # the fixed-shape regions replayed as CUDA graphs (torch.compile's cudagraph trees)
+            model.inputs.compile(mode="reduce-overhead")
+            model.body.compile(mode="reduce-overhead")
         loader = DataLoader(spec, list(data.files), cfg.batch, engine="pyarrow", device=device)
         state = {"it": iter(loader)}
 
@@ -67,6 +74,8 @@ def _step_fns(cfg, variant: str, precision: str, device):
                 return next(state["it"])
 
         def loss_of(i):
+            if cudagraphs:  # a new step: the previous replay's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             return model(next_batch()).loss
     model.train()
     if variant == "bare-compiled":
@@ -220,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled,trainer,trainer-merlin,trainer-quiet,"
                                          "trainer-nogc",
                    help="bare-compiled, raytr, raytr-compiled, raytr-compiled-foreach (plain AdamW instead of fused), "
+                        "raytr-compiled-bigchunk (loss chunks of 2^29 logits instead of 4,096 rows), "
+                        "raytr-compiled-cudagraphs (input layer and body as CUDA graphs: mode='reduce-overhead'), "
                         "trainer (raytr's training loop itself; also runs with --device cpu), trainer with any of the "
                         "suffixes -merlin (merlin engine), -quiet (no TensorBoard), -nogc (no garbage collector)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
