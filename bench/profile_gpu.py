@@ -59,6 +59,10 @@ def _step_fns(cfg, variant: str, precision: str, device):
         model.generator = torch.Generator(device=device).manual_seed(0)
         if variant.startswith("raytr-compiled"):
             model.compile_regions()
+        if variant.endswith("-inplace"):  # the chunk kernel compiled before it was written to fuse (A/B)
+            from raytr.models.head import _chunk_loss_and_grads
+
+            model.head.chunk_fn = torch.compile(_chunk_loss_and_grads, dynamic=True)
         cudagraphs = variant.endswith("-cudagraphs")
         if cudagraphs:  # the fixed-shape regions replayed as CUDA graphs (torch.compile's cudagraph trees)
             model.inputs.compile(mode="reduce-overhead")
@@ -230,6 +234,7 @@ def main(argv=None) -> int:
                                          "trainer-nogc",
                    help="bare-compiled, raytr, raytr-compiled, raytr-compiled-foreach (plain AdamW instead of fused), "
                         "raytr-compiled-bigchunk (loss chunks of 2^29 logits instead of 4,096 rows), "
+                        "raytr-compiled-inplace (the in-place chunk kernel compiled, as up to 2026-11-27), "
                         "raytr-compiled-cudagraphs (input layer and body as CUDA graphs: mode='reduce-overhead'), "
                         "trainer (raytr's training loop itself; also runs with --device cpu), trainer with any of the "
                         "suffixes -merlin (merlin engine), -quiet (no TensorBoard), -nogc (no garbage collector)")

@@ -326,15 +326,37 @@ def test_top_k_order_agrees_with_metric_ranks():
         assert torch.all(ranks == position + 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_fusable_chunk_kernel_equals_the_in_place_one(dtype, smoothing, with_grad):
+    """The form torch.compile gets computes what the eager in-place kernel does, padding included."""
+    from raytr.models.head import _chunk_loss_and_grads, _fusable_chunk_loss_and_grads, _padded_weight
+
+    hidden, weight, targets = _case(N=37, V=23, D=8, seed=3)
+    w, valid = _padded_weight(weight.detach(), dtype)  # 64 classes: 3 reserved, 41 of padding
+    args = (hidden.detach().to(dtype), w, targets, valid, 23 - FIRST_ITEM_ID, smoothing, with_grad)
+    expected, got = _chunk_loss_and_grads(*args), _fusable_chunk_loss_and_grads(*args)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got[0], expected[0], rtol=1e-5, atol=1e-4)  # summed loss, reduced in fp32 by both
+    for g, e in zip(got[1:], expected[1:]):
+        assert (g is None) == (e is None) == (not with_grad)
+        if g is not None:
+            assert g.dtype == e.dtype == dtype and torch.allclose(g.float(), e.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.slow
 def test_compiled_chunk_kernel_gives_the_same_loss_and_gradients():
-    """SessionModel.compile_regions hands chunked_cross_entropy a torch.compile'd chunk kernel."""
-    from raytr.models.head import _chunk_loss_and_grads
+    """The head's compiled chunk kernel (what SessionModel.compile_regions sets on CUDA) gives the
+    plain cross-entropy's loss and gradients."""
+    from raytr.config import ModelConfig
+    from raytr.models.head import NextItemHead
 
-    kernel = torch.compile(_chunk_loss_and_grads, dynamic=True)
+    head = NextItemHead(ModelConfig(d_model=8), num_items=23)
+    head.compile_chunk_kernel()
     for n in (50, 37):  # a second size: the last chunk's rows vary, without recompiling per value
         hidden, weight, targets = _case(N=n, V=23, D=8, seed=n)
-        loss = chunked_cross_entropy(hidden, weight, targets, 16, 0.1, chunk_fn=kernel)
+        loss = chunked_cross_entropy(hidden, weight, targets, 16, 0.1, chunk_fn=head.chunk_fn)
         grads = torch.autograd.grad(loss, (hidden, weight))
         ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=0.1)
         ref_grads = torch.autograd.grad(ref, (hidden, weight))

@@ -124,7 +124,7 @@ class SessionModel(nn.Module):
         self.inputs.compile()
         self.body.compile()
         if next(self.parameters()).device.type == "cuda":
-            self.head.chunk_fn = torch.compile(self.head.chunk_fn, dynamic=True)
+            self.head.compile_chunk_kernel()
         return self
 
     # ---------------------------------------------------------------- training
