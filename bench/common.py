@@ -335,16 +335,27 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def run_benchmarks(steps: list[tuple[str, list[str]]]) -> int:
+def run_benchmarks(steps: list[tuple[str, list[str]]], seconds: float | None = None, min_start_s: float = 90.0) -> int:
     """Run `python bench/<script> <args>` for each (label, [script, *args]) in order, each as its own
-    process from the repository root; a failing one is reported and the rest still run. Returns 1
-    when any failed, else 0."""
+    process from the repository root; a failing one is reported and the rest still run. With
+    `seconds`, the whole run stays within that budget: a step is stopped when the budget runs out,
+    and one that would start with less than `min_start_s` left is skipped (both count as failed).
+    Returns 1 when any failed or was skipped, else 0."""
+    deadline = None if seconds is None else time.time() + seconds
     failed = []
     for label, (script, *args) in steps:
         cmd = [sys.executable, str(BENCH_DIR / script), *args]
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left < min_start_s:
+            print(f"\n=== {label}: skipped, {max(left, 0):.0f}s of the budget left", flush=True)
+            failed.append(label)
+            continue
         print(f"\n=== {label}: {' '.join(cmd[1:])}", flush=True)
         started = time.time()
-        rc = subprocess.run(cmd, cwd=REPO).returncode
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, timeout=left).returncode
+        except subprocess.TimeoutExpired:
+            rc = "stopped: the budget ran out"
         print(f"=== {label}: exit {rc} after {time.time() - started:.0f}s", flush=True)
         if rc != 0:
             failed.append(label)

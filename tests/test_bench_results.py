@@ -32,3 +32,21 @@ def test_ratios_use_the_bare_loop_of_the_same_run_only():
     add_ratios(rows)
     assert rows[1]["ratio_vs_bare_compiled"] == 90.0 / 150.0
     assert "ratio_vs_bare_compiled" not in rows[2]  # its own run's bare loop is not among the rows
+
+
+def test_run_benchmarks_skips_what_would_start_without_enough_budget(capsys):
+    from bench.common import run_benchmarks
+
+    # 10 s of budget and 60 s needed to start: nothing runs, and that counts as a failure.
+    assert run_benchmarks([("report", ["no-such-script.py"])], seconds=10, min_start_s=60) == 1
+    assert "=== report: skipped" in capsys.readouterr().out
+
+
+def test_run_gpu_orders_the_target_configs_first_and_merges_every_step():
+    from bench.run_gpu import gpu_steps
+
+    steps = gpu_steps(["300k", "1M", "5k", "50k"], ["fp16", "bf16"])
+    labels = [label for label, _ in steps]
+    assert labels[:5] == ["profile", "train-50k-fp16", "train-50k-bf16", "train-5k-fp16", "train-5k-bf16"]
+    assert labels[-1] == "loader"
+    assert all("--merge" in cmd for label, cmd in steps if label != "loader")
