@@ -183,7 +183,7 @@ def train_table(rows: list[dict[str, Any]], device: str) -> list[str]:
     dated = len({r.get("measured") for r in rows}) > 1
     body = []
     for r in rows:
-        when = [r.get("measured", "–")] if dated else []
+        when = [r.get("measured", "–") + (f" ({r['code']})" if r.get("code") else "")] if dated else []
         if "error" in r:
             body.append([r["config"], r["precision"], r["impl"], *when, "error: " + r["error"][:60],
                          "", "", "", "", "", "", ""])

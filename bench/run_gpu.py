@@ -33,13 +33,14 @@ TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-ray-compiled",
                "1M": "bare-compiled,raytr-local-compiled", "300k": "bare-compiled,raytr-local-compiled"}
 
 
-def gpu_steps(configs: list[str], precisions: list[str]) -> list[tuple[str, list[str]]]:
+def gpu_steps(configs: list[str], precisions: list[str], code: str | None = None) -> list[tuple[str, list[str]]]:
+    tag = ["--code", code] if code else []
     steps = [("profile", ["profile_gpu.py", "--configs", "50k", "--precision", "fp16", "--variants",
-                          PROFILE_VARIANTS, "--merge"])]
+                          PROFILE_VARIANTS, "--merge", *tag])]
     for cfg in [c for c in TRAIN_ORDER if c in configs]:
         for precision in precisions:
             steps.append((f"train-{cfg}-{precision}", ["train.py", "--device", "cuda", "--configs", cfg, "--precision",
-                                                       precision, "--impls", TRAIN_IMPLS[cfg], "--merge"]))
+                                                       precision, "--impls", TRAIN_IMPLS[cfg], "--merge", *tag]))
     steps.append(("loader", ["loader.py", "--device", "cuda"]))
     return steps
 
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp16,bf16")
     p.add_argument("--minutes", type=float, default=None,
                    help="time budget: steps run in order while at least 90 s are left, the report always")
+    p.add_argument("--code", default=None, help="the commit measured, stored on each row (default: git's; pass "
+                                                "it on a machine whose copy of the tree has no .git)")
     p.add_argument("--skip", default="", help="comma list of step labels already measured (e.g. profile,train-50k-fp16)")
     args = p.parse_args(argv)
     configs = list(TRAIN_ORDER) if args.configs == "all" else args.configs.split(",")
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown config(s) {unknown}; known: {list(TRAIN_ORDER)}")
     skip = {s for s in args.skip.split(",") if s}
-    steps = [s for s in gpu_steps(configs, args.precision.split(",")) if s[0] not in skip]
+    steps = [s for s in gpu_steps(configs, args.precision.split(","), args.code) if s[0] not in skip]
     rc = run_benchmarks(steps, seconds=None if args.minutes is None else 60 * args.minutes)
     return run_benchmarks([("report", ["report.py"])]) or rc
 

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     DATA_DIR,
+    code_version,
     ITEM_COLUMN,
     PeakDeviceMemory,
     PeakRSS,
@@ -447,6 +448,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="results name: bench/results/<output>.json (default train-<device>)")
     p.add_argument("--merge", action="store_true",
                    help="add to the existing results file (rows of the same config/precision/impl are replaced)")
+    p.add_argument("--code", default=None,
+                   help="what code is measured, stored on each row (default: the git commit; pass it where the "
+                        "tree was copied without .git)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -488,6 +492,7 @@ def main(argv=None) -> int:
         return 2
 
     measured = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))  # this run, on each of its rows
+    code = args.code or code_version()
     rows: list[dict[str, Any]] = []
     for name in names:
         cfg = ALL_CONFIGS[name]
@@ -516,7 +521,7 @@ def main(argv=None) -> int:
                         prev["runs"].append(res.get("sessions_per_s"))
             for impl, res in best.items():
                 rows.append({"config": name, **asdict(cfg), "precision": precision, "impl": impl, **res,
-                             "measured": measured})
+                             "measured": measured, "code": code})
     name = args.output or f"train-{device}"
     configs = {n: asdict(ALL_CONFIGS[n]) for n in names}
     previous: list[dict[str, Any]] = []
