@@ -53,7 +53,8 @@ def main(argv=None) -> int:
                    help="time budget: steps run in order while at least 90 s are left, the report always")
     p.add_argument("--code", default=None, help="the commit measured, stored on each row (default: git's; pass "
                                                 "it on a machine whose copy of the tree has no .git)")
-    p.add_argument("--skip", default="", help="comma list of step labels already measured (e.g. profile,train-50k-fp16)")
+    p.add_argument("--skip", default="",
+                   help="comma list of step labels already measured (e.g. profile,train-50k-fp16)")
     args = p.parse_args(argv)
     configs = list(TRAIN_ORDER) if args.configs == "all" else args.configs.split(",")
     unknown = [c for c in configs if c not in TRAIN_ORDER]

@@ -548,7 +548,8 @@ def main(argv=None) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
-def merge_results(old: dict[str, Any], fresh: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def merge_results(old: dict[str, Any],
+                  fresh: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(results, previous_results) after a --merge run. A re-measured config and precision replaces
     all of its rows, so that no ratio compares runs of different days (GPU hosts differ run to run
     by far more than the effects measured); the replaced rows move to previous_results, which keeps

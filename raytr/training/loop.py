@@ -346,9 +346,9 @@ class ScalarLog:
     Every `add_scalar` wakes the writer's background thread, and trading the GIL with it (every torch
     op releases it) costs the loop far more than the call's ~30 us: a scalar every step added 0.2-0.5
     ms to a 4 ms step on 2 CPU cores (bench/profiles.py --only tensorboard) and 2.7-3.5 ms per step
-    on an H100's host (bench/profile_gpu.py, trainer vs trainer-quiet). Held back and written `burst` at a time (or once `max_delay_s` has
-    passed, or at `flush`), each scalar still keeps its own step and wall time, so the curves are
-    the same."""
+    on an H100's host (bench/profile_gpu.py, trainer vs trainer-quiet). Held back and written
+    `burst` at a time (or once the oldest has waited `max_delay_s`, or at `flush`), each scalar keeps
+    its own step and wall time, so the curves are the same."""
 
     def __init__(self, writer: Any, sync: Callable[[bool], None] = lambda closed: None, burst: int = 64,
                  max_delay_s: float = 30.0) -> None:
