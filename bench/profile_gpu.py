@@ -8,7 +8,8 @@ and with `SessionModel.compile_regions()`, and bench/train.py's bare loop compil
 wall ms per step, GPU busy ms per step (the sum of kernel times: wall >> busy means the host or
 launches bound the step), host syncs per step, and the ops with the most GPU time. Then raytr's
 training loop itself (`trainer`, also on --device cpu) and variants of it that change one thing each
-(see `profile_trainer`): the Trainer measured ~5 ms per step slower than its step alone on an H100.
+(see `profile_trainer`; on an H100 they found a TensorBoard scalar every step to cost ~3 ms), and
+candidate speed-ups of the step (`-cudagraphs`, `-bigchunk`, `-inplace`: see --variants).
 """
 
 from __future__ import annotations
