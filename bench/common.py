@@ -127,11 +127,23 @@ def read_result(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def timestamp(at: float | None = None) -> str:
+    """Local time as every result file writes it (`started`, a row's or finding's `measured`)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def add_code_argument(parser) -> None:
+    """--code: the commit a run measures, stored on its rows (default: git's; see `code_version`)."""
+    parser.add_argument("--code", default=None,
+                        help="the commit measured, stored on each row (default: git's; pass it where the tree was "
+                             "copied without .git, e.g. --code $(git rev-parse --short HEAD) from the source)")
+
+
 def envelope(name: str, started: float, load_before: list[float], **extra: Any) -> dict[str, Any]:
     return {
         "benchmark": name,
         "machine": machine_info(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "started": timestamp(started),
         "seconds": round(time.time() - started, 1),
         "load_average": {"before": load_before, "after": load_average()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -22,7 +22,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import code_version, envelope, load_average, read_result, setup_logging, write_result
+from bench.common import (
+    add_code_argument,
+    code_version,
+    envelope,
+    load_average,
+    read_result,
+    setup_logging,
+    timestamp,
+    write_result,
+)
 from bench.train import (
     ALL_CONFIGS,
     LEARNING_RATE,
@@ -241,15 +250,13 @@ def main(argv=None) -> int:
                         "suffixes -merlin (merlin engine), -quiet (no TensorBoard), -nogc (no garbage collector)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--code", default=None,
-                   help="what code is measured, stored on each row (default: the git commit; on a machine without "
-                        ".git pass it, e.g. --code $(git rev-parse --short HEAD) from where the tree was copied)")
+    add_code_argument(p)
     p.add_argument("--merge", action="store_true",
                    help="add this run's rows to results/profile-<device>.json instead of replacing it (rows are dated)")
     args = p.parse_args(argv)
     setup_logging()
     started, load_before = time.time(), load_average()
-    stamp = {"measured": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+    stamp = {"measured": timestamp(started),
              "code": args.code or code_version()}
     rows = []
     for name in args.configs.split(","):

@@ -42,6 +42,7 @@ from bench.common import (  # noqa: E402
     prepared_synthetic,
     read_result,
     setup_logging,
+    timestamp,
     write_result,
 )
 
@@ -500,7 +501,7 @@ def main(argv=None) -> int:
             finding = fn()
         except Exception as exc:  # noqa: BLE001 - keep the other profiles
             finding = {"title": fn.__name__, "text": f"failed: {type(exc).__name__}: {exc}"}
-        findings.append({**finding, "measured": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())})
+        findings.append({**finding, "measured": timestamp()})
         print(json.dumps(findings[-1], indent=1)[:3000])
     old = read_result("profile") if args.only else None
     if old:

@@ -58,6 +58,7 @@ from bench.common import (  # noqa: E402
     prepared_synthetic,
     read_result,
     setup_logging,
+    timestamp,
     write_result,
 )
 
@@ -489,7 +490,7 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
             out["incremental"] = {"skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one "
                                              f"epoch over the windows needs ~{per_epoch:.0f}s"}
     out["seconds"] = time.perf_counter() - started
-    out["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    out["measured"] = timestamp()
     out["load_before"], out["load_after"] = load0, load_average()
     shutil.rmtree(work, ignore_errors=True)
     return out

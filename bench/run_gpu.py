@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import run_benchmarks  # noqa: E402
+from bench.common import add_code_argument, run_benchmarks  # noqa: E402
 
 PROFILE_VARIANTS = ("bare-compiled,raytr-compiled,raytr-compiled-inplace,raytr-compiled-cudagraphs,"
                     "raytr-compiled-bigchunk,trainer,trainer-quiet")
@@ -51,8 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp16,bf16")
     p.add_argument("--minutes", type=float, default=None,
                    help="time budget: steps run in order while at least 90 s are left, the report always")
-    p.add_argument("--code", default=None, help="the commit measured, stored on each row (default: git's; pass "
-                                                "it on a machine whose copy of the tree has no .git)")
+    add_code_argument(p)
     p.add_argument("--skip", default="",
                    help="comma list of step labels already measured (e.g. profile,train-50k-fp16)")
     args = p.parse_args(argv)

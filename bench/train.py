@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     DATA_DIR,
+    add_code_argument,
     code_version,
     ITEM_COLUMN,
     PeakDeviceMemory,
@@ -66,6 +67,7 @@ from bench.common import (  # noqa: E402
     run_json_subprocess,
     setup_logging,
     synthetic_sessions,
+    timestamp,
     write_result,
 )
 
@@ -448,9 +450,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="results name: bench/results/<output>.json (default train-<device>)")
     p.add_argument("--merge", action="store_true",
                    help="add to the existing results file (rows of the same config/precision/impl are replaced)")
-    p.add_argument("--code", default=None,
-                   help="what code is measured, stored on each row (default: the git commit; pass it where the "
-                        "tree was copied without .git)")
+    add_code_argument(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
         log.error("--warmup and --steps must be >= 1 (the timing starts at the event of step `warmup`)")
         return 2
 
-    measured = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))  # this run, on each of its rows
+    measured = timestamp(started)  # this run, on each of its rows
     code = args.code or code_version()
     rows: list[dict[str, Any]] = []
     for name in names:
