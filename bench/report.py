@@ -505,6 +505,11 @@ def gpu_not_measured(train_gpu: dict[str, Any] | None, loader_gpu: dict[str, Any
     return gaps
 
 
+def op_lines(ops: list[dict[str, Any]], n: int = 8) -> list[str]:
+    """The first `n` of a profile's top ops, one line each: ms per step, calls per step, name."""
+    return [f"{op['ms_per_step']:7.3f}  x{op['calls_per_step']:5.1f}  {op['name']}" for op in ops[:n]]
+
+
 def section_profile_gpu(res: dict[str, Any] | None, before: dict[str, Any] | None) -> list[str]:
     title = "### Training step on the GPU (bench/profile_gpu.py, torch.profiler)"
     if res is None:
@@ -543,10 +548,7 @@ def section_profile_gpu(res: dict[str, Any] | None, before: dict[str, Any] | Non
             continue
         out += ["", f"Top GPU time and host (CPU self) time, {r['config']} {r['precision']} {r['variant']}, "
                     f"{r.get('measured')} (ms per step):", "", "```",
-                *[f"{op['ms_per_step']:7.3f}  x{op['calls_per_step']:5.1f}  {op['name']}" for op in r["top_gpu_ops"][:8]],
-                "  host:",
-                *[f"{op['ms_per_step']:7.3f}  x{op['calls_per_step']:5.1f}  {op['name']}"
-                  for op in r.get("top_host_ops", [])[:8]],
+                *op_lines(r["top_gpu_ops"]), "  host:", *op_lines(r.get("top_host_ops", [])),
                 "```"]
     return out + [""]
 
