@@ -20,12 +20,15 @@ Datasets and protocols (metrics: NDCG@10/20, Recall@10/20, MRR@20; full ranking 
               orders (the file's and 3 with same-second ratings shuffled). Items the user already
               rated are excluded from the ranking (`exclude_seen` over the user's whole history, not
               only the T-event window the model sees).
-Honest tuning: hyperparameters are fixed beforehand (d_model 64, 2 layers, 4 heads, dropout 0.2,
-lr 2e-3 with linear decay, batch 128); the choices made on validation are each model's epoch
-count (every epoch is checkpointed and scored on validation), item-kNN's recency decay, which
-transformer is "the best", and for MovieLens-100k the batch size (32) and the 4 tie orders
-(`DEFAULT_BATCH`, `ML_TIE_ORDERS`: trials and their validation scores in comments there). Test
-sets are scored once per model, with the chosen checkpoint.
+Honest tuning: hyperparameters start fixed (d_model 64, 2 layers, 4 heads, dropout 0.2, lr 2e-3
+with linear decay, batch 128); the choices made on validation are each model's epoch count (every
+epoch is checkpointed and scored on validation), item-kNN's recency decay, which transformer is
+"the best", for MovieLens-100k the batch size (32) and the 4 tie orders (`DEFAULT_BATCH`,
+`ML_TIE_ORDERS`: trials and their validation scores in comments there), and the points a
+validation-only grid search picked per dataset and model (`TUNED`, from `--search`, which never
+scores a test set). Test sets are scored once per model, with the chosen checkpoint.
+
+    python bench/quality.py --datasets ml-100k --search dropout=0.2,0.5 --search d_model=64,128 --jobs 2
 Every dataset runs under a wall-clock budget (`--budget-min`, default 8/14/30 minutes, recorded);
 a model that would start after the budget is spent is skipped and reported as skipped, and the
 YOOCHOOSE day windows get the epochs the remaining budget affords.
@@ -34,14 +37,18 @@ YOOCHOOSE day windows get the epochs the remaining budget affords.
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +78,7 @@ SELECT_BY = "ndcg@20"
 # (name, body, objective): transformers with both objectives, and the GRU baseline.
 NEURAL = (("gru", "gru", "clm"), ("gpt2-clm", "gpt2", "clm"), ("bert-mlm", "bert", "mlm"),
           ("xlnet-clm", "xlnet", "clm"), ("xlnet-mlm", "xlnet", "mlm"))
+NEURAL_MODELS = {name: (body, objective) for name, body, objective in NEURAL}
 DEFAULT_EPOCHS = {"synthetic": 8, "yoochoose": 12, "ml-100k": 20}
 # MovieLens-100k has ~100 events per user and 943 users: 19 steps per epoch at 128 left the models
 # short of updates (best-epoch validation ndcg@20 of xlnet-clm: batch 128 0.146, 32 0.155, 16 0.157;
@@ -386,8 +394,9 @@ def training_args(output_dir: Path, epochs: int, hp: Hyper = Hyper()):
 
 
 def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: int, work: Path,
-               hp: Hyper = Hyper()) -> dict[str, Any]:
-    """Train `epochs` epochs, score every epoch's checkpoint on validation, test the best once."""
+               hp: Hyper = Hyper(), score_test: bool = True) -> dict[str, Any]:
+    """Train `epochs` epochs, score every epoch's checkpoint on validation, test the best once
+    (`score_test=False`, for the hyperparameter search: never)."""
     from raytr.models import SessionModel
     from raytr.training.loop import read_trainer_state
     from raytr.training.trainer import Trainer
@@ -405,7 +414,7 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
         epoch = int(read_trainer_state(ckpt)["epoch"]) + 1
         curve.append((epoch, evaluate(SessionModel.load(ckpt), data, "valid"), ckpt))
     epoch, valid, ckpt = max(curve, key=lambda c: c[1][SELECT_BY])
-    test = evaluate(SessionModel.load(ckpt), data, "test")
+    test = evaluate(SessionModel.load(ckpt), data, "test") if score_test else None
     eval_s = time.perf_counter() - t
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"body": body, "objective": objective, "hyperparameters": asdict(hp), "valid": valid, "test": test,
@@ -442,12 +451,144 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
             "per_day": rows, "average": averages.to_dict(orient="records")}
 
 
+# ---------------------------------------------------------------------------- hyperparameter search
+# What `--search` tries by default, on validation only (test sets are never scored in a search):
+# the neural baseline and the two causal transformers, each on every point of the grid.
+SEARCH_MODELS = ("gru", "gpt2-clm", "xlnet-clm")
+# Hyperparameters chosen per dataset and model by `--search` (validation ndcg@20 of every trial in
+# results/quality-search.json and in REPORT.md); models and datasets not listed use `Hyper()`.
+# ml-100k, dropout x d_model (2026-11-27): dropout 0.2, d_model 64 (the starting point) best for all three.
+TUNED: dict[str, dict[str, dict[str, Any]]] = {
+    "ml-100k": {"gru": {"dropout": 0.2, "d_model": 64}, "gpt2-clm": {"dropout": 0.2, "d_model": 64},
+                "xlnet-clm": {"dropout": 0.2, "d_model": 64}},
+}
+
+
+def tuned_hyper(base: Hyper, dataset: str, model: str, use_tuned: bool = True) -> Hyper:
+    """`base` with the hyperparameters `--search` chose for (dataset, model), if any."""
+    return replace(base, **TUNED.get(dataset, {}).get(model, {})) if use_tuned else base
+
+
+def load_data(name: str, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS) -> QualityData:
+    return load_movielens(ml_window, ml_tie_orders) if name == "ml-100k" else LOADERS[name]()
+
+
+@dataclass(frozen=True)
+class SearchTrial:
+    """One model trained at one grid point; picklable for a worker process."""
+
+    dataset: str
+    model: str
+    hp: Hyper
+    epochs: int
+    work: Path
+    ml_window: int
+    ml_tie_orders: int
+    threads: int
+
+
+def run_search_trial(trial: SearchTrial) -> dict[str, Any]:
+    """Train one trial and score every epoch on validation (in a worker process: own torch threads)."""
+    import torch
+
+    setup_logging()
+    torch.set_num_threads(trial.threads)
+    data = load_data(trial.dataset, trial.ml_window, trial.ml_tie_orders)
+    body, objective = NEURAL_MODELS[trial.model]
+    res = run_neural(data, trial.model, body, objective, trial.epochs, trial.work, trial.hp, score_test=False)
+    log.info("search %s %s %s: best epoch %d, valid %s %.4f", trial.dataset, trial.model, asdict(trial.hp),
+             res["choice"]["epochs"], SELECT_BY, res["valid"][SELECT_BY])
+    return {"model": trial.model, "hyperparameters": res["hyperparameters"], "valid": res["valid"],
+            "choice": res["choice"], "validation_curve": res["validation_curve"],
+            "train_seconds": res["train_seconds"]}
+
+
+def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]], epochs: int, work_root: Path,
+                   base: Hyper = Hyper(), jobs: int = 1, threads: int = 1, ml_window: int = ML_WINDOW,
+                   ml_tie_orders: int = ML_TIE_ORDERS, use_tuned: bool = True,
+                   earlier: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Every model at every point of `grid` (Hyper field -> values), `jobs` trials at a time, each
+    model's epoch chosen on validation as in the evaluation; per model the point with the best
+    validation ndcg@20. A model's other fields: `base` with what earlier searches chose for it
+    (TUNED; not with `use_tuned=False`), so searches over other fields refine each other. A trial
+    that one of the `earlier` searches already ran (same model, hyperparameters, epochs and data)
+    is taken from it, marked `reused`, instead of trained again. The test set is not touched."""
+    started, load0 = time.perf_counter(), load_average()
+    load_data(name, ml_window, ml_tie_orders)  # written once here, before the workers read it
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    bases = {model: tuned_hyper(base, name, model, use_tuned) for model in models}
+    trials = [SearchTrial(name, model, replace(bases[model], **point), epochs, work_root / name / f"{model}-{i}",
+                          ml_window, ml_tie_orders, threads)
+              for model in models for i, point in enumerate(points)]
+    data_key = _data_key(name, ml_window, ml_tie_orders)
+    done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], e.get("data", _data_key(name))):
+            {**r, "reused": e["measured"]}
+            for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
+    todo = [t for t in trials if _trial_key(t.model, asdict(t.hp), epochs, data_key) not in done]
+    if jobs == 1:
+        fresh = [run_search_trial(trial) for trial in todo]
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            fresh = list(pool.map(run_search_trial, todo))
+    ran = dict(zip(todo, fresh))
+    results = [ran[t] if t in ran else done[_trial_key(t.model, asdict(t.hp), epochs, data_key)] for t in trials]
+    chosen = {}
+    for model in models:
+        best = max((r for r in results if r["model"] == model), key=lambda r: r["valid"][SELECT_BY])
+        chosen[model] = {k: best["hyperparameters"][k] for k in grid}
+    shutil.rmtree(work_root / name, ignore_errors=True)
+    return {"dataset": name, "data": data_key, "grid": grid, "base": asdict(base), "epochs_max": epochs,
+            "selected_by": SELECT_BY,
+            "tuned_before": {m: TUNED.get(name, {}).get(m, {}) for m in models} if use_tuned else {},
+            "trials": results, "chosen": chosen, "seconds": time.perf_counter() - started, "jobs": jobs,
+            "measured": timestamp(), "load_before": load0, "load_after": load_average()}
+
+
+def _data_key(name: str, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS) -> dict[str, Any]:
+    """The data options a dataset's trials depend on (a search that recorded none used the defaults)."""
+    return {"ml_window": ml_window, "ml_tie_orders": ml_tie_orders} if name == "ml-100k" else {}
+
+
+def _trial_key(model: str, hyperparameters: dict[str, Any], epochs: int, data: dict[str, Any] | None) -> str:
+    return json.dumps([model, hyperparameters, epochs, data or {}], sort_keys=True)
+
+
+def merge_searches(old: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier searches, each replaced by a fresh one of the same dataset over the same fields,
+    then the fresh ones that replace nothing (searches of other fields on a dataset accumulate)."""
+    def key(search: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        return search["dataset"], tuple(sorted(search["grid"]))
+
+    by_key = {key(r): r for r in fresh}
+    return [by_key.pop(key(r), r) for r in old] + list(by_key.values())
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """["dropout=0.2,0.5", "d_model=64,128"] -> {"dropout": [0.2, 0.5], "d_model": [64, 128]}, each
+    value converted to the Hyper field's type; ValueError naming the field when it is not one."""
+    fields = {name: type(value) for name, value in asdict(Hyper()).items() if name != "seed"}
+    grid = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in fields:
+            raise ValueError(f"--search {item!r}: {key!r} is not a searchable hyperparameter; one of {sorted(fields)}")
+        try:
+            grid[key] = [fields[key](v) for v in values.split(",") if v]
+        except ValueError:
+            raise ValueError(f"--search {item!r}: values of {key!r} must be {fields[key].__name__}s") from None
+        if not grid[key]:
+            raise ValueError(f"--search {item!r}: no values for {key!r}")
+    return grid
+
+
 def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, incremental: bool,
                 models: tuple[str, ...] | None = None, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS,
-                hp: Hyper = Hyper()) -> dict[str, Any]:
+                hp: Hyper = Hyper(), use_tuned: bool = True) -> dict[str, Any]:
+    """Baselines and neural models on one dataset; each neural model with `hp`, updated by what
+    `--search` chose for it (TUNED) unless `use_tuned` is False."""
     started = time.perf_counter()
     load0 = load_average()
-    data = load_movielens(ml_window, ml_tie_orders) if name == "ml-100k" else LOADERS[name]()
+    data = load_data(name, ml_window, ml_tie_orders)
     work = work_root / name
     results: dict[str, Any] = run_baselines(data)
     log.info("%s baselines: %s", name, {k: round(v["test"][SELECT_BY], 4) for k, v in results.items()})
@@ -460,7 +601,9 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
             skipped.append(model_name)
             log.warning("%s: budget of %.0fs spent (%.0fs): skipping %s", name, budget_s, spent, model_name)
             continue
-        res = run_neural(data, model_name, body, objective, epochs, work, hp)
+        model_hp = tuned_hyper(hp, name, model_name, use_tuned)
+        res = run_neural(data, model_name, body, objective, epochs, work, model_hp)
+        res["choice"] = {**TUNED.get(name, {}).get(model_name, {}), **res["choice"]} if use_tuned else res["choice"]
         results[model_name] = res
         log.info("%s %s: best epoch %d, valid %s %.4f, test %.4f (%.0fs)", name, model_name, res["choice"]["epochs"],
                  SELECT_BY, res["valid"][SELECT_BY], res["test"][SELECT_BY], res["train_seconds"] + res["eval_seconds"])
@@ -485,7 +628,8 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
         per_epoch = best["train_seconds"] / best["epochs_trained"] * 1.25
         inc_epochs = min(best["choice"]["epochs"], int(remaining // per_epoch))
         if inc_epochs >= 1:
-            out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work, hp)
+            best_hp = tuned_hyper(hp, name, summary["best_transformer"], use_tuned)
+            out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work, best_hp)
         else:
             out["incremental"] = {"skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one "
                                              f"epoch over the windows needs ~{per_epoch:.0f}s"}
@@ -551,7 +695,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", action="append", default=[], metavar="DATASET=N",
                    help=f"training batch size per dataset (default {DEFAULT_BATCH})")
     p.add_argument("--seed", type=int, default=Hyper.seed)
-    p.add_argument("--output", default="quality")
+    p.add_argument("--untuned", action="store_true",
+                   help="every neural model with the hyperparameters above, ignoring what --search chose (TUNED)")
+    p.add_argument("--search", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="search these hyperparameters on validation instead of evaluating (repeat for a grid; "
+                        f"models: --models, default {list(SEARCH_MODELS)}); writes results/quality-search.json")
+    p.add_argument("--jobs", type=int, default=1, help="--search: trials run side by side (each --threads threads)")
+    p.add_argument("--output", default=None, help="result name (default quality, or quality-search with --search)")
     args = p.parse_args(argv)
     setup_logging()
     import ray
@@ -560,23 +710,33 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started, load_before = time.time(), load_average()
     names = args.datasets.split(",")
+    models = tuple(args.models.split(",")) if args.models else None
     try:
         _check_datasets(names)
         epochs = _per_dataset(DEFAULT_EPOCHS, args.epochs, int)
         budgets = _per_dataset(DEFAULT_BUDGET_MIN, args.budget_min, float)
         batches = _per_dataset(DEFAULT_BATCH, args.batch_size, int)
+        grid = parse_grid(args.search)
+        unknown = [m for m in models or () if m not in NEURAL_MODELS]
+        if unknown:
+            raise ValueError(f"--models: unknown {unknown}; known: {list(NEURAL_MODELS)}")
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+
+    def base_hyper(name: str) -> Hyper:
+        return Hyper(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout,
+                     weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, learning_rate=args.lr,
+                     batch_size=batches[name], seed=args.seed)
+
+    if grid:
+        return run_search(args, names, models or SEARCH_MODELS, grid, epochs, base_hyper, started, load_before)
+    args.output = args.output or "quality"
     results = []
     for name in names:
         res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work" / args.output,
-                          incremental=not args.no_incremental,
-                          models=tuple(args.models.split(",")) if args.models else None, ml_window=args.ml_window,
-                          ml_tie_orders=args.ml_tie_orders,
-                          hp=Hyper(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout,
-                                   weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                                   learning_rate=args.lr, batch_size=batches[name], seed=args.seed))
+                          incremental=not args.no_incremental, models=models, ml_window=args.ml_window,
+                          ml_tie_orders=args.ml_tie_orders, hp=base_hyper(name), use_tuned=not args.untuned)
         print_dataset(res)
         results.append(res)
     if ray.is_initialized():
@@ -584,9 +744,13 @@ def main(argv=None) -> int:
     if args.merge and (old := read_result(args.output)) is not None:
         fresh = {r["dataset"]: r for r in results}
         results = [fresh.pop(r["dataset"], r) for r in old["datasets"]] + list(fresh.values())
+    tuned = "" if args.untuned or not TUNED else (
+        "; then, per dataset and model, the hyperparameters a validation-only search chose (Hyperparameter search "
+        "below): " + "; ".join(f"{ds} {m} " + ", ".join(f"{k} {v}" for k, v in hp.items())
+                               for ds, per_model in TUNED.items() for m, hp in per_model.items()))
     notes = [
         ("Hyperparameters fixed beforehand: d_model 64, 2 layers, 4 heads, dropout 0.2, AdamW lr 2e-3 linear decay, "
-         "full softmax, launcher local, torch threads as recorded."),
+         f"full softmax, launcher local, torch threads as recorded{tuned}."),
         (f"Chosen on validation ({SELECT_BY}): each model's epoch, item-kNN recency decay {list(KNN_DECAYS)}, the best "
          f"transformer; for MovieLens-100k the batch size {DEFAULT_BATCH['ml-100k']} (others "
          f"{DEFAULT_BATCH['synthetic']}) and {ML_TIE_ORDERS} orders of same-second ratings in the training windows."),
@@ -596,6 +760,31 @@ def main(argv=None) -> int:
         notes.append("Datasets may come from separate runs (--merge): each has its own `measured` time and load.")
     write_result(args.output, envelope("quality", started, load_before, threads=args.threads,
                                        budget_min={n: budgets[n] for n in names}, datasets=results, notes=notes))
+    return 0
+
+
+def run_search(args: argparse.Namespace, names: list[str], models: tuple[str, ...], grid: dict[str, list[Any]],
+               epochs: dict[str, int], base_hyper, started: float, load_before: list[float]) -> int:
+    """`--search`: the grid on each dataset's validation set; merges by dataset into the result."""
+    output = args.output or "quality-search"
+    results = []
+    for name in names:
+        res = search_dataset(name, models, grid, epochs[name], DATA_DIR / "quality" / "work" / output,
+                             base_hyper(name), jobs=args.jobs, threads=args.threads, ml_window=args.ml_window,
+                             ml_tie_orders=args.ml_tie_orders, use_tuned=not args.untuned,
+                             earlier=(read_result(output) or {}).get("datasets", []) if args.merge else [])
+        print(f"\n{name}: validation {SELECT_BY} per trial ({res['seconds']:.0f}s)")
+        for r in res["trials"]:
+            point = ", ".join(f"{k}={r['hyperparameters'][k]}" for k in grid)
+            print(f"  {r['model']:10} {point:32} epochs {r['choice']['epochs']:3d}  {r['valid'][SELECT_BY]:.4f}"
+                  + (f"  (reused from {r['reused']})" if r.get("reused") else ""))
+        print(f"chosen: {res['chosen']}")
+        results.append(res)
+    if args.merge and (old := read_result(output)) is not None:
+        results = merge_searches(old["datasets"], results)
+    write_result(output, envelope("quality-search", started, load_before, threads=args.threads, datasets=results,
+                                  notes=["Validation only: no trial scores a test set. Each trial's epoch is chosen "
+                                         f"on validation {SELECT_BY}, as in the evaluation."]))
     return 0
 
 

@@ -334,7 +334,34 @@ def seed_spread(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[str
             *table(["seed", "epochs", "valid NDCG@20", *[f"test {m.upper()}" for m in metrics]], body)]
 
 
-def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] = ()) -> list[str]:
+def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
+    """The validation-only hyperparameter searches of one dataset (quality-search.json), if any ran:
+    every trial's validation NDCG@20, the chosen point per model in bold."""
+    out = []
+    for ds in (d for d in (search or {}).get("datasets", []) if d["dataset"] == ds_name):
+        grid = list(ds["grid"])
+        base = ", ".join(f"{k} {v}" for k, v in ds["base"].items() if k not in grid and k != "seed")
+        earlier = "; ".join(f"{m} " + ", ".join(f"{k} {v}" for k, v in hp.items())
+                            for m, hp in ds.get("tuned_before", {}).items() if hp)
+        base += f"; then each model at the point earlier searches chose for it: {earlier}" if earlier else ""
+        body = []
+        for trial in ds["trials"]:
+            point = {k: trial["hyperparameters"][k] for k in grid}
+            score = f"{trial['valid']['ndcg@20']:.4f}"
+            body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]),
+                         f"**{score}**" if point == ds["chosen"][trial["model"]] else score,
+                         fmt(trial["train_seconds"], 0)])
+        points = " x ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ds["grid"].items())
+        out += ["", f"Hyperparameter search (`bench/quality.py --search`, measured {ds['measured']}, "
+                    f"{ds['seconds'] / 60:.0f} min with {ds['jobs']} trials at a time): every point of the grid "
+                    f"{points} for each model, the rest fixed ({base}); each trial's epoch chosen on validation as "
+                    "above, **no test set scored**; each model's best point in bold.", "",
+                *table(["model", *grid, "epochs", "valid NDCG@20", "train s"], body)]
+    return out
+
+
+def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] = (),
+                    search: dict[str, Any] | None = None) -> list[str]:
     title = "### Recommendation quality"
     if res is None:
         return [title, "", "Not measured: `python bench/quality.py`.", ""]
@@ -372,6 +399,7 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
                         f"(popularity, item-kNN, GRU) on every test metric." + (
                         " Where it loses: " + "; ".join(losses) + "." if losses else "")]
             out += seed_spread(ds, list(seed_runs))
+        out += search_table(ds["dataset"], search)
         capped = [n for n, r in ds["models"].items() if r.get("choice", {}).get("epochs") == ds["epochs_max"]]
         if capped:
             out += ["", f"*(cap)*: validation still improving at the last allowed epoch ({', '.join(capped)}): "
@@ -598,7 +626,7 @@ def main() -> int:
               ""]
     lines += section_prepare(load("prepare"))
     lines += ["## Quality", ""] + section_quality(load("quality"), [
-        json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-seed*.json"))])
+        json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-seed*.json"))], load("quality-search"))
     lines += ["## Serving", ""] + section_serve(load("serve"))
     lines += ["## Profiles", ""] + section_profile_gpu(load("profile-cuda"), load("profile-cuda-unaligned"))
     lines += section_profile(load("profile"))

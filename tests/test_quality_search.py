@@ -1,0 +1,116 @@
+"""bench/quality.py's hyperparameter search: validation only, the best trial per model chosen."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import quality  # noqa: E402
+from bench.common import ITEM_COLUMN  # noqa: E402
+
+
+def test_parse_grid_types_values_and_names_a_bad_field():
+    assert quality.parse_grid(["dropout=0.2,0.5", "d_model=64,128"]) == {"dropout": [0.2, 0.5], "d_model": [64, 128]}
+    with pytest.raises(ValueError, match="'dropuot' is not a searchable"):
+        quality.parse_grid(["dropuot=0.2"])
+    with pytest.raises(ValueError, match="values of 'd_model' must be ints"):
+        quality.parse_grid(["d_model=64.5"])
+    with pytest.raises(ValueError, match="no values for 'dropout'"):
+        quality.parse_grid(["dropout="])
+
+
+def test_tuned_hyper_applies_the_choice_of_its_dataset_and_model_only(monkeypatch):
+    monkeypatch.setattr(quality, "TUNED", {"ml-100k": {"xlnet-clm": {"dropout": 0.5, "d_model": 128}}})
+    base = quality.Hyper(batch_size=32)
+    assert quality.tuned_hyper(base, "ml-100k", "xlnet-clm") == quality.Hyper(batch_size=32, dropout=0.5, d_model=128)
+    assert quality.tuned_hyper(base, "ml-100k", "gru") == base
+    assert quality.tuned_hyper(base, "yoochoose", "xlnet-clm") == base
+    assert quality.tuned_hyper(base, "ml-100k", "xlnet-clm", use_tuned=False) == base
+
+
+class _Untouchable(quality.EvalSet):
+    def batches(self, spec, batch_size: int = 512):
+        raise AssertionError("the search scored the test set")
+
+
+def _tiny_data(tmp_path: Path) -> quality.QualityData:
+    """Sessions that walk a ring of 20 items: the next item is always the current one + 1."""
+    from raytr.features import FIRST_ITEM_ID, FeatureSpec
+
+    rng = np.random.default_rng(0)
+    ring = 20
+
+    def walk(length: int) -> np.ndarray:
+        start = rng.integers(ring)
+        return FIRST_ITEM_ID + (start + np.arange(length)) % ring
+
+    train = quality._write_sessions(tmp_path / "train.parquet", [walk(int(rng.integers(3, 9))) for _ in range(512)])
+    valid = torch.zeros(64, 8, dtype=torch.int64)
+    for row in valid:
+        row[:6] = torch.from_numpy(walk(6))
+    spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=FIRST_ITEM_ID + ring, max_sequence_length=8)
+    return quality.QualityData("tiny", spec, [train], quality.EvalSet("valid", sessions=valid),
+                               _Untouchable("test"), exclude_seen=False, protocol="ring", stats={})
+
+
+def test_search_scores_validation_only_and_chooses_each_models_best_trial(tmp_path, monkeypatch):
+    data = _tiny_data(tmp_path)
+    monkeypatch.setattr(quality, "load_data", lambda *args: data)
+    base = quality.Hyper(d_model=16, n_layers=1, n_heads=2, batch_size=64)
+    res = quality.search_dataset("tiny", ("gru", "gpt2-clm"), {"learning_rate": [1e-6, 1e-2]}, 2, tmp_path / "work",
+                                 base, jobs=1, threads=1)
+    assert [(t["model"], t["hyperparameters"]["learning_rate"]) for t in res["trials"]] == [
+        ("gru", 1e-6), ("gru", 1e-2), ("gpt2-clm", 1e-6), ("gpt2-clm", 1e-2)]
+    for trial in res["trials"]:
+        assert set(trial["validation_curve"]) == {1, 2}  # every epoch scored on validation
+        assert trial["hyperparameters"]["d_model"] == 16  # the base's other fields kept
+    # A learning rate of 1e-6 cannot learn the ring in two epochs; 1e-2 does, for both models.
+    for model in ("gru", "gpt2-clm"):
+        low, high = (t for t in res["trials"] if t["model"] == model)
+        assert high["valid"]["ndcg@20"] > low["valid"]["ndcg@20"] + 0.1
+        assert res["chosen"][model] == {"learning_rate": 1e-2}
+    assert not (tmp_path / "work" / "tiny").exists()  # checkpoints removed
+
+
+def test_merging_searches_replaces_a_repeated_grid_and_keeps_other_fields_searched():
+    old = [{"dataset": "ml-100k", "grid": {"dropout": [0.2], "d_model": [64]}, "run": 1},
+           {"dataset": "yoochoose", "grid": {"dropout": [0.2]}, "run": 1}]
+    fresh = [{"dataset": "ml-100k", "grid": {"d_model": [64, 128], "dropout": [0.5]}, "run": 2},
+             {"dataset": "ml-100k", "grid": {"learning_rate": [1e-3]}, "run": 2}]
+    merged = quality.merge_searches(old, fresh)
+    assert [(s["dataset"], sorted(s["grid"]), s["run"]) for s in merged] == [
+        ("ml-100k", ["d_model", "dropout"], 2), ("yoochoose", ["dropout"], 1), ("ml-100k", ["learning_rate"], 2)]
+
+
+def test_a_search_starts_each_model_from_what_earlier_searches_chose(tmp_path, monkeypatch):
+    data = _tiny_data(tmp_path)
+    monkeypatch.setattr(quality, "load_data", lambda *args: data)
+    monkeypatch.setattr(quality, "TUNED", {"tiny": {"gru": {"d_model": 8}}})
+    base = quality.Hyper(d_model=16, n_layers=1, n_heads=2, batch_size=64)
+    res = quality.search_dataset("tiny", ("gru",), {"dropout": [0.0]}, 1, tmp_path / "work", base)
+    assert res["trials"][0]["hyperparameters"]["d_model"] == 8
+    assert res["tuned_before"] == {"gru": {"d_model": 8}}
+    res = quality.search_dataset("tiny", ("gru",), {"dropout": [0.0]}, 1, tmp_path / "work", base, use_tuned=False)
+    assert res["trials"][0]["hyperparameters"]["d_model"] == 16
+
+
+def test_a_trial_an_earlier_search_ran_is_reused_not_trained_again(tmp_path, monkeypatch):
+    data = _tiny_data(tmp_path)
+    monkeypatch.setattr(quality, "load_data", lambda *args: data)
+    base = quality.Hyper(d_model=16, n_layers=1, n_heads=2, batch_size=64)
+    first = quality.search_dataset("tiny", ("gru",), {"learning_rate": [1e-2]}, 1, tmp_path / "work", base)
+    trained = []
+    real = quality.run_search_trial
+    monkeypatch.setattr(quality, "run_search_trial", lambda trial: trained.append(trial.hp.learning_rate) or real(trial))
+    second = quality.search_dataset("tiny", ("gru",), {"learning_rate": [1e-6, 1e-2]}, 1, tmp_path / "work", base,
+                                    earlier=[first])
+    assert trained == [1e-6]  # 1e-2 came from the first search
+    reused = second["trials"][1]
+    assert reused["reused"] == first["measured"] and reused["valid"] == first["trials"][0]["valid"]
+    assert second["chosen"] == {"gru": {"learning_rate": 1e-2}}
