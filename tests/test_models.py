@@ -87,6 +87,22 @@ def test_mlm_masks_are_reproducible_with_a_generator():
     assert torch.equal(m1(batch).labels, m2(batch).labels)
 
 
+@pytest.mark.parametrize("body,objective", [("gpt2", "clm"), ("xlnet", "mlm"), ("gru", "clm")])
+def test_the_seed_fixes_the_initial_weights_and_leaves_the_global_generator_alone(body, objective):
+    def weights(seed: int):  # `build` would reseed the global generator itself
+        model = SessionModel(tiny_spec(), tiny_config(body, objective), seed=seed)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    first = weights(5)
+    torch.rand(100)  # the global generator moves on, as in a process that trains model after model
+    state = torch.get_rng_state()
+    second = weights(5)
+    assert torch.equal(torch.get_rng_state(), state)  # building a seeded model drew nothing from it
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    other = weights(6)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
 def test_weights_are_tied_unless_disabled():
     tied = build("gpt2", "clm")
     assert tied.head.weight is tied.inputs.item_embedding.weight

@@ -60,8 +60,10 @@ class SessionModel(nn.Module):
     hf_config: any Hugging Face config whose base model accepts `inputs_embeds` (e.g.
         `MistralConfig(hidden_size=config.d_model, ...)`); it replaces the body chosen by
         `config.body`. Its causality is probed against `config.objective` at construction.
-    seed: seeds this model's generator for MLM masks and sampled negatives; None uses torch's
-        default generator. `forward(batch, generator=...)` overrides it per call.
+    seed: seeds the initial weights (from a generator of their own: torch's global one is left as it
+        was, so models built one after another in a process get the same weights for the same seed)
+        and this model's generator for MLM masks and sampled negatives; None uses torch's default
+        generator for both. `forward(batch, generator=...)` overrides the latter per call.
     """
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig, hf_config: PretrainedConfig | None = None,
@@ -70,10 +72,13 @@ class SessionModel(nn.Module):
         self.spec = spec
         self.config = config
         self.custom_hf_config = hf_config
-        self.inputs = SessionInputs(spec, config)
-        self.body = build_body(config, spec.max_sequence_length, hf_config)
-        tied = self.inputs.item_embedding.weight if config.tie_weights else None
-        self.head = NextItemHead(config, spec.item_cardinality, tied_weight=tied)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.default_generator.manual_seed(seed)  # the CPU's: weights are made there; CUDA's untouched
+            self.inputs = SessionInputs(spec, config)
+            self.body = build_body(config, spec.max_sequence_length, hf_config)
+            tied = self.inputs.item_embedding.weight if config.tie_weights else None
+            self.head = NextItemHead(config, spec.item_cardinality, tied_weight=tied)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     # ---------------------------------------------------------------- checks
