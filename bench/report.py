@@ -348,11 +348,14 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
         for trial in ds["trials"]:
             point = {k: trial["hyperparameters"][k] for k in grid}
             score = f"{trial['valid']['ndcg@20']:.4f}"
-            body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]),
-                         f"**{score}**" if point == ds["chosen"][trial["model"]] else score,
+            score = f"**{score}**" if point == ds["chosen"][trial["model"]] else score
+            if trial.get("reused"):
+                score += f" (the trial of {trial['reused']})"
+            body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]), score,
                          fmt(trial["train_seconds"], 0)])
         points = " x ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ds["grid"].items())
-        out += ["", f"Hyperparameter search (`bench/quality.py --search`, measured {ds['measured']}, "
+        code = f" ({ds['code']})" if ds.get("code") else ""
+        out += ["", f"Hyperparameter search (`bench/quality.py --search`, measured {ds['measured']}{code}, "
                     f"{ds['seconds'] / 60:.0f} min with {ds['jobs']} trials at a time): every point of the grid "
                     f"{points} for each model, the rest fixed ({base}); each trial's epoch chosen on validation as "
                     "above, **no test set scored**; each model's best point in bold.", "",
@@ -373,8 +376,8 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
                           if k != "directory" and not isinstance(v, dict)) +
                 f". Wall time {ds['seconds']:.0f}s of a {ds['budget_s']:.0f}s budget, at most "
                 f"{ds['epochs_max']} epochs per model" +
-                (f"; measured {ds['measured']}, load {ds.get('load_before', ['?'])[0]} at the start" if ds.get("measured")
-                 else "") + ".", ""]
+                (f"; measured {ds['measured']}" + (f" ({ds['code']})" if ds.get("code") else "") +
+                 f", load {ds.get('load_before', ['?'])[0]} at the start" if ds.get("measured") else "") + ".", ""]
         best = {m: max(r["test"][m] for r in ds["models"].values()) for m in metrics}
         body = []
         for name, r in ds["models"].items():
