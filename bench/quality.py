@@ -468,9 +468,14 @@ TUNED: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def tuned_point(dataset: str, model: str, use_tuned: bool = True) -> dict[str, Any]:
+    """The hyperparameters `--search` chose for (dataset, model): {} when none (or not `use_tuned`)."""
+    return dict(TUNED.get(dataset, {}).get(model, {})) if use_tuned else {}
+
+
 def tuned_hyper(base: Hyper, dataset: str, model: str, use_tuned: bool = True) -> Hyper:
     """`base` with the hyperparameters `--search` chose for (dataset, model), if any."""
-    return replace(base, **TUNED.get(dataset, {}).get(model, {})) if use_tuned else base
+    return replace(base, **tuned_point(dataset, model, use_tuned))
 
 
 def load_data(name: str, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS) -> QualityData:
@@ -528,14 +533,15 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], e.get("data", _data_key(name))):
             {**r, "reused": e["measured"]}
             for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
-    todo = [t for t in trials if _trial_key(t.model, asdict(t.hp), epochs, data_key) not in done]
+    keys = [_trial_key(t.model, asdict(t.hp), epochs, data_key) for t in trials]
+    todo = [(t, key) for t, key in zip(trials, keys) if key not in done]
     if jobs == 1:
-        fresh = [run_search_trial(trial) for trial in todo]
+        fresh = [run_search_trial(trial) for trial, _ in todo]
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            fresh = list(pool.map(run_search_trial, todo))
-    ran = dict(zip(todo, fresh))
-    results = [ran[t] if t in ran else done[_trial_key(t.model, asdict(t.hp), epochs, data_key)] for t in trials]
+            fresh = list(pool.map(run_search_trial, [trial for trial, _ in todo]))
+    done.update(zip((key for _, key in todo), fresh))
+    results = [done[key] for key in keys]
     chosen = {}
     for model in models:
         best = max((r for r in results if r["model"] == model), key=lambda r: r["valid"][SELECT_BY])
@@ -543,7 +549,7 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     shutil.rmtree(work_root / name, ignore_errors=True)
     return {"dataset": name, "data": data_key, "grid": grid, "base": asdict(base), "epochs_max": epochs,
             "selected_by": SELECT_BY,
-            "tuned_before": {m: TUNED.get(name, {}).get(m, {}) for m in models} if use_tuned else {},
+            "tuned_before": {m: tuned_point(name, m) for m in models} if use_tuned else {},
             "trials": results, "chosen": chosen, "seconds": time.perf_counter() - started, "jobs": jobs,
             "measured": timestamp(), "code": code_version(), "load_before": load0, "load_after": load_average()}
 
@@ -607,7 +613,7 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
             continue
         model_hp = tuned_hyper(hp, name, model_name, use_tuned)
         res = run_neural(data, model_name, body, objective, epochs, work, model_hp)
-        res["choice"] = {**TUNED.get(name, {}).get(model_name, {}), **res["choice"]} if use_tuned else res["choice"]
+        res["choice"] = {**tuned_point(name, model_name, use_tuned), **res["choice"]}
         results[model_name] = res
         log.info("%s %s: best epoch %d, valid %s %.4f, test %.4f (%.0fs)", name, model_name, res["choice"]["epochs"],
                  SELECT_BY, res["valid"][SELECT_BY], res["test"][SELECT_BY], res["train_seconds"] + res["eval_seconds"])
@@ -769,7 +775,8 @@ def main(argv=None) -> int:
 
 def run_search(args: argparse.Namespace, names: list[str], models: tuple[str, ...], grid: dict[str, list[Any]],
                epochs: dict[str, int], base_hyper, started: float, load_before: list[float]) -> int:
-    """`--search`: the grid on each dataset's validation set; merges by dataset into the result."""
+    """`--search`: the grid on each dataset's validation set; with --merge added to the earlier
+    searches in the result (`merge_searches`) and reusing their trials."""
     output = args.output or "quality-search"
     results = []
     for name in names:
