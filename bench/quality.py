@@ -778,12 +778,12 @@ def run_search(args: argparse.Namespace, names: list[str], models: tuple[str, ..
     """`--search`: the grid on each dataset's validation set; with --merge added to the earlier
     searches in the result (`merge_searches`) and reusing their trials."""
     output = args.output or "quality-search"
+    earlier = (read_result(output) or {}).get("datasets", []) if args.merge else []
     results = []
     for name in names:
         res = search_dataset(name, models, grid, epochs[name], DATA_DIR / "quality" / "work" / output,
                              base_hyper(name), jobs=args.jobs, threads=args.threads, ml_window=args.ml_window,
-                             ml_tie_orders=args.ml_tie_orders, use_tuned=not args.untuned,
-                             earlier=(read_result(output) or {}).get("datasets", []) if args.merge else [])
+                             ml_tie_orders=args.ml_tie_orders, use_tuned=not args.untuned, earlier=earlier)
         print(f"\n{name}: validation {SELECT_BY} per trial ({res['seconds']:.0f}s)")
         for r in res["trials"]:
             point = ", ".join(f"{k}={r['hyperparameters'][k]}" for k in grid)

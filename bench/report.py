@@ -178,12 +178,17 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
     return out
 
 
+def measured_label(record: dict[str, Any]) -> str:
+    """When a result was measured, with the commit when it recorded one: '2026-11-27 06:32:10 (6779754)'."""
+    return record.get("measured", "–") + (f" ({record['code']})" if record.get("code") else "")
+
+
 def train_table(rows: list[dict[str, Any]], device: str) -> list[str]:
     """One row per measurement; a *measured* column when the rows come from runs of different days."""
     dated = len({r.get("measured") for r in rows}) > 1
     body = []
     for r in rows:
-        when = [r.get("measured", "–") + (f" ({r['code']})" if r.get("code") else "")] if dated else []
+        when = [measured_label(r)] if dated else []
         if "error" in r:
             body.append([r["config"], r["precision"], r["impl"], *when, "error: " + r["error"][:60],
                          "", "", "", "", "", "", ""])
@@ -354,8 +359,7 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
             body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]), score,
                          fmt(trial["train_seconds"], 0)])
         points = " x ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ds["grid"].items())
-        code = f" ({ds['code']})" if ds.get("code") else ""
-        out += ["", f"Hyperparameter search (`bench/quality.py --search`, measured {ds['measured']}{code}, "
+        out += ["", f"Hyperparameter search (`bench/quality.py --search`, measured {measured_label(ds)}, "
                     f"{ds['seconds'] / 60:.0f} min with {ds['jobs']} trials at a time): every point of the grid "
                     f"{points} for each model, the rest fixed ({base}); each trial's epoch chosen on validation as "
                     "above, **no test set scored**; each model's best point in bold.", "",
@@ -376,8 +380,8 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
                           if k != "directory" and not isinstance(v, dict)) +
                 f". Wall time {ds['seconds']:.0f}s of a {ds['budget_s']:.0f}s budget, at most "
                 f"{ds['epochs_max']} epochs per model" +
-                (f"; measured {ds['measured']}" + (f" ({ds['code']})" if ds.get("code") else "") +
-                 f", load {ds.get('load_before', ['?'])[0]} at the start" if ds.get("measured") else "") + ".", ""]
+                (f"; measured {measured_label(ds)}, load {ds.get('load_before', ['?'])[0]} at the start"
+                 if ds.get("measured") else "") + ".", ""]
         best = {m: max(r["test"][m] for r in ds["models"].values()) for m in metrics}
         body = []
         for name, r in ds["models"].items():
