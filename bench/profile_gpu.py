@@ -67,16 +67,13 @@ def _step_fns(cfg, variant: str, precision: str, device):
         chunk = 1 << 20 if variant.endswith("-bigchunk") else None
         model = SessionModel(spec, raytr_model_config(cfg, chunk), seed=0).to(device)
         model.generator = torch.Generator(device=device).manual_seed(0)
+        cudagraphs = variant.endswith("-cudagraphs")  # input layer and body as CUDA graphs (cudagraph trees)
         if variant.startswith("raytr-compiled"):
-            model.compile_regions()
+            model.compile_regions("reduce-overhead" if cudagraphs else None)
         if variant.endswith("-inplace"):  # the chunk kernel compiled before it was written to fuse (A/B)
             from raytr.models.head import _chunk_loss_and_grads
 
             model.head.chunk_fn = torch.compile(_chunk_loss_and_grads, dynamic=True)
-        cudagraphs = variant.endswith("-cudagraphs")
-        if cudagraphs:  # the fixed-shape regions replayed as CUDA graphs (torch.compile's cudagraph trees)
-            model.inputs.compile(mode="reduce-overhead")
-            model.body.compile(mode="reduce-overhead")
         loader = DataLoader(spec, list(data.files), cfg.batch, engine="pyarrow", device=device)
         state = {"it": iter(loader)}
 
@@ -161,7 +158,7 @@ def _summary(prof, steps: int) -> dict[str, Any]:
     }
 
 
-TRAINER_OPTIONS = ("merlin", "quiet", "nogc")
+TRAINER_OPTIONS = ("merlin", "quiet", "nogc", "cudagraphs")
 
 
 def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: str) -> dict[str, Any]:
@@ -171,7 +168,8 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
 
     The variant's suffixes change one thing each, to find what costs the Trainer its time on the
     GPU: `-merlin` reads with the merlin engine (bench/train.py's default), `-quiet` writes no
-    TensorBoard scalars, `-nogc` disables Python's garbage collector during the loop."""
+    TensorBoard scalars, `-nogc` disables Python's garbage collector during the loop, `-cudagraphs`
+    compiles with torch_compile_mode="reduce-overhead" (input layer and body as CUDA graphs)."""
     import gc
     import tempfile
 
@@ -198,6 +196,7 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
     args = TrainingArguments(output_dir=str(work / "out"), max_steps=warm + timed + steps,
                              per_device_train_batch_size=cfg.batch, learning_rate=LEARNING_RATE,
                              fp16=precision == "fp16", bf16=precision == "bf16", torch_compile=True,
+                             torch_compile_mode="reduce-overhead" if "cudagraphs" in options else None,
                              launcher="local", use_gpu=device.type == "cuda", data_loader_engine=engine,
                              logging_steps=0 if "quiet" in options else 1,
                              report_to=() if "quiet" in options else ("tensorboard",), disable_tqdm=True,
@@ -247,7 +246,8 @@ def main(argv=None) -> int:
                         "raytr-compiled-inplace (the in-place chunk kernel compiled, as up to 2026-11-27), "
                         "raytr-compiled-cudagraphs (input layer and body as CUDA graphs: mode='reduce-overhead'), "
                         "trainer (raytr's training loop itself; also runs with --device cpu), trainer with any of the "
-                        "suffixes -merlin (merlin engine), -quiet (no TensorBoard), -nogc (no garbage collector)")
+                        "suffixes -merlin (merlin engine), -quiet (no TensorBoard), -nogc (no garbage collector), "
+                        "-cudagraphs (torch_compile_mode='reduce-overhead')")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
     p.add_argument("--steps", type=int, default=10)
     add_code_argument(p)
@@ -258,9 +258,12 @@ def main(argv=None) -> int:
     started, load_before = time.time(), load_average()
     stamp = {"measured": timestamp(started),
              "code": args.code or code_version()}
+    from torch._dynamo.utils import counters
+
     rows = []
     for name in args.configs.split(","):
         for variant in args.variants.split(","):
+            skips = counters["inductor"]["cudagraph_skips"]
             try:
                 if variant.startswith("trainer"):
                     row = profile_trainer(ALL_CONFIGS[name], variant, args.precision, args.steps, args.device)
@@ -269,6 +272,8 @@ def main(argv=None) -> int:
             except Exception as err:  # one failing variant must not lose the others' figures
                 row = {"variant": variant, "config": name, "precision": args.precision, "error": repr(err)[:400]}
             row.update(stamp)
+            if "cudagraphs" in variant:  # regions run without CUDA graphs (the perf_hints log says why)
+                row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
             rows.append(row)
             if "error" in row:
                 print(f"{name} {variant}: ERROR {row['error']}", flush=True)
@@ -276,7 +281,8 @@ def main(argv=None) -> int:
             print(f"\n{name} {args.precision} {variant}: {row['step_ms']:.2f} ms/step ({row['sessions_per_s']:.0f} "
                   f"sessions/s); profiled: wall {row['wall_ms_per_step_profiled']:.2f} ms/step, GPU busy "
                   f"{row['gpu_busy_ms_per_step']:.2f} ms/step, {row['kernels_per_step']:.0f} kernels, "
-                  f"{row['host_syncs_per_step']} host syncs", flush=True)
+                  f"{row['host_syncs_per_step']} host syncs"
+                  + (f", {row['cudagraph_skips']} cudagraph skips" if "cudagraph_skips" in row else ""), flush=True)
             if "step_ms_median" in row:
                 print(f"  steps between batches: median {row['step_ms_median']:.2f} ms, p90 {row['step_ms_p90']:.2f}, "
                       f"max {row['step_ms_max']:.2f}")

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import training_consumption  # noqa: E402
 from bench.loader import RAYTR_ENGINES  # noqa: E402
+from bench.train import IMPLS  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -102,8 +103,7 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
                                f"`{GPU_COMMAND}`.", ""]
         return [title, "", "Not measured: run `python bench/train.py`.", ""]
     cfg_order = list(res.get("configs", {}))
-    impl_order = ["bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
-                  "raytr-ray-compiled", "raytr-ray-raydata"]
+    impl_order = list(IMPLS)
     precision_order = ["fp32", "fp16", "bf16"]
 
     def rank(r: dict[str, Any]) -> tuple[int, int, int]:
@@ -645,7 +645,7 @@ def main() -> int:
 def target_status(train_cpu, train_gpu, loader_cpu, loader_gpu) -> list[str]:
     out = []
     if train_gpu:
-        trainer_impls = ("raytr-local", "raytr-local-compiled", "raytr-ray", "raytr-ray-compiled")
+        trainer_impls = [i for i in IMPLS if i.startswith("raytr-") and i != "raytr-model"]
         for cfg in ("5k", "50k"):
             for precision in ("fp16", "bf16"):
                 rs = [r for r in train_gpu["results"] if r["config"] == cfg and r["precision"] == precision

@@ -22,15 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_code_argument, run_benchmarks  # noqa: E402
 
-PROFILE_VARIANTS = ("bare-compiled,raytr-compiled,raytr-compiled-inplace,raytr-compiled-cudagraphs,"
-                    "raytr-compiled-bigchunk,trainer,trainer-quiet")
+PROFILE_VARIANTS = ("bare-compiled,raytr-compiled,raytr-compiled-cudagraphs,trainer,trainer-cudagraphs,"
+                    "raytr-compiled-inplace,raytr-compiled-bigchunk,trainer-quiet")
 TRAIN_ORDER = ("50k", "5k", "1M", "300k")  # the 80% target's configs first
 # What the targets compare: the compiled bare loop and the compiled Trainer, in-process and on Ray Train
 # (~1 minute each, ~2 for Ray's start). The eager runs (bare, raytr-model, raytr-local) explain the
 # gap; run them with train.py --impls in the same invocation as the bare loops they are compared to.
-TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-ray-compiled",
-               "50k": "bare-compiled,raytr-local-compiled,raytr-ray-compiled",
-               "1M": "bare-compiled,raytr-local-compiled", "300k": "bare-compiled,raytr-local-compiled"}
+TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-compiled",
+               "50k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-compiled",
+               "1M": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs",
+               "300k": "bare-compiled,raytr-local-compiled"}
 
 
 def gpu_steps(configs: list[str], precisions: list[str], code: str | None = None) -> list[tuple[str, list[str]]]:

@@ -18,6 +18,8 @@ implementation alike. Implementations (`--impls`):
   raytr-local           Trainer(launcher="local"): raytr's training loop in this process, with its
                         real DataLoader (merlin engine) reading the parquet sessions.
   raytr-local-compiled  the same with TrainingArguments(torch_compile=True).
+  raytr-local-cudagraphs  the same with torch_compile_mode="reduce-overhead": the input layer and
+                        body, forward and backward, replayed as CUDA graphs (GPU only).
   raytr-ray             Trainer(launcher="ray"): TorchTrainer with one worker, merlin engine.
   raytr-ray-compiled    the same with TrainingArguments(torch_compile=True).
   raytr-ray-raydata     Trainer(launcher="ray", data_loader_engine="ray"): Ray Data shard + padding.
@@ -102,8 +104,8 @@ CPU_CONFIGS = {
 }
 ALL_CONFIGS = {**GPU_CONFIGS, **CPU_CONFIGS}
 
-IMPLS = ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
-         "raytr-ray-compiled", "raytr-ray-raydata")
+IMPLS = ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-local-cudagraphs",
+         "raytr-ray", "raytr-ray-compiled", "raytr-ray-raydata")
 DEFAULT_IMPLS = {
     "cpu": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray"),
     "cuda": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
@@ -330,8 +332,9 @@ def step_times_from_tensorboard(directory: Path) -> list[tuple[int, float]]:
 
 def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup: int, steps: int,
                     engine: str, threads: int, chunk: int | None = None) -> dict[str, Any]:
-    """raytr-local / raytr-local-compiled / raytr-ray / raytr-ray-raydata through `Trainer.train()`."""
+    """raytr-local[-compiled|-cudagraphs] / raytr-ray[-compiled|-raydata] through `Trainer.train()`."""
     import torch
+    from torch._dynamo.utils import counters
 
     from raytr.features import FeatureSpec
     from raytr.models import SessionModel
@@ -352,6 +355,7 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
         output_dir=str(out_dir), max_steps=warmup + steps, per_device_train_batch_size=cfg.batch,
         learning_rate=LEARNING_RATE, fp16=precision == "fp16", bf16=precision == "bf16",
         torch_compile=impl.endswith("compiled"), launcher=launcher, num_workers=1,
+        torch_compile_mode="reduce-overhead" if impl.endswith("cudagraphs") else None,
         use_gpu=device.type == "cuda", data_loader_engine=engine, logging_steps=logging_steps,
         report_to=("tensorboard",), disable_tqdm=True, save_total_limit=1, run_name=run_name, seed=0,
         # The worker gets as many CPUs as the local runs use threads: Ray sets OMP_NUM_THREADS from it.
@@ -399,6 +403,8 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
         "launcher": launcher,
         "logging_steps": logging_steps,
     }
+    if impl.endswith("cudagraphs"):  # regions torch ran without CUDA graphs (its log says why)
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     mem = _memory(rss, dev_mem, device)
     if launcher == "ray":
         if device.type == "cuda":
@@ -511,7 +517,8 @@ def main(argv=None) -> int:
                     res["disturbed"] = disturbed(res["load_before"]) or disturbed(res["load_after"])
                     log.info("%s %s %s: %s", name, precision, impl,
                              res.get("error") or f"{res['sessions_per_s']:.0f} sessions/s, "
-                             f"peak {res.get('peak_mem_gb', float('nan')):.2f} GB (load {load0[0]:.1f})")
+                             f"peak {res.get('peak_mem_gb', float('nan')):.2f} GB (load {load0[0]:.1f})"
+                             + (f", {res['cudagraph_skips']} cudagraph skips" if "cudagraph_skips" in res else ""))
                     prev = best.get(impl)
                     if "error" in res and prev is not None:
                         continue

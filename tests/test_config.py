@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from raytr.config import ConfigError, DataConfig, RaytrConfig, from_dict, load_config
+from raytr.training.arguments import TrainingArguments
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -95,7 +96,8 @@ def test_wrong_type_names_the_field(tmp_path, section, key, value):
 
 @pytest.mark.parametrize(
     "section, key, value",
-    [("model", "body", "lstm"), ("data", "read_format", "json"), ("training", "lr_scheduler_type", "step")],
+    [("model", "body", "lstm"), ("data", "read_format", "json"), ("training", "lr_scheduler_type", "step"),
+     ("training", "torch_compile_mode", "fast")],
 )
 def test_bad_literal_names_field_and_choices(tmp_path, section, key, value):
     path = write_yaml(tmp_path, {section: {key: value}})
@@ -104,6 +106,18 @@ def test_bad_literal_names_field_and_choices(tmp_path, section, key, value):
     msg = str(info.value)
     assert f"{section}.{key}" in msg and repr(value) in msg
     assert "expected one of" in msg
+
+
+def test_torch_compile_mode_turns_compiling_on_and_says_whether_it_uses_cuda_graphs():
+    """As in Hugging Face: a mode implies torch_compile; the loop marks steps only for graph modes."""
+    plain = load_config(overrides={"training": {"torch_compile": True}}).training
+    assert plain.torch_compile and not plain.uses_cuda_graphs
+    graphs = load_config(overrides={"training": {"torch_compile_mode": "reduce-overhead"}}).training
+    assert graphs.torch_compile and graphs.uses_cuda_graphs
+    autotune = load_config(overrides={"training": {"torch_compile_mode": "max-autotune-no-cudagraphs"}}).training
+    assert autotune.torch_compile and not autotune.uses_cuda_graphs
+    with pytest.raises(ConfigError, match=r"training\.torch_compile_mode='fast'.*reduce-overhead"):
+        TrainingArguments(torch_compile_mode="fast")  # built in code, not from YAML: the same message
 
 
 def test_int_accepted_for_float(tmp_path):

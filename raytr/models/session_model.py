@@ -122,12 +122,17 @@ class SessionModel(nn.Module):
                 f"like {self.spec.item_id!r}"
             )
 
-    def compile_regions(self) -> "SessionModel":
+    def compile_regions(self, mode: str | None = None) -> "SessionModel":
         """torch.compile the fixed-shape parts in place: the input layer, the body and (on CUDA) the
         loss's per-chunk kernel. The checks and target selection stay eager: their data-dependent
-        shapes would break one whole-model graph. Parameter names do not change."""
-        self.inputs.compile()
-        self.body.compile()
+        shapes would break one whole-model graph. Parameter names do not change.
+
+        `mode` (torch.compile's) applies to the input layer and body; "reduce-overhead" replays them
+        as CUDA graphs on a GPU, and the caller then marks each training step's start
+        (`torch.compiler.cudagraph_mark_step_begin`). The chunk kernel keeps the default mode: its
+        row count changes every batch, and a graph per count would hold memory for each."""
+        self.inputs.compile(mode=mode)
+        self.body.compile(mode=mode)
         if next(self.parameters()).device.type == "cuda":
             self.head.compile_chunk_kernel()
         return self

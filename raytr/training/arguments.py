@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
+COMPILE_MODES = get_args(CompileMode)
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay their graphs as CUDA graphs on a GPU
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,9 @@ class TrainingArguments:
     `metric_for_best_model` (evaluated on the eval data, key without the `eval_` prefix).
 
     Session-specific:
+        torch_compile_mode: torch.compile's mode for the compiled regions (None: "default");
+            "reduce-overhead" replays the input layer and body, forward and backward, as CUDA
+            graphs on a GPU (Hugging Face's name; setting it turns torch_compile on).
         max_sequence_length: None reads it from the prepared schema (the one source of truth).
         data_loader_engine: "merlin" (merlin-dataloader), "pyarrow", or "ray" (Ray Data shards).
         compute_metrics_each_n_steps: ranking metrics on the training batch every N steps (0: off).
@@ -48,6 +55,7 @@ class TrainingArguments:
     fp16: bool = False
     bf16: bool = False
     torch_compile: bool = False
+    torch_compile_mode: CompileMode | None = None
     seed: int = 42
     dataloader_drop_last: bool = False
     logging_steps: int = 50
@@ -75,6 +83,11 @@ class TrainingArguments:
     def __post_init__(self) -> None:
         from raytr.config import ConfigError  # local: config imports this module
 
+        if self.torch_compile_mode is not None:
+            if self.torch_compile_mode not in COMPILE_MODES:
+                raise ConfigError(f"training.torch_compile_mode={self.torch_compile_mode!r}: expected one of "
+                                  f"{list(COMPILE_MODES)}")
+            object.__setattr__(self, "torch_compile", True)  # as in Hugging Face: a mode implies compiling
         if self.fp16 and self.bf16:
             raise ConfigError("training.fp16 and training.bf16 are both true: choose one")
         if self.num_train_epochs < 1 and self.max_steps <= 0:
@@ -95,6 +108,12 @@ class TrainingArguments:
             raise ConfigError(f"training.launcher='local' runs one worker; num_workers={self.num_workers} needs 'ray'")
         if self.max_failures < 0:
             raise ConfigError(f"training.max_failures={self.max_failures}: expected >= 0")
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the compiled regions replay as CUDA graphs (on a GPU): each step must then tell
+        torch that the previous step's graph outputs may be overwritten."""
+        return self.torch_compile and self.torch_compile_mode in CUDAGRAPH_MODES
 
     @property
     def mixed_precision(self) -> str | None:

@@ -142,6 +142,14 @@ def _all_reduce(tensor: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
     return tensor
 
 
+def _step_marker(args: TrainingArguments, device: torch.device) -> Callable[[], None]:
+    """What to call before each forward. CUDA graphs replay into the same output memory, so with
+    them each forward declares the previous one's graph outputs dead; otherwise nothing."""
+    if args.uses_cuda_graphs and device.type == "cuda":
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
+
+
 def evaluate_paths(model: SessionModel, cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     """Next-item metrics over this rank's share of the eval data, reduced across ranks."""
     args = cfg.args
@@ -149,9 +157,11 @@ def evaluate_paths(model: SessionModel, cfg: LoopConfig, ctx: WorkerContext) -> 
                         engine="pyarrow" if args.data_loader_engine == "ray" else args.data_loader_engine,
                         rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     metrics = RankingMetrics(args.metrics_top_k)
+    mark_step = _step_marker(args, ctx.device)
     model.eval()
     with torch.no_grad(), _autocast(args, ctx.device):
         for batch in loader:
+            mark_step()
             update_next_item_metrics(metrics, model, batch, args.exclude_seen)
     model.train()
     metrics.load_state(_all_reduce(metrics.state.to(ctx.device), ctx).cpu())
@@ -224,7 +234,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         log.info("rank %d: resumed from %s at epoch %d, step %d", ctx.rank, restored, start_epoch, global_step)
 
     if args.torch_compile:
-        model.compile_regions()  # in place, before DDP wraps it: state_dict names stay the same
+        model.compile_regions(args.torch_compile_mode)  # in place, before DDP wraps it: same state_dict names
+    mark_step = _step_marker(args, device)
     ddp_model = ctx.prepare_model(model)
     scalars = _tensorboard(args) if ctx.is_main else None
     progress = _progress(args, ctx, total_steps, global_step)
@@ -291,6 +302,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
             for batch in batches_for_epoch(epoch):
                 if global_step >= total_steps or steps_this_epoch >= steps_per_epoch:
                     break
+                optimizer.zero_grad(set_to_none=True)  # before the forward: no graph output outlives its step
+                mark_step()
                 with _autocast(args, device):
                     out = ddp_model(batch)
                 loss = out.loss
@@ -302,7 +315,6 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                 last_step.put(torch.cat([check, loss.detach().double().view(1)]))
                 last_step_at = (epoch, global_step)
                 loss_sum += check
-                optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if args.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
@@ -318,6 +330,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                 if args.compute_metrics_each_n_steps and global_step % args.compute_metrics_each_n_steps == 0:
                     train_metrics = RankingMetrics(args.metrics_top_k)
                     model.eval()
+                    mark_step()
                     with _autocast(args, device):
                         update_next_item_metrics(train_metrics, model, batch)
                     model.train()
