@@ -28,8 +28,8 @@ TRAIN_ORDER = ("50k", "5k", "1M", "300k")  # the 80% target's configs first
 # What the targets compare: the compiled bare loop and the compiled Trainer, in-process and on Ray Train
 # (~1 minute each, ~2 for Ray's start). The eager runs (bare, raytr-model, raytr-local) explain the
 # gap; run them with train.py --impls in the same invocation as the bare loops they are compared to.
-TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-compiled",
-               "50k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-compiled",
+TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-cudagraphs",
+               "50k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-cudagraphs",
                "1M": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs",
                "300k": "bare-compiled,raytr-local-compiled"}
 

@@ -22,6 +22,7 @@ implementation alike. Implementations (`--impls`):
                         body, forward and backward, replayed as CUDA graphs (GPU only).
   raytr-ray             Trainer(launcher="ray"): TorchTrainer with one worker, merlin engine.
   raytr-ray-compiled    the same with TrainingArguments(torch_compile=True).
+  raytr-ray-cudagraphs  the same with torch_compile_mode="reduce-overhead" (GPU only).
   raytr-ray-raydata     Trainer(launcher="ray", data_loader_engine="ray"): Ray Data shard + padding.
 
 Throughput (sessions/s) is measured over steady steps only: `--warmup` steps are run first. The
@@ -105,11 +106,11 @@ CPU_CONFIGS = {
 ALL_CONFIGS = {**GPU_CONFIGS, **CPU_CONFIGS}
 
 IMPLS = ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-local-cudagraphs",
-         "raytr-ray", "raytr-ray-compiled", "raytr-ray-raydata")
+         "raytr-ray", "raytr-ray-compiled", "raytr-ray-cudagraphs", "raytr-ray-raydata")
 DEFAULT_IMPLS = {
     "cpu": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray"),
-    "cuda": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray",
-             "raytr-ray-compiled"),
+    "cuda": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-local-cudagraphs",
+             "raytr-ray", "raytr-ray-compiled", "raytr-ray-cudagraphs"),
 }
 LEARNING_RATE = 1e-3
 DROPOUT = 0.1
@@ -332,7 +333,7 @@ def step_times_from_tensorboard(directory: Path) -> list[tuple[int, float]]:
 
 def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup: int, steps: int,
                     engine: str, threads: int, chunk: int | None = None) -> dict[str, Any]:
-    """raytr-local[-compiled|-cudagraphs] / raytr-ray[-compiled|-raydata] through `Trainer.train()`."""
+    """raytr-local[-compiled|-cudagraphs] / raytr-ray[-compiled|-cudagraphs|-raydata] through `Trainer.train()`."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -403,7 +404,7 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
         "launcher": launcher,
         "logging_steps": logging_steps,
     }
-    if impl.endswith("cudagraphs"):  # regions torch ran without CUDA graphs (its log says why)
+    if impl.endswith("cudagraphs") and launcher == "local":  # regions run without CUDA graphs (perf_hints log: why)
         out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     mem = _memory(rss, dev_mem, device)
     if launcher == "ray":

@@ -108,30 +108,56 @@ def test_cuda_graph_training_learns_on_cuda(session_files, tmp_path):
     assert result.metrics["eval_recall@10"] > 0.8, result.metrics
 
 
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_compiled_regions_match_eager_on_cuda(dtype, mode):
-    """compile_regions on CUDA also compiles the loss's chunk kernel (Triton): same loss and gradients.
-    Under "reduce-overhead" the third step replays the recorded CUDA graphs."""
+def _grads_after_steps(model: SessionModel, batch: SessionBatch, dtype: torch.dtype | None, steps: int = 3):
+    """Loss and gradients of the last of `steps` identical steps (cudagraph trees: a warm-up run, a
+    recording, then replays)."""
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(batch.item_ids.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(batch).loss
+        loss.backward()
+    return loss.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative_error(a: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((a.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
+
+
+def assert_compiled_matches_eager(dtype: torch.dtype, device: str) -> None:
+    """compile_regions, default mode and "reduce-overhead" (CUDA graphs): the loss matches eager and
+    every gradient is as close to the fp32 one as eager mixed precision's is (small gradients, layer
+    norm weights above all, differ by ~15% between any two half-precision orders of summation, so
+    an absolute tolerance either fails them or lets everything through); the graph replays give
+    what the compiled code gives."""
     config = ModelConfig(body="gpt2", d_model=64, n_layers=2, n_heads=4, dropout=0.0, logits_chunk_size=256)
-    eager = SessionModel(SPEC, config, seed=0).cuda()
-    compiled = SessionModel(SPEC, config, seed=0).cuda()
-    compiled.load_state_dict(eager.state_dict())
-    compiled.compile_regions(mode)
+    reference = SessionModel(SPEC, config, seed=0).to(device)
     gen = torch.Generator().manual_seed(0)
     batch = SessionBatch(item_ids=torch.randint(FIRST_ITEM_ID, ITEMS, (64, 20), generator=gen),
                          categorical={"category-list": torch.randint(3, 20, (64, 20), generator=gen)},
-                         continuous={"price-list": torch.randn(64, 20, generator=gen)}).to("cuda")
-    losses = []
-    for model in (eager, compiled):
-        for _ in range(3):  # cudagraph trees: a warm-up run, a recording, then replays
-            model.zero_grad(set_to_none=True)
-            torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast("cuda", dtype=dtype):
-                loss = model(batch).loss
-            loss.backward()
-        losses.append(loss.detach().clone())
-    assert torch.allclose(losses[0], losses[1], rtol=2e-2), losses
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        if a.requires_grad:  # the body's one-row token embedding is frozen
-            assert torch.allclose(a.grad, b.grad, atol=5e-2 * float(a.grad.abs().max()) + 1e-6), name
+                         continuous={"price-list": torch.randn(64, 20, generator=gen)}).to(device)
+
+    def copy(mode: str | None = None, compiled: bool = True) -> SessionModel:
+        model = SessionModel(SPEC, config, seed=0).to(device)
+        model.load_state_dict(reference.state_dict())
+        return model.compile_regions(mode) if compiled else model
+
+    _, exact = _grads_after_steps(reference, batch, None)
+    eager_loss, eager = _grads_after_steps(copy(compiled=False), batch, dtype)
+    runs = {mode: _grads_after_steps(copy(mode), batch, dtype) for mode in (None, "reduce-overhead")}
+    for mode, (loss, grads) in runs.items():
+        assert torch.allclose(loss, eager_loss, rtol=2e-2), (mode, loss, eager_loss)
+        assert grads.keys() == eager.keys(), mode
+        for name, g in grads.items():
+            allowed = 3 * _relative_error(eager[name], exact[name]) + 0.05
+            assert _relative_error(g, exact[name]) <= allowed, (mode, name, _relative_error(g, exact[name]), allowed)
+    replayed, compiled = runs["reduce-overhead"][1], runs[None][1]
+    for name in compiled:
+        assert _relative_error(replayed[name], compiled[name]) < 1e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_regions_match_eager_on_cuda(dtype):
+    """compile_regions on CUDA also compiles the loss's chunk kernel (Triton); "reduce-overhead"
+    replays the input layer and body as CUDA graphs."""
+    assert_compiled_matches_eager(dtype, "cuda")
