@@ -422,3 +422,17 @@ def test_model_cardinality_smaller_than_the_data_names_the_column(prepared_dir, 
         trainer.train()
     with pytest.raises(ValueError, match="item_id-list"):
         trainer.evaluate()
+
+
+def test_cuda_graph_modes_mark_every_step_on_cuda_only():
+    """Under CUDA graphs each forward must declare the previous step's graph outputs dead; on the CPU,
+    or compiled without graphs, the loop calls nothing (tests/test_gpu.py trains with the mode)."""
+    from raytr.training.loop import _step_marker
+
+    marker = torch.compiler.cudagraph_mark_step_begin
+    for mode in ("reduce-overhead", "max-autotune"):
+        assert _step_marker(TrainingArguments(torch_compile_mode=mode), torch.device("cuda")) is marker
+    for args, device in [(TrainingArguments(torch_compile_mode="reduce-overhead"), "cpu"),
+                         (TrainingArguments(torch_compile=True), "cuda"),
+                         (TrainingArguments(torch_compile_mode="max-autotune-no-cudagraphs"), "cuda")]:
+        assert _step_marker(args, torch.device(device)) is not marker, (args.torch_compile_mode, device)
