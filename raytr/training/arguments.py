@@ -113,7 +113,7 @@ class TrainingArguments:
     def uses_cuda_graphs(self) -> bool:
         """Whether the compiled regions replay as CUDA graphs (on a GPU): each step must then tell
         torch that the previous step's graph outputs may be overwritten."""
-        return self.torch_compile and self.torch_compile_mode in CUDAGRAPH_MODES
+        return self.torch_compile_mode in CUDAGRAPH_MODES  # a mode always turns torch_compile on
 
     @property
     def mixed_precision(self) -> str | None:
