@@ -44,6 +44,21 @@ from bench.train import (
 )
 
 
+STEP_OPTIONS = ("foreach", "bigchunk", "inplace", "cudagraphs")  # raytr[-compiled] variants' suffixes
+TRAINER_OPTIONS = ("merlin", "quiet", "nogc", "cudagraphs", "bigchunk")
+BIG_CHUNK_ROWS = 1 << 20  # loss chunks up to the head's cap of 2^29 logits (10,737 rows at 50k items)
+
+
+def variant_options(variant: str, base: str, allowed: tuple[str, ...]) -> set[str]:
+    """The suffixes after `base` (each one change, combinable: raytr-compiled-cudagraphs-bigchunk)."""
+    rest = variant[len(base):]
+    options = rest[1:].split("-") if rest.startswith("-") else []
+    unknown = [o for o in options if o not in allowed]
+    if not variant.startswith(base) or (rest and not options) or unknown:
+        raise ValueError(f"variant {variant!r}: expected {base}[-{'][-'.join(allowed)}]")
+    return set(options)
+
+
 def _step_fns(cfg, variant: str, precision: str, device):
     """step(i) -> loss for one variant; every input is built before timing."""
     import torch
@@ -61,16 +76,20 @@ def _step_fns(cfg, variant: str, precision: str, device):
         from raytr.features import FeatureSpec
         from raytr.models import SessionModel
 
+        compiled = variant.startswith("raytr-compiled")
+        options = variant_options(variant, "raytr-compiled" if compiled else "raytr", STEP_OPTIONS)
+        if not compiled and options & {"inplace", "cudagraphs"}:
+            raise ValueError(f"variant {variant!r}: -inplace and -cudagraphs need raytr-compiled")
         spec = FeatureSpec(item_id="item_id-list", item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
-        # -bigchunk: chunks of up to MAX_CHUNK_LOGITS (10,737 rows at 50k items) instead of 4,096 rows:
-        # what the per-chunk launches and glue cost.
-        chunk = 1 << 20 if variant.endswith("-bigchunk") else None
-        model = SessionModel(spec, raytr_model_config(cfg, chunk), seed=0).to(device)
+        # -bigchunk: one chunk up to the head's logits cap instead of 4,096 rows: what the per-chunk
+        # launches and glue cost.
+        model = SessionModel(spec, raytr_model_config(cfg, BIG_CHUNK_ROWS if "bigchunk" in options else None),
+                             seed=0).to(device)
         model.generator = torch.Generator(device=device).manual_seed(0)
-        cudagraphs = variant.endswith("-cudagraphs")  # input layer and body as CUDA graphs (cudagraph trees)
-        if variant.startswith("raytr-compiled"):
+        cudagraphs = "cudagraphs" in options  # input layer and body as CUDA graphs (cudagraph trees)
+        if compiled:
             model.compile_regions("reduce-overhead" if cudagraphs else None)
-        if variant.endswith("-inplace"):  # the chunk kernel compiled before it was written to fuse (A/B)
+        if "inplace" in options:  # the chunk kernel compiled before it was written to fuse (A/B)
             from raytr.models.head import _chunk_loss_and_grads
 
             model.head.chunk_fn = torch.compile(_chunk_loss_and_grads, dynamic=True)
@@ -95,7 +114,7 @@ def _step_fns(cfg, variant: str, precision: str, device):
         from raytr.training.arguments import TrainingArguments
         from raytr.training.loop import build_optimizer
 
-        optim = "adamw_torch" if variant.endswith("-foreach") else "adamw_torch_fused"
+        optim = "adamw_torch" if "foreach" in options else "adamw_torch_fused"
         optimizer = build_optimizer(model, TrainingArguments(output_dir="unused", learning_rate=LEARNING_RATE,
                                                              weight_decay=0.01, optim=optim))
     return amp_step(model, optimizer, loss_of, precision, device)
@@ -158,9 +177,6 @@ def _summary(prof, steps: int) -> dict[str, Any]:
     }
 
 
-TRAINER_OPTIONS = ("merlin", "quiet", "nogc", "cudagraphs")
-
-
 def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: str) -> dict[str, Any]:
     """raytr's own training loop (`train_loop`: scheduler, NaN check, loss sums, TensorBoard scalar
     every step, compiled regions) fed by the pyarrow DataLoader: ms per step between batches, then a
@@ -169,7 +185,8 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
     The variant's suffixes change one thing each, to find what costs the Trainer its time on the
     GPU: `-merlin` reads with the merlin engine (bench/train.py's default), `-quiet` writes no
     TensorBoard scalars, `-nogc` disables Python's garbage collector during the loop, `-cudagraphs`
-    compiles with torch_compile_mode="reduce-overhead" (input layer and body as CUDA graphs)."""
+    compiles with torch_compile_mode="reduce-overhead" (input layer and body as CUDA graphs),
+    `-bigchunk` computes the loss in one chunk up to the head's logits cap."""
     import gc
     import tempfile
 
@@ -182,17 +199,15 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
     from raytr.training.arguments import TrainingArguments
     from raytr.training.loop import LoopConfig, WorkerContext, train_loop
 
-    options = variant.split("-")[1:]
-    unknown = [o for o in options if o not in TRAINER_OPTIONS]
-    if variant.split("-")[0] != "trainer" or unknown:
-        raise ValueError(f"variant {variant!r}: expected trainer[-{'][-'.join(TRAINER_OPTIONS)}]")
+    options = variant_options(variant, "trainer", TRAINER_OPTIONS)
     engine = "merlin" if "merlin" in options else "pyarrow"
     device = torch.device(device_name)
     warm, timed = 8, 40
     data = sessions_for(cfg, warm + timed + steps)
     spec = FeatureSpec(item_id="item_id-list", item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
     work = Path(tempfile.mkdtemp(prefix="profile-trainer-"))
-    SessionModel(spec, raytr_model_config(cfg, None), seed=0).save(work / "init")
+    model_config = raytr_model_config(cfg, BIG_CHUNK_ROWS if "bigchunk" in options else None)
+    SessionModel(spec, model_config, seed=0).save(work / "init")
     args = TrainingArguments(output_dir=str(work / "out"), max_steps=warm + timed + steps,
                              per_device_train_batch_size=cfg.batch, learning_rate=LEARNING_RATE,
                              fp16=precision == "fp16", bf16=precision == "bf16", torch_compile=True,
@@ -220,7 +235,7 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
     if "nogc" in options:
         gc.disable()
     try:
-        train_loop(LoopConfig(spec=spec, model_config=raytr_model_config(cfg, None), args=args,
+        train_loop(LoopConfig(spec=spec, model_config=model_config, args=args,
                               init_model_dir=str(work / "init"), train_paths=tuple(data.files)), ctx)
     finally:
         gc.enable()
@@ -241,13 +256,13 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp16")
     p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled,trainer,trainer-merlin,trainer-quiet,"
                                          "trainer-nogc",
-                   help="bare-compiled, raytr, raytr-compiled, raytr-compiled-foreach (plain AdamW instead of fused), "
-                        "raytr-compiled-bigchunk (loss chunks of 2^29 logits instead of 4,096 rows), "
-                        "raytr-compiled-inplace (the in-place chunk kernel compiled, as up to 2026-11-27), "
-                        "raytr-compiled-cudagraphs (input layer and body as CUDA graphs: mode='reduce-overhead'), "
-                        "trainer (raytr's training loop itself; also runs with --device cpu), trainer with any of the "
-                        "suffixes -merlin (merlin engine), -quiet (no TensorBoard), -nogc (no garbage collector), "
-                        "-cudagraphs (torch_compile_mode='reduce-overhead')")
+                   help="bare-compiled; raytr or raytr-compiled, with any of the suffixes -foreach (plain AdamW "
+                        "instead of fused), -bigchunk (one loss chunk up to 2^29 logits instead of 4,096 rows), and for "
+                        "raytr-compiled -inplace (the in-place chunk kernel compiled, as up to 2026-11-27), -cudagraphs "
+                        "(input layer and body as CUDA graphs: mode='reduce-overhead'); trainer (raytr's training loop "
+                        "itself; also runs with --device cpu), with any of the suffixes -merlin (merlin engine), -quiet "
+                        "(no TensorBoard), -nogc (no garbage collector), -cudagraphs (torch_compile_mode="
+                        "'reduce-overhead'), -bigchunk. Suffixes combine: trainer-cudagraphs-bigchunk")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
     p.add_argument("--steps", type=int, default=10)
     add_code_argument(p)
