@@ -50,3 +50,17 @@ def test_run_gpu_orders_the_target_configs_first_and_merges_every_step():
     assert labels[:5] == ["profile", "train-50k-fp16", "train-50k-bf16", "train-5k-fp16", "train-5k-bf16"]
     assert labels[-1] == "loader"
     assert all("--merge" in cmd for label, cmd in steps if label != "loader")
+
+
+def test_profile_variant_suffixes_combine_and_unknown_ones_are_named():
+    import pytest
+
+    from bench.profile_gpu import STEP_OPTIONS, TRAINER_OPTIONS, variant_options
+
+    assert variant_options("trainer", "trainer", TRAINER_OPTIONS) == set()
+    assert variant_options("trainer-cudagraphs-bigchunk", "trainer", TRAINER_OPTIONS) == {"cudagraphs", "bigchunk"}
+    assert variant_options("raytr-compiled-cudagraphs-bigchunk", "raytr-compiled", STEP_OPTIONS) == {
+        "cudagraphs", "bigchunk"}
+    for bad in ("trainer-fast", "trainer-", "trainers", "trainer-quiet-merlinx"):
+        with pytest.raises(ValueError, match=r"trainer\[-merlin\]"):
+            variant_options(bad, "trainer", TRAINER_OPTIONS)
