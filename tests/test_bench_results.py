@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.train import add_ratios, merge_results  # noqa: E402
@@ -53,8 +55,6 @@ def test_run_gpu_orders_the_target_configs_first_and_merges_every_step():
 
 
 def test_profile_variant_suffixes_combine_and_unknown_ones_are_named():
-    import pytest
-
     from bench.profile_gpu import STEP_OPTIONS, TRAINER_OPTIONS, variant_options
 
     assert variant_options("trainer", "trainer", TRAINER_OPTIONS) == set()
