@@ -273,11 +273,15 @@ def main(argv=None) -> int:
     started, load_before = time.time(), load_average()
     stamp = {"measured": timestamp(started),
              "code": args.code or code_version()}
+    import torch
     from torch._dynamo.utils import counters
 
     rows = []
     for name in args.configs.split(","):
         for variant in args.variants.split(","):
+            # Each variant compiles afresh: torch counts cudagraph skips when it compiles, so code reused from
+            # an earlier variant (the same input layer and body) would report none.
+            torch._dynamo.reset()
             skips = counters["inductor"]["cudagraph_skips"]
             try:
                 if variant.startswith("trainer"):

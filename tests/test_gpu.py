@@ -102,16 +102,22 @@ def test_cuda_graph_training_learns_on_cuda(session_files, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), launcher="local", use_gpu=True, num_train_epochs=3,
                              per_device_train_batch_size=256, learning_rate=3e-3, disable_tqdm=True, fp16=True,
                              data_loader_engine="pyarrow", torch_compile_mode="reduce-overhead")
+    torch._dynamo.reset()  # skips are counted when torch compiles: code compiled by an earlier test would hide them
     skips = _cudagraph_skips()
     result = Trainer(model, args, train_dataset_or_path=train, eval_dataset_or_path=evaluation).train()
     assert _cudagraph_skips() == skips, "torch ran a region without CUDA graphs (TORCH_LOGS=perf_hints says why)"
     assert result.metrics["eval_recall@10"] > 0.8, result.metrics
 
 
-def _grads_after_steps(model: SessionModel, batch: SessionBatch, dtype: torch.dtype | None, steps: int = 3):
-    """Loss and gradients of the last of `steps` identical steps (cudagraph trees: a warm-up run, a
-    recording, then replays)."""
-    for _ in range(steps):
+def _grads_after_steps(model: SessionModel, batches: list[SessionBatch], dtype: torch.dtype | None):
+    """Loss and gradients of the last step of one step per batch (cudagraph trees: a warm-up run, a
+    recording, then replays), the weights scaled by 0.9 before every step but the first: a replay that
+    used the recorded inputs or weights instead of the current ones gives another step's gradients."""
+    for i, batch in enumerate(batches):
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.9)
         model.zero_grad(set_to_none=True)
         torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(batch.item_ids.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -125,26 +131,32 @@ def _relative_error(a: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def assert_compiled_matches_eager(dtype: torch.dtype, device: str) -> None:
-    """compile_regions, default mode and "reduce-overhead" (CUDA graphs): the loss matches eager and
-    every gradient is as close to the fp32 one as eager mixed precision's is (small gradients, layer
-    norm weights above all, differ by ~15% between any two half-precision orders of summation, so
-    an absolute tolerance either fails them or lets everything through); the graph replays give
-    what the compiled code gives."""
+    """compile_regions, default mode and "reduce-overhead" (CUDA graphs, none skipped on CUDA): the
+    last of four steps (new batch, new weights) gives eager's loss, and every gradient is as close
+    to the fp32 one as eager mixed precision's is (small gradients, layer norm weights above all,
+    differ by ~15% between any two half-precision orders of summation, so an absolute tolerance
+    either fails them or lets everything through); the graph replays give what the compiled code gives."""
+    torch._dynamo.reset()  # fresh compiles: cudagraph skips are counted when torch compiles
     config = ModelConfig(body="gpt2", d_model=64, n_layers=2, n_heads=4, dropout=0.0, logits_chunk_size=256)
-    reference = SessionModel(SPEC, config, seed=0).to(device)
+    initial = SessionModel(SPEC, config, seed=0).state_dict()
     gen = torch.Generator().manual_seed(0)
-    batch = SessionBatch(item_ids=torch.randint(FIRST_ITEM_ID, ITEMS, (64, 20), generator=gen),
-                         categorical={"category-list": torch.randint(3, 20, (64, 20), generator=gen)},
-                         continuous={"price-list": torch.randn(64, 20, generator=gen)}).to(device)
+    batches = [SessionBatch(item_ids=torch.randint(FIRST_ITEM_ID, ITEMS, (64, 20), generator=gen),
+                            categorical={"category-list": torch.randint(3, 20, (64, 20), generator=gen)},
+                            continuous={"price-list": torch.randn(64, 20, generator=gen)}).to(device)
+               for _ in range(4)]
 
     def copy(mode: str | None = None, compiled: bool = True) -> SessionModel:
         model = SessionModel(SPEC, config, seed=0).to(device)
-        model.load_state_dict(reference.state_dict())
+        model.load_state_dict(initial)
         return model.compile_regions(mode) if compiled else model
 
-    _, exact = _grads_after_steps(reference, batch, None)
-    eager_loss, eager = _grads_after_steps(copy(compiled=False), batch, dtype)
-    runs = {mode: _grads_after_steps(copy(mode), batch, dtype) for mode in (None, "reduce-overhead")}
+    _, exact = _grads_after_steps(copy(compiled=False), batches, None)
+    eager_loss, eager = _grads_after_steps(copy(compiled=False), batches, dtype)
+    compiled_run = _grads_after_steps(copy(None), batches, dtype)
+    skips = _cudagraph_skips()
+    runs = {None: compiled_run, "reduce-overhead": _grads_after_steps(copy("reduce-overhead"), batches, dtype)}
+    if device == "cuda":
+        assert _cudagraph_skips() == skips, "a region ran without CUDA graphs (TORCH_LOGS=perf_hints says why)"
     for mode, (loss, grads) in runs.items():
         assert torch.allclose(loss, eager_loss, rtol=2e-2), (mode, loss, eager_loss)
         assert grads.keys() == eager.keys(), mode
