@@ -59,6 +59,12 @@ def variant_options(variant: str, base: str, allowed: tuple[str, ...]) -> set[st
     return set(options)
 
 
+def variant_model_config(cfg, options: set[str]):
+    """raytr's model for the config; `-bigchunk`: one loss chunk up to the head's logits cap instead of
+    4,096 rows (what the per-chunk launches and glue cost)."""
+    return raytr_model_config(cfg, BIG_CHUNK_ROWS if "bigchunk" in options else None)
+
+
 def _step_fns(cfg, variant: str, precision: str, device):
     """step(i) -> loss for one variant; every input is built before timing."""
     import torch
@@ -81,10 +87,7 @@ def _step_fns(cfg, variant: str, precision: str, device):
         if not compiled and options & {"inplace", "cudagraphs"}:
             raise ValueError(f"variant {variant!r}: -inplace and -cudagraphs need raytr-compiled")
         spec = FeatureSpec(item_id="item_id-list", item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
-        # -bigchunk: one chunk up to the head's logits cap instead of 4,096 rows: what the per-chunk
-        # launches and glue cost.
-        model = SessionModel(spec, raytr_model_config(cfg, BIG_CHUNK_ROWS if "bigchunk" in options else None),
-                             seed=0).to(device)
+        model = SessionModel(spec, variant_model_config(cfg, options), seed=0).to(device)
         model.generator = torch.Generator(device=device).manual_seed(0)
         cudagraphs = "cudagraphs" in options  # input layer and body as CUDA graphs (cudagraph trees)
         if compiled:
@@ -206,7 +209,7 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
     data = sessions_for(cfg, warm + timed + steps)
     spec = FeatureSpec(item_id="item_id-list", item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
     work = Path(tempfile.mkdtemp(prefix="profile-trainer-"))
-    model_config = raytr_model_config(cfg, BIG_CHUNK_ROWS if "bigchunk" in options else None)
+    model_config = variant_model_config(cfg, options)
     SessionModel(spec, model_config, seed=0).save(work / "init")
     args = TrainingArguments(output_dir=str(work / "out"), max_steps=warm + timed + steps,
                              per_device_train_batch_size=cfg.batch, learning_rate=LEARNING_RATE,
