@@ -46,7 +46,7 @@ from bench.train import (
 
 STEP_OPTIONS = ("foreach", "bigchunk", "inplace", "cudagraphs")  # raytr[-compiled] variants' suffixes
 TRAINER_OPTIONS = ("merlin", "quiet", "nogc", "cudagraphs", "bigchunk")
-BIG_CHUNK_ROWS = 1 << 20  # loss chunks up to the head's cap of 2^29 logits (10,737 rows at 50k items)
+BIG_CHUNK_ROWS = 1 << 20  # loss chunks up to the head's cap (8 GiB of buffers: all of a 50k step's rows)
 
 
 def variant_options(variant: str, base: str, allowed: tuple[str, ...]) -> set[str]:
@@ -93,9 +93,9 @@ def _step_fns(cfg, variant: str, precision: str, device):
         if compiled:
             model.compile_regions("reduce-overhead" if cudagraphs else None)
         if "inplace" in options:  # the chunk kernel compiled before it was written to fuse (A/B)
-            from raytr.models.head import _chunk_loss_and_grads
+            from raytr.models.head import ChunkKernel, _chunk_loss_and_grads
 
-            model.head.chunk_fn = torch.compile(_chunk_loss_and_grads, dynamic=True)
+            model.head.kernel = ChunkKernel(torch.compile(_chunk_loss_and_grads, dynamic=True), fp32_copy=True)
         loader = DataLoader(spec, list(data.files), cfg.batch, engine="pyarrow", device=device)
         state = {"it": iter(loader)}
 
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled,trainer,trainer-merlin,trainer-quiet,"
                                          "trainer-nogc",
                    help="bare-compiled; raytr or raytr-compiled, with any of the suffixes -foreach (plain AdamW "
-                        "instead of fused), -bigchunk (one loss chunk up to 2^29 logits instead of 4,096 rows), and for "
+                        "instead of fused), -bigchunk (one loss chunk up to the head's cap instead of 4,096 rows), and for "
                         "raytr-compiled -inplace (the in-place chunk kernel compiled, as up to 2026-11-27), -cudagraphs "
                         "(input layer and body as CUDA graphs: mode='reduce-overhead'); trainer (raytr's training loop "
                         "itself; also runs with --device cpu), with any of the suffixes -merlin (merlin engine), -quiet "

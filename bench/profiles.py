@@ -383,7 +383,7 @@ def loss_profile() -> dict[str, Any]:
 
     plain = loss_ms(lambda hd, wt: F.cross_entropy(hd @ wt[head.FIRST_ITEM_ID:].T, targets - head.FIRST_ITEM_ID))
     sweep = []
-    default_rows = head.chunk_rows(4096, V, torch.device("cpu"))
+    default_rows = head.chunk_rows(4096, V, torch.device("cpu"), head.EAGER_KERNEL.bytes_per_logit(torch.float32))
     saved = head.CPU_CHUNK_LOGITS, head.CPU_MIN_CHUNK_ROWS
     try:
         for chunk_rows in (4096, 512, 167, 83, 41, 20):

@@ -136,15 +136,32 @@ def test_chunk_rows_are_capped_for_huge_catalogs(monkeypatch):
     assert torch.allclose(loss, ref, atol=1e-6)
 
 
-def test_chunk_rows_per_device():
+def test_chunk_rows_per_device(monkeypatch):
+    from types import SimpleNamespace
+
     from raytr.models.head import chunk_rows
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert chunk_rows(4096, 50_000, gpu) == 4096  # 2 GiB of logits allowed on a GPU
-    assert chunk_rows(4096, 1_000_000, gpu) == 2**29 // 1_000_000  # 536
-    assert chunk_rows(4096, 50_000, cpu) == 2**22 // 50_000  # 83 rows: 16 MiB on the CPU
-    assert chunk_rows(4096, 1_000_000, cpu) == 64  # the floor
-    assert chunk_rows(4096, 500, cpu) == 4096 and chunk_rows(16, 500, cpu) == 16  # chunk_size still caps
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    assert chunk_rows(4096, 50_000, gpu, 6) == 4096  # 1.2 GB of buffers: chunk_size decides
+    assert chunk_rows(4096, 1_000_000, gpu, 4) == 2**31 // 1_000_000  # 2,147 rows in 8 GiB
+    assert chunk_rows(4096, 1_000_000, gpu, 6) == 8 * 2**30 // 6 // 1_000_000  # 1,431
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=16 * 2**30))
+    assert chunk_rows(4096, 1_000_000, gpu, 4) == 2**29 // 1_000_000  # 1/8 of a 16 GiB GPU
+    assert chunk_rows(4096, 50_000, cpu, 6) == 2**22 // 50_000  # 83 rows: 16 MiB of logits on the CPU
+    assert chunk_rows(4096, 1_000_000, cpu, 6) == 64  # the floor
+    assert chunk_rows(4096, 500, cpu, 6) == 4096 and chunk_rows(16, 500, cpu, 6) == 16  # chunk_size still caps
+
+
+@pytest.mark.parametrize(("dtype", "eager", "fused"), [(torch.float16, 6, 4), (torch.bfloat16, 6, 4),
+                                                       (torch.float32, 4, 8)])
+def test_chunk_kernels_declare_their_buffers(dtype, eager, fused):
+    """The in-place kernel holds half logits and their fp32 copy (fp32: one buffer); the fused one
+    the logits and their gradient in the compute dtype."""
+    from raytr.models.head import EAGER_KERNEL, ChunkKernel, _fusable_chunk_loss_and_grads
+
+    assert EAGER_KERNEL.bytes_per_logit(dtype) == eager
+    assert ChunkKernel(_fusable_chunk_loss_and_grads, fp32_copy=False).bytes_per_logit(dtype) == fused
 
 
 @pytest.mark.parametrize("reserved", [PAD_ID, NULL_ID, OOV_ID])
@@ -210,6 +227,35 @@ def test_chunked_cross_entropy_cuda_peak_memory():
     extra = torch.cuda.max_memory_allocated() - base
     logits_bytes = N * V * 4
     assert extra < logits_bytes / 8, (extra, logits_bytes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to read the allocator's peak")
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chunk_kernel_holds_no_more_than_it_declares(compiled, dtype):
+    """chunk_rows sizes a GPU chunk by the kernel's bytes_per_logit: a kernel holding more buffers
+    than it declares would overrun the chunk budget (and the 1M config's memory target)."""
+    from raytr.models.head import EAGER_KERNEL, _padded_weight, compiled_kernel
+
+    kernel = compiled_kernel() if compiled else EAGER_KERNEL
+    c, V, D = 2048, 100_000, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(c, D, device="cuda", generator=gen).to(dtype)
+    w, valid = _padded_weight(torch.randn(V, D, device="cuda", generator=gen) * 0.05, dtype)
+    t = torch.randint(FIRST_ITEM_ID, V, (c,), device="cuda", generator=gen)
+    args = (h, w, t, valid, V - FIRST_ITEM_ID, 0.1, True)
+    kernel.fn(*args)  # compiles, and allocates cuBLAS's workspace, before measuring
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, grad_hidden, grad_weight = kernel.fn(*args)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    outputs = grad_hidden.nbytes + grad_weight.nbytes
+    declared = kernel.bytes_per_logit(dtype) * c * w.shape[0]
+    assert extra <= declared + outputs + 2**25, (extra, declared, outputs)
+    assert torch.isfinite(loss)
 
 
 def test_log_uniform_sampler_matches_its_log_prob():
@@ -356,7 +402,7 @@ def test_compiled_chunk_kernel_gives_the_same_loss_and_gradients():
     head.compile_chunk_kernel()
     for n in (50, 37):  # a second size: the last chunk's rows vary, without recompiling per value
         hidden, weight, targets = _case(N=n, V=23, D=8, seed=n)
-        loss = chunked_cross_entropy(hidden, weight, targets, 16, 0.1, chunk_fn=head.chunk_fn)
+        loss = chunked_cross_entropy(hidden, weight, targets, 16, 0.1, kernel=head.kernel)
         grads = torch.autograd.grad(loss, (hidden, weight))
         ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=0.1)
         ref_grads = torch.autograd.grad(ref, (hidden, weight))

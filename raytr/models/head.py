@@ -18,6 +18,8 @@ score and a smaller id.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +45,13 @@ def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, smoothing: float,
     return (1.0 - smoothing) * nll + smoothing * smooth
 
 
-# A chunk holds at most this many logits ([rows, V]; 2^29 fp32 = 2 GiB), whatever `chunk_size` says,
-# so that a 1,000,000-item catalog gets 536-row chunks instead of 4096 x 10^6 logits. Not smaller:
-# every chunk adds its [V, D] weight gradient into the fp32 total, a pass over V x D each time.
-MAX_CHUNK_LOGITS = 2**29
+# On an accelerator a chunk's buffers take at most this many bytes ([rows, V] logits times the
+# kernel's bytes per logit), whatever `chunk_size` says, and at most 1/CHUNK_MEMORY_SHARE of the
+# device's memory: a 1,000,000-item catalog gets 2,147-row chunks (compiled kernel) instead of
+# 4096 x 10^6 logits. Not smaller: every chunk adds its [V, D] weight gradient into the fp32 total
+# and reads the [V, D] weight twice, ~4 GB of traffic per chunk at 10^6 items x 256.
+CHUNK_BYTES = 8 * 2**30
+CHUNK_MEMORY_SHARE = 8
 # On the CPU far fewer (16 MiB of fp32 logits): glibc gives big freed buffers back to the system, so
 # a larger chunk's buffers fault their pages in again for every chunk, and never stay in cache.
 # The loss at 50k items and 2,600 targets ran 1.8x faster than with 2^29. At least 64 rows, for the
@@ -70,10 +75,11 @@ def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     target's mass) and turned in place into their gradient softmax - (1 - s) * onehot - s / C, so a
     chunk costs one [c, Vp] fp32 buffer.
     """
-    logits = (hidden @ weight.T).float().masked_fill_(~valid, float("-inf"))  # [c, Vp]
+    logits = (hidden @ weight.T).float()  # [c, Vp]
+    if smoothing:  # the mean logit over the classes as a matrix-vector product: no [c, Vp] temporary
+        mean = logits.mv(valid.float()) / num_classes
+    logits.masked_fill_(~valid, float("-inf"))
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # [c]
-    if smoothing:
-        mean = torch.where(valid, logits, 0.0).sum(dim=1) / num_classes
     # logsumexp by hand, so that its exponentials become the softmax in place: one exp pass over the
     # chunk instead of two (what an eager step, e.g. on the CPU, pays for).
     top = logits.amax(dim=1)  # [c]
@@ -117,6 +123,32 @@ def _fusable_chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, ta
     grad = torch.exp(logits - top) / total - (1.0 - smoothing) * onehot - (smoothing / num_classes) * valid
     grad = grad.to(hidden.dtype)  # [c, Vp], entries in [-1, 1]: safe in fp16
     return loss.sum(), grad @ weight, grad.T @ hidden
+
+
+@dataclass(frozen=True)
+class ChunkKernel:
+    """A per-chunk loss-and-gradients function (signature of `_chunk_loss_and_grads`) and whether it
+    keeps an fp32 copy of a half-precision chunk's logits, which sizes the chunks (`chunk_rows`)."""
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+    fp32_copy: bool
+
+    def bytes_per_logit(self, dtype: torch.dtype) -> int:
+        """Peak bytes the kernel holds per [c, Vp] logit when the GEMMs run in `dtype`. In place: the
+        half logits while their fp32 copy is made, then the fp32 buffer while its half gradient is
+        made (in fp32 one buffer does for all three). Fused: the logits and the gradient."""
+        if self.fp32_copy:
+            return 4 if dtype.itemsize >= 4 else 4 + dtype.itemsize
+        return 2 * dtype.itemsize
+
+
+EAGER_KERNEL = ChunkKernel(_chunk_loss_and_grads, fp32_copy=True)
+
+
+def compiled_kernel() -> ChunkKernel:
+    """`_fusable_chunk_loss_and_grads` through torch.compile (dynamic shapes: the last chunk's rows
+    vary from step to step)."""
+    return ChunkKernel(torch.compile(_fusable_chunk_loss_and_grads, dynamic=True), fp32_copy=False)
 
 
 def _padded_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,17 +207,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
 
 
-def chunk_rows(chunk_size: int, num_items: int, device: torch.device) -> int:
+def chunk_budget_bytes(device: torch.device) -> int:
+    """The bytes one loss chunk's buffers may take on an accelerator: CHUNK_BYTES, and on CUDA at most
+    1/CHUNK_MEMORY_SHARE of the device's memory."""
+    if device.type == "cuda":
+        return min(CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // CHUNK_MEMORY_SHARE)
+    return CHUNK_BYTES
+
+
+def chunk_rows(chunk_size: int, num_items: int, device: torch.device, bytes_per_logit: int) -> int:
     """Rows per chunk of the fused loss: `chunk_size`, capped by the logits a chunk may hold on
-    `device` (MAX_CHUNK_LOGITS on accelerators, CPU_CHUNK_LOGITS but >= CPU_MIN_CHUNK_ROWS on the CPU)."""
+    `device`: `chunk_budget_bytes` / `bytes_per_logit` (the kernel's) on accelerators,
+    CPU_CHUNK_LOGITS but >= CPU_MIN_CHUNK_ROWS on the CPU."""
     if device.type == "cpu":
         return max(1, min(chunk_size, max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_LOGITS // num_items)))
-    return max(1, min(chunk_size, MAX_CHUNK_LOGITS // num_items))
+    return max(1, min(chunk_size, chunk_budget_bytes(device) // bytes_per_logit // num_items))
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int, label_smoothing: float = 0.0, check_targets: bool = True,
-                          chunk_fn=_chunk_loss_and_grads) -> torch.Tensor:
+                          kernel: ChunkKernel = EAGER_KERNEL) -> torch.Tensor:
     """Mean full-softmax cross-entropy of `targets` over the classes FIRST_ITEM_ID..V-1 (3..V-1).
 
     hidden [N, D], weight [V, D] (the item embedding table), targets [N] in FIRST_ITEM_ID..V-1.
@@ -195,7 +236,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     chunk's gradients are made in the same pass as its loss: [N, V] logits never exist, and nothing
     is recomputed in backward. Under autocast the GEMMs run in the autocast dtype and the softmax
     in fp32. `check_targets=False` skips the target range check (a host sync) for callers that
-    guarantee it; `chunk_fn` may be a `torch.compile`d `_chunk_loss_and_grads`.
+    guarantee it; `kernel` may be `compiled_kernel()`.
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and DDP) happy with a zero loss
@@ -203,11 +244,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
     if check_targets and (bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= weight.shape[0]).any())):
         raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{weight.shape[0] - 1} (0 = padding, 1 = null, 2 = OOV)")
-    rows = chunk_rows(chunk_size, weight.shape[0], hidden.device)
     dtype = _compute_dtype(hidden)
+    rows = chunk_rows(chunk_size, weight.shape[0], hidden.device, kernel.bytes_per_logit(dtype))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, rows, label_smoothing, chunk_fn, dtype)
-    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, chunk_fn, dtype, False)[0]
+        return _LinearCrossEntropy.apply(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype)
+    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype, False)[0]
 
 
 def log_uniform_sample(num_items: int, num_samples: int, generator: torch.Generator | None = None,
@@ -334,7 +375,7 @@ class NextItemHead(nn.Module):
         self.chunk_size = config.logits_chunk_size
         self.num_negatives = config.num_negatives
         self.label_smoothing = config.label_smoothing
-        self.chunk_fn = _chunk_loss_and_grads  # compile_chunk_kernel swaps in a compiled one
+        self.kernel = EAGER_KERNEL  # compile_chunk_kernel swaps in the compiled one
         if tied_weight is not None:
             if tied_weight.shape != (num_items, config.d_model):
                 raise ValueError(
@@ -345,15 +386,14 @@ class NextItemHead(nn.Module):
             self.weight = nn.Parameter(torch.randn(num_items, config.d_model) * 0.02)
 
     def compile_chunk_kernel(self) -> None:
-        """The full softmax's per-chunk kernel through torch.compile (its fusable form; dynamic shapes:
-        the last chunk's rows vary from step to step)."""
-        self.chunk_fn = torch.compile(_fusable_chunk_loss_and_grads, dynamic=True)
+        """The full softmax's per-chunk kernel through torch.compile (`compiled_kernel`)."""
+        self.kernel = compiled_kernel()
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None,
                 check_targets: bool = True) -> torch.Tensor:
         if self.loss_type == "full":
             return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_size, self.label_smoothing,
-                                         check_targets=check_targets, chunk_fn=self.chunk_fn)
+                                         check_targets=check_targets, kernel=self.kernel)
         return sampled_softmax_loss(hidden, self.weight, targets, self.num_negatives, self.label_smoothing, generator)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
