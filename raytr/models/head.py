@@ -169,25 +169,28 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, smoothing: float,
                   chunk_fn, dtype: torch.dtype, with_grad: bool):
-    """The mean loss over row chunks of `rows`, and with `with_grad` its gradients for hidden [N, D]
-    and weight [V, D] (None otherwise). GEMMs in `dtype`, autocast off (the casts are explicit)."""
+    """The loss summed over row chunks of `rows`, and with `with_grad` the gradients of that sum for
+    hidden [N, D] and weight [V, D] (None otherwise; the caller scales them once, in backward, rather
+    than passing over the [V, D] gradient twice). GEMMs in `dtype`, autocast off (the casts are
+    explicit)."""
     with torch.autocast(hidden.device.type, enabled=False):
         h = hidden.to(dtype)
         w, valid = _padded_weight(weight, dtype)
         n, num_classes = h.shape[0], weight.shape[0] - FIRST_ITEM_ID
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
-        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if with_grad else None
+        grad_weight = None
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             loss, g_h, g_w = chunk_fn(h[start:stop], w, targets[start:stop], valid, num_classes, smoothing, with_grad)
             total += loss
             if with_grad:
-                grad_hidden[start:stop] = g_h / n
-                grad_weight += g_w
+                grad_hidden[start:stop] = g_h
+                # The first chunk's gradient starts the fp32 total: no zero-filled [Vp, D] pass.
+                grad_weight = g_w.float() if grad_weight is None else grad_weight.add_(g_w)
     if with_grad:
-        grad_weight = (grad_weight[: weight.shape[0]] / n).to(weight.dtype)
-    return total / n, grad_hidden, grad_weight
+        grad_weight = grad_weight[: weight.shape[0]].to(weight.dtype)
+    return total, grad_hidden, grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -197,14 +200,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, smoothing, chunk_fn, dtype):
-        loss, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, rows, smoothing, chunk_fn, dtype, True)
+        total, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, rows, smoothing, chunk_fn, dtype, True)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
+        ctx.rows_total = hidden.shape[0]
+        return total / ctx.rows_total
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
+        scale = grad_output / ctx.rows_total  # of the mean, one pass over each gradient
+        return grad_hidden * scale, grad_weight * scale, None, None, None, None, None
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -248,7 +253,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     rows = chunk_rows(chunk_size, weight.shape[0], hidden.device, kernel.bytes_per_logit(dtype))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype)
-    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype, False)[0]
+    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype, False)[0] / hidden.shape[0]
 
 
 def log_uniform_sample(num_items: int, num_samples: int, generator: torch.Generator | None = None,
