@@ -9,7 +9,7 @@ wall ms per step, GPU busy ms per step (the sum of kernel times: wall >> busy me
 launches bound the step), host syncs per step, and the ops with the most GPU time. Then raytr's
 training loop itself (`trainer`, also on --device cpu) and variants of it that change one thing each
 (see `profile_trainer`; on an H100 they found a TensorBoard scalar every step to cost ~3 ms), and
-candidate speed-ups of the step (`-cudagraphs`, `-bigchunk`, `-inplace`: see --variants).
+candidate speed-ups of the step (`-cudagraphs`, `-smallchunk`, `-inplace`: see --variants).
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ from bench.train import (
 )
 
 
-STEP_OPTIONS = ("foreach", "bigchunk", "inplace", "cudagraphs")  # raytr[-compiled] variants' suffixes
-TRAINER_OPTIONS = ("merlin", "quiet", "nogc", "cudagraphs", "bigchunk")
-BIG_CHUNK_ROWS = 1 << 20  # loss chunks up to the head's cap (8 GiB of buffers: all of a 50k step's rows)
+STEP_OPTIONS = ("foreach", "smallchunk", "inplace", "cudagraphs")  # raytr[-compiled] variants' suffixes
+TRAINER_OPTIONS = ("merlin", "quiet", "nogc", "cudagraphs", "smallchunk")
+SMALL_CHUNK_ROWS = 4096  # raytr's logits_chunk_size before 2026-11-27 (now: up to the head's memory budget)
 
 
 def variant_options(variant: str, base: str, allowed: tuple[str, ...]) -> set[str]:
-    """The suffixes after `base` (each one change, combinable: raytr-compiled-cudagraphs-bigchunk)."""
+    """The suffixes after `base` (each one change, combinable: raytr-compiled-cudagraphs-smallchunk)."""
     rest = variant[len(base):]
     options = rest[1:].split("-") if rest.startswith("-") else []
     unknown = [o for o in options if o not in allowed]
@@ -60,9 +60,9 @@ def variant_options(variant: str, base: str, allowed: tuple[str, ...]) -> set[st
 
 
 def variant_model_config(cfg, options: set[str]):
-    """raytr's model for the config; `-bigchunk`: one loss chunk up to the head's logits cap instead of
-    4,096 rows (what the per-chunk launches and glue cost)."""
-    return raytr_model_config(cfg, BIG_CHUNK_ROWS if "bigchunk" in options else None)
+    """raytr's model for the config; `-smallchunk`: loss chunks of 4,096 rows instead of one up to the
+    head's memory budget (what the per-chunk launches and glue cost)."""
+    return raytr_model_config(cfg, SMALL_CHUNK_ROWS if "smallchunk" in options else None)
 
 
 def _step_fns(cfg, variant: str, precision: str, device):
@@ -189,7 +189,7 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
     GPU: `-merlin` reads with the merlin engine (bench/train.py's default), `-quiet` writes no
     TensorBoard scalars, `-nogc` disables Python's garbage collector during the loop, `-cudagraphs`
     compiles with torch_compile_mode="reduce-overhead" (input layer and body as CUDA graphs),
-    `-bigchunk` computes the loss in one chunk up to the head's logits cap."""
+    `-smallchunk` computes the loss in chunks of 4,096 rows (the former default)."""
     import gc
     import tempfile
 
@@ -260,12 +260,12 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled,trainer,trainer-merlin,trainer-quiet,"
                                          "trainer-nogc",
                    help="bare-compiled; raytr or raytr-compiled, with any of the suffixes -foreach (plain AdamW "
-                        "instead of fused), -bigchunk (one loss chunk up to the head's cap instead of 4,096 rows), and for "
+                        "instead of fused), -smallchunk (4,096-row loss chunks, the former default), and for "
                         "raytr-compiled -inplace (the in-place chunk kernel compiled, as up to 2026-11-27), -cudagraphs "
                         "(input layer and body as CUDA graphs: mode='reduce-overhead'); trainer (raytr's training loop "
                         "itself; also runs with --device cpu), with any of the suffixes -merlin (merlin engine), -quiet "
                         "(no TensorBoard), -nogc (no garbage collector), -cudagraphs (torch_compile_mode="
-                        "'reduce-overhead'), -bigchunk. Suffixes combine: trainer-cudagraphs-bigchunk")
+                        "'reduce-overhead'), -smallchunk. Suffixes combine: trainer-cudagraphs-smallchunk")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
     p.add_argument("--steps", type=int, default=10)
     add_code_argument(p)

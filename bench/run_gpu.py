@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_code_argument, run_benchmarks  # noqa: E402
 
 # The Trainer with CUDA graphs against the bare loop, then what could cut the host time left outside
-# the graphs (the loss's chunk loop: -bigchunk), then the older A/Bs.
-PROFILE_VARIANTS = ("bare-compiled,trainer-cudagraphs,trainer-cudagraphs-bigchunk,raytr-compiled-cudagraphs,"
-                    "raytr-compiled-cudagraphs-bigchunk,trainer,raytr-compiled-inplace")
+# the graphs (the loss's chunk loop: -smallchunk, the former 4,096-row chunks), then the older A/Bs.
+PROFILE_VARIANTS = ("bare-compiled,trainer-cudagraphs,trainer-cudagraphs-smallchunk,raytr-compiled-cudagraphs,"
+                    "raytr-compiled-cudagraphs-smallchunk,trainer,raytr-compiled-inplace")
 TRAIN_ORDER = ("50k", "5k", "1M", "300k")  # the 80% target's configs first
 # What the targets compare: the compiled bare loop and the compiled Trainer, in-process and on Ray Train
 # (~1 minute each, ~2 for Ray's start). The eager runs (bare, raytr-model, raytr-local) explain the

@@ -445,8 +445,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impls", default=None, help=f"comma list of {list(IMPLS)}")
     p.add_argument("--engine", default="merlin", choices=["merlin", "pyarrow"], help="raytr loader engine")
     p.add_argument("--logits-chunk-size", type=int, default=None,
-                   help="raytr's model.logits_chunk_size (default: raytr's); smaller chunks lower the peak memory "
-                        "of the full softmax on large catalogs (e.g. 1024 for the 1M config)")
+                   help="raytr's model.logits_chunk_size (default: raytr's, as many rows as the head's memory budget "
+                        "allows); smaller chunks lower the peak memory of the full softmax on large catalogs")
     p.add_argument("--warmup", type=int, default=None, help="steps before timing (default 4 cpu, 15 cuda)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 12 cpu, 60 cuda)")
     p.add_argument("--threads", type=int, default=None,

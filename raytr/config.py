@@ -78,6 +78,8 @@ class ModelConfig:
     body: a Hugging Face transformer ("xlnet", "gpt2", "bert", "llama") or "gru".
     objective: "clm" (predict the next item at every position) or "mlm" (masked items).
     loss: "full" softmax over the catalog (chunked), or "sampled" softmax with logQ correction.
+    logits_chunk_size: rows per chunk of the full softmax; None (the default): as many as the
+        head's memory budget for a chunk allows (`raytr.models.head.chunk_rows`).
     hf_config: extra keyword arguments for the Hugging Face config (checked against its fields).
     """
 
@@ -93,7 +95,7 @@ class ModelConfig:
     loss: Literal["full", "sampled"] = "full"
     num_negatives: int = 1024
     label_smoothing: float = 0.0
-    logits_chunk_size: int = 4096
+    logits_chunk_size: int | None = None
     tie_weights: bool = True
     hf_config: dict[str, Any] = field(default_factory=dict)
 
@@ -108,7 +110,7 @@ class ModelConfig:
             raise ConfigError(f"model.mlm_probability={self.mlm_probability}: expected 0 < p < 1")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing={self.label_smoothing}: expected 0 <= s < 1")
-        if self.num_negatives < 1 or self.logits_chunk_size < 1:
+        if self.num_negatives < 1 or (self.logits_chunk_size is not None and self.logits_chunk_size < 1):
             raise ConfigError("model.num_negatives and model.logits_chunk_size must be >= 1")
         if self.objective == "mlm" and self.body in ("gpt2", "llama", "gru"):
             raise ConfigError(

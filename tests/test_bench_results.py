@@ -58,9 +58,9 @@ def test_profile_variant_suffixes_combine_and_unknown_ones_are_named():
     from bench.profile_gpu import STEP_OPTIONS, TRAINER_OPTIONS, variant_options
 
     assert variant_options("trainer", "trainer", TRAINER_OPTIONS) == set()
-    assert variant_options("trainer-cudagraphs-bigchunk", "trainer", TRAINER_OPTIONS) == {"cudagraphs", "bigchunk"}
-    assert variant_options("raytr-compiled-cudagraphs-bigchunk", "raytr-compiled", STEP_OPTIONS) == {
-        "cudagraphs", "bigchunk"}
+    assert variant_options("trainer-cudagraphs-smallchunk", "trainer", TRAINER_OPTIONS) == {"cudagraphs", "smallchunk"}
+    assert variant_options("raytr-compiled-cudagraphs-smallchunk", "raytr-compiled", STEP_OPTIONS) == {
+        "cudagraphs", "smallchunk"}
     for bad in ("trainer-fast", "trainer-", "trainers", "trainer-quiet-merlinx"):
         with pytest.raises(ValueError, match=r"trainer\[-merlin\]"):
             variant_options(bad, "trainer", TRAINER_OPTIONS)

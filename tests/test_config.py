@@ -168,6 +168,11 @@ def test_model_post_init_checks():
         load_config(overrides={"model": {"d_model": 10, "n_heads": 4}})
     with pytest.raises(ConfigError, match="mlm"):
         load_config(overrides={"model": {"body": "gpt2", "objective": "mlm"}})
+    with pytest.raises(ConfigError, match=r"model\.logits_chunk_size"):
+        load_config(overrides={"model": {"logits_chunk_size": 0}})
+    # Unset, the full softmax's chunks are as large as the head's memory budget allows.
+    assert load_config().model.logits_chunk_size is None
+    assert load_config(overrides={"model": {"logits_chunk_size": 512}}).model.logits_chunk_size == 512
     assert load_config(overrides={"model": {"body": "bert", "objective": "mlm"}}).model.objective == "mlm"
 
 

@@ -151,6 +151,10 @@ def test_chunk_rows_per_device(monkeypatch):
     assert chunk_rows(4096, 50_000, cpu, 6) == 2**22 // 50_000  # 83 rows: 16 MiB of logits on the CPU
     assert chunk_rows(4096, 1_000_000, cpu, 6) == 64  # the floor
     assert chunk_rows(4096, 500, cpu, 6) == 4096 and chunk_rows(16, 500, cpu, 6) == 16  # chunk_size still caps
+    # No chunk_size (the default): the budget alone.
+    assert chunk_rows(None, 50_000, cpu, 6) == 2**22 // 50_000
+    assert chunk_rows(None, 5_000, gpu, 4) == 2**29 // 5_000  # still the 16 GiB GPU: 2 GiB / 4 bytes
+    assert chunk_rows(None, 10**9, gpu, 4) == 1  # never zero rows
 
 
 @pytest.mark.parametrize(("dtype", "eager", "fused"), [(torch.float16, 6, 4), (torch.bfloat16, 6, 4),

@@ -46,10 +46,10 @@ def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, smoothing: float,
 
 
 # On an accelerator a chunk's buffers take at most this many bytes ([rows, V] logits times the
-# kernel's bytes per logit), whatever `chunk_size` says, and at most 1/CHUNK_MEMORY_SHARE of the
-# device's memory: a 1,000,000-item catalog gets 2,147-row chunks (compiled kernel) instead of
-# 4096 x 10^6 logits. Not smaller: every chunk adds its [V, D] weight gradient into the fp32 total
-# and reads the [V, D] weight twice, ~4 GB of traffic per chunk at 10^6 items x 256.
+# kernel's bytes per logit), and at most 1/CHUNK_MEMORY_SHARE of the device's memory: a batch of
+# 20,480 targets is one chunk up to ~100k items (compiled, half precision), and a 1,000,000-item
+# catalog gets 2,147-row chunks. Not smaller: every chunk costs its launches, reads the [V, D] weight
+# twice and adds its weight gradient into the fp32 total (~4 GB of traffic at 10^6 items x 256).
 CHUNK_BYTES = 8 * 2**30
 CHUNK_MEMORY_SHARE = 8
 # On the CPU far fewer (16 MiB of fp32 logits): glibc gives big freed buffers back to the system, so
@@ -220,32 +220,35 @@ def chunk_budget_bytes(device: torch.device) -> int:
     return CHUNK_BYTES
 
 
-def chunk_rows(chunk_size: int, num_items: int, device: torch.device, bytes_per_logit: int) -> int:
-    """Rows per chunk of the fused loss: `chunk_size`, capped by the logits a chunk may hold on
-    `device`: `chunk_budget_bytes` / `bytes_per_logit` (the kernel's) on accelerators,
-    CPU_CHUNK_LOGITS but >= CPU_MIN_CHUNK_ROWS on the CPU."""
+def chunk_rows(chunk_size: int | None, num_items: int, device: torch.device, bytes_per_logit: int) -> int:
+    """Rows per chunk of the fused loss: the logits a chunk may hold on `device`, and at most
+    `chunk_size` (None: no other limit). On accelerators `chunk_budget_bytes` / `bytes_per_logit`
+    (the kernel's): one chunk per step unless the catalog is large, since every chunk costs launches
+    and a pass over the [V, D] weight. On the CPU CPU_CHUNK_LOGITS, but >= CPU_MIN_CHUNK_ROWS."""
     if device.type == "cpu":
-        return max(1, min(chunk_size, max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_LOGITS // num_items)))
-    return max(1, min(chunk_size, chunk_budget_bytes(device) // bytes_per_logit // num_items))
+        cap = max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_LOGITS // num_items)
+    else:
+        cap = chunk_budget_bytes(device) // bytes_per_logit // num_items
+    return max(1, cap if chunk_size is None else min(chunk_size, cap))
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_size: int, label_smoothing: float = 0.0, check_targets: bool = True,
+                          chunk_size: int | None = None, label_smoothing: float = 0.0, check_targets: bool = True,
                           kernel: ChunkKernel = EAGER_KERNEL) -> torch.Tensor:
     """Mean full-softmax cross-entropy of `targets` over the classes FIRST_ITEM_ID..V-1 (3..V-1).
 
     hidden [N, D], weight [V, D] (the item embedding table), targets [N] in FIRST_ITEM_ID..V-1.
     Equal (in value and gradients) to
     `F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=s)`,
-    but rows go through in chunks of `chunk_size` (capped by `chunk_rows`), and each
-    chunk's gradients are made in the same pass as its loss: [N, V] logits never exist, and nothing
+    but rows go through in chunks (`chunk_rows`: what the memory budget allows, at most `chunk_size`),
+    and each chunk's gradients are made in the same pass as its loss: [N, V] logits never exist, and nothing
     is recomputed in backward. Under autocast the GEMMs run in the autocast dtype and the softmax
     in fp32. `check_targets=False` skips the target range check (a host sync) for callers that
     guarantee it; `kernel` may be `compiled_kernel()`.
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and DDP) happy with a zero loss
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
     if check_targets and (bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= weight.shape[0]).any())):
         raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{weight.shape[0] - 1} (0 = padding, 1 = null, 2 = OOV)")
