@@ -215,6 +215,40 @@ def test_chunked_cross_entropy_peak_memory_is_bounded():
     assert chunked_mb < 80, (chunked_mb, plain_mb)  # 128 x 20000 chunks: ~10 MiB each
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads glibc/Linux ru_maxrss (KiB)")
+@pytest.mark.parametrize(("kernel", "dtype"), [("eager", "bfloat16"), ("compiled", "bfloat16"), ("compiled", "float32")])
+def test_chunk_kernel_holds_no_more_than_it_declares_on_the_cpu(kernel, dtype):
+    """What chunk_rows sizes GPU chunks by, checked where CI can: one chunk's real peak resident
+    memory, in a fresh process, stays within the kernel's bytes_per_logit (Inductor plans the
+    compiled kernel's buffers the same way for either device; the GPU test reads the allocator)."""
+    script = textwrap.dedent(
+        f"""
+        import resource, torch
+        from raytr.features import FIRST_ITEM_ID
+        from raytr.models.head import EAGER_KERNEL, _padded_weight, compiled_kernel
+        torch.set_num_threads(2)
+        kernel, dtype = {"compiled_kernel()" if kernel == "compiled" else "EAGER_KERNEL"}, torch.{dtype}
+        c, V, D = 512, 100_000, 32  # 51M logits
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(c, D, generator=g).to(dtype)
+        w, valid = _padded_weight(torch.randn(V, D, generator=g) * 0.05, dtype)
+        t = torch.randint(FIRST_ITEM_ID, V, (c,), generator=g)
+        small = (h[:8], w[:1024], t[:8] % 1000 + FIRST_ITEM_ID, valid[:1024], 1000 - FIRST_ITEM_ID, 0.1, True)
+        kernel.fn(*small)  # compiles (dynamic shapes) and warms up without touching a c x V buffer
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        loss, grad_hidden, grad_weight = kernel.fn(h, w, t, valid, V - FIRST_ITEM_ID, 0.1, True)
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        print(extra, kernel.bytes_per_logit(dtype) * c * w.shape[0], grad_hidden.nbytes + grad_weight.nbytes)
+        """
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed buffers go back to the OS (see above)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    extra, declared, outputs = map(int, out.stdout.split())
+    assert extra <= declared + outputs + 2**23, (extra, declared, outputs)
+    assert extra > declared / 2, (extra, declared)  # the measurement sees the chunk at all
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to read the allocator's peak")
 def test_chunked_cross_entropy_cuda_peak_memory():
