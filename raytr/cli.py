@@ -77,9 +77,12 @@ def _days(text: str | None) -> list[int] | None:
     for part in text.split(","):
         lo, dash, hi = part.partition("-")
         try:
-            days += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+            first, last = int(lo), int(hi) if dash else int(lo)
         except ValueError:
             raise ValueError(f"days {text!r}: expected numbers and ranges like 1-5 or 1,3,6") from None
+        if last < first:
+            raise ValueError(f"days {text!r}: the range {part!r} runs backwards; write it as {last}-{first}")
+        days += range(first, last + 1)
     return days
 
 
@@ -191,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="raw events -> session sequences, fitted workflow and schema")
     _add_config(p)
     p.add_argument("--input", required=True, help="raw events: a parquet/CSV/TSV file or a directory of them")
-    p.add_argument("--output", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--output", required=True,
+                   help="output directory: a new one, or an earlier prepare output, which is replaced")
     p.add_argument("--partitions", type=int, default=None, help="session buckets (default: 2 x cluster CPUs)")
     p.set_defaults(func=cmd_prepare)
 

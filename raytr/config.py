@@ -33,7 +33,10 @@ class DataConfig:
     freq_threshold: items seen fewer times than this in the fit data map to the OOV id.
     max_sequence_length: sessions keep their last T events.
     min_session_length: shorter sessions are dropped (2: one input and one target).
-    day_column: output partition column, derived from the session's first timestamp.
+    user_col: optional raw user id column, kept as the session's first value (Categorify).
+    time_features: add hour, weekday (categorical) and seconds since the previous event per event.
+    read_format: "auto" (from the file names), or "parquet", "csv", "tsv" for every input file.
+    Sessions are written in day partitions (`day=N`) by their first timestamp.
     """
 
     session_col: str = "session_id"
@@ -57,7 +60,8 @@ class DataConfig:
             raise ConfigError(f"data.min_session_length={self.min_session_length}: expected >= 2")
         if self.freq_threshold < 0:
             raise ConfigError(f"data.freq_threshold={self.freq_threshold}: expected >= 0")
-        names = [self.session_col, self.item_col, self.timestamp_col, *self.categorical, *self.continuous]
+        names = [self.session_col, self.item_col, self.timestamp_col, *self.categorical, *self.continuous,
+                 *([self.user_col] if self.user_col else [])]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ConfigError(f"data: column(s) {sorted(dupes)} named in more than one role")
@@ -241,6 +245,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, training, serve)")
     for section, values in (overrides or {}).items():
-        raw.setdefault(section, {})
-        raw[section] = {**(raw[section] or {}), **values}
+        current = raw.get(section) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"{path or 'config'}: section {section!r} must be a mapping, got {current!r}")
+        raw[section] = {**current, **values}
     return from_dict(RaytrConfig, raw, where=str(path) if path else "config")

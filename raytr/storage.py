@@ -6,8 +6,8 @@ Three rules, so that every node of a cluster sees the same data and no reader se
 - Small artifacts (a model, a fitted workflow, a checkpoint) are written to a local directory and
   uploaded (`writable_dir`, `put_dir`), and read from a local copy (`local_copy`, `download`).
 - An output directory is complete when its marker file exists: `commit_dir` moves a finished
-  staging directory into place with the marker last. Locally that is one atomic rename; object
-  stores cannot rename, so there the old marker goes first, the new files are copied over, and the
+  staging directory into place with the marker last (`check_output` first refuses an output whose
+  replacement would lose data). Locally that is two renames (old aside, new in); object stores cannot rename, so there the old marker goes first, the new files are copied over, and the
   new marker comes last: a crash in between leaves no marker, and the staging copy to retry from.
 
 The filesystem of a URL comes from fsspec (`fsspec.core.url_to_fs`): credentials and endpoints are
@@ -215,11 +215,33 @@ def writable_dir(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def check_output(output: PathLike, marker: str, inputs: Sequence[PathLike] = ()) -> None:
+    """Refuse an `output` whose replacement would lose data: a file, a non-empty directory that is
+    not an earlier output of the same command (it has no `marker`), or one that holds an input."""
+    fs, dst = filesystem(output)
+    root = dst.rstrip("/") + "/"
+    for path in inputs:
+        _, p = filesystem(path)
+        if p == dst or p.startswith(root):
+            raise ValueError(f"output {str(output)!r} holds the input {str(path)!r}, which replacing it would "
+                             "delete: choose another output")
+    if not fs.exists(dst):
+        return
+    if not fs.isdir(dst):
+        raise ValueError(f"output {str(output)!r} is a file: choose a directory")
+    if not fs.exists(f"{dst}/{marker}") and fs.ls(dst):
+        raise ValueError(f"output {str(output)!r} is a directory with other contents (no {marker}, so not an "
+                         "earlier output of this command, or one whose commit failed): choose another output "
+                         "or empty it")
+
+
 @contextmanager
-def staged_output(output: PathLike, marker: str) -> Iterator[str]:
+def staged_output(output: PathLike, marker: str, inputs: Sequence[PathLike] = ()) -> Iterator[str]:
     """Build `output` in a staging directory beside it (yielded), then commit it (`commit_dir`) when
-    the block succeeds; the block writes `marker` inside last. When the block raises, the staging
-    directory is removed; when the commit fails, it is kept, with the finished output to retry from."""
+    the block succeeds; the block writes `marker` inside last. `check_output` first refuses an
+    output that must not be replaced. When the block raises, the staging directory is removed;
+    when the commit fails, it is kept, with the finished output to retry from."""
+    check_output(output, marker, inputs)
     staging = staging_path(output, uuid.uuid4().hex[:8])
     makedirs(staging)
     try:
@@ -238,13 +260,14 @@ def staged_output(output: PathLike, marker: str) -> Iterator[str]:
 
 
 def staging_path(output: PathLike, tag: str) -> str:
-    """A hidden sibling of `output` to build it in (same filesystem, so a local rename is atomic)."""
+    """A hidden sibling of `output` (same filesystem, so a local rename moves it in one step)."""
     return join(parent(output), f".{name(output)}.tmp-{tag}")
 
 
 def commit_dir(staging: PathLike, output: PathLike, marker: str) -> None:
     """Move a finished staging directory to `output`, replacing it; `marker` (a file name inside)
-    arrives last. Locally one atomic rename. On an object store: the old marker is removed first,
+    arrives last. Locally two renames: the old output aside, the new one in, then the old one is
+    deleted (a crash between the renames leaves it beside the output, not lost). On an object store: the old marker is removed first,
     the new files are copied over the output, files of the old output not in the new one are
     removed, then the marker is copied and the staging directory removed. A failure before the
     marker leaves the output without one (readers refuse it) and the staging directory intact,
@@ -254,9 +277,13 @@ def commit_dir(staging: PathLike, output: PathLike, marker: str) -> None:
     if type(fs) is not type(out_fs):
         raise ValueError(f"staging {str(staging)!r} and output {str(output)!r} are on different filesystems")
     if isinstance(fs, LocalFileSystem):
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
+        if not os.path.exists(dst):
+            os.rename(src, dst)
+            return
+        old = staging_path(dst, "old-" + uuid.uuid4().hex[:8])
+        os.rename(dst, old)
         os.rename(src, dst)
+        shutil.rmtree(old)
         return
     if fs.exists(f"{dst}/{marker}"):
         fs.rm(f"{dst}/{marker}")

@@ -95,6 +95,16 @@ def test_missing_required_argument_is_a_usage_error(capsys):
     assert "--input" in capsys.readouterr().err
 
 
+def test_day_ranges():
+    from raytr.cli import _days
+
+    assert _days("1-3,5") == [1, 2, 3, 5] and _days("6") == [6] and _days(None) is None
+    with pytest.raises(ValueError, match=r"days '7-6': the range '7-6' runs backwards; write it as 6-7"):
+        _days("7-6")
+    with pytest.raises(ValueError, match="expected numbers and ranges"):
+        _days("1-x")
+
+
 def test_parse_overrides_reads_yaml_values():
     got = parse_overrides(["data.max_sequence_length=7", "data.categorical=[a, b]", "training.fp16=true",
                            "serve.host=0.0.0.0", "data.user_col=null", "model.dropout=0.25"])
@@ -113,9 +123,10 @@ def test_prepare_in_process_replaces_output(tmp_path, capsys, ray_cluster):
     """The CLI path end to end on a tiny input (in process: it joins the test session's cluster)."""
     raw = tmp_path / "raw"
     assert main(["synth", "--output", str(raw), "--sessions", "150", "--items", "30", "--days", "2"]) == 0
-    out = tmp_path / "prepared"
+    out = tmp_path / "prepared"  # an earlier prepare output (it has the marker), with a day the new one lacks
     (out / "sessions" / "day=9").mkdir(parents=True)
     (out / "sessions" / "day=9" / "stale.parquet").write_text("from an older run")
+    (out / "prepare.json").write_text("{}")
     capsys.readouterr()
 
     code = main(["prepare", "--config", SYNTHETIC, "--set", "data.max_sequence_length=8",

@@ -163,6 +163,15 @@ def test_data_post_init_names_the_field(values, field):
         from_dict(DataConfig, values, "data")
 
 
+def test_user_column_in_another_role_and_non_mapping_sections(tmp_path):
+    with pytest.raises(ConfigError, match=r"session_id.*more than one role"):
+        load_config(overrides={"data": {"user_col": "session_id"}})
+    path = tmp_path / "c.yaml"
+    path.write_text("data: [1]\n")
+    with pytest.raises(ConfigError, match=r"section 'data' must be a mapping"):
+        load_config(path, overrides={"data": {"max_sequence_length": 5}})
+
+
 def test_model_post_init_checks():
     with pytest.raises(ConfigError, match="n_heads"):
         load_config(overrides={"model": {"d_model": 10, "n_heads": 4}})

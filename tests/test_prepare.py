@@ -254,6 +254,84 @@ def test_null_item_ids_in_csv(no_ray, tmp_path, raw_events, data_config):
     _run_bad(data_config, tmp_path, write, r"'item_id'.*2 null")
 
 
+@pytest.mark.parametrize(("column", "role"), [("session_id", "session id"), ("timestamp", "timestamp")])
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_null_session_ids_and_timestamps(no_ray, tmp_path, raw_events, data_config, column, role, fmt):
+    """A null session id would drop or split its session; a null timestamp would move every day."""
+    def write(d: Path) -> None:
+        frame = _small(raw_events)
+        frame[column] = frame[column].astype("Float64" if column == "timestamp" else "Int64")
+        frame.loc[[4, 9, 11], column] = pd.NA
+        frame.to_parquet(d / "a.parquet") if fmt == "parquet" else frame.to_csv(d / "a.csv", index=False)
+
+    _run_bad(data_config, tmp_path, write, rf"a\.{fmt}: column '{column}' \({role}\) has 3 null")
+
+
+def test_null_check_finds_the_column_after_a_nested_one(no_ray, tmp_path, raw_events, data_config):
+    """Parquet statistics are per leaf column: a struct before the item id has two leaves."""
+    def write(d: Path) -> None:
+        frame = _small(raw_events)
+        context = pa.array([{"a": 1, "b": None}] * len(frame), pa.struct([("a", pa.int64()), ("b", pa.int64())]))
+        items = frame["item_id"].tolist()
+        items[7] = None
+        table = pa.Table.from_pandas(frame.drop(columns=["item_id"]), preserve_index=False)
+        table = table.add_column(0, "context", context).append_column("item_id", pa.array(items, pa.int64()))
+        pq.write_table(table, d / "a.parquet")
+
+    _run_bad(data_config, tmp_path, write, r"'item_id' \(item id\) has 1 null")
+
+
+def test_unreadable_or_unnamed_files_are_named(no_ray, tmp_path, data_config):
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "events.json").write_text('{"session_id": 1}')
+    with pytest.raises(InputError, match=r"events\.json.*not named \.parquet, \.csv or \.tsv.*read_format"):
+        prepare(data_config, source / "events.json", tmp_path / "out")
+    (source / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match=r"broken\.parquet: cannot be read as parquet"):
+        prepare(data_config, source / "broken.parquet", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("name", ["hour", "session_length"])
+def test_raw_columns_named_like_generated_ones(no_ray, tmp_path, raw_events, data_config, name):
+    from raytr.config import ConfigError
+
+    config = dataclasses.replace(data_config, categorical=(*data_config.categorical, name))
+    with pytest.raises(ConfigError, match=rf"data\.categorical names '{name}', a column raytr generates"):
+        prepare(config, tmp_path, tmp_path / "out")
+    if name == "hour":  # without time features no hour column is generated: then the name is free
+        prepare_module.check_generated_names(dataclasses.replace(config, time_features=False))
+
+
+def test_bad_partition_count(no_ray, tmp_path, raw_dir, data_config):
+    with pytest.raises(InputError, match=r"partitions=0: expected >= 1"):
+        prepare(data_config, raw_dir, tmp_path / "out", num_buckets=0)
+
+
+@pytest.mark.parametrize("case", ["other contents", "a file", "the input itself", "the input's parent"])
+def test_outputs_whose_replacement_would_lose_data_are_refused(no_ray, tmp_path, raw_events, data_config, case):
+    source = tmp_path / "in"
+    source.mkdir()
+    _small(raw_events).to_parquet(source / "a.parquet")
+    if case == "other contents":
+        output = tmp_path / "notes"
+        output.mkdir()
+        (output / "precious.txt").write_text("keep me")
+        match = r"directory with other contents \(no prepare\.json"
+    elif case == "a file":
+        output = tmp_path / "notes.txt"
+        output.write_text("keep me")
+        match = "is a file"
+    else:
+        output = source if case == "the input itself" else tmp_path
+        match = "holds the input"
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=match):
+        prepare(data_config, source, output)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_one_bad_file_among_good_ones_is_named(no_ray, tmp_path, raw_events, data_config):
     def write(d: Path) -> None:
         _small(raw_events).to_parquet(d / "a.parquet")
@@ -321,6 +399,23 @@ def test_failure_mid_run_keeps_previous_output(tmp_path, raw_events, data_config
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert (out / "sessions" / "day=1" / "old.parquet").read_bytes() == b"previous run"
     assert json.loads((out / PREPARE_JSON).read_text()) == {"previous": True}
+
+
+@pytest.mark.ray
+def test_millisecond_timestamps_give_what_seconds_give(tmp_path, raw_events, data_config, ray_cluster):
+    """timestamp_unit: ms is normalised once: the same sessions, days and time features as seconds."""
+    frame = raw_events.head(600).copy()
+    got = {}
+    for unit, scale in (("s", 1), ("ms", 1000)):
+        source = tmp_path / f"in-{unit}"
+        source.mkdir()
+        frame.assign(timestamp=frame["timestamp"] * scale).to_parquet(source / "a.parquet")
+        summary = prepare(dataclasses.replace(data_config, timestamp_unit=unit), source, tmp_path / f"out-{unit}",
+                          num_buckets=2)
+        sessions = pd.read_parquet(tmp_path / f"out-{unit}" / "sessions")
+        got[unit] = summary.sessions_per_day, sessions.sort_values("session_id").reset_index(drop=True)
+    assert got["ms"][0] == got["s"][0] and min(got["s"][0]) == 1
+    pd.testing.assert_frame_equal(got["ms"][1], got["s"][1])
 
 
 # --- the real YOOCHOOSE sample -----------------------------------------------------------------

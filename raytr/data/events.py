@@ -46,7 +46,10 @@ def find_input_files(path: str | Path, read_format: str = "auto") -> tuple[list[
     fmt = read_format
     if fmt == "auto":
         kinds = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
-        found_kinds = {kinds.get("." + f.rsplit(".", 1)[-1], "parquet") for f in files}
+        unknown = [f for f in files if "." + f.rsplit(".", 1)[-1].lower() not in kinds]
+        if unknown:  # only a single file named as the input can get here
+            raise InputError(f"input {unknown[0]!r} is not named .parquet, .csv or .tsv: set data.read_format")
+        found_kinds = {kinds["." + f.rsplit(".", 1)[-1].lower()] for f in files}
         if len(found_kinds) > 1:
             raise InputError(f"input {str(path)!r} mixes file formats {sorted(found_kinds)}: set data.read_format")
         fmt = found_kinds.pop()
@@ -67,6 +70,14 @@ def _open_csv(path: str, fmt: str, block_size: int | None = None) -> pacsv.CSVSt
     read = pacsv.ReadOptions(block_size=block_size) if block_size else pacsv.ReadOptions()
     return pacsv.open_csv(fs.open(p, "rb"), read_options=read,
                           parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
+
+
+def _readable(path: str, fmt: str, read):
+    """`read()`, with a file that cannot be read as `fmt` reported as an InputError naming it."""
+    try:
+        return read()
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot be read as {fmt}: {error}") from None
 
 
 def read_file(path: str, fmt: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -104,9 +115,11 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
     if config.user_col:
         expected[config.user_col] = ("user id", _is_id)
 
+    # Null ids would drop or split sessions, and a null timestamp would move every day partition.
+    required = {config.session_col: "session id", config.item_col: "item id", config.timestamp_col: "timestamp"}
     total_rows = 0
     for file in files:
-        schema = _file_schema(file, fmt)
+        schema = _readable(file, fmt, lambda: _file_schema(file, fmt))
         missing = [c for c in expected if c not in schema.names]
         if missing:
             raise InputError(
@@ -120,23 +133,25 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
         if fmt == "parquet":
             meta = storage.parquet_file(file).metadata
             total_rows += meta.num_rows
-            nulls = _parquet_null_count(file, meta, config.item_col)
+            nulls = {name: _parquet_null_count(file, meta, name) for name in required}
         else:
-            items = read_file(file, fmt, [config.item_col])[config.item_col]
-            total_rows += len(items)
-            nulls = int(items.isna().sum())
-        if nulls:
-            raise InputError(
-                f"{file}: column {config.item_col!r} (item id) has {nulls} null value(s); "
-                "drop or fill those events before preparing"
-            )
+            frame = _readable(file, fmt, lambda: read_file(file, fmt, list(required)))
+            total_rows += len(frame)
+            nulls = {name: int(frame[name].isna().sum()) for name in required}
+        for name, count in nulls.items():
+            if count:
+                raise InputError(
+                    f"{file}: column {name!r} ({required[name]}) has {count} null value(s); "
+                    "drop or fill those events before preparing"
+                )
     if total_rows == 0:
         raise InputError(f"input {str(path)!r} has no rows")
     return InputFiles(paths=tuple(files), format=fmt, num_rows=total_rows)
 
 
 def _parquet_null_count(file: str, meta: pq.FileMetaData, column: str) -> int:
-    index = meta.schema.to_arrow_schema().get_field_index(column)
+    # The statistics are per leaf column; a nested column before this one has several leaves.
+    index = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == column)
     nulls = 0
     for rg in range(meta.num_row_groups):
         stats = meta.row_group(rg).column(index).statistics

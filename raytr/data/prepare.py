@@ -38,6 +38,8 @@ from raytr.data.schema import save_schema
 from raytr.ray_runtime import ensure_ray
 from raytr.data.workflow import (
     SESSION_LENGTH,
+    check_generated_names,
+    day_numbers,
     fit_workflow,
     load_workflow,
     output_schema,
@@ -83,10 +85,13 @@ def prepare(
     num_buckets: session buckets (parallelism of the later steps); default from the cluster size.
     """
     start = time.perf_counter()
+    if num_buckets is not None and num_buckets < 1:
+        raise InputError(f"partitions={num_buckets}: expected >= 1 session buckets")
+    check_generated_names(config)
     files = validate_input(config, input_path)
-    ensure_ray()
     output = storage.normalize(output)
-    with storage.staged_output(output, marker=PREPARE_JSON) as staging:
+    with storage.staged_output(output, marker=PREPARE_JSON, inputs=files.paths) as staging:
+        ensure_ray()
         buckets = num_buckets or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
         log.info("prepare: %d %s file(s), %d rows, %d session buckets", len(files.paths), files.format,
                  files.num_rows, buckets)
@@ -163,11 +168,11 @@ def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: st
 def _sort_bucket(config: DataConfig, bucket_dir: str, out_file: str) -> float | None:
     # ignore_metadata: Ray Data's pandas metadata would bring back pyarrow-backed dtypes, which
     # NVTabular's ops do not support; plain numpy dtypes are what the workflow is fitted on.
-    frame = storage.read_table(bucket_dir).to_pandas(ignore_metadata=True)
-    frame = frame.drop(columns=[c for c in frame.columns if c == BUCKET])
+    # The rows were normalised while bucketing (timestamps already in seconds): only sorted here.
+    frame = storage.read_table(bucket_dir).to_pandas(ignore_metadata=True)[config.raw_columns]
     if frame.empty:
         return None
-    _write_parquet(sort_events(normalize_events(frame, config), config), out_file)
+    _write_parquet(sort_events(frame, config), out_file)
     return float(frame[config.timestamp_col].min())
 
 
@@ -190,8 +195,7 @@ def _sort_buckets(config: DataConfig, buckets_dir: str, out: str) -> tuple[list[
 def _transform_part(config: DataConfig, part: str, workflow_dir: str, out_dir: str, origin_day: int) -> dict:
     with storage.local_copy(workflow_dir) as local:  # the categories are read while transforming
         sessions = transform_frame(load_workflow(local), pd.read_parquet(part))
-    days = np.floor_divide(sessions[f"{config.timestamp_col}-first"].to_numpy(), 86_400).astype(np.int64)
-    days = days - origin_day + 1
+    days = day_numbers(sessions[f"{config.timestamp_col}-first"].to_numpy(), origin_day)
     per_day = {}
     for day in np.unique(days):
         rows = sessions[days == day].reset_index(drop=True)

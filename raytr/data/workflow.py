@@ -25,7 +25,7 @@ import nvtabular as nvt
 from merlin.schema import ColumnSchema, Schema, Tags
 from nvtabular import ops
 
-from raytr.config import DataConfig
+from raytr.config import ConfigError, DataConfig
 from raytr.data.columnar_groupby import ColumnarGroupby
 from raytr.data.events import EVENT_ORDER
 
@@ -35,6 +35,24 @@ SESSION_LENGTH = "session_length"
 TIME_SINCE_PREV = "time_since_prev"
 HOUR = "hour"
 WEEKDAY = "weekday"
+
+
+def check_generated_names(config: DataConfig) -> None:
+    """Raw columns must not take the names of columns the workflow makes (a raw `hour` next to the
+    generated one would fail deep in NVTabular's fit). Raises ConfigError naming the field."""
+    generated = {EVENT_ORDER: "always", SESSION_LENGTH: "always"}
+    if config.time_features:
+        generated.update(dict.fromkeys((HOUR, WEEKDAY, TIME_SINCE_PREV), "with data.time_features"))
+    roles = {"session_col": [config.session_col], "item_col": [config.item_col],
+             "timestamp_col": [config.timestamp_col], "user_col": [config.user_col] if config.user_col else [],
+             "categorical": list(config.categorical), "continuous": list(config.continuous)}
+    for role, names in roles.items():
+        for name in names:
+            if name in generated:
+                raise ConfigError(
+                    f"data.{role} names {name!r}, a column raytr generates ({generated[name]}): rename the raw column"
+                    + (" or set data.time_features: false" if generated[name] != "always" else "")
+                )
 
 
 def list_name(column: str) -> str:
