@@ -119,7 +119,10 @@ MAX_ECHOED_CHARS = 200
 
 def _echoable(value: Any) -> Any:
     """An invalid input as it can be echoed back in JSON: non-finite floats as strings (JSON has
-    none, and echoing NaN would turn the 422 into a 500), long lists and strings cut short."""
+    none, and echoing NaN would turn the 422 into a 500), raw bytes as text (a body that is not
+    UTF-8 would too), long lists and strings cut short."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
@@ -127,8 +130,8 @@ def _echoable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         head = [_echoable(v) for v in value[:MAX_ECHOED_ITEMS]]
         return head + ([f"... {len(value) - MAX_ECHOED_ITEMS} more"] if len(value) > MAX_ECHOED_ITEMS else [])
-    if isinstance(value, (str, bytes)) and len(value) > MAX_ECHOED_CHARS:
-        return f"{value[:MAX_ECHOED_CHARS]!s}..."
+    if isinstance(value, str) and len(value) > MAX_ECHOED_CHARS:
+        return f"{value[:MAX_ECHOED_CHARS]}..."
     return value
 
 

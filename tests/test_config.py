@@ -163,6 +163,14 @@ def test_data_post_init_names_the_field(values, field):
         from_dict(DataConfig, values, "data")
 
 
+def test_metric_for_best_model_must_be_reported():
+    with pytest.raises(ConfigError, match=r"metric_for_best_model='ndcg@10' is not among.*metrics_top_k=\[5, 20\]"):
+        load_config(overrides={"training": {"metrics_top_k": [5, 20]}})
+    with pytest.raises(ConfigError, match=r"metric_for_best_model='ndgc@10'.*choose one of \['precision@5'"):
+        load_config(overrides={"training": {"metric_for_best_model": "ndgc@10"}})
+    assert load_config(overrides={"training": {"metrics_top_k": [20], "metric_for_best_model": "mrr@20"}})
+
+
 def test_user_column_in_another_role_and_non_mapping_sections(tmp_path):
     with pytest.raises(ConfigError, match=r"session_id.*more than one role"):
         load_config(overrides={"data": {"user_col": "session_id"}})

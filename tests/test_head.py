@@ -181,18 +181,27 @@ def test_empty_targets_give_zero_loss_with_graph():
     assert loss.item() == 0.0 and loss.requires_grad
 
 
+# The peak resident memory of the process's own address space (VmHWM). Not ru_maxrss: Linux keeps that
+# across fork and exec, so a child of a large pytest process starts with the parent's peak.
+PEAK_RSS = """
+def peak_bytes():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads glibc/Linux ru_maxrss (KiB)")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc/self/status (VmHWM)")
 def test_chunked_cross_entropy_peak_memory_is_bounded():
     """Real peak resident memory of a big case, chunked vs plain, in a fresh process."""
-    script = textwrap.dedent(
+    script = PEAK_RSS + textwrap.dedent(
         """
-        import resource, torch, torch.nn.functional as F
+        import torch, torch.nn.functional as F
         from raytr.features import FIRST_ITEM_ID
         from raytr.models.head import chunked_cross_entropy
         torch.set_num_threads(2)
         def peak_mb():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            return peak_bytes() / 2**20
         N, V, D = 4096, 20000, 32  # plain logits: 4096 x 20000 fp32 = 312 MiB
         g = torch.Generator().manual_seed(0)
         h = torch.randn(N, D, generator=g, requires_grad=True)
@@ -216,15 +225,15 @@ def test_chunked_cross_entropy_peak_memory_is_bounded():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads glibc/Linux ru_maxrss (KiB)")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc/self/status (VmHWM)")
 @pytest.mark.parametrize(("kernel", "dtype"), [("eager", "bfloat16"), ("compiled", "bfloat16"), ("compiled", "float32")])
 def test_chunk_kernel_holds_no_more_than_it_declares_on_the_cpu(kernel, dtype):
     """What chunk_rows sizes GPU chunks by, checked where CI can: one chunk's real peak resident
-    memory, in a fresh process, stays within the kernel's bytes_per_logit (Inductor plans the
+    memory, in a fresh process (VmHWM), stays within the kernel's bytes_per_logit (Inductor plans the
     compiled kernel's buffers the same way for either device; the GPU test reads the allocator)."""
-    script = textwrap.dedent(
+    script = PEAK_RSS + textwrap.dedent(
         f"""
-        import resource, torch
+        import torch
         from raytr.features import FIRST_ITEM_ID
         from raytr.models.head import EAGER_KERNEL, _padded_weight, compiled_kernel
         torch.set_num_threads(2)
@@ -236,9 +245,9 @@ def test_chunk_kernel_holds_no_more_than_it_declares_on_the_cpu(kernel, dtype):
         t = torch.randint(FIRST_ITEM_ID, V, (c,), generator=g)
         small = (h[:8], w[:1024], t[:8] % 1000 + FIRST_ITEM_ID, valid[:1024], 1000 - FIRST_ITEM_ID, 0.1, True)
         kernel.fn(*small)  # compiles (dynamic shapes) and warms up without touching a c x V buffer
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_bytes()
         loss, grad_hidden, grad_weight = kernel.fn(h, w, t, valid, V - FIRST_ITEM_ID, 0.1, True)
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        extra = peak_bytes() - base
         print(extra, kernel.bytes_per_logit(dtype) * c * w.shape[0], grad_hidden.nbytes + grad_weight.nbytes)
         """
     )
@@ -294,6 +303,17 @@ def test_chunk_kernel_holds_no_more_than_it_declares(compiled, dtype):
     declared = kernel.bytes_per_logit(dtype) * c * w.shape[0]
     assert extra <= declared + outputs + 2**25, (extra, declared, outputs)
     assert torch.isfinite(loss)
+
+
+def test_full_scores_are_fp32_under_autocast():
+    """bf16 scores would keep 8 bits: their ties would rank items by id, not by score."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(8, 64, generator=g), torch.randn(5000, 64, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = full_scores(hidden, weight)
+    expected = hidden @ weight.T
+    assert scores.dtype == torch.float32 and torch.equal(scores[:, FIRST_ITEM_ID:], expected[:, FIRST_ITEM_ID:])
+    assert scores[0, FIRST_ITEM_ID:].unique().numel() == 5000 - FIRST_ITEM_ID  # bf16 scores: 1,496 values
 
 
 def test_log_uniform_sampler_matches_its_log_prob():

@@ -57,6 +57,9 @@ BAD_JSON = [
     (b'[1, 2, 3]', "body"),
     (b'', "body"),
 ]
+# Bodies FastAPI validates as raw bytes (not JSON), echoed back in the 422: not UTF-8, short and long.
+BAD_RAW = [(b"\xff\xfe\x00garbage", "text/plain"), (b"\xff\xfe\x00garbage", None),
+           (b"\xff" * 500, "application/octet-stream")]
 BAD_BODIES = [
     ({"events": []}, "events"),
     ({"events": [EVENT], "k": 0}, "k"),
@@ -81,7 +84,7 @@ BAD_BODIES = [
 ]
 BAD_BATCHES = [
     ({"requests": []}, "requests"),
-    ({"requests": [{"events": [EVENT]}, {"events": [{**EVENT, "price": float("-1e9")}]}]}, "requests"),
+    ({"requests": [{"events": [EVENT]}, {"events": [{**EVENT, "price": float("-1e9")}]}]}, "price"),
 ]
 
 
@@ -92,6 +95,11 @@ def _assert_bad_inputs_rejected(post) -> None:
         response = post("/recommend", content=content, headers={"content-type": "application/json"})
         assert response.status_code == 422, (content, response.text)
         assert field_name in json.dumps(response.json()["detail"]), (content, response.text)
+    for content, content_type in BAD_RAW:
+        for path in ("/recommend", "/recommend/batch"):
+            response = post(path, content=content, headers={"content-type": content_type} if content_type else {})
+            assert response.status_code == 422, (content[:20], content_type, response.text[:300])
+            assert "body" in json.dumps(response.json()["detail"]), response.text[:300]
     for path, cases in (("/recommend", BAD_BODIES), ("/recommend/batch", BAD_BATCHES)):
         for body, field_name in cases:
             response = post(path, json=body)

@@ -295,6 +295,37 @@ def test_train_again_continues_weights_optimizer_and_lr_schedule(prepared_dir, p
 
 
 @pytest.mark.slow
+def test_resume_from_checkpoint_is_for_the_first_train_call_only(prepared_dir, prepared_spec, tmp_path):
+    """A Trainer built with resume_from_checkpoint continues that run once; its next train() call
+    continues from the weights it has, with a run of its own (a set run_name gets a number)."""
+    paths = day_paths(prepared_dir, [1])
+    spe = steps_per_epoch(prepared_spec, paths, 64)
+    first = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                    local_args(tmp_path / "a", num_train_epochs=2, save_total_limit=2), train_dataset_or_path=paths)
+    epoch1 = tmp_path / "a" / "runs" / first.train().run_name / "checkpoints" / f"checkpoint-{spe:08d}"
+
+    args = local_args(tmp_path / "b", num_train_epochs=2, resume_from_checkpoint=str(epoch1), run_name="window")
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=1), args, train_dataset_or_path=paths)
+    out1 = trainer.train()
+    assert out1.run_name == "window" and trainer.state["global_step"] == 2 * spe  # one epoch left, resumed
+    after1 = clone_state(trainer.model)
+    trainer.train_dataset = day_paths(prepared_dir, [2])
+    out2 = trainer.train()
+    assert out2.run_name == "window-2"
+    init2 = SessionModel.load(tmp_path / "b" / "runs" / out2.run_name / "init")
+    assert same_weights(clone_state(init2), after1)
+    assert trainer.state["global_step"] == 2 * steps_per_epoch(prepared_spec, day_paths(prepared_dir, [2]), 64)
+    assert not same_weights(clone_state(trainer.model), after1)  # it trained, rather than reload the checkpoint
+
+    finished = Path(out1.checkpoint)  # the end of epoch 2 of 2
+    done = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                   replace(args, resume_from_checkpoint=str(finished)), train_dataset_or_path=paths)
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint .* finished epoch 2 of "
+                                         r"training.num_train_epochs=2: nothing is left to train"):
+        done.train()
+
+
+@pytest.mark.slow
 def test_reset_with_warmup_starts_the_next_run_at_lr_zero(prepared_dir, prepared_spec, tmp_path):
     """With reset_lr_scheduler() and a warmup schedule the first step of the next run has LR 0:
     the optimizer state loaded from the previous run must not bring the full LR back."""

@@ -315,8 +315,10 @@ def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 def full_scores(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Scores of every item: hidden [N, D], weight [V, D] -> [N, V] float32, reserved ids (< FIRST_ITEM_ID) at -inf."""
-    scores = (hidden @ weight.T).float()  # [N, V]
+    """Scores of every item: hidden [N, D], weight [V, D] -> [N, V] float32, reserved ids (< FIRST_ITEM_ID) at -inf.
+    In fp32 even under autocast: bf16 scores keep 8 bits, and their ties would rank by id instead of score."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        scores = hidden.float() @ weight.float().T  # [N, V]
     scores[:, :FIRST_ITEM_ID] = float("-inf")
     return scores
 

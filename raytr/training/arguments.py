@@ -100,6 +100,13 @@ class TrainingArguments:
             raise ConfigError(f"training.warmup_ratio={self.warmup_ratio}: expected 0 <= r < 1")
         if not self.metrics_top_k or min(self.metrics_top_k) < 1:
             raise ConfigError(f"training.metrics_top_k={list(self.metrics_top_k)}: expected cut-offs >= 1")
+        from raytr.metrics import METRIC_NAMES
+
+        reported = [f"{name}@{k}" for k in self.metrics_top_k for name in METRIC_NAMES]
+        if self.metric_for_best_model not in reported:  # else every checkpoint would rank the same
+            raise ConfigError(f"training.metric_for_best_model={self.metric_for_best_model!r} is not among the "
+                              f"metrics evaluation reports with training.metrics_top_k={list(self.metrics_top_k)}: "
+                              f"choose one of {reported}")
         if self.predict_top_k < 1:
             raise ConfigError(f"training.predict_top_k={self.predict_top_k}: expected >= 1")
         if self.num_workers < 1:

@@ -287,10 +287,11 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
         last_metrics = metrics
 
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses x targets, targets]
+    # [sum of losses x targets, targets] over all ranks: each step adds its already reduced `check`.
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
 
     def running_loss() -> float:
-        total = _all_reduce(loss_sum.clone(), ctx)
+        total = loss_sum.cpu()
         value = float(total[0] / total[1]) if total[1] > 0 else float("nan")
         loss_sum.zero_()
         return value
@@ -332,7 +333,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                     model.eval()
                     mark_step()
                     with _autocast(args, device):
-                        update_next_item_metrics(train_metrics, model, batch)
+                        update_next_item_metrics(train_metrics, model, batch, args.exclude_seen)
                     model.train()
                     train_metrics.load_state(_all_reduce(train_metrics.state.to(device), ctx).cpu())
                     if scalars is not None:

@@ -70,6 +70,18 @@ def resolve_paths(data: DatasetOrPath) -> list[str]:
     return files
 
 
+def _check_work_left(trainer_state: dict[str, Any], args: TrainingArguments, checkpoint: str) -> None:
+    """A checkpoint to resume from must leave epochs (or steps) to train: else no run reports one."""
+    epoch, step = int(trainer_state["epoch"]), int(trainer_state["global_step"])
+    if args.max_steps > 0 and step >= args.max_steps:
+        raise ValueError(f"training.resume_from_checkpoint {checkpoint!r} is at step {step}, and "
+                         f"training.max_steps={args.max_steps} leaves nothing to train: raise max_steps")
+    if args.max_steps <= 0 and epoch + 1 >= args.num_train_epochs:
+        raise ValueError(f"training.resume_from_checkpoint {checkpoint!r} finished epoch {epoch + 1} of "
+                         f"training.num_train_epochs={args.num_train_epochs}: nothing is left to train; raise "
+                         "num_train_epochs")
+
+
 def _is_ray_dataset(data: Any) -> bool:
     return type(data).__module__.startswith("ray.data")
 
@@ -128,7 +140,17 @@ class Trainer:
         if self.train_dataset is None and self.train_dataloader is None:
             raise ValueError("Trainer.train(): set train_dataset_or_path (or train_dataloader) first")
         output_dir = storage.normalize(args.output_dir)
-        run_name = args.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}"
+        # A set run_name names the first train() call's run (run again, e.g. after a driver crash, Ray
+        # Train resumes it); later calls of this Trainer add their number, so they never resume it.
+        calls = len(self.state["runs"])
+        # resume_from_checkpoint continues the first train() call; later calls continue from the previous one.
+        resume = storage.normalize(args.resume_from_checkpoint) if args.resume_from_checkpoint and not calls else None
+        if resume:
+            _check_work_left(read_trainer_state(resume), args, resume)
+        if args.run_name:
+            run_name = args.run_name if calls == 0 else f"{args.run_name}-{calls + 1}"
+        else:
+            run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}"
         run_dir = storage.join(output_dir, "runs", run_name)
         init_dir = self.model.save(storage.join(run_dir, "init"))
         init_state = None
@@ -141,7 +163,6 @@ class Trainer:
             resolve_paths(self.eval_dataset))
         if eval_paths and sum(storage.parquet_file(p).metadata.num_rows for p in eval_paths) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
-        resume = args.resume_from_checkpoint and storage.normalize(args.resume_from_checkpoint)
         loop_args = replace(args, output_dir=output_dir, run_name=run_name, resume_from_checkpoint=resume)
         cfg = LoopConfig(
             spec=self.model.spec, model_config=self.model.config, args=loop_args, init_model_dir=str(init_dir),
