@@ -77,6 +77,8 @@ class Bundle:
                     storage.download(storage.join(source, name), root / name if name in (MODEL_DIR, WORKFLOW_DIR)
                                      else root)
         prepare_info = json.loads((root / "prepare.json").read_text())
+        if not isinstance(prepare_info, dict) or not isinstance(prepare_info.get("data"), dict):
+            raise ValueError(f"{source}/prepare.json has no data config (expected the file `raytr prepare` writes)")
         data = from_dict(DataConfig, prepare_info["data"], where=f"{root}/prepare.json data")
         result_path = root / "train_result.json"
         train_result = json.loads(result_path.read_text()) if result_path.is_file() else {}

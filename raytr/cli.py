@@ -151,10 +151,12 @@ def cmd_incremental(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import time
 
-    from serve.app import start_local, stop_local
+    from serve.app import app_options, start_local, stop_local
 
-    url = start_local(args.model, host=args.host, port=args.port)
-    print(f"serving {args.model} at {url} (docs at {url}/docs); Ctrl-C stops")
+    config = _load(args).serve  # the defaults without --config
+    model = args.model or config.model_dir
+    url = start_local(model, host=args.host or config.host, port=args.port or config.port, **app_options(config))
+    print(f"serving {model} at {url} (docs at {url}/docs); Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)
@@ -234,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_incremental)
 
     p = sub.add_parser("serve", help="serve a trained model over REST (Ray Serve + FastAPI)")
-    p.add_argument("--model", required=True, help="a `raytr train` output directory (the model bundle)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    _add_config(p, required=False)
+    p.add_argument("--model", default=None,
+                   help="a `raytr train` output directory (the model bundle; default: the config's serve.model_dir)")
+    p.add_argument("--host", default=None, help="default: serve.host (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default: serve.port (8000)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="synth -> prepare -> train -> evaluate -> serve, end to end")

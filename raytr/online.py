@@ -488,11 +488,6 @@ class OnlinePreprocessor:
         """Number of recommendable items (ids FIRST_ITEM_ID..V-1)."""
         return self.spec.item_cardinality - FIRST_ITEM_ID
 
-    @property
-    def feature_columns(self) -> tuple[list[str], list[str]]:
-        """Raw (categorical, continuous) event features a request may carry besides item and time."""
-        return list(self.config.categorical), list(self.config.continuous)
-
     def decode_items(self, ids: Iterable[int]) -> list[Any]:
         """Encoded item ids -> raw item ids (None for reserved ids)."""
         return self.item_vocabulary.decode(ids)

@@ -112,7 +112,6 @@ class ApiModels:
     event: type[StrictModel]
     request: type[StrictModel]
     batch_request: type[StrictModel]
-    feature_fields: tuple[str, ...]
 
 
 def build_api_models(data: DataConfig, serve: ServeConfig) -> ApiModels:
@@ -147,7 +146,7 @@ def build_api_models(data: DataConfig, serve: ServeConfig) -> ApiModels:
         __base__=StrictModel,
         requests=(list[request], Field(min_length=1, max_length=serve.max_sessions_per_batch)),
     )
-    return ApiModels(event=event, request=request, batch_request=batch_request, feature_fields=tuple(features))
+    return ApiModels(event=event, request=request, batch_request=batch_request)
 
 
 def request_events(request: StrictModel, data: DataConfig) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ Reloading a bundle, without downtime:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -42,7 +43,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from raytr.bundle import Bundle
-from raytr.config import ServeConfig
+from raytr.config import DataConfig, ServeConfig
 from serve.api import BatchingStats, HealthResponse, ModelInfo, ReloadResponse
 from serve.core import (
     Query,
@@ -52,7 +53,8 @@ from serve.core import (
     ScoringResult,
     VersionedStates,
     VersionUnavailable,
-    data_config_changed,
+    cannot_reload,
+    load_compatible,
     read_data_config,
     reload_response,
 )
@@ -91,25 +93,31 @@ async def call(method: Any, *args: Any, what: str) -> Any:
 class BundleRegistry:
     """The bundle version the service should serve: set at start, changed by /admin/reload."""
 
-    async def __init__(self, bundle_dir: str) -> None:
-        self._bundle_dir = bundle_dir
-        bundle = await asyncio.to_thread(Bundle.load, bundle_dir)
-        self._version, self._data = bundle.version, bundle.data
+    async def __init__(self, bundle_dir: str, data: DataConfig) -> None:
+        self._bundle_dir, self._data = bundle_dir, data
+        self._version = (await asyncio.to_thread(load_compatible, bundle_dir, data)).version
         self._lock = asyncio.Lock()
 
     def current(self) -> str:
         return self._version
 
     async def reload(self) -> ReloadResponse | Rejection:
+        """Announce the bundle directory's version once it is known to load as every replica will
+        load it: same data config, workflow compiled and matching the model's features."""
         async with self._lock:
             try:
-                bundle = await asyncio.to_thread(Bundle.load, self._bundle_dir)
+                bundle = await asyncio.to_thread(self._checked_bundle)
             except (FileNotFoundError, ValueError) as exc:
-                return Rejection(409, f"cannot reload {self._bundle_dir}: {exc}")
-            if bundle.data != self._data:
-                return data_config_changed(self._bundle_dir)
+                return cannot_reload(self._bundle_dir, exc)
             previous, self._version = self._version, bundle.version
             return reload_response(previous, self._version)
+
+    def _checked_bundle(self) -> Bundle:
+        from serve.engine import Encoder
+
+        bundle = load_compatible(self._bundle_dir, self._data)
+        Encoder(bundle)  # what each Preprocessor does with it: compiles the workflow, checks the model's spec
+        return bundle
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1, "num_gpus": 0},
@@ -117,13 +125,15 @@ class BundleRegistry:
 class Recommender:
     """The SessionModel behind dynamic batching. Keeps the models of the last two bundle versions."""
 
-    async def __init__(self, bundle_dir: str, registry: DeploymentHandle, config: ServeConfig) -> None:
+    async def __init__(self, bundle_dir: str, data: DataConfig, registry: DeploymentHandle,
+                       config: ServeConfig) -> None:
         import torch
 
         from serve.engine import Scorer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._states: VersionedStates[Scorer] = VersionedStates(bundle_dir, Scorer.loader(device, config.scorer), keep=2)
+        self._states: VersionedStates[Scorer] = VersionedStates(bundle_dir, Scorer.loader(device, config.scorer),
+                                                                keep=2, data=data)
         await self._states.sync_to_disk()
         self._score_batch.set_max_batch_size(config.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -173,13 +183,13 @@ class Recommender:
 class Preprocessor:
     """The compiled workflow: queries -> encoded batch -> Recommender -> raw ids."""
 
-    async def __init__(self, bundle_dir: str, recommender: DeploymentHandle, registry: DeploymentHandle,
-                       config: ServeConfig) -> None:
+    async def __init__(self, bundle_dir: str, data: DataConfig, recommender: DeploymentHandle,
+                       registry: DeploymentHandle, config: ServeConfig) -> None:
         from serve.engine import Encoder
 
         self._config = config
         self._recommender = recommender
-        self._states: VersionedStates[Encoder] = VersionedStates(bundle_dir, Encoder.load, keep=1)
+        self._states: VersionedStates[Encoder] = VersionedStates(bundle_dir, Encoder, keep=1, data=data)
         await self._states.sync_to_disk()
         self._follow = asyncio.create_task(
             self._states.follow(lambda: registry.current.remote(), config.reload_poll_s))
@@ -244,9 +254,9 @@ class Ingress:
     """The HTTP entry point. Its FastAPI app is built in each replica (`__serve_build_asgi_app__`),
     from the bundle's data config: nothing unpicklable crosses the controller."""
 
-    def __init__(self, bundle_dir: str, preprocessor: DeploymentHandle, registry: DeploymentHandle,
+    def __init__(self, data: DataConfig, preprocessor: DeploymentHandle, registry: DeploymentHandle,
                  config: ServeConfig) -> None:
-        self._data = read_data_config(bundle_dir)
+        self._data = data  # the service's, from app_builder: a replica started later must not read a newer one
         self._config = config
         self._backend = ServeBackend(preprocessor, registry)
         self._admin_token = resolve_admin_token(config)
@@ -290,6 +300,15 @@ class AppArgs(BaseModel):
         )
 
 
+# The ServeConfig fields that are AppArgs fields too: all but where to listen and what to serve.
+SERVE_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ServeConfig)) - {"model_dir", "host", "port"}
+
+
+def app_options(config: ServeConfig) -> dict[str, Any]:
+    """The `AppArgs` a raytr YAML's `serve` section sets (for start_local, next to the bundle, host, port)."""
+    return {name: getattr(config, name) for name in SERVE_CONFIG_FIELDS}
+
+
 def _replicas(count: int | None) -> dict[str, Any]:
     return {} if count is None else {"num_replicas": count}
 
@@ -297,20 +316,22 @@ def _replicas(count: int | None) -> dict[str, Any]:
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """The Serve application for `args` (see `AppArgs`); validates them before anything starts."""
     opts = AppArgs.model_validate(args)
-    read_data_config(opts.bundle_dir)  # fail here, naming the directory, rather than in a replica
+    # Read once, here (failing here, naming the directory, rather than in a replica): every replica
+    # serves this data config, whatever the directory holds when autoscaling starts one later.
+    data = read_data_config(opts.bundle_dir)
     config = opts.serve_config()
-    registry = BundleRegistry.bind(opts.bundle_dir)
+    registry = BundleRegistry.bind(opts.bundle_dir, data)
     recommender = Recommender.options(
         **_replicas(opts.recommender_replicas),
         max_ongoing_requests=max(64, 2 * opts.max_batch_size),  # >= max_batch_size or batches never fill
         ray_actor_options={"num_cpus": opts.recommender_num_cpus, "num_gpus": opts.num_gpus},
-    ).bind(opts.bundle_dir, registry, config)
+    ).bind(opts.bundle_dir, data, registry, config)
     preprocessor = Preprocessor.options(
         **_replicas(opts.preprocessor_replicas), ray_actor_options={"num_cpus": opts.preprocessor_num_cpus},
-    ).bind(opts.bundle_dir, recommender, registry, config)
+    ).bind(opts.bundle_dir, data, recommender, registry, config)
     return Ingress.options(
         **_replicas(opts.ingress_replicas), ray_actor_options={"num_cpus": opts.ingress_num_cpus},
-    ).bind(opts.bundle_dir, preprocessor, registry, config)
+    ).bind(data, preprocessor, registry, config)
 
 
 # ------------------------------------------------------------------------------------ local helpers
@@ -358,5 +379,6 @@ def stop_local() -> None:
         serve.shutdown()
 
 
-__all__ = ["APP_NAME", "AppArgs", "app_builder", "start_local", "stop_local", "wait_until_healthy", "free_port"]
+__all__ = ["APP_NAME", "AppArgs", "app_builder", "app_options", "start_local", "stop_local", "wait_until_healthy",
+           "free_port"]
 

@@ -96,16 +96,32 @@ def read_data_config(bundle_dir: str | Path) -> DataConfig:
     path = storage.join(bundle_dir, "prepare.json")
     if not storage.is_file(path):
         raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a model bundle (train with `raytr train`)")
-    return from_dict(DataConfig, json.loads(storage.read_text(path))["data"], where=f"{path} data")
+    info = json.loads(storage.read_text(path))
+    if not isinstance(info, dict) or not isinstance(info.get("data"), dict):
+        raise ValueError(f"{path} has no data config (expected the file `raytr prepare` writes)")
+    return from_dict(DataConfig, info["data"], where=f"{path} data")
 
 
 def unprocessable(loc: Sequence[str | int], message: str, kind: str = "value_error", value: Any = None) -> Rejection:
     return Rejection(422, [{"loc": list(loc), "msg": message, "type": kind, "input": value}])
 
 
-def data_config_changed(bundle_dir: str) -> Rejection:
-    return Rejection(409, f"the bundle in {bundle_dir} has a different data config (event fields) than the "
-                          "running service: deploy it as a new application (`serve deploy` / `serve run`)")
+class BundleRefused(ValueError):
+    """A bundle the running service must not switch to; the message says why."""
+
+
+def load_compatible(bundle_dir: str, data: DataConfig) -> Bundle:
+    """`Bundle.load`, refusing a bundle whose data config (event fields) differs from the service's:
+    the ingress validates requests against the fields it started with."""
+    bundle = Bundle.load(bundle_dir)
+    if bundle.data != data:
+        raise BundleRefused(f"the bundle in {bundle_dir} has a different data config (event fields) than the "
+                            "running service: deploy it as a new application (`serve deploy` / `serve run`)")
+    return bundle
+
+
+def cannot_reload(bundle_dir: str, error: Exception) -> Rejection:
+    return Rejection(409, f"cannot reload {bundle_dir}: {error}")
 
 
 def reload_response(previous: str, current: str) -> ReloadResponse:
@@ -128,10 +144,13 @@ class VersionedStates(Generic[S]):
     `sync_to_disk()` loads the bundle directory when it holds a version not loaded yet (in a
     thread, one load at a time; the old state keeps serving until the new one is ready, then they
     swap). `follow(current)` polls an announced version (the registry) and syncs when it changes.
+    A bundle with another data config than `data` (the service's) is never loaded: it raises
+    `BundleRefused`, and the loaded versions keep serving.
     """
 
-    def __init__(self, bundle_dir: str | Path, load: Callable[[Bundle], S], keep: int) -> None:
+    def __init__(self, bundle_dir: str | Path, load: Callable[[Bundle], S], keep: int, data: DataConfig) -> None:
         self.bundle_dir = str(bundle_dir)
+        self.data = data
         self._load = load
         self._keep = keep
         self._states: list[S] = []
@@ -152,7 +171,7 @@ class VersionedStates(Generic[S]):
 
     def load_sync(self) -> S:
         """Load the bundle directory now, blocking (for constructors); return the newest state."""
-        bundle = Bundle.load(self.bundle_dir)
+        bundle = load_compatible(self.bundle_dir, self.data)
         if self.get(bundle.version) is None:
             self._add(self._load(bundle))
         return self.latest
@@ -162,7 +181,7 @@ class VersionedStates(Generic[S]):
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            bundle = await asyncio.to_thread(Bundle.load, self.bundle_dir)
+            bundle = await asyncio.to_thread(load_compatible, self.bundle_dir, self.data)
             if self.get(bundle.version) is None:
                 self._add(await asyncio.to_thread(self._load, bundle))
             return self.latest

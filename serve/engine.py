@@ -23,7 +23,17 @@ from raytr.models import SessionModel
 from raytr.models.export import ExportedScorer
 from raytr.models.head import top_k
 from raytr.online import OnlineInputError, OnlinePreprocessor
-from serve.api import FeatureSummary, HealthResponse, ModelInfo, RecommendResponse, ReloadResponse, ScoredItem, api_field
+from serve.api import (
+    ITEM_FIELD,
+    TIMESTAMP_FIELD,
+    FeatureSummary,
+    HealthResponse,
+    ModelInfo,
+    RecommendResponse,
+    ReloadResponse,
+    ScoredItem,
+    api_field,
+)
 from serve.core import (
     Query,
     Recommendations,
@@ -31,7 +41,8 @@ from serve.core import (
     ScoringRequest,
     ScoringResult,
     VersionedStates,
-    data_config_changed,
+    cannot_reload,
+    read_data_config,
     reload_response,
     unprocessable,
 )
@@ -46,11 +57,7 @@ class Encoder:
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
         self.version = bundle.version
-        self.online = OnlinePreprocessor.from_bundle(bundle)
-
-    @classmethod
-    def load(cls, bundle: Bundle) -> "Encoder":
-        return cls(bundle)
+        self.online = OnlinePreprocessor.from_bundle(bundle)  # checks the workflow against the model's spec
 
     def encode(self, queries: Sequence[Query]) -> ScoringRequest | Rejection:
         catalog = self.online.catalog_size
@@ -96,7 +103,7 @@ class Encoder:
             catalog_size=self.online.catalog_size,
             max_sequence_length=spec.max_sequence_length,
             max_events_per_session=serve_config.max_events_per_session,
-            event_fields=["item_id", "timestamp", *data.categorical, *data.continuous],
+            event_fields=[ITEM_FIELD, TIMESTAMP_FIELD, *data.categorical, *data.continuous],
             features=FeatureSummary(categorical=dict(spec.categorical), continuous=list(spec.continuous)),
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         )
@@ -192,8 +199,10 @@ class LocalBackend:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self._states: VersionedStates[_Pair] = VersionedStates(self.bundle_dir, lambda b: _load_pair(b, self.device, self.serve_config.scorer), 1)
-        self.data = self._states.load_sync().encoder.online.config
+        self.data = read_data_config(self.bundle_dir)
+        self._states: VersionedStates[_Pair] = VersionedStates(
+            self.bundle_dir, lambda b: _load_pair(b, self.device, self.serve_config.scorer), keep=1, data=self.data)
+        self._states.load_sync()
 
     def recommend_sync(self, queries: Sequence[Query]) -> Recommendations | Rejection:
         pair = self._states.latest
@@ -213,9 +222,10 @@ class LocalBackend:
         return HealthResponse(model_version=self._states.latest.version)
 
     async def reload(self) -> ReloadResponse | Rejection:
+        """Load and swap in the directory's bundle, refused (409) as the Serve app's registry refuses it."""
         previous = self._states.latest
-        bundle = await asyncio.to_thread(Bundle.load, self.bundle_dir)
-        if bundle.data != self.data:
-            return data_config_changed(self.bundle_dir)
-        state = await self._states.sync_to_disk()
+        try:
+            state = await self._states.sync_to_disk()
+        except (FileNotFoundError, ValueError) as exc:
+            return cannot_reload(self.bundle_dir, exc)
         return reload_response(previous.version, state.version)

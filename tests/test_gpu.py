@@ -6,7 +6,6 @@ Data is written directly as session parquet (no NVTabular/Ray needed for the fir
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

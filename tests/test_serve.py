@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +47,33 @@ def test_config_yaml_parses_with_rays_schema_and_our_args():
     assert recommender.ray_actor_options.num_gpus == 0
     assert recommender.max_ongoing_requests >= app.args["max_batch_size"]
     assert app.runtime_env["working_dir"]
+
+
+def test_a_raytr_yaml_serve_section_reaches_the_app(tmp_path, monkeypatch):
+    """Every serve setting of the YAML is an app argument, and `raytr serve --config` passes them."""
+    import raytr.cli
+    import serve.app
+    from raytr.config import ServeConfig, load_config
+    from serve.app import SERVE_CONFIG_FIELDS, AppArgs, app_options
+
+    assert SERVE_CONFIG_FIELDS <= set(AppArgs.model_fields)
+    config = load_config(overrides={"serve": {"default_k": 7, "max_batch_size": 8, "scorer": "exported"}}).serve
+    args = AppArgs.model_validate({"bundle_dir": "b", **app_options(config)})
+    assert args.serve_config() == replace(config, model_dir="b", host=ServeConfig.host, port=ServeConfig.port)
+
+    calls = []
+    monkeypatch.setattr(serve.app, "start_local", lambda model, **kw: calls.append((model, kw)) or "http://x")
+    monkeypatch.setattr(serve.app, "stop_local", lambda: None)
+    def interrupt(seconds: float) -> None:  # Ctrl-C at once, instead of serving for an hour
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", interrupt)
+    path = tmp_path / "raytr.yaml"
+    path.write_text("serve:\n  model_dir: runs/x/train\n  port: 8123\n  default_k: 7\n")
+    assert raytr.cli.main(["serve", "--config", str(path), "--set", "serve.max_batch_size=8"]) == 0
+    [(model, kw)] = calls
+    assert model == "runs/x/train" and kw["port"] == 8123 and kw["host"] == "127.0.0.1"
+    assert kw["default_k"] == 7 and kw["max_batch_size"] == 8
 
 
 # ------------------------------------------------------------------------------------ bad inputs
@@ -195,6 +223,47 @@ def test_standalone_reload_needs_the_token(local_bundle, monkeypatch):
     assert client.post("/admin/reload", headers={"X-Admin-Token": "wrong"}).status_code == 403
     same = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
     assert same.status_code == 200 and same.json()["changed"] is False
+
+
+def _model_needing_another_column(bundle: Path) -> None:
+    """Replace the bundle's model with one (new weights, so a new version) whose features include a
+    column the bundle's workflow does not produce: the bundle would load, yet could serve nothing."""
+    from dataclasses import replace as replace_spec
+
+    from raytr.models import SessionModel
+
+    model = SessionModel.load(bundle / "model")
+    spec = replace_spec(model.spec, categorical={**model.spec.categorical, "brand-list": 7})
+    SessionModel(spec, model.config, seed=5).save(bundle / "model")
+
+
+@pytest.mark.parametrize("change", ["data config", "model features", "no data config"])
+def test_standalone_reload_refuses_a_bundle_it_could_not_serve(local_bundle, tmp_path, monkeypatch, raw_items, change):
+    """409 naming why, and the loaded bundle keeps serving (never a 500 or a half switch)."""
+    from fastapi.testclient import TestClient
+
+    from serve.standalone import build_standalone_app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    monkeypatch.setenv("RAYTR_ADMIN_TOKEN", TOKEN)
+    client = TestClient(build_standalone_app(str(bundle)))
+    before = client.get("/model").json()["model_version"]
+    info = json.loads((bundle / "prepare.json").read_text())
+    if change == "data config":
+        info["data"]["continuous"] = [*info["data"]["continuous"], "discount"]
+        (bundle / "prepare.json").write_text(json.dumps(info))
+        match = "different data config"
+    elif change == "model features":
+        _model_needing_another_column(bundle)
+        match = "brand-list"
+    else:
+        (bundle / "prepare.json").write_text(json.dumps({"summary": {}}))
+        match = "prepare.json has no data config"
+    answer = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
+    assert answer.status_code == 409 and match in answer.json()["detail"], answer.text
+    served = client.post("/recommend", json={"events": [{"item_id": raw_items[0], "timestamp": 1_714_550_000.0}]})
+    assert served.status_code == 200 and served.json()["model_version"] == before
 
 
 # ------------------------------------------------------------------------------------ Ray Serve (slow)
@@ -386,6 +455,19 @@ def test_admin_reload_needs_the_token_and_swaps_the_model(client, bundle_dir, se
         time.sleep(0.5)
     assert set(versions) == {new}
     assert client.get("/model").json()["model_version"] == new
+
+    # A bundle that loads but cannot serve (its model needs a column the workflow lacks) is refused
+    # by the registry before any replica sees it; restored after, for the tests that follow.
+    saved = bundle_dir.parent / "model-saved"
+    shutil.copytree(bundle_dir / "model", saved)
+    try:
+        _model_needing_another_column(bundle_dir)
+        refused = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
+        assert refused.status_code == 409 and "brand-list" in refused.json()["detail"], refused.text
+        assert _ok(client, {"events": session_events, "k": 2})["model_version"] == new
+    finally:
+        shutil.rmtree(bundle_dir / "model")
+        shutil.copytree(saved, bundle_dir / "model")
 
 
 # ------------------------------------------------------------------------------------ failure
