@@ -512,8 +512,8 @@ def test_a_killed_recommender_replica_costs_at_most_the_requests_in_flight(clien
         victim = _recommender_replicas()[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         oks = sum(f.result() for f in futures)
-    assert oks + len(failures) == threads * per_thread
     assert len(failures) <= threads, f"more failures than requests in flight: {failures}"
+    assert oks >= threads * per_thread - threads
 
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # Serve replaces the replica
