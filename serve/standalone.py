@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from raytr.config import ServeConfig
+from raytr.errors import USER_ERRORS
 from serve.engine import LocalBackend
 from serve.routes import build_app, resolve_admin_token
 
@@ -42,8 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--admin-token-file", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServeConfig(model_dir=args.bundle, host=args.host, port=args.port, admin_token_file=args.admin_token_file)
-    app = build_standalone_app(args.bundle, config, args.device)
+    try:
+        config = ServeConfig(model_dir=args.bundle, host=args.host, port=args.port,
+                             admin_token_file=args.admin_token_file)
+        app = build_standalone_app(args.bundle, config, args.device)
+    except USER_ERRORS as exc:  # a missing bundle or token file: one line, as `raytr` prints it
+        print(f"serve.standalone: error: {exc}", file=sys.stderr)
+        return 2
     log.info("standalone server for %s at http://%s:%d", args.bundle, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0

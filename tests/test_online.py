@@ -244,5 +244,8 @@ def test_encode_sessions_equals_encode_with_session_ids(fitted_ints: Fitted):
     by_list = fitted_ints.online.encode_sessions(sessions)
     assert by_list.lengths.tolist() == encode.lengths.tolist()
     assert by_list.batch.item_ids.equal(encode.batch.item_ids)
+    assert by_list.batch.categorical.keys() == encode.batch.categorical.keys() and encode.batch.categorical
+    for name, values in encode.batch.categorical.items():
+        assert by_list.batch.categorical[name].equal(values)
     for name, values in encode.batch.continuous.items():
         assert by_list.batch.continuous[name].equal(values)

@@ -212,6 +212,14 @@ def test_standalone_app_answers_and_rejects_bad_inputs(local_bundle, raw_items, 
     assert client.post("/recommend", json={"events": events}).status_code == 200  # still serving
 
 
+def test_standalone_server_names_a_missing_bundle(tmp_path, capsys):
+    from serve.standalone import main
+
+    assert main(["--bundle", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve.standalone: error:") and "nowhere" in err and "Traceback" not in err
+
+
 def test_standalone_reload_needs_the_token(local_bundle, monkeypatch):
     from fastapi.testclient import TestClient
 
