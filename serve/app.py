@@ -7,9 +7,9 @@
     BundleRegistry                       the bundle version `POST /admin/reload` announced
 
 Run it:
-    serve run serve.app:app_builder bundle_dir=runs/demo/train            (a dev server)
+    serve run serve.app:app_builder bundle_dir=runs/demo/model            (a dev server)
     serve deploy serve/config.yaml                                        (a cluster; autoscaling)
-    raytr serve --model runs/demo/train, or start_local()/stop_local() from Python
+    raytr serve --model runs/demo/model, or start_local()/stop_local() from Python
 
 Reloading a bundle, without downtime:
 - `POST /admin/reload` (header X-Admin-Token; the token comes from env RAYTR_ADMIN_TOKEN or

@@ -130,14 +130,17 @@ def test_optional_field_accepts_null_and_value(tmp_path):
     assert load_config(write_yaml(tmp_path, {"data": {"user_col": "user_id"}})).data.user_col == "user_id"
 
 
-def test_overrides_replace_only_their_keys():
+def test_overrides_replace_only_their_keys(tmp_path):
     cfg = load_config(
         CONFIGS / "synthetic.yaml",
-        overrides={"training": {"num_train_epochs": 2}, "serve": {"port": 9000}},
+        overrides={"training": {"num_train_epochs": 2}, "serve": {"port": 9000}, "model": {"d_model": 32}},
     )
     assert cfg.training.num_train_epochs == 2
     assert cfg.training.learning_rate == pytest.approx(0.002)  # untouched key of the same section
-    assert cfg.serve.port == 9000  # a section absent from the YAML
+    assert cfg.serve.port == 9000 and cfg.serve.model_dir == "runs/demo/model"  # the YAML's other serve key
+    assert cfg.model.d_model == 32
+    absent = load_config(write_yaml(tmp_path, {"data": {"item_col": "item_id"}}), overrides={"serve": {"port": 9001}})
+    assert absent.serve.port == 9001  # a section absent from the YAML
     assert cfg.data.categorical == ("category",)
 
 
