@@ -425,9 +425,10 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
             "train_sessions_per_s": result.metrics.get("train_sessions_per_second")}
 
 
-def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path,
+def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path, knn_decay: float,
                               hp: Hyper = Hyper()) -> dict[str, Any]:
-    """Day windows on the YOOCHOOSE sample with the chosen transformer: train day t, evaluate t+1."""
+    """Day windows on the YOOCHOOSE sample with the chosen transformer: train day t, evaluate t+1;
+    item-kNN with the recency decay chosen on validation."""
     from raytr.config import load_config
     from raytr.training.incremental import run_incremental
 
@@ -442,13 +443,15 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
     out_dir = work / "incremental"
     shutil.rmtree(out_dir, ignore_errors=True)
     t = time.perf_counter()
-    result = run_incremental(config, yoochoose_prepared(), out_dir, end_day=6, mode="finetune")
+    result = run_incremental(config, yoochoose_prepared(), out_dir, end_day=6, mode="finetune",
+                             knn_recency_decay=knn_decay)
     seconds = time.perf_counter() - t
     table = result.table
     keep = ["day", "model", *[c for c in REPORTED if c in table.columns]]
     rows = table[keep].to_dict(orient="records")
     averages = result.averages[["model", *[c for c in REPORTED if c in result.averages.columns]]]
     return {"model": f"{body}-{objective}", "epochs_per_window": epochs, "mode": "finetune", "seconds": seconds,
+            "knn_recency_decay": knn_decay,
             "per_day": rows, "average": averages.to_dict(orient="records")}
 
 
@@ -639,7 +642,9 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
         inc_epochs = min(best["choice"]["epochs"], int(remaining // per_epoch))
         if inc_epochs >= 1:
             best_hp = tuned_hyper(hp, name, summary["best_transformer"], use_tuned)
-            out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work, best_hp)
+            knn_decay = results["item_knn"]["choice"]["recency_decay"]
+            out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work,
+                                                           knn_decay, best_hp)
         else:
             out["incremental"] = {"skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one "
                                              f"epoch over the windows needs ~{per_epoch:.0f}s"}

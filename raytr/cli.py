@@ -141,7 +141,7 @@ def cmd_incremental(args: argparse.Namespace) -> None:
 
     config = _load(args, _training_overrides(args))
     result = run_incremental(config, args.data, args.output, args.start_day, args.end_day, args.mode,
-                             baselines=not args.no_baselines)
+                             baselines=not args.no_baselines, knn_recency_decay=args.knn_decay)
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("\naverage over days:")
     print(result.averages.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["finetune", "retrain"], default="finetune")
     p.add_argument("--epochs", type=int, default=None, help="epochs per day window")
     p.add_argument("--no-baselines", action="store_true", help="skip popularity and item-kNN")
+    p.add_argument("--knn-decay", type=float, default=1.0,
+                   help="item-kNN recency decay in [0, 1] (bench/quality.py chooses it on validation)")
     p.set_defaults(func=cmd_incremental)
 
     p = sub.add_parser("serve", help="serve a trained model over REST (Ray Serve + FastAPI)")

@@ -28,7 +28,9 @@ METRIC_NAMES = ("precision", "recall", "ndcg", "map", "mrr")
 
 
 def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each target under the tie rule. scores [N, V], targets [N] -> [N] int64."""
+    """1-based rank of each target under the tie rule. scores [N, V], targets [N] -> [N] int64.
+    A NaN score ranks as -inf: a NaN target would otherwise compare greater than nothing and rank first."""
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     target_scores = scores.gather(1, targets[:, None])  # [N, 1]
     ids = torch.arange(scores.shape[1], device=scores.device)  # [V]
     greater = (scores > target_scores).sum(dim=1)

@@ -56,6 +56,17 @@ def test_tie_rule_smaller_id_wins():
     assert ranks_of_targets(scores, torch.tensor([a + 3])).tolist() == [4]
 
 
+def test_nan_scores_rank_last_not_first():
+    """A diverged model's NaN scores must not read as perfect hits."""
+    a = FIRST_ITEM_ID
+    nan = float("nan")
+    scores = torch.tensor([RESERVED + [nan, 0.5, 0.9], RESERVED + [nan, nan, nan]])
+    assert ranks_of_targets(scores, torch.tensor([a, a + 1])).tolist() == [6, 5]  # as -inf: after every smaller id
+    m = RankingMetrics([1])
+    m.update(torch.full((2, 8), nan), torch.tensor([a + 2, a + 4]))
+    assert m.compute()["recall@1"] == 0.0
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_matches_brute_force_with_ties_and_k_beyond_catalog(seed):
     rng = np.random.default_rng(seed)

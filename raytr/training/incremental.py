@@ -39,14 +39,15 @@ class IncrementalResult:
 
 
 def evaluate_baselines(spec, train_paths: list[str], eval_paths: list[str], top_k, exclude_seen: bool,
-                       engine: str = "pyarrow") -> dict[str, dict[str, float]]:
-    """Popularity and session item-kNN fitted on `train_paths`, evaluated like the model."""
+                       engine: str = "pyarrow", knn_recency_decay: float = 1.0) -> dict[str, dict[str, float]]:
+    """Popularity and session item-kNN fitted on `train_paths`, evaluated like the model. The kNN's
+    recency decay is not tuned here: bench/quality.py chooses it on validation and passes it on."""
     def batches(paths: list[str]):
         return DataLoader(spec, paths, 1024, shuffle=False, engine=engine)
 
     results = {}
     for name, baseline in (("popularity", Popularity(spec.item_cardinality)),
-                           ("item_knn", SessionItemKNN(spec.item_cardinality))):
+                           ("item_knn", SessionItemKNN(spec.item_cardinality, recency_decay=knn_recency_decay))):
         baseline.fit(batches(train_paths))
         results[name] = evaluate_next_item(baseline, batches(eval_paths), top_k, exclude_seen).compute()
     return results
@@ -60,8 +61,10 @@ def run_incremental(
     end_day: int | None = None,
     mode: Literal["finetune", "retrain"] = "finetune",
     baselines: bool = True,
+    knn_recency_decay: float = 1.0,
 ) -> IncrementalResult:
-    """Train on each day t in [start_day, end_day - 1] and evaluate on day t + 1."""
+    """Train on each day t in [start_day, end_day - 1] and evaluate on day t + 1 (with `baselines`,
+    popularity and item-kNN fitted on the days seen so far; `knn_recency_decay` as SessionItemKNN)."""
     output_dir = storage.normalize(output_dir)
     days = available_days(data_dir)
     if len(days) < 2:
@@ -93,7 +96,8 @@ def run_incremental(
         if baselines:
             for name, values in evaluate_baselines(spec, day_paths(data_dir, train_days),
                                                    day_paths(data_dir, [day + 1]), args.metrics_top_k,
-                                                   args.exclude_seen).items():
+                                                   args.exclude_seen,
+                                                   knn_recency_decay=knn_recency_decay).items():
                 rows.append({"day": day + 1, "model": name, **values})
     table = pd.DataFrame(rows)
     averages = table.drop(columns=["day"]).groupby("model", sort=False).mean().reset_index()
