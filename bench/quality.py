@@ -37,6 +37,7 @@ YOOCHOOSE day windows get the epochs the remaining budget affords.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -205,8 +206,10 @@ def yoochoose_prepared() -> Path:
     return out
 
 
-def load_yoochoose(seed: int = 0) -> QualityData:
-    """Days 1-5 split 90/10 by session (seeded) into train/validation files; test days 6-7."""
+def load_yoochoose() -> QualityData:
+    """Days 1-5 split 90/10 by session (seed 0) into train/validation files; test days 6-7. The split
+    is cached per prepared dataset (a digest of its prepare.json): a re-prepared dataset, with
+    other encodings, gets a new split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -215,11 +218,12 @@ def load_yoochoose(seed: int = 0) -> QualityData:
 
     directory = yoochoose_prepared()
     spec = feature_spec(load_schema(directory))
-    split_dir = DATA_DIR / "quality" / "yoochoose-split"
+    digest = hashlib.sha256((Path(directory) / "prepare.json").read_bytes()).hexdigest()[:12]
+    split_dir = DATA_DIR / "quality" / f"yoochoose-split-{digest}"
     train_file, valid_file = split_dir / "train.parquet", split_dir / "valid.parquet"
     if not (train_file.is_file() and valid_file.is_file()):
         table = pa.concat_tables([pq.read_table(f) for f in day_paths(directory, [1, 2, 3, 4, 5])])
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(0)
         is_valid = rng.random(table.num_rows) < 0.1
         split_dir.mkdir(parents=True, exist_ok=True)
         pq.write_table(table.filter(pa.array(~is_valid)), train_file)
@@ -329,7 +333,6 @@ def load_movielens(window: int = ML_WINDOW, tie_orders: int = ML_TIE_ORDERS) -> 
         baseline_paths=[file_order_path])
 
 
-LOADERS = {"synthetic": load_synthetic, "yoochoose": load_yoochoose, "ml-100k": load_movielens}
 
 
 # ---------------------------------------------------------------------------- models
@@ -482,7 +485,9 @@ def tuned_hyper(base: Hyper, dataset: str, model: str, use_tuned: bool = True) -
 
 
 def load_data(name: str, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS) -> QualityData:
-    return load_movielens(ml_window, ml_tie_orders) if name == "ml-100k" else LOADERS[name]()
+    if name == "ml-100k":
+        return load_movielens(ml_window, ml_tie_orders)
+    return load_synthetic() if name == "synthetic" else load_yoochoose()
 
 
 @dataclass(frozen=True)
