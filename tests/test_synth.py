@@ -134,12 +134,22 @@ def test_day_partitions_written(tmp_path):
 
 
 def test_write_replaces_previous_output(tmp_path):
-    out = tmp_path / "raw"
+    out = tmp_path / "raw"  # an earlier synth output: it has the _SUCCESS marker
     (out / "day=9").mkdir(parents=True)
     (out / "day=9" / "stale.parquet").write_text("old")
+    (out / "_SUCCESS").write_text("")
     write_events(generate_events(SynthConfig(sessions=20, items=10, days=1)), out)
     assert not (out / "day=9").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_write_refuses_a_directory_it_did_not_write(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"directory with other contents \(no _SUCCESS"):
+        write_events(generate_events(SynthConfig(sessions=20, items=10, days=1)), out)
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
 @pytest.mark.parametrize(
