@@ -140,27 +140,18 @@ class QualityData:
 
 
 def evaluate(scorer, data: QualityData, which: str) -> dict[str, float]:
-    """Full-ranking next-item metrics of `scorer` on the validation or test set."""
-    import torch
-
+    """Full-ranking next-item metrics of `scorer` on the validation or test set (the Trainer's
+    evaluation step; with `exclude_seen`, MovieLens's earlier history is excluded too)."""
+    from raytr.evaluation import update_next_item_metrics
     from raytr.metrics import RankingMetrics
-    from raytr.models.head import seen_items
-    from raytr.models.masking import split_last_item
 
     eval_set = data.valid if which == "valid" else data.test
     metrics = RankingMetrics(TOP_K)
     if hasattr(scorer, "eval"):
         scorer.eval()
-    with torch.no_grad():
-        for batch, history in eval_set.batches(data.spec):
-            prefix, targets = split_last_item(batch)
-            scores = scorer.score_next(prefix).float()  # [B, V]
-            if data.exclude_seen:
-                exclude = seen_items(prefix.item_ids, scores.shape[1])
-                if history is not None:
-                    exclude |= history
-                scores = scores.masked_fill(exclude, float("-inf"))
-            metrics.update(scores, targets)
+    for batch, history in eval_set.batches(data.spec):
+        update_next_item_metrics(metrics, scorer, batch, data.exclude_seen,
+                                 history if data.exclude_seen else None)
     out = metrics.compute()
     return {k: out[k] for k in REPORTED} | {"sessions": metrics.count}
 

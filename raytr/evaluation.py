@@ -24,13 +24,19 @@ class Scorer(Protocol):
 
 @torch.no_grad()
 def update_next_item_metrics(
-    metrics: RankingMetrics, scorer: Scorer, batch: SessionBatch, exclude_seen: bool = False
+    metrics: RankingMetrics, scorer: Scorer, batch: SessionBatch, exclude_seen: bool = False,
+    exclude: torch.Tensor | None = None,
 ) -> None:
-    """Score each session's prefix and add the rank of its last item to `metrics`."""
+    """Score each session's prefix and add the rank of its last item to `metrics`. `exclude_seen`
+    drops the prefix's items from the ranking; `exclude` [B, V] bool drops more (e.g. a user's
+    history before the window)."""
     prefix, targets = split_last_item(batch)
     scores = scorer.score_next(prefix).float()  # [B, V]
-    if exclude_seen:
-        scores = scores.masked_fill(seen_items(prefix.item_ids, scores.shape[1]), float("-inf"))
+    mask = seen_items(prefix.item_ids, scores.shape[1]) if exclude_seen else None
+    if exclude is not None:
+        mask = exclude if mask is None else mask | exclude
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
     metrics.update(scores, targets)
 
 

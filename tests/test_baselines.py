@@ -92,17 +92,25 @@ def test_fit_accepts_batches_arrays_and_lists_alike():
 def test_same_evaluation_loop_as_session_model():
     """Baselines go through `evaluate_next_item`, the loop that scores SessionModel, with the ranks
     worked out by hand."""
-    from raytr.evaluation import evaluate_next_item
+    from raytr.evaluation import evaluate_next_item, update_next_item_metrics
+    from raytr.metrics import RankingMetrics
 
     V = catalog(7)
     train = [[A, D, E], [A, D, F], [B, E, G], [C, F, D]]
     test = batch([[A, D], [C, F]])  # predict D after A, F after C
     popularity = evaluate_next_item(Popularity(V).fit(train), [test], [1, 3], exclude_seen=False)
-    # D (3 events) first, then A, E, F (2 each) by id: D hits at rank 1, F is rank 5.
+    # D (3 events) first, then A, E, F (2 each) by id: D hits at rank 1, F is rank 4.
     assert popularity.count == 2 and popularity.compute()["recall@1"] == 0.5
     assert popularity.compute()["recall@3"] == 0.5 and popularity.compute()["mrr@3"] == 0.5
     knn = evaluate_next_item(SessionItemKNN(V).fit(train), [test], [1], exclude_seen=False)
     assert knn.compute()["recall@1"] == 1.0  # A -> D and C -> F co-occur most
+
+    # More items excluded per session (as MovieLens's earlier history): without D and A, F is rank 2.
+    exclude = torch.zeros(2, V, dtype=torch.bool)
+    exclude[1, [D, A]] = True
+    metrics = RankingMetrics([3])
+    update_next_item_metrics(metrics, Popularity(V).fit(train), test, exclude_seen=False, exclude=exclude)
+    assert metrics.compute()["recall@3"] == 1.0 and metrics.compute()["mrr@3"] == 0.75
 
 
 def test_errors_name_the_problem():
