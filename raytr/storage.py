@@ -7,8 +7,9 @@ Three rules, so that every node of a cluster sees the same data and no reader se
   uploaded (`writable_dir`, `put_dir`), and read from a local copy (`local_copy`, `download`).
 - An output directory is complete when its marker file exists: `commit_dir` moves a finished
   staging directory into place with the marker last (`check_output` first refuses an output whose
-  replacement would lose data). Locally that is two renames (old aside, new in); object stores cannot rename, so there the old marker goes first, the new files are copied over, and the
-  new marker comes last: a crash in between leaves no marker, and the staging copy to retry from.
+  replacement would lose data). Locally that is two renames (old aside, new in); object stores
+  cannot rename, so there the old marker goes first, the new files are copied over, and the new
+  marker comes last: a crash in between leaves no marker, and the staging copy to retry from.
 
 The filesystem of a URL comes from fsspec (`fsspec.core.url_to_fs`): credentials and endpoints are
 the backend's own (AWS_* variables, an instance role, fsspec's config files), the same on every node.
@@ -267,9 +268,10 @@ def staging_path(output: PathLike, tag: str) -> str:
 def commit_dir(staging: PathLike, output: PathLike, marker: str) -> None:
     """Move a finished staging directory to `output`, replacing it; `marker` (a file name inside)
     arrives last. Locally two renames: the old output aside, the new one in, then the old one is
-    deleted (a crash between the renames leaves it beside the output, not lost). On an object store: the old marker is removed first,
-    the new files are copied over the output, files of the old output not in the new one are
-    removed, then the marker is copied and the staging directory removed. A failure before the
+    deleted (a crash between the renames leaves it beside the output, not lost). On an object
+    store: the old marker is removed first, the new files are copied over the output, files of the
+    old output not in the new one are removed, then the marker is copied and the staging directory
+    removed. A failure before the
     marker leaves the output without one (readers refuse it) and the staging directory intact,
     so nothing is lost and the commit can be retried."""
     fs, src = filesystem(staging)
