@@ -140,13 +140,13 @@ class Trainer:
         if self.train_dataset is None and self.train_dataloader is None:
             raise ValueError("Trainer.train(): set train_dataset_or_path (or train_dataloader) first")
         output_dir = storage.normalize(args.output_dir)
-        # A set run_name names the first train() call's run (run again, e.g. after a driver crash, Ray
-        # Train resumes it); later calls of this Trainer add their number, so they never resume it.
         calls = len(self.state["runs"])
         # resume_from_checkpoint continues the first train() call; later calls continue from the previous one.
         resume = storage.normalize(args.resume_from_checkpoint) if args.resume_from_checkpoint and not calls else None
         if resume:
             _check_work_left(read_trainer_state(resume), args, resume)
+        # A set run_name names the first train() call's run (run again, e.g. after a driver crash, Ray
+        # Train resumes it); later calls of this Trainer add their number, so they never resume it.
         if args.run_name:
             run_name = args.run_name if calls == 0 else f"{args.run_name}-{calls + 1}"
         else:
