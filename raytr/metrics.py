@@ -29,12 +29,14 @@ METRIC_NAMES = ("precision", "recall", "ndcg", "map", "mrr")
 
 def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank of each target under the tie rule. scores [N, V], targets [N] -> [N] int64.
-    A NaN score ranks as -inf: a NaN target would otherwise compare greater than nothing and rank first."""
-    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    target_scores = scores.gather(1, targets[:, None])  # [N, 1]
+    A NaN score ranks as -inf (a NaN target would otherwise compare greater than nothing and rank
+    first), without a copy of the scores: NaN never compares greater, and ties a -inf target."""
+    inf = float("inf")
+    target_scores = scores.gather(1, targets[:, None]).nan_to_num(nan=-inf, posinf=inf, neginf=-inf)  # [N, 1]
     ids = torch.arange(scores.shape[1], device=scores.device)  # [V]
     greater = (scores > target_scores).sum(dim=1)
-    tied_before = ((scores == target_scores) & (ids[None, :] < targets[:, None])).sum(dim=1)
+    tied = (scores == target_scores) | (scores.isnan() & (target_scores == -inf))
+    tied_before = (tied & (ids[None, :] < targets[:, None])).sum(dim=1)
     return 1 + greater + tied_before
 
 

@@ -222,8 +222,8 @@ def check_output(output: PathLike, marker: str, inputs: Sequence[PathLike] = ())
     fs, dst = filesystem(output)
     root = dst.rstrip("/") + "/"
     for path in inputs:
-        _, p = filesystem(path)
-        if p == dst or p.startswith(root):
+        in_fs, p = filesystem(path)
+        if type(in_fs) is type(fs) and (p == dst or p.startswith(root)):
             raise ValueError(f"output {str(output)!r} holds the input {str(path)!r}, which replacing it would "
                              "delete: choose another output")
     if not fs.exists(dst):
@@ -284,8 +284,14 @@ def commit_dir(staging: PathLike, output: PathLike, marker: str) -> None:
             return
         old = staging_path(dst, "old-" + uuid.uuid4().hex[:8])
         os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old)
+        try:
+            os.rename(src, dst)
+        except OSError:
+            os.rename(old, dst)  # the previous output back where it was; the staging copy is kept
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # committed: a file still held open must not fail it
+        if os.path.exists(old):
+            log.warning("the previous output could not be removed entirely: %s", old)
         return
     if fs.exists(f"{dst}/{marker}"):
         fs.rm(f"{dst}/{marker}")

@@ -46,6 +46,7 @@ from raytr.bundle import Bundle
 from raytr.config import DataConfig, ServeConfig
 from serve.api import BatchingStats, HealthResponse, ModelInfo, ReloadResponse
 from serve.core import (
+    BUNDLE_LOAD_ERRORS,
     Query,
     Recommendations,
     Rejection,
@@ -107,16 +108,18 @@ class BundleRegistry:
         async with self._lock:
             try:
                 bundle = await asyncio.to_thread(self._checked_bundle)
-            except (FileNotFoundError, ValueError) as exc:
+            except BUNDLE_LOAD_ERRORS as exc:
                 return cannot_reload(self._bundle_dir, exc)
             previous, self._version = self._version, bundle.version
             return reload_response(previous, self._version)
 
     def _checked_bundle(self) -> Bundle:
+        from raytr.models import SessionModel
         from serve.engine import Encoder
 
         bundle = load_compatible(self._bundle_dir, self._data)
         Encoder(bundle)  # what each Preprocessor does with it: compiles the workflow, checks the model's spec
+        SessionModel.load(bundle.model_dir)  # and each Recommender: the weights load into the model's config
         return bundle
 
 
@@ -152,7 +155,11 @@ class Recommender:
         self._batches += 1
         self._max_batch = max(self._max_batch, len(requests))
         if any(self._states.get(r.version) is None for r in requests):
-            await self._states.sync_to_disk()  # a Preprocessor already switched to a newer bundle
+            try:
+                await self._states.sync_to_disk()  # a Preprocessor already switched to a newer bundle
+            except BUNDLE_LOAD_ERRORS as exc:  # keep serving the versions it has
+                log.warning("Recommender could not load %s (%r); serving %s", self._states.bundle_dir, exc,
+                            self._states.versions)
         out: list[ScoringResult | VersionUnavailable | None] = [None] * len(requests)
         for version in {r.version for r in requests}:
             rows = [i for i, r in enumerate(requests) if r.version == version]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
+from safetensors import SafetensorError
 
 from raytr import storage
 from raytr.bundle import Bundle
@@ -104,6 +105,11 @@ def read_data_config(bundle_dir: str | Path) -> DataConfig:
 
 def unprocessable(loc: Sequence[str | int], message: str, kind: str = "value_error", value: Any = None) -> Rejection:
     return Rejection(422, [{"loc": list(loc), "msg": message, "type": kind, "input": value}])
+
+
+# What loading a bundle raises when the bundle, not the code, is at fault: missing or half-written
+# files, another data config, a workflow or weights that do not fit the model.
+BUNDLE_LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
 class BundleRefused(ValueError):

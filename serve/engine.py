@@ -35,6 +35,7 @@ from serve.api import (
     api_field,
 )
 from serve.core import (
+    BUNDLE_LOAD_ERRORS,
     Query,
     Recommendations,
     Rejection,
@@ -226,6 +227,6 @@ class LocalBackend:
         previous = self._states.latest
         try:
             state = await self._states.sync_to_disk()
-        except (FileNotFoundError, ValueError) as exc:
+        except BUNDLE_LOAD_ERRORS as exc:
             return cannot_reload(self.bundle_dir, exc)
         return reload_response(previous.version, state.version)

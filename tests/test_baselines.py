@@ -111,6 +111,13 @@ def test_same_evaluation_loop_as_session_model():
     metrics = RankingMetrics([3])
     update_next_item_metrics(metrics, Popularity(V).fit(train), test, exclude_seen=False, exclude=exclude)
     assert metrics.compute()["recall@3"] == 1.0 and metrics.compute()["mrr@3"] == 0.75
+    # Both, as bench/quality.py's MovieLens evaluation asks: after [E], F is rank 4 (D, A, E, F);
+    # without D and A rank 2, and without the prefix's E as well rank 1.
+    after_e = batch([[A, D], [E, F]])
+    for exclude_seen, mrr in ((False, 0.75), (True, 1.0)):
+        metrics = RankingMetrics([3])
+        update_next_item_metrics(metrics, Popularity(V).fit(train), after_e, exclude_seen, exclude=exclude)
+        assert metrics.compute()["mrr@3"] == mrr
 
 
 def test_errors_name_the_problem():

@@ -137,8 +137,9 @@ def test_overrides_replace_only_their_keys(tmp_path):
     )
     assert cfg.training.num_train_epochs == 2
     assert cfg.training.learning_rate == pytest.approx(0.002)  # untouched key of the same section
-    assert cfg.serve.port == 9000 and cfg.serve.model_dir == "runs/demo/model"  # the YAML's other serve key
     assert cfg.model.d_model == 32
+    own = load_config(write_yaml(tmp_path, {"serve": {"model_dir": "m", "default_k": 7}}), overrides={"serve": {"port": 9001}})
+    assert own.serve.port == 9001 and own.serve.model_dir == "m" and own.serve.default_k == 7  # other keys kept
     absent = load_config(write_yaml(tmp_path, {"data": {"item_col": "item_id"}}), overrides={"serve": {"port": 9001}})
     assert absent.serve.port == 9001  # a section absent from the YAML
     assert cfg.data.categorical == ("category",)

@@ -155,6 +155,7 @@ def test_chunk_rows_per_device(monkeypatch):
     assert chunk_rows(None, 50_000, cpu, 6) == 2**22 // 50_000
     assert chunk_rows(None, 5_000, gpu, 4) == 2**29 // 5_000  # still the 16 GiB GPU: 2 GiB / 4 bytes
     assert chunk_rows(None, 10**9, gpu, 4) == 1  # never zero rows
+    assert chunk_rows(None, 10**6, torch.device("mps"), 4) == 2**31 // 4 // 10**6  # 2 GiB elsewhere: 536
 
 
 @pytest.mark.parametrize(("dtype", "eager", "fused"), [(torch.float16, 6, 4), (torch.bfloat16, 6, 4),
@@ -226,7 +227,8 @@ def test_chunked_cross_entropy_peak_memory_is_bounded():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc/self/status (VmHWM)")
-@pytest.mark.parametrize(("kernel", "dtype"), [("eager", "bfloat16"), ("compiled", "bfloat16"), ("compiled", "float32")])
+@pytest.mark.parametrize(("kernel", "dtype"), [("eager", "bfloat16"), ("eager", "float32"), ("compiled", "bfloat16"),
+                                              ("compiled", "float32")])
 def test_chunk_kernel_holds_no_more_than_it_declares_on_the_cpu(kernel, dtype):
     """What chunk_rows sizes GPU chunks by, checked where CI can: one chunk's real peak resident
     memory, in a fresh process (VmHWM), stays within the kernel's bytes_per_logit (Inductor plans the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -105,12 +106,14 @@ def test_finetune_continues_one_model_and_fits_baselines_on_all_days_seen(finetu
 
 def test_retrain_mode_trains_a_new_model_per_window(prepared_dir, prepared_spec, tmp_path):
     config = small_config()
+    # A set run_name: each window's new Trainer gets its own run (Ray Train would resume a reused one).
+    config = replace(config, training=replace(config.training, run_name="w"))
     result = run_incremental(config, prepared_dir, tmp_path / "retrain", start_day=2, end_day=4, mode="retrain")
     table = result.table
     assert list(zip(table["day"], table["model"])) == [(d, m) for d in (3, 4) for m in MODELS]
     assert json.loads((tmp_path / "retrain" / "incremental.json").read_text())["mode"] == "retrain"
     runs = run_names(tmp_path / "retrain")
-    assert len(runs) == 2
+    assert runs == ["w-day2", "w-day3"]
     assert not same(init_weights(tmp_path / "retrain", runs[1]), final_weights(tmp_path / "retrain", runs[0]))
     # Baselines see day t only.
     expected = evaluate_baselines(prepared_spec, day_paths(prepared_dir, [3]), day_paths(prepared_dir, [4]),

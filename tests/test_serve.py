@@ -245,7 +245,7 @@ def _model_needing_another_column(bundle: Path) -> None:
     SessionModel(spec, model.config, seed=5).save(bundle / "model")
 
 
-@pytest.mark.parametrize("change", ["data config", "model features", "no data config"])
+@pytest.mark.parametrize("change", ["data config", "model features", "broken weights", "no data config"])
 def test_standalone_reload_refuses_a_bundle_it_could_not_serve(local_bundle, tmp_path, monkeypatch, raw_items, change):
     """409 naming why, and the loaded bundle keeps serving (never a 500 or a half switch)."""
     from fastapi.testclient import TestClient
@@ -265,6 +265,9 @@ def test_standalone_reload_refuses_a_bundle_it_could_not_serve(local_bundle, tmp
     elif change == "model features":
         _model_needing_another_column(bundle)
         match = "brand-list"
+    elif change == "broken weights":  # a half-copied file: a new version that cannot load
+        (bundle / "model" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+        match = "cannot reload"
     else:
         (bundle / "prepare.json").write_text(json.dumps({"summary": {}}))
         match = "prepare.json has no data config"

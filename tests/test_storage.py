@@ -125,6 +125,35 @@ def test_a_commit_that_fails_midway_leaves_no_marker_and_can_be_retried(memory_r
     assert not storage.exists(staging)
 
 
+def test_a_local_commit_whose_second_rename_fails_puts_the_old_output_back(tmp_path, monkeypatch):
+    import os
+
+    output, staging = tmp_path / "out", tmp_path / ".out.tmp-1"
+    storage.write_text(str(output / "done.json"), "old")
+    storage.write_text(str(staging / "done.json"), "new")
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the staging directory into place
+            raise OSError("disk trouble")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="disk trouble"):
+        storage.commit_dir(str(staging), str(output), marker="done.json")
+    assert (output / "done.json").read_text() == "old" and (staging / "done.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out"]
+
+
+def test_check_output_compares_inputs_on_the_same_filesystem_only(tmp_path, memory_root):
+    storage.check_output(f"{memory_root}/out", "prepare.json", [f"/{memory_root[len('memory://'):]}/out/a.parquet"])
+    with pytest.raises(ValueError, match="holds the input"):
+        storage.check_output(f"{memory_root}/out", "prepare.json", [f"{memory_root}/out/raw/a.parquet"])
+    with pytest.raises(ValueError, match="holds the input"):
+        storage.check_output(str(tmp_path), "prepare.json", [str(tmp_path / "raw" / "a.parquet")])
+
+
 def test_a_bucket_root_is_refused_as_an_output():
     for output in ("s3://bucket", "s3://bucket/"):
         with pytest.raises(ValueError, match="root of its store"):

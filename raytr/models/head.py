@@ -51,9 +51,12 @@ def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, smoothing: float,
 # twice and adds its weight gradient into the fp32 total (~4 GB of traffic at 10^6 items x 256).
 CHUNK_BYTES = 8 * 2**30
 CHUNK_MEMORY_SHARE = 8
+# Other accelerators (mps, xpu, ...) report no memory size here: a quarter of CHUNK_BYTES, the
+# 2 GiB the logit cap of 2^29 fp32 logits allowed before.
+OTHER_ACCELERATOR_CHUNK_BYTES = 2 * 2**30
 # On the CPU far fewer (16 MiB of fp32 logits): glibc gives big freed buffers back to the system, so
 # a larger chunk's buffers fault their pages in again for every chunk, and never stay in cache.
-# The loss at 50k items and 2,600 targets ran 1.8x faster than with 2^29. At least 64 rows, for the
+# The loss at 50k items and 2,600 targets ran 1.8x faster than with 2^29 logits. At least 64 rows, for the
 # same [V, D] pass per chunk (at 10^6 items 8-row chunks were 3x slower than 64).
 CPU_CHUNK_LOGITS = 2**22
 CPU_MIN_CHUNK_ROWS = 64
@@ -212,11 +215,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
-    """The bytes one loss chunk's buffers may take on an accelerator: CHUNK_BYTES, and on CUDA at most
-    1/CHUNK_MEMORY_SHARE of the device's memory."""
+    """The bytes one loss chunk's buffers may take on an accelerator: on CUDA CHUNK_BYTES, and at most
+    1/CHUNK_MEMORY_SHARE of the device's memory; elsewhere OTHER_ACCELERATOR_CHUNK_BYTES."""
     if device.type == "cuda":
         return min(CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // CHUNK_MEMORY_SHARE)
-    return CHUNK_BYTES
+    return OTHER_ACCELERATOR_CHUNK_BYTES
 
 
 def chunk_rows(chunk_size: int | None, num_items: int, device: torch.device, bytes_per_logit: int) -> int:

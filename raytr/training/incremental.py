@@ -80,8 +80,9 @@ def run_incremental(
     model = SessionModel(spec, config.model, seed=args.seed)
     trainer = Trainer(model, replace(args, output_dir=storage.join(output_dir, "train")))
     for day in windows:
-        if mode == "retrain":
-            trainer = Trainer(SessionModel(spec, config.model, seed=args.seed), trainer.args)
+        if mode == "retrain":  # a new Trainer a window, so its own run name (one run per Trainer call else)
+            window_args = replace(trainer.args, run_name=args.run_name and f"{args.run_name}-day{day}")
+            trainer = Trainer(SessionModel(spec, config.model, seed=args.seed), window_args)
         else:
             trainer.reset_lr_scheduler()
         train_days = [day] if mode == "retrain" else [d for d in days if start <= d <= day]
