@@ -44,6 +44,18 @@ def attach_preprocessing(prepared_dir: str | Path, output_dir: str | Path) -> No
             storage.copy_file(src, dst)
 
 
+def read_data_config(bundle_dir: str | Path) -> DataConfig:
+    """The data config in a bundle's prepare.json (a local path or a URL), without touching the
+    weights: what the Serve app's ingress needs."""
+    path = storage.join(bundle_dir, "prepare.json")
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a model bundle (train with `raytr train`)")
+    info = json.loads(storage.read_text(path))
+    if not isinstance(info, dict) or not isinstance(info.get("data"), dict):
+        raise ValueError(f"{path} has no data config (expected the file `raytr prepare` writes)")
+    return from_dict(DataConfig, info["data"], where=f"{path} data")
+
+
 @dataclass(frozen=True)
 class Bundle:
     root: Path
@@ -76,10 +88,7 @@ class Bundle:
                 if storage.exists(storage.join(source, name)):
                     storage.download(storage.join(source, name), root / name if name in (MODEL_DIR, WORKFLOW_DIR)
                                      else root)
-        prepare_info = json.loads((root / "prepare.json").read_text())
-        if not isinstance(prepare_info, dict) or not isinstance(prepare_info.get("data"), dict):
-            raise ValueError(f"{source}/prepare.json has no data config (expected the file `raytr prepare` writes)")
-        data = from_dict(DataConfig, prepare_info["data"], where=f"{root}/prepare.json data")
+        data = read_data_config(root)
         result_path = root / "train_result.json"
         train_result = json.loads(result_path.read_text()) if result_path.is_file() else {}
         digest = hashlib.sha256((root / MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()[:12]

@@ -42,7 +42,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from raytr.bundle import Bundle
+from raytr.bundle import Bundle, read_data_config
 from raytr.config import DataConfig, ServeConfig
 from serve.api import BatchingStats, HealthResponse, ModelInfo, ReloadResponse
 from serve.core import (
@@ -56,7 +56,6 @@ from serve.core import (
     VersionUnavailable,
     cannot_reload,
     load_compatible,
-    read_data_config,
     reload_response,
 )
 from serve.routes import build_app, resolve_admin_token

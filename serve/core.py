@@ -13,7 +13,6 @@ same bundle (a reload may change the vocabularies).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,9 +22,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import numpy as np
 from safetensors import SafetensorError
 
-from raytr import storage
 from raytr.bundle import Bundle
-from raytr.config import DataConfig, from_dict
+from raytr.config import DataConfig
 from serve.api import RecommendResponse, ReloadResponse
 
 if TYPE_CHECKING:
@@ -90,17 +88,6 @@ class Recommendations:
     version: str
     responses: list[RecommendResponse]
     batch_requests: int = 1
-
-
-def read_data_config(bundle_dir: str | Path) -> DataConfig:
-    """The data config of a bundle, without hashing its weights (what the ingress needs)."""
-    path = storage.join(bundle_dir, "prepare.json")
-    if not storage.is_file(path):
-        raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a model bundle (train with `raytr train`)")
-    info = json.loads(storage.read_text(path))
-    if not isinstance(info, dict) or not isinstance(info.get("data"), dict):
-        raise ValueError(f"{path} has no data config (expected the file `raytr prepare` writes)")
-    return from_dict(DataConfig, info["data"], where=f"{path} data")
 
 
 def unprocessable(loc: Sequence[str | int], message: str, kind: str = "value_error", value: Any = None) -> Rejection:

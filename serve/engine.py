@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raytr.bundle import Bundle
+from raytr.bundle import Bundle, read_data_config
 from raytr.config import ServeConfig
 from raytr.features import FIRST_ITEM_ID, SessionBatch
 from raytr.models import SessionModel
@@ -43,7 +43,6 @@ from serve.core import (
     ScoringResult,
     VersionedStates,
     cannot_reload,
-    read_data_config,
     reload_response,
     unprocessable,
 )
