@@ -176,19 +176,27 @@ def test_ray_data_engine_equal_steps_each_session_once_and_a_new_order_every_epo
     orders = []
     for epoch in range(2):
         seen: list[list[int]] = [[], []]
+        errors: list[BaseException] = []
 
         def consume(worker: int) -> None:
-            for batch in engines[worker][0](epoch):
-                seen[worker].append(len(batch))
-                seen[worker] += (batch.item_ids[:, 0] - 3).tolist()
-                first = batch.item_ids[:, :1]  # session r is [3 + r, 500 + r], right-padded to T = 5
-                assert torch.equal(batch.item_ids, torch.cat([first, first + 497, torch.zeros_like(first).expand(-1, 3)], 1))
+            try:
+                for batch in engines[worker][0](epoch):
+                    first = batch.item_ids[:, :1]  # session r is [3 + r, 500 + r], right-padded to T = 5
+                    assert torch.equal(batch.item_ids,
+                                       torch.cat([first, first + 497, torch.zeros_like(first).expand(-1, 3)], 1))
+                    seen[worker].append(len(batch))
+                    seen[worker] += (batch.item_ids[:, 0] - 3).tolist()
+            except BaseException as exc:  # a thread's failure would only be a warning: fail the test with it
+                errors.append(exc)
 
         threads = [threading.Thread(target=consume, args=(w,)) for w in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a worker's batches did not finish within 120 s"
+        if errors:
+            raise errors[0]
         sessions = []
         for worker in range(2):
             it, batches = iter(seen[worker]), 0

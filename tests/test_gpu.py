@@ -66,12 +66,14 @@ def test_mixed_precision_training_learns_on_cuda(session_files, tmp_path, precis
 
 def test_loader_batches_on_cuda_equal_cpu(session_files):
     train, _ = session_files
-    cpu = DataLoader(SPEC, [train], 512, shuffle=False, engine="pyarrow")
-    gpu = DataLoader(SPEC, [train], 512, shuffle=False, engine="pyarrow", device="cuda")
-    for a, b in zip(cpu, gpu):
-        assert b.item_ids.is_cuda
+    cpu = list(DataLoader(SPEC, [train], 512, shuffle=False, engine="pyarrow"))
+    gpu = list(DataLoader(SPEC, [train], 512, shuffle=False, engine="pyarrow", device="cuda"))
+    assert len(cpu) == len(gpu) > 1 and all(b.item_ids.is_cuda for b in gpu)
+    for a, b in zip(cpu, gpu):  # every column, exactly: the same values moved to the device
         assert torch.equal(a.item_ids, b.item_ids.cpu())
-        assert torch.allclose(a.continuous["price-list"], b.continuous["price-list"].cpu())
+        assert a.categorical.keys() == b.categorical.keys() and a.continuous.keys() == b.continuous.keys()
+        assert all(torch.equal(a.categorical[k], b.categorical[k].cpu()) for k in a.categorical)
+        assert all(torch.equal(a.continuous[k], b.continuous[k].cpu()) for k in a.continuous)
 
 
 @pytest.mark.ray

@@ -177,12 +177,13 @@ def test_sessions_are_sorted_by_time_stably_and_cut_to_the_last_t_events(fitted_
     c, online = fitted_strings.config, fitted_strings.online
     T = c.max_sequence_length
     known = list(online.item_vocabulary.ids)[: T + 3]
-    # Reverse time order; the last two share a timestamp and must keep their input order.
+    # Reverse time order; the first two share the latest timestamp, so both survive the cut to the
+    # last T events, and must keep their input order.
     times = [float(1_000_000 * (T + 3 - i)) for i in range(T + 3)]
-    times[-1] = times[-2]
+    times[1] = times[0]
     session = [{c.item_col: item, "category": None, "price": 1.0, c.timestamp_col: t} for item, t in zip(known, times)]
     encoded = online.encode_sessions([session])
-    expected_order = [T + 1, T + 2] + list(range(T, -1, -1))  # by time; ties in input order
+    expected_order = list(range(T + 2, 1, -1)) + [0, 1]  # by time; the tie in input order
     expected = online.item_vocabulary.encode([known[j] for j in expected_order][-T:])
     assert encoded.batch.item_ids[0].tolist() == expected.tolist()
     assert encoded.lengths.tolist() == [T + 3]

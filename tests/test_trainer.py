@@ -147,7 +147,12 @@ def test_train_writes_model_result_and_reloadable_weights(trained: Trained, prep
 def test_checkpoints_keep_save_total_limit_latest_and_best(trained: Trained):
     run_dir = trained.out_dir / "runs" / trained.output.run_name
     checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
-    assert len(checkpoints) in (1, 2), checkpoints  # save_total_limit=2 of 3 epochs
+    # save_total_limit=2 of 3 epochs: the latest, and the better of the first two by eval ndcg@10
+    # (as TensorBoard recorded it at each epoch's end; a tie keeps the more recent).
+    spe = trained.steps_per_epoch
+    ndcg = dict(scalars(trained.out_dir / "tensorboard" / trained.output.run_name, "train/eval_ndcg@10"))
+    better = max((1, 2), key=lambda epoch: (ndcg[epoch * spe], epoch))
+    assert [c.name for c in checkpoints] == [f"checkpoint-{better * spe:08d}", f"checkpoint-{EPOCHS * spe:08d}"]
     latest = checkpoints[-1]
     assert str(latest) == trained.output.checkpoint
     for checkpoint in checkpoints:

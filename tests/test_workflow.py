@@ -219,10 +219,13 @@ def test_row_order_does_not_matter_after_sort_events(fitted):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in log:RuntimeWarning")  # negative lags
 def test_groupby_orders_lists_by_timestamp_even_unsorted(fitted):
-    """Each session's events come out by time; the item list never depends on the raw row order."""
+    """The Groupby itself orders each session's events by (timestamp, event_order): rows shuffled
+    after sort_events (each keeping its event_order) give the same item lists."""
     workflow, _, out = fitted
-    reversed_rows = sort_events(normalize_events(make_events().iloc[::-1].reset_index(drop=True), CONFIG), CONFIG)
-    raw = transform_frame(workflow, reversed_rows).sort_values("session_id").set_index("session_id")
+    rows = sort_events(normalize_events(make_events(), CONFIG), CONFIG)
+    shuffled = rows.sample(frac=1.0, random_state=5).reset_index(drop=True)
+    assert not shuffled["timestamp"].is_monotonic_increasing
+    raw = transform_frame(workflow, shuffled).sort_values("session_id").set_index("session_id")
     for sid in out.index:
         assert list(raw.loc[sid, "item_id-list"]) == list(out.loc[sid, "item_id-list"])
 
