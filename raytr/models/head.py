@@ -171,10 +171,10 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, smoothing: float,
                   chunk_fn, dtype: torch.dtype, with_grad: bool):
-    """The loss summed over row chunks of `rows`, and with `with_grad` the gradients of that sum for
-    hidden [N, D] and weight [V, D] (None otherwise; the caller scales them once, in backward, rather
-    than passing over the [V, D] gradient twice). GEMMs in `dtype`, autocast off (the casts are
-    explicit)."""
+    """The mean loss over row chunks of `rows`, and with `with_grad` the gradients of the summed loss
+    for hidden [N, D] and weight [V, D] (None otherwise; backward scales them once, with the mean's
+    1/N, rather than passing over the [V, D] gradient twice). GEMMs in `dtype`, autocast off (the
+    casts are explicit)."""
     with torch.autocast(hidden.device.type, enabled=False):
         h = hidden.to(dtype)
         w, valid = _padded_weight(weight, dtype)
@@ -192,7 +192,7 @@ def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                 grad_weight = g_w.float() if grad_weight is None else grad_weight.add_(g_w)
     if with_grad:
         grad_weight = grad_weight[: weight.shape[0]].to(weight.dtype)
-    return total, grad_hidden, grad_weight
+    return total / n, grad_hidden, grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -202,10 +202,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, smoothing, chunk_fn, dtype):
-        total, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, rows, smoothing, chunk_fn, dtype, True)
+        loss, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, rows, smoothing, chunk_fn, dtype, True)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.rows_total = hidden.shape[0]
-        return total / ctx.rows_total
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -258,7 +258,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     rows = chunk_rows(chunk_size, weight.shape[0], hidden.device, kernel.bytes_per_logit(dtype))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype)
-    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype, False)[0] / hidden.shape[0]
+    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype, False)[0]
 
 
 def log_uniform_sample(num_items: int, num_samples: int, generator: torch.Generator | None = None,
