@@ -245,7 +245,7 @@ def step_profile() -> dict[str, Any]:
                                                                      n_layers=cfg.layers, n_heads=cfg.heads,
                                                                      dropout=0.1), seed=0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        inputs = [SessionBatch(item_ids=b) for b, _, _ in batches]
+        inputs = [SessionBatch(item_ids=b, num_causal_targets=len(p)) for b, p, _ in batches]
 
         def step(i):
             loss = model(inputs[i % len(inputs)]).loss

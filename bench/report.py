@@ -495,7 +495,8 @@ FIXED_SINCE = {
     "Training step: the chunked full-softmax loss": (
         "Since fixed: the loss is a fused linear + cross-entropy that makes each chunk's gradients with its "
         "loss (no recomputation, three GEMMs per chunk); `check_batch` takes one sync for all id columns and is "
-        "skipped for loader batches (checked once per loader); the target count is the step's one sync."),
+        "skipped for loader batches (checked once per loader); the loaders count the CLM targets on the host, so "
+        "a loader batch's step takes no sync."),
     "Preparation: where the NVTabular transform": (
         "Since fixed: the workflow groups with `ColumnarGroupby` (raytr/data/columnar_groupby.py), which builds the "
         "lists from one stable sort and the session offsets; `bench/prepare.py` measures both ops in one run "

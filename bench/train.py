@@ -264,7 +264,7 @@ def measure_bare_loop(cfg: BenchConfig, impl: str, precision: str, device, warmu
         spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=cfg.items, max_sequence_length=cfg.seq_len)
         model = SessionModel(spec, raytr_model_config(cfg, chunk), seed=0)
         model.to(device)
-        step_inputs = [SessionBatch(item_ids=b) for b, _, _ in batches]
+        step_inputs = [SessionBatch(item_ids=b, num_causal_targets=len(p)) for b, p, _ in batches]
 
         def loss_of(i):
             return model(step_inputs[i]).loss

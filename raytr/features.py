@@ -93,6 +93,10 @@ class SessionBatch:
     # The spec whose id ranges a loader already checked (on the whole resident columns, once), so
     # the model need not check them again with a host sync every step. None: unchecked.
     ids_checked: FeatureSpec | None = field(default=None, compare=False)
+    # How many positions have a next-item (CLM) target: a next event that is a real item (id >=
+    # FIRST_ITEM_ID). Loaders count them on the host, from the ragged columns, so that the model sizes
+    # its targets without reading the GPU (a host sync every step). None: unknown, the model counts.
+    num_causal_targets: int | None = field(default=None, compare=False)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -113,10 +117,12 @@ class SessionBatch:
             categorical={k: v.to(device, non_blocking=non_blocking) for k, v in self.categorical.items()},
             continuous={k: v.to(device, non_blocking=non_blocking) for k, v in self.continuous.items()},
             ids_checked=self.ids_checked,
+            num_causal_targets=self.num_causal_targets,
         )
 
     def select(self, index: torch.Tensor | slice) -> "SessionBatch":
-        """Rows `index` of the batch (used to split evaluation inputs and for tests)."""
+        """Rows `index` of the batch (used to split evaluation inputs and for tests); their causal
+        target count is not known (None)."""
         return SessionBatch(
             item_ids=self.item_ids[index],
             categorical={k: v[index] for k, v in self.categorical.items()},

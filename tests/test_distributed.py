@@ -184,6 +184,7 @@ def test_ray_data_engine_equal_steps_each_session_once_and_a_new_order_every_epo
                     first = batch.item_ids[:, :1]  # session r is [3 + r, 500 + r], right-padded to T = 5
                     assert torch.equal(batch.item_ids,
                                        torch.cat([first, first + 497, torch.zeros_like(first).expand(-1, 3)], 1))
+                    assert batch.num_causal_targets == len(batch)  # one target each: 500 + r follows 3 + r
                     seen[worker].append(len(batch))
                     seen[worker] += (batch.item_ids[:, 0] - 3).tolist()
             except BaseException as exc:  # a thread's failure would only be a warning: fail the test with it

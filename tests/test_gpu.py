@@ -174,3 +174,40 @@ def test_compiled_regions_match_eager_on_cuda(dtype):
     """compile_regions on CUDA also compiles the loss's chunk kernel (Triton); "reduce-overhead"
     replays the input layer and body as CUDA graphs."""
     assert_compiled_matches_eager(dtype, "cuda")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_compiled_clm_step_on_loader_batches_never_waits_for_the_gpu(session_files, precision):
+    """The training loop's step (compiled regions, autocast, GradScaler for fp16, grad-norm clip,
+    fused AdamW) on the CUDA loader's batches makes no host sync: the loader counted each batch's
+    targets on the host. A sync would leave the GPU idle while the host queues the next kernels."""
+    from raytr.training.loop import build_optimizer
+
+    train, _ = session_files
+    batches = list(DataLoader(SPEC, [train], 256, shuffle=True, engine="pyarrow", device="cuda"))[:6]
+    model = SessionModel(SPEC, ModelConfig(body="gpt2", d_model=64, n_layers=2, n_heads=4), seed=0).cuda()
+    model.train().compile_regions()
+    optimizer = build_optimizer(model, TrainingArguments(output_dir="unused", optim="adamw_torch_fused"))
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+
+    def step(batch: SessionBatch) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            out = model(batch)
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        return out.loss.detach()
+
+    for batch in batches[:3]:  # compilation (its own syncs) and the optimizer's lazy state
+        step(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(batch) for batch in batches[3:]]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(loss) for loss in losses)

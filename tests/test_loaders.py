@@ -18,8 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raytr.data.loaders import DataLoader, RaggedColumn, pad_rows, ragged_from_arrow, rank_row_range
+from raytr.data.loaders import (
+    DataLoader,
+    RaggedColumn,
+    causal_target_counts,
+    pad_rows,
+    ragged_from_arrow,
+    rank_row_range,
+)
 from raytr.features import FeatureSpec, SessionBatch
+from raytr.models.masking import IGNORE_INDEX, causal_targets
 
 T = 5
 ENGINES = ["merlin", "pyarrow"]
@@ -69,7 +77,13 @@ def rows_of(batch: SessionBatch) -> list[int]:
     return (batch.item_ids[:, 0] // 1000).tolist()
 
 
+def counted_targets(batch: SessionBatch) -> int:
+    """The batch's CLM targets as the model labels them, counted on its tensors."""
+    return int((causal_targets(batch.item_ids) != IGNORE_INDEX).sum())
+
+
 def check_contents(batch: SessionBatch) -> None:
+    assert batch.num_causal_targets == counted_targets(batch)  # the loader's count, made on the host
     for i, r in enumerate(rows_of(batch)):
         items, cats, prices = expected_row(r)
         assert batch.item_ids[i].tolist() == items, r
@@ -288,6 +302,26 @@ def test_pad_rows():
     out = pad_rows(column, torch.tensor([2, 0, 1]), 3, torch.int64)
     assert out.tolist() == [[4, 5, 6], [1, 2, 0], [0, 0, 0]]
     assert pad_rows(column, torch.tensor([0]), 3, torch.float32).dtype == torch.float32
+
+
+def test_causal_target_counts_are_what_causal_targets_labels():
+    """Counted from the ragged column, per row: rows longer than T (their dropped events count for
+    nothing), empty rows, one-event rows, and reserved ids (null 1, OOV 2) that are never targets,
+    first, last and in the middle of a kept window."""
+    rows = [[5, 6, 7], [], [9], [1, 2, 5, 1], [4, 5, 6, 7, 8, 9, 10], [2, 3, 4, 5, 6, 1, 7], [3, 1, 4, 2, 5, 2]]
+    column = ragged_from_arrow(pa.array(rows, pa.list_(pa.int64())))
+    for length in (1, 2, 3, 5, 8):
+        padded = pad_rows(column, torch.arange(len(rows)), length, torch.int64)
+        expected = (causal_targets(padded) != IGNORE_INDEX).sum(dim=1)
+        assert causal_target_counts(column, length).tolist() == expected.tolist(), length
+    assert causal_target_counts(column, 3).tolist() == [2, 0, 0, 1, 2, 1, 1]  # last 3 events
+
+
+def test_batches_carry_their_causal_target_count_through_to_but_not_select(files):
+    batch = next(iter(DataLoader(SPEC, files, 4, shuffle=False)))
+    assert batch.num_causal_targets == counted_targets(batch) == 8  # 0 + 3 + 4 + 1: rows of 1, 4, 7 (5 kept), 2 events
+    assert batch.to("cpu").num_causal_targets == 8
+    assert batch.select(slice(0, 2)).num_causal_targets is None  # not known for a subset
 
 
 ROWS = [[1, 2, 3], [4], [], [5, 6]]

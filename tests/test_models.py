@@ -3,12 +3,14 @@ save -> load, batch checks, and one small "it learns" run."""
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BertConfig, MistralConfig
 
 from raytr.config import ConfigError, ModelConfig
+from raytr.data.loaders import causal_target_counts, ragged_from_arrow
 from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, FeatureSpec, SessionBatch
 from raytr.metrics import RankingMetrics
 from raytr.models import SessionModel, SessionOutput
@@ -153,10 +155,11 @@ def test_padding_never_affects_real_positions(body, objective):
 # the data). Counted on the CPU, where a dispatch mode sees them: each is a stalled queue on a GPU.
 HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal",
                  "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave"}
-# A training forward's budget: the target count (SessionModel.forward's nonzero), plus one inside
-# Hugging Face's GPT-2/LLaMA (create_causal_mask's packed-sequence check on the position ids, skipped
-# under torch.compile) and BERT MLM (its bidirectional-mask check on the padding mask).
-TRAINING_FORWARD_SYNCS = {"gpt2": 2, "llama": 2, ("bert", "mlm"): 2}
+# A training forward's budget: the target count (SessionModel.forward's nonzero) unless the batch
+# carries it (loader batches, CLM), plus one inside Hugging Face's GPT-2/LLaMA (create_causal_mask's
+# packed-sequence check on the position ids, skipped under torch.compile) and BERT MLM (its
+# bidirectional-mask check on the padding mask).
+TRAINING_FORWARD_SYNCS = {"gpt2": 1, "llama": 1, ("bert", "mlm"): 1}
 
 
 class HostSyncs(TorchDispatchMode):
@@ -170,17 +173,44 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def counted(batch: SessionBatch) -> SessionBatch:
+    """`batch` as a loader gives it: ids checked, and its CLM target count made on the host."""
+    rows = [row[row != 0].tolist() for row in batch.item_ids]  # right padding: the events are a prefix
+    column = ragged_from_arrow(pa.array(rows, pa.list_(pa.int64())))
+    batch.ids_checked = tiny_spec()  # build()'s
+    batch.num_causal_targets = int(causal_target_counts(column, batch.item_ids.shape[1]).sum())
+    return batch
+
+
 @pytest.mark.parametrize("body,objective", ALLOWED)
 def test_training_forward_host_syncs(body, objective):
-    """Causal bodies get no padding mask (causality hides right padding): with one, Hugging Face's
-    SDPA path read it on the host twice per forward."""
+    """A loader batch's CLM forward never sizes its targets on the device (the loader counted them on
+    the host); MLM draws its masks there, so it does. Causal bodies get no padding mask (causality
+    hides right padding): with one, Hugging Face's SDPA path read it on the host twice per forward."""
     model = build(body, objective).train()
-    batch = random_batch(B=5, seed=1)
-    batch.ids_checked = model.spec  # as loader batches are: no per-step id check
+    batch = counted(random_batch(B=5, seed=1))
     with HostSyncs() as syncs:
         model(batch)
-    budget = TRAINING_FORWARD_SYNCS.get((body, objective), TRAINING_FORWARD_SYNCS.get(body, 1))
-    assert syncs.ops.count("aten::nonzero") == 1 and len(syncs.ops) <= budget, syncs.ops
+    sizing = 0 if objective == "clm" else 1
+    budget = sizing + TRAINING_FORWARD_SYNCS.get((body, objective), TRAINING_FORWARD_SYNCS.get(body, 0))
+    assert syncs.ops.count("aten::nonzero") == sizing and len(syncs.ops) <= budget, syncs.ops
+
+
+@pytest.mark.parametrize("body,objective", [("gpt2", "clm"), ("gru", "clm"), ("bert", "mlm")])
+def test_a_batchs_target_count_changes_no_loss_or_gradient(body, objective):
+    """The same step with the target count counted on the device (a plain batch) and carried by the
+    batch (a loader's): equal loss, target count and gradients."""
+    results = []
+    for batch in (random_batch(B=6, seed=2), counted(random_batch(B=6, seed=2))):
+        model = build(body, objective).train()
+        torch.manual_seed(5)  # the same dropout
+        out = model(batch, generator=torch.Generator().manual_seed(4))
+        out.loss.backward()
+        results.append((out.loss.detach(), out.num_targets,
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b > 6 and torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
 
 
 @pytest.mark.parametrize("body,objective", ALLOWED)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from raytr import storage
-from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
+from raytr.features import FIRST_ITEM_ID, FeatureSpec, SessionBatch, check_id_ranges
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,18 @@ def pad_rows(column: RaggedColumn, rows: torch.Tensor, length: int, dtype: torch
     return torch.where(valid, gathered, torch.zeros((), dtype=dtype, device=rows.device))
 
 
+def causal_target_counts(items: RaggedColumn, length: int) -> torch.Tensor:
+    """[rows] int64: how many positions of each row's padded sequence (its last `length` events)
+    have a next-item target, i.e. a next event that is a real item (id >= FIRST_ITEM_ID): the
+    positions `raytr.models.masking.causal_targets` labels. Counted from the ragged item column in
+    one pass over its values; the loaders do it on the host, so a batch's count costs no GPU read."""
+    predictable = torch.zeros(items.values.numel() + 1, dtype=torch.int64, device=items.values.device)
+    torch.cumsum(items.values >= FIRST_ITEM_ID, 0, out=predictable[1:])
+    starts, ends = items.offsets[:-1], items.offsets[1:]
+    kept = torch.maximum(starts, ends - length)  # the first event kept; it is nobody's target
+    return predictable[ends] - predictable[torch.minimum(kept + 1, ends)]
+
+
 def check_column_ids(spec: FeatureSpec, columns: dict[str, RaggedColumn]) -> None:
     """Every id of the spec's id columns within its cardinality (one host sync for all columns):
     batches gathered from checked columns can skip the model's per-step check."""
@@ -136,15 +148,17 @@ def check_column_ids(spec: FeatureSpec, columns: dict[str, RaggedColumn]) -> Non
                     {spec.item_id: spec.item_cardinality, **spec.categorical})
 
 
-def gather_batch(spec: FeatureSpec, columns: dict[str, RaggedColumn], rows: torch.Tensor) -> SessionBatch:
+def gather_batch(spec: FeatureSpec, columns: dict[str, RaggedColumn], rows: torch.Tensor,
+                 num_causal_targets: int | None = None) -> SessionBatch:
     """Rows of checked ragged columns (`check_column_ids`) as a padded [B, T] SessionBatch, on the
-    columns' device."""
+    columns' device; `num_causal_targets`: the rows' `causal_target_counts` summed on the host."""
     length = spec.max_sequence_length
     return SessionBatch(
         item_ids=pad_rows(columns[spec.item_id], rows, length, torch.int64),
         categorical={n: pad_rows(columns[n], rows, length, torch.int64) for n in spec.categorical},
         continuous={n: pad_rows(columns[n], rows, length, torch.float32) for n in spec.continuous},
         ids_checked=spec,
+        num_causal_targets=num_causal_targets,
     )
 
 
@@ -182,6 +196,8 @@ class DataLoader:
         start, stop = rank_row_range(self.total_rows, rank, world_size)
         reader = _read_merlin if engine == "merlin" else _read_pyarrow
         columns = reader(paths, spec.columns, start, stop)
+        # Per session, on the host: each batch's CLM target count without reading the GPU.
+        self.causal_targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
         self.columns = {name: col.to(self.device) for name, col in columns.items()}
         # Checked once here, on the resident columns, so that batches skip the per-step check.
         try:
@@ -219,7 +235,8 @@ class DataLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _plan(self) -> list[torch.Tensor]:
+    def _order(self) -> torch.Tensor:
+        """This epoch's rows, in the order batches take them (on the host)."""
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7_919 + self.rank)
             order = torch.randperm(self.num_rows, generator=gen)
@@ -227,13 +244,15 @@ class DataLoader:
             order = torch.arange(self.num_rows)
         if self.drop_last:
             order = order[: self.steps_per_epoch * self.batch_size]
-        # Near-equal batches: every rank gets exactly steps_per_epoch non-empty batches. One copy
-        # of the epoch's order to the device, not one per batch.
-        return list(torch.tensor_split(order.to(self.device), self.steps_per_epoch))
+        return order
 
     def __iter__(self) -> Iterator[SessionBatch]:
-        plan = self._plan()
+        order = self._order()
         if self.shuffle:
             self.epoch += 1
-        for rows in plan:
-            yield gather_batch(self.spec, self.columns, rows)
+        # Near-equal batches: every rank gets exactly steps_per_epoch non-empty batches. One copy
+        # of the epoch's order to the device, not one per batch; the host's copy sizes the targets.
+        on_host = torch.tensor_split(order, self.steps_per_epoch)
+        on_device = torch.tensor_split(order.to(self.device), self.steps_per_epoch)
+        for host_rows, rows in zip(on_host, on_device):
+            yield gather_batch(self.spec, self.columns, rows, int(self.causal_targets[host_rows].sum()))

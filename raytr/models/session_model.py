@@ -141,7 +141,9 @@ class SessionModel(nn.Module):
     def forward(self, batch: SessionBatch, generator: torch.Generator | None = None) -> SessionOutput:
         """Training loss. CLM: the next item at every position; MLM: the items at masked positions.
 
-        batch: [B, T] columns. Checks the batch first (one host sync for the id range).
+        batch: [B, T] columns. Checks the batch first (one host sync for the id range, skipped for
+        loader batches). Sizing the targets reads the GPU once, unless the batch carries its
+        `num_causal_targets` (loader batches, CLM): a loader's CLM step then never waits for the GPU.
         """
         self.check_batch(batch)
         generator = generator if generator is not None else self.generator
@@ -150,8 +152,12 @@ class SessionModel(nn.Module):
             labels = causal_targets(batch.item_ids)  # [B, T]
         else:
             masked, labels = mlm_mask(batch.item_ids, self.config.mlm_probability, generator)  # [B, T] x2
-        # The one host sync of a step, taken before the body is queued so the GPU is not left idle.
-        positions = (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # [N] flat indices
+        has_target = labels.view(-1) != IGNORE_INDEX  # [B*T]
+        known = batch.num_causal_targets if self.config.objective == "clm" else None
+        if known is not None:  # counted by the loader on the host: no GPU read
+            positions = torch.nonzero_static(has_target, size=known).squeeze(1)  # [N] flat indices
+        else:  # a host sync, taken before the body is queued so the GPU is not left idle
+            positions = has_target.nonzero().squeeze(1)
         hidden = self.body(self.inputs(batch, mask_positions=masked), batch.mask)  # [B, T, D]
         targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
         loss = self.head(targets, labels.view(-1).index_select(0, positions), generator, check_targets=False)

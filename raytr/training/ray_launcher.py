@@ -25,7 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytr import storage
-from raytr.data.loaders import check_column_ids, gather_batch, ragged_from_arrow
+from raytr.data.loaders import causal_target_counts, check_column_ids, gather_batch, ragged_from_arrow
 from raytr.features import SessionBatch
 from raytr.ray_runtime import ensure_ray
 from raytr.training.loop import LoopConfig, WorkerContext, train_loop
@@ -48,10 +48,11 @@ def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per
         for table in shard.iter_batches(batch_size=16 * batch_size, batch_format="pyarrow", drop_last=False):
             columns = {name: ragged_from_arrow(table.column(name)) for name in spec.columns}
             check_column_ids(spec, columns)  # on the host, before the copy
+            targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
             columns = {name: column.to(device) for name, column in columns.items()}
-            order = torch.from_numpy(rng.permutation(table.num_rows)).to(device)
-            for rows in torch.split(order, batch_size):
-                yield gather_batch(spec, columns, rows)
+            order = torch.from_numpy(rng.permutation(table.num_rows))
+            for host_rows, rows in zip(torch.split(order, batch_size), torch.split(order.to(device), batch_size)):
+                yield gather_batch(spec, columns, rows, int(targets[host_rows].sum()))
 
     return batches, math.ceil(rows_per_worker / batch_size)
 
