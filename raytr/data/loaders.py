@@ -8,7 +8,9 @@ Files are local paths or fsspec URLs (raytr.storage), read in place. The reader 
 contiguous share of the rows once (W shares differ by at most one row); the columns stay resident
 as (values, offsets), on the GPU when `device` is one, and each batch is gathered and padded there. Every rank runs the same number of steps per epoch
 (`steps_per_epoch`, computed from the global row count), every row of the rank's share is seen
-exactly once per epoch, and the order changes every epoch (seeded by seed, epoch and rank).
+exactly once per epoch, and the order changes every epoch (seeded by seed, epoch and rank). Each
+batch carries its next-item target count, summed on the host from per-session counts made at load
+(`causal_target_counts`), so that a training step never reads it back from the GPU.
 
 Example (B=2, T=4, item ids after Categorify; sessions longer than T keep their last T events):
     session events [5, 9, 3]       -> item_ids[0] = [5, 9, 3, 0]
