@@ -164,6 +164,17 @@ def gather_batch(spec: FeatureSpec, columns: dict[str, RaggedColumn], rows: torc
     )
 
 
+def gather_batches(spec: FeatureSpec, columns: dict[str, RaggedColumn], causal_targets: torch.Tensor,
+                   order: torch.Tensor, sizes: int | list[int]) -> Iterator[SessionBatch]:
+    """Consecutive batches of the host tensor `order`'s rows (`sizes`: rows per batch, or each batch's
+    rows, as torch.split takes them), gathered from the columns on their device (where the order is
+    copied once, not once per batch), each with its rows' `causal_targets` (the per-row counts, on
+    the host) summed on the host."""
+    device = columns[spec.item_id].values.device
+    for host_rows, rows in zip(torch.split(order, sizes), torch.split(order.to(device), sizes)):
+        yield gather_batch(spec, columns, rows, int(causal_targets[host_rows].sum()))
+
+
 class DataLoader:
     """Iterates `SessionBatch`es for one rank; see the module docstring for the guarantees."""
 
@@ -252,9 +263,6 @@ class DataLoader:
         order = self._order()
         if self.shuffle:
             self.epoch += 1
-        # Near-equal batches: every rank gets exactly steps_per_epoch non-empty batches. One copy
-        # of the epoch's order to the device, not one per batch; the host's copy sizes the targets.
-        on_host = torch.tensor_split(order, self.steps_per_epoch)
-        on_device = torch.tensor_split(order.to(self.device), self.steps_per_epoch)
-        for host_rows, rows in zip(on_host, on_device):
-            yield gather_batch(self.spec, self.columns, rows, int(self.causal_targets[host_rows].sum()))
+        # Near-equal batches: every rank gets exactly steps_per_epoch non-empty batches.
+        sizes = [len(rows) for rows in torch.tensor_split(order, self.steps_per_epoch)]
+        yield from gather_batches(self.spec, self.columns, self.causal_targets, order, sizes)

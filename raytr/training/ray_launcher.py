@@ -25,7 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytr import storage
-from raytr.data.loaders import causal_target_counts, check_column_ids, gather_batch, ragged_from_arrow
+from raytr.data.loaders import causal_target_counts, check_column_ids, gather_batches, ragged_from_arrow
 from raytr.features import SessionBatch
 from raytr.ray_runtime import ensure_ray
 from raytr.training.loop import LoopConfig, WorkerContext, train_loop
@@ -51,8 +51,7 @@ def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per
             targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
             columns = {name: column.to(device) for name, column in columns.items()}
             order = torch.from_numpy(rng.permutation(table.num_rows))
-            for host_rows, rows in zip(torch.split(order, batch_size), torch.split(order.to(device), batch_size)):
-                yield gather_batch(spec, columns, rows, int(targets[host_rows].sum()))
+            yield from gather_batches(spec, columns, targets, order, batch_size)
 
     return batches, math.ceil(rows_per_worker / batch_size)
 
