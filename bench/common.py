@@ -57,6 +57,12 @@ def gpu_name() -> str:
     return "no GPU"
 
 
+def with_gpu(rows: list[dict[str, Any]], gpu: str) -> list[dict[str, Any]]:
+    """rows, each naming the GPU that measured it: a merged result file may hold runs on different
+    GPUs (rows written before rows named theirs take the file's machine GPU)."""
+    return [{"gpu": gpu, **r} for r in rows]
+
+
 def code_version() -> str:
     """The commit measured (short hash, '+' when the tree has changes), or 'unknown' outside git
     (the GPU machine gets a copy of the working tree without .git)."""

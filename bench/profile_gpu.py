@@ -26,10 +26,12 @@ from bench.common import (
     add_code_argument,
     code_version,
     envelope,
+    gpu_name,
     load_average,
     read_result,
     setup_logging,
     timestamp,
+    with_gpu,
     write_result,
 )
 from bench.train import (
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
     setup_logging()
     started, load_before = time.time(), load_average()
     stamp = {"measured": timestamp(started),
-             "code": args.code or code_version()}
+             "code": args.code or code_version(), "gpu": gpu_name()}
     import torch
     from torch._dynamo.utils import counters
 
@@ -315,7 +317,7 @@ def main(argv=None) -> int:
                 print(f"  {op['ms_per_step']:8.3f} ms  x{op['calls_per_step']:5.1f}  {op['name']}")
     name, extra = f"profile-{args.device}", {}
     if args.merge and (old := read_result(name)) is not None:
-        rows = old["results"] + rows
+        rows = with_gpu(old["results"], old.get("machine", {}).get("gpu", "no GPU")) + rows
         extra = {k: old[k] for k in ("findings",) if k in old}  # written by hand from the rows: kept
     write_result(name, envelope(name, started, load_before, results=rows, **extra))
     return 0

@@ -65,6 +65,8 @@ def machine_line(res: dict[str, Any]) -> str:
     m = res.get("machine", {})
     load = res.get("load_average", {})
     gpu = m.get("gpu", "no GPU")
+    if mixed_gpus(res.get("results", []) + res.get("previous_results", [])):
+        gpu += " (the latest run; the rows name the GPU each was measured on)"
     loads = (f" 1/5/15-min load average before {load.get('before')}, after {load.get('after')} (the host is shared)."
              if load else "")
     return (f"*Measured {res.get('started', '?')} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
@@ -178,17 +180,32 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
     return out
 
 
-def measured_label(record: dict[str, Any]) -> str:
-    """When a result was measured, with the commit when it recorded one: '2026-11-27 06:32:10 (6779754)'."""
-    return record.get("measured", "–") + (f" ({record['code']})" if record.get("code") else "")
+def measured_label(record: dict[str, Any], gpu: bool = False) -> str:
+    """When a result was measured, with the commit when it recorded one, and with gpu, on which GPU:
+    '2026-11-27 06:32:10 (6779754, H100)'."""
+    tags = [record["code"]] if record.get("code") else []
+    tags += [short_gpu(record.get("gpu"))] if gpu else []
+    return record.get("measured", "–") + (f" ({', '.join(tags)})" if tags else "")
+
+
+def short_gpu(name: str | None) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100'."""
+    words = (name or "GPU ?").replace("NVIDIA", "").split()
+    return words[0] if words else "GPU ?"
+
+
+def mixed_gpus(rows: list[dict[str, Any]]) -> bool:
+    """Whether the rows were measured on more than one GPU (a merged file of several sessions)."""
+    return len({r.get("gpu") for r in rows}) > 1
 
 
 def train_table(rows: list[dict[str, Any]], device: str) -> list[str]:
     """One row per measurement; a *measured* column when the rows come from runs of different days."""
     dated = len({r.get("measured") for r in rows}) > 1
+    gpus = mixed_gpus(rows)
     body = []
     for r in rows:
-        when = [measured_label(r)] if dated else []
+        when = [measured_label(r, gpus)] if dated else []
         if "error" in r:
             body.append([r["config"], r["precision"], r["impl"], *when, "error: " + r["error"][:60],
                          "", "", "", "", "", "", ""])
@@ -561,10 +578,12 @@ def section_profile_gpu(res: dict[str, Any] | None, before: dict[str, Any] | Non
            "(Python, launches, syncs) bounds the step. Rows are grouped by run (*measured*, *code*: the commit); "
            "compare rows of one run only.", ""]
     body = []
+    gpus = mixed_gpus(res.get("results", []))
     for r in (res.get("results", [])):
         if "error" in r:
             continue
-        body.append([r.get("measured", res.get("started")), r.get("code", "?"), r["config"], r["precision"],
+        body.append([r.get("measured", res.get("started")),
+                     r.get("code", "?") + (f", {short_gpu(r.get('gpu'))}" if gpus else ""), r["config"], r["precision"],
                      r["variant"], fmt(r.get("step_ms"), 2), fmt(r.get("step_ms_median"), 2), fmt(r.get("sessions_per_s")),
                      fmt(r.get("wall_ms_per_step_profiled", r.get("wall_ms_per_step")), 2),
                      fmt(r["gpu_busy_ms_per_step"], 2), fmt(r["kernels_per_step"]), fmt(r.get("host_syncs_per_step"))])
@@ -659,14 +678,14 @@ def target_status(train_cpu, train_gpu, loader_cpu, loader_gpu) -> list[str]:
                 best = max(rs, key=lambda r: r["ratio_vs_bare_compiled"])
                 ok = best["ratio_vs_bare_compiled"] >= 0.8
                 others = ", ".join(f"{r['impl']} {r['ratio_vs_bare_compiled']:.2f}" for r in rs if r is not best)
-                out.append(f"- GPU {cfg} {precision}: best Trainer run {best['impl']} / bare compiled = "
+                out.append(f"- GPU {cfg} {precision} ({short_gpu(best.get('gpu'))}): best Trainer run {best['impl']} / bare compiled = "
                            f"{best['ratio_vs_bare_compiled']:.2f} (**{'met' if ok else 'NOT met'}**)"
                            + (f"; {others}" if others else ""))
         one = [r for r in train_gpu["results"] if r["config"] == "1M" and r["impl"].startswith("raytr")
                and r.get("peak_mem_gb") is not None]
         for r in one:
             speed = r.get("ratio_vs_bare_compiled")
-            out.append(f"- GPU 1M {r['precision']} {r['impl']}: peak {r['peak_mem_gb']:.1f} GB "
+            out.append(f"- GPU 1M {r['precision']} {r['impl']} ({short_gpu(r.get('gpu'))}): peak {r['peak_mem_gb']:.1f} GB "
                        f"(**{'met' if r['peak_mem_gb'] < 20 else 'NOT met'}**), speed / bare compiled = "
                        + (f"{speed:.2f} (**{'met' if speed >= 1 else 'NOT met'}**)" if speed is not None else "n/a"))
     else:

@@ -65,12 +65,14 @@ from bench.common import (  # noqa: E402
     PeakRSS,
     disturbed,
     envelope,
+    gpu_name,
     load_average,
     read_result,
     run_json_subprocess,
     setup_logging,
     synthetic_sessions,
     timestamp,
+    with_gpu,
     write_result,
 )
 
@@ -530,6 +532,7 @@ def main(argv=None) -> int:
             for impl, res in best.items():
                 rows.append({"config": name, **asdict(cfg), "precision": precision, "impl": impl, **res,
                              "measured": measured, "code": code})
+    rows = with_gpu(rows, gpu_name())  # read after the runs: no CUDA context in this process while they measure
     name = args.output or f"train-{device}"
     configs = {n: asdict(ALL_CONFIGS[n]) for n in names}
     previous: list[dict[str, Any]] = []
@@ -563,6 +566,8 @@ def merge_results(old: dict[str, Any],
     by far more than the effects measured); the replaced rows move to previous_results, which keeps
     the latest replaced row of each config, precision and implementation."""
     groups = {(r["config"], r["precision"]) for r in fresh}
+    old = {**old, "results": with_gpu(old["results"], old.get("machine", {}).get("gpu", "no GPU")),
+           "previous_results": with_gpu(old.get("previous_results", []), old.get("machine", {}).get("gpu", "no GPU"))}
     kept = [r for r in old["results"] if (r["config"], r["precision"]) not in groups]
     replaced = [r for r in old["results"] if (r["config"], r["precision"]) in groups]
     previous = {(r["config"], r["precision"], r["impl"]): r for r in old.get("previous_results", []) + replaced}
