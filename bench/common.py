@@ -114,7 +114,7 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable) + "\n")
     tmp.replace(path)
-    log.info("wrote %s", path.relative_to(REPO))
+    log.info("wrote %s", path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     return path
 
 

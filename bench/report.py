@@ -601,13 +601,36 @@ def section_profile_gpu(res: dict[str, Any] | None, before: dict[str, Any] | Non
     dated = [r for r in res.get("results", []) if "error" not in r and r.get("top_gpu_ops")]
     latest = max((r.get("measured", "") for r in dated), default=None)
     for r in dated:
-        if r.get("measured", "") != latest or r["variant"] not in ("raytr-compiled", "bare-compiled"):
+        if r.get("measured", "") != latest or r["variant"] not in ("raytr-compiled", "bare-compiled", "trainer-cudagraphs"):
             continue
         out += ["", f"Top GPU time and host (CPU self) time, {r['config']} {r['precision']} {r['variant']}, "
                     f"{r.get('measured')} (ms per step):", "", "```",
                 *op_lines(r["top_gpu_ops"]), "  host:", *op_lines(r.get("top_host_ops", [])),
                 "```"]
     return out + [""]
+
+
+def section_head_kernels(res: dict[str, Any] | None) -> list[str]:
+    title = "### The full-softmax loss alone on the GPU (bench/head_kernels.py)"
+    if res is None:
+        return [title, "", "Not measured yet: `python bench/head_kernels.py` on a GPU (the 1M config's head: "
+                           "raytr's chunk kernel compiled each way against the bare loop's cross-entropy).", ""]
+    out = [title, "", machine_line(res), "",
+           f"{res['targets']:,} target rows, {res['items']:,} items, D={res['d_model']}, {res['precision']}, forward "
+           f"and backward, {res['steps']} timed steps after {res['warmup']}. *speed ÷ bare*: the bare loop's ms ÷ the "
+           "variant's (above 1 is faster); *error*: relative to the eager kernel's loss and gradients (the bare "
+           "loop's softmax also counts the three reserved ids).", ""]
+    body = []
+    for r in res["results"]:
+        if "error" in r:
+            body.append([r["variant"], "error: " + r["error"][:60], "", "", "", ""])
+            continue
+        errors = (" / ".join(f"{r[k]:.0e}" for k in ("loss_rel_error", "grad_hidden_rel_error", "grad_weight_rel_error"))
+                  if "loss_rel_error" in r else "(reference)")
+        body.append([r["variant"], fmt(r["ms_per_step"], 2), fmt(r.get("speed_vs_bare"), 2), fmt(r.get("peak_mem_gb"), 2),
+                     fmt(r.get("chunk_rows")), errors])
+    return out + table(["variant", "ms/step", "speed ÷ bare", "peak GB", "chunk rows", "error: loss / d hidden / d weight"],
+                       body) + [""]
 
 
 def with_current_consumption(loader: dict[str, Any] | None, train: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -637,7 +660,7 @@ def main() -> int:
     lines += ["## Machines", ""] + table(["results", "measured on"], [[k, v] for k, v in machines.items()]) + [""]
     gpu_gaps = gpu_not_measured(train_gpu, loader_gpu)
     if gpu_gaps and (train_gpu or loader_gpu):
-        lines += ["**GPU figures measured in part** (H100 device sessions of 15-30 minutes). Not measured: "
+        lines += ["**GPU figures measured in part** (H100 and H200 device sessions of 15-30 minutes). Not measured: "
                   + "; ".join(gpu_gaps) + f". All of them: `{GPU_COMMAND}`.", ""]
     if not train_gpu or not loader_gpu:
         lines += ["**Not measured here: the GPU figures** (training step on the issue's four configs in fp16/bf16, "
@@ -658,6 +681,7 @@ def main() -> int:
         json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-seed*.json"))], load("quality-search"))
     lines += ["## Serving", ""] + section_serve(load("serve"))
     lines += ["## Profiles", ""] + section_profile_gpu(load("profile-cuda"), load("profile-cuda-unaligned"))
+    lines += section_head_kernels(load("head-kernels-cuda"))
     lines += section_profile(load("profile"))
     REPORT.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {REPORT.relative_to(BENCH.parent)} and {len(list(FIGURES.glob('*.png')))} figure(s)")

@@ -6,7 +6,8 @@ then REPORT.md.
     python bench/run_gpu.py --configs 5k,50k      # a subset of bench/train.py's GPU configs
 
 Order: the profile of one 50k fp16 step (raytr's step and its candidate speed-ups against the bare
-loop, and the Trainer with and without TensorBoard), then bench/train.py per config and precision
+loop, and the Trainer with and without TensorBoard), the 1M config's loss alone (bench/head_kernels.py:
+the ways of compiling its chunk kernel against the bare loop's), then bench/train.py per config and precision
 (50k and 5k first, then 1M and 300k), then the loaders, then report.py. Every step is its own
 process and adds to the JSON already there (`--merge`): a session cut short keeps what it measured,
 and the next one carries on with `--skip`.
@@ -39,7 +40,8 @@ TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,
 def gpu_steps(configs: list[str], precisions: list[str], code: str | None = None) -> list[tuple[str, list[str]]]:
     tag = ["--code", code] if code else []
     steps = [("profile", ["profile_gpu.py", "--configs", "50k", "--precision", "fp16", "--variants",
-                          PROFILE_VARIANTS, "--merge", *tag])]
+                          PROFILE_VARIANTS, "--merge", *tag]),
+             ("head-kernels", ["head_kernels.py", *tag])]  # ~2 minutes: what the 1M config's loss kernel costs
     for cfg in [c for c in TRAIN_ORDER if c in configs]:
         for precision in precisions:
             steps.append((f"train-{cfg}-{precision}", ["train.py", "--device", "cuda", "--configs", cfg, "--precision",

@@ -49,7 +49,7 @@ def test_run_gpu_orders_the_target_configs_first_and_merges_every_step():
 
     steps = gpu_steps(["300k", "1M", "5k", "50k"], ["fp16", "bf16"])
     labels = [label for label, _ in steps]
-    assert labels[:5] == ["profile", "train-50k-fp16", "train-50k-bf16", "train-5k-fp16", "train-5k-bf16"]
+    assert labels[:6] == ["profile", "head-kernels", "train-50k-fp16", "train-50k-bf16", "train-5k-fp16", "train-5k-bf16"]
     assert labels[-1] == "loader"
     assert all("--merge" in cmd for label, cmd in steps if label != "loader")
 
@@ -64,3 +64,50 @@ def test_profile_variant_suffixes_combine_and_unknown_ones_are_named():
     for bad in ("trainer-fast", "trainer-", "trainers", "trainer-quiet-merlinx"):
         with pytest.raises(ValueError, match=r"trainer\[-merlin\]"):
             variant_options(bad, "trainer", TRAINER_OPTIONS)
+
+
+def test_merge_names_the_gpu_of_rows_written_before_rows_named_theirs():
+    old = {"machine": {"gpu": "NVIDIA H100 80GB HBM3"},
+           "results": [_row("50k", "fp16", "bare-compiled", 100.0, "day1"), _row("5k", "fp16", "bare-compiled", 90.0, "day1")]}
+    fresh = [{**_row("5k", "fp16", "bare-compiled", 150.0, "day2"), "gpu": "NVIDIA H200"}]
+    results, previous = merge_results(old, fresh)
+    assert [(r["config"], r["gpu"]) for r in results] == [("50k", "NVIDIA H100 80GB HBM3"), ("5k", "NVIDIA H200")]
+    assert [r["gpu"] for r in previous] == ["NVIDIA H100 80GB HBM3"]
+
+
+def test_report_names_each_gpu_target_lines_gpu():
+    from bench.report import target_status
+
+    rows = [{**_row("5k", "bf16", impl, rate, "day2"), "gpu": "NVIDIA H200", "ratio_vs_bare_compiled": rate / 100.0}
+            for impl, rate in (("bare-compiled", 100.0), ("raytr-local-cudagraphs", 128.0))]
+    lines = target_status(None, {"results": rows}, None, None)
+    assert "- GPU 5k bf16 (H200): best Trainer run raytr-local-cudagraphs / bare compiled = 1.28 (**met**)" in lines
+
+
+def test_head_kernels_variants_compute_eagers_loss_and_gradients(tmp_path, monkeypatch):
+    """bench/head_kernels.py on the CPU: every variant runs, in several chunks with a partial last one,
+    and gives eager's loss and gradients (fp32: the compiled kernels to rounding; the bare loop's
+    softmax also counts the three reserved ids, a 1e-4-sized difference)."""
+    import json
+
+    import bench.common
+    from bench.head_kernels import VARIANTS, main
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    assert main(["--device", "cpu", "--items", "500", "--d-model", "16", "--targets", "200", "--chunk-size", "64",
+                 "--precision", "fp32", "--warmup", "1", "--steps", "1", "--output", "head"]) == 0
+    result = json.loads((tmp_path / "head.json").read_text())
+    rows = {r["variant"]: r for r in result["results"]}
+    assert list(rows) == ["eager", *[v for v in VARIANTS if v != "eager"]]
+    assert all(r["chunk_rows"] == 64 for v, r in rows.items() if v != "bare")
+    assert rows["eager"]["speed_vs_bare"] > 0 and "loss_rel_error" not in rows["eager"]  # the reference
+    for variant, row in [(v, r) for v, r in rows.items() if v != "eager"]:
+        bound = 1e-2 if variant == "bare" else 1e-5
+        assert row["loss_rel_error"] <= bound and row["grad_hidden_rel_error"] <= bound, (variant, row)
+        assert row["grad_weight_rel_error"] <= bound, (variant, row)
+        assert row["ms_per_step"] > 0 and row["speed_vs_bare"] > 0
+    from bench.report import section_head_kernels
+
+    lines = section_head_kernels(result)
+    assert any(line.startswith("| eager |") and line.endswith("| (reference) |") for line in lines)
+    assert sum(line.startswith("| compiled") for line in lines) == 5

@@ -134,9 +134,10 @@ def _relative_error(a: torch.Tensor, reference: torch.Tensor) -> float:
 def assert_compiled_matches_eager(dtype: torch.dtype, device: str) -> None:
     """compile_regions, default mode and "reduce-overhead" (CUDA graphs, none skipped on CUDA): the
     last of four steps (new batch, new weights) gives eager's loss, and every gradient is as close
-    to the fp32 one as eager mixed precision's is (small gradients, layer norm weights above all,
-    differ by ~15% between any two half-precision orders of summation, so an absolute tolerance
-    either fails them or lets everything through); the graph replays give what the compiled code gives."""
+    to the fp32 one as eager mixed precision's is, relative to each gradient's size (eager fp16's
+    layer-norm weight gradients, ~1e-5, are 25-39% off on an H200: their per-position terms
+    underflow without a GradScaler; bf16's are within 1%, eager or compiled); the graph replays give
+    what the compiled code gives. A failure lists every gradient out of bounds, not only the first."""
     torch._dynamo.reset()  # fresh compiles: cudagraph skips are counted when torch compiles
     config = ModelConfig(body="gpt2", d_model=64, n_layers=2, n_heads=4, dropout=0.0, logits_chunk_size=256)
     initial = SessionModel(SPEC, config, seed=0).state_dict()
@@ -161,9 +162,10 @@ def assert_compiled_matches_eager(dtype: torch.dtype, device: str) -> None:
     for mode, (loss, grads) in runs.items():
         assert torch.allclose(loss, eager_loss, rtol=2e-2), (mode, loss, eager_loss)
         assert grads.keys() == eager.keys(), mode
-        for name, g in grads.items():
-            allowed = 3 * _relative_error(eager[name], exact[name]) + 0.05
-            assert _relative_error(g, exact[name]) <= allowed, (mode, name, _relative_error(g, exact[name]), allowed)
+        errors = {name: (_relative_error(g, exact[name]), 3 * _relative_error(eager[name], exact[name]) + 0.05)
+                  for name, g in grads.items()}  # name: (error, allowed)
+        assert not {n: e for n, e in errors.items() if e[0] > e[1]}, (
+            mode, {n: f"{e[0]:.4f} > {e[1]:.4f}" for n, e in errors.items() if e[0] > e[1]})
     replayed, compiled = runs["reduce-overhead"][1], runs[None][1]
     for name in compiled:
         assert _relative_error(replayed[name], compiled[name]) < 1e-2, name

@@ -1,0 +1,228 @@
+"""The full-softmax loss alone: raytr's chunked loss with each way of compiling its chunk kernel,
+against the bare loop's compiled cross-entropy, forward and backward, at one catalog size.
+
+    python bench/head_kernels.py                        # GPU, the 1M config's head -> results/head-kernels-cuda.json
+    python bench/head_kernels.py --precision bf16 --variants bare,compiled,compiled-two-pass
+
+Why: in the 1M config's step (H200, 2026-11-27, bench/profile_gpu.py) raytr's GPU time went 32.5 ms
+a step to the compiled chunk kernel's one fused softmax kernel (three chunks), where the bare loop's
+two softmax kernels took 13.2 ms over the same logits. Each variant changes one thing about the
+chunk kernel, so the figures say what the time goes to:
+
+- `bare`: the bare loop's head (`F.cross_entropy` of the whole [N, V] logits), compiled;
+- `eager`: raytr's in-place kernel, not compiled (what the CPU and an uncompiled model run);
+- `compiled`: raytr's kernel under `torch_compile` today (`compiled_kernel()`: every size symbolic);
+- `compiled-static`: the same function compiled for fixed sizes (one compile per row count);
+- `compiled-auto`: torch.compile's default, sizes symbolic only once they change (the rows);
+- `compiled-inplace`: the in-place (eager) kernel compiled;
+- `compiled-two-pass`: the half-precision logits made by one GEMM, then two compiled kernels, one
+  for each row's max and sum, one writing the gradient, as the bare loop's compiled code does.
+
+Each row also says whether the variant computes eager's loss and gradients (relative error). On the
+CPU (--device cpu) it runs at a small size; the tests run it that way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    add_code_argument,
+    code_version,
+    envelope,
+    gpu_name,
+    load_average,
+    setup_logging,
+    timestamp,
+    write_result,
+)
+
+VARIANTS = ("bare", "eager", "compiled", "compiled-static", "compiled-auto", "compiled-inplace", "compiled-two-pass")
+
+
+def _softmax_stats(logits, targets, valid, num_classes: int, smoothing: float):
+    """[c] row max, sum of exponentials and loss of half-precision logits [c, Vp] (fp32 inside)."""
+    import torch
+
+    x = torch.where(valid, logits.float(), float("-inf"))
+    top = x.amax(dim=1, keepdim=True)
+    total = torch.exp(x - top).sum(dim=1, keepdim=True)
+    lse = (top + total.log()).squeeze(1)
+    loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+    if smoothing:
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - torch.where(valid, x, 0.0).sum(dim=1) / num_classes)
+    return top, total, loss
+
+
+def _softmax_grad(logits, top, total, targets, valid, num_classes: int, smoothing: float):
+    """d loss / d logits [c, Vp] in the logits' dtype."""
+    import torch
+
+    x = torch.where(valid, logits.float(), float("-inf"))
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    grad = torch.exp(x - top) / total - (1.0 - smoothing) * onehot - (smoothing / num_classes) * valid
+    return grad.to(logits.dtype)
+
+
+def two_pass_kernel():
+    """A chunk kernel (`_chunk_loss_and_grads`' signature) whose softmax is two compiled kernels
+    around GEMMs left to cuBLAS, like the bare loop's compiled code."""
+    import torch
+
+    from raytr.models.head import ChunkKernel
+
+    stats = torch.compile(_softmax_stats, dynamic=True)
+    softmax_grad = torch.compile(_softmax_grad, dynamic=True)
+
+    def chunk(hidden, weight, targets, valid, num_classes, smoothing, with_grad):
+        logits = hidden @ weight.T  # [c, Vp] in the compute dtype
+        top, total, loss = stats(logits, targets, valid, num_classes, smoothing)
+        if not with_grad:
+            return loss.sum(), None, None
+        grad = softmax_grad(logits, top, total, targets, valid, num_classes, smoothing)
+        return loss.sum(), grad @ weight, grad.T @ hidden
+
+    return ChunkKernel(chunk, fp32_copy=False)
+
+
+def loss_function(variant: str, chunk_size: int | None) -> tuple[Callable, Any]:
+    """((hidden [N, D], weight [V, D], targets [N]) -> mean loss, the chunk kernel or None) for `variant`."""
+    import torch
+    import torch.nn.functional as F
+
+    from raytr.models import head
+
+    if variant == "bare":
+        return torch.compile(lambda h, w, t: F.cross_entropy((h @ w.T).float(), t)), None
+    kernels = {
+        "eager": lambda: head.EAGER_KERNEL,
+        "compiled": head.compiled_kernel,
+        "compiled-static": lambda: head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads, dynamic=False),
+                                                    fp32_copy=False),
+        "compiled-auto": lambda: head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads), fp32_copy=False),
+        "compiled-inplace": lambda: head.ChunkKernel(torch.compile(head._chunk_loss_and_grads, dynamic=True),
+                                                     fp32_copy=True),
+        "compiled-two-pass": two_pass_kernel,
+    }
+    if variant not in kernels:
+        raise SystemExit(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    kernel = kernels[variant]()
+    return lambda h, w, t: head.chunked_cross_entropy(h, w, t, chunk_size, check_targets=False, kernel=kernel), kernel
+
+
+def measure(variant: str, inputs: tuple, args, reference: dict[str, Any] | None) -> dict[str, Any]:
+    import torch
+
+    from raytr.models.head import chunk_rows
+
+    hidden, weight, targets = inputs
+    fn, kernel = loss_function(variant, args.chunk_size)
+    cuda = hidden.device.type == "cuda"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+
+    def step():
+        hidden.grad = weight.grad = None
+        with torch.autocast(hidden.device.type, dtype=dtype, enabled=args.precision != "fp32"):
+            loss = fn(hidden, weight, targets)
+        loss.backward()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    if cuda:
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / args.steps * 1e3
+    row = {"variant": variant, "ms_per_step": ms,
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "loss": float(loss.detach()), "grad_hidden": hidden.grad.detach().clone(), "grad_weight": weight.grad.detach().clone()}
+    if kernel is not None:
+        row["chunk_rows"] = chunk_rows(args.chunk_size, weight.shape[0], hidden.device, kernel.bytes_per_logit(dtype))
+    if reference is not None:  # the same loss and gradients as eager's?
+        row["loss_rel_error"] = abs(row["loss"] - reference["loss"]) / abs(reference["loss"])
+        for name in ("grad_hidden", "grad_weight"):
+            ref = reference[name].float()
+            row[f"{name}_rel_error"] = float((row[name].float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--items", type=int, default=None, help="catalog size (default: 1,000,000 on cuda, 5,000 on cpu)")
+    p.add_argument("--d-model", type=int, default=None, help="default: 256 on cuda, 32 on cpu")
+    p.add_argument("--targets", type=int, default=None,
+                   help="rows (target positions) per step (default: 6,400 on cuda, ~ the 1M config's; 256 on cpu)")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--chunk-size", type=int, default=None, help="cap on the rows per chunk (default: the memory budget's)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--output", default=None, help="results/<name>.json (default: head-kernels-<device>)")
+    add_code_argument(p)
+    args = p.parse_args(argv)
+    setup_logging()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU here (use --device cpu)")
+    gpu = args.device == "cuda"
+    items = args.items or (1_000_000 if gpu else 5_000)
+    d_model = args.d_model or (256 if gpu else 32)
+    n = args.targets or (6_400 if gpu else 256)
+    started, load_before = time.time(), load_average()
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d_model, generator=gen).to(args.device).requires_grad_()
+    weight = (torch.randn(items, d_model, generator=gen) * 0.02).to(args.device).requires_grad_()
+    targets = torch.randint(3, items, (n,), generator=gen).to(args.device)
+    variants = args.variants.split(",")
+    # eager first: every other variant's loss and gradients are compared with its
+    order = ["eager"] + [v for v in variants if v != "eager"]
+    rows, reference = [], None
+    for variant in order:
+        torch._dynamo.reset()
+        try:
+            row = measure(variant, (hidden, weight, targets), args, reference)
+        except Exception as err:  # one failing variant must not lose the others' figures
+            row = {"variant": variant, "error": repr(err)[:400]}
+        if variant == "eager":
+            reference = row if "error" not in row else None
+        elif "error" not in row:  # only eager's gradients are kept (at 10^6 items, 1 GB each)
+            del row["grad_hidden"], row["grad_weight"]
+        rows.append(row)
+    bare = next((r for r in rows if r["variant"] == "bare" and "error" not in r), None)
+    results = []
+    for row in rows:
+        if row["variant"] not in variants:
+            continue
+        out = {k: v for k, v in row.items() if not k.startswith("grad_") or k.endswith("_rel_error")}
+        if bare is not None and "error" not in row:
+            out["speed_vs_bare"] = bare["ms_per_step"] / row["ms_per_step"]
+        results.append(out)
+        print(f"{row['variant']:18} " + (f"ERROR {row['error']}" if "error" in row else
+              f"{row['ms_per_step']:9.2f} ms/step  speed/bare {out.get('speed_vs_bare', float('nan')):5.2f}  "
+              f"peak {row['peak_mem_gb'] or float('nan'):6.2f} GB  chunk rows {row.get('chunk_rows', '-')}  "
+              f"rel. error vs eager: loss {row.get('loss_rel_error', 0):.1e}, "
+              f"d hidden {row.get('grad_hidden_rel_error', 0):.1e}, d weight {row.get('grad_weight_rel_error', 0):.1e}"),
+              flush=True)
+    stamp = {"measured": timestamp(started), "code": args.code or code_version(), "gpu": gpu_name()}
+    write_result(args.output or f"head-kernels-{args.device}",
+                 envelope("head-kernels", started, load_before, device=args.device, items=items, d_model=d_model,
+                          targets=n, precision=args.precision, warmup=args.warmup, steps=args.steps,
+                          chunk_size=args.chunk_size, results=[{**r, **stamp} for r in results]))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
