@@ -51,7 +51,8 @@ def test_run_gpu_orders_the_target_configs_first_and_merges_every_step():
     labels = [label for label, _ in steps]
     assert labels[:6] == ["profile", "head-kernels", "train-50k-fp16", "train-50k-bf16", "train-5k-fp16", "train-5k-bf16"]
     assert labels[-1] == "loader"
-    assert all("--merge" in cmd for label, cmd in steps if label != "loader")
+    # the training and profile steps add to their files; the loaders and the loss alone are one run each
+    assert all("--merge" in cmd for label, cmd in steps if label not in ("loader", "head-kernels"))
 
 
 def test_profile_variant_suffixes_combine_and_unknown_ones_are_named():
