@@ -15,6 +15,10 @@ chunk kernel, so the figures say what the time goes to:
 - `compiled-static`: the same function compiled for fixed sizes (one compile per row count);
 - `compiled-auto`: torch.compile's default, sizes symbolic only once they change (the rows);
 - `compiled-inplace`: the in-place (eager) kernel compiled;
+- `compiled-no-online`: `compiled` without Inductor's online softmax (`online_softmax=False`: the row
+  max and the sum of exponentials in two reductions instead of one running pair);
+- `compiled-tuned`: `compiled` with Inductor's coordinate-descent tuning of its Triton kernels' block
+  sizes and warps (`coordinate_descent_tuning=True`);
 - `compiled-two-pass`: the half-precision logits made by one GEMM, then two compiled kernels, one
   for each row's max and sum, one writing the gradient, as the bare loop's compiled code does.
 
@@ -43,7 +47,8 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 
-VARIANTS = ("bare", "eager", "compiled", "compiled-static", "compiled-auto", "compiled-inplace", "compiled-two-pass")
+VARIANTS = ("bare", "eager", "compiled", "compiled-static", "compiled-auto", "compiled-inplace", "compiled-no-online",
+            "compiled-tuned", "compiled-two-pass")
 
 
 def _softmax_stats(logits, targets, valid, num_classes: int, smoothing: float):
@@ -100,6 +105,10 @@ def loss_function(variant: str, chunk_size: int | None) -> tuple[Callable, Any]:
 
     if variant == "bare":
         return torch.compile(lambda h, w, t: F.cross_entropy((h @ w.T).float(), t)), None
+    def fused(**compile_args) -> head.ChunkKernel:
+        return head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads, dynamic=True, **compile_args),
+                                fp32_copy=False)
+
     kernels = {
         "eager": lambda: head.EAGER_KERNEL,
         "compiled": head.compiled_kernel,
@@ -108,6 +117,8 @@ def loss_function(variant: str, chunk_size: int | None) -> tuple[Callable, Any]:
         "compiled-auto": lambda: head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads), fp32_copy=False),
         "compiled-inplace": lambda: head.ChunkKernel(torch.compile(head._chunk_loss_and_grads, dynamic=True),
                                                      fp32_copy=True),
+        "compiled-no-online": lambda: fused(options={"online_softmax": False}),
+        "compiled-tuned": lambda: fused(options={"coordinate_descent_tuning": True}),
         "compiled-two-pass": two_pass_kernel,
     }
     if variant not in kernels:
