@@ -532,7 +532,8 @@ def main(argv=None) -> int:
             for impl, res in best.items():
                 rows.append({"config": name, **asdict(cfg), "precision": precision, "impl": impl, **res,
                              "measured": measured, "code": code})
-    rows = with_gpu(rows, gpu_name())  # read after the runs: no CUDA context in this process while they measure
+    # read after the runs: no CUDA context in this process while they measure
+    rows = with_gpu(rows, gpu_name() if device == "cuda" else "no GPU")
     name = args.output or f"train-{device}"
     configs = {n: asdict(ALL_CONFIGS[n]) for n in names}
     previous: list[dict[str, Any]] = []
