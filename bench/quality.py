@@ -91,9 +91,9 @@ DEFAULT_BUDGET_MIN = {"synthetic": 8.0, "yoochoose": 14.0, "ml-100k": 30.0}
 KNN_DECAYS = (1.0, 0.5, 0.0)
 # Sequence length T for MovieLens-100k. Validation only (`--search learning_rate=0.002 --ml-window T`,
 # xlnet-clm, the tuned settings, seed 0, 2026-11-27): best-epoch ndcg@20 T=50 0.1603, 100 0.1658, 200
-# 0.1643 (200 trains ~2x slower). The same T=50 setting scored 0.1729 in the evaluation run and 0.1669
-# in an earlier search (why runs of one seeded setting differ is not known), so these differences are
-# within the noise: T stays 50.
+# 0.1643 (200 trains ~2x slower). The same seeded T=50 setting scored 0.1729 in the evaluation run of
+# 06:32, before the loss's chunking and summation order changed (09:10-11:05): rounding alone moves a
+# run that much, so these differences are within the noise: T stays 50.
 ML_WINDOW = 50
 # Orders of MovieLens ratings that share a second, chosen on validation (xlnet-clm, best-epoch
 # ndcg@20: 1 order x 40 epochs 0.155; 4 orders x 10 epochs 0.158, x 20 epochs 0.170; 8 orders x 10
