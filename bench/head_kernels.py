@@ -198,40 +198,39 @@ def main(argv: list[str] | None = None) -> int:
     weight = (torch.randn(items, d_model, generator=gen) * 0.02).to(args.device).requires_grad_()
     targets = torch.randint(3, items, (n,), generator=gen).to(args.device)
     variants = args.variants.split(",")
-    # eager first: every other variant's loss and gradients are compared with its
-    order = ["eager"] + [v for v in variants if v != "eager"]
-    rows, reference = [], None
+    # eager first (every other variant's loss and gradients are compared with its), then the bare loop
+    order = ["eager"] + [v for v in ("bare",) if v in variants] + [v for v in variants if v not in ("eager", "bare")]
+    stamp = {"measured": timestamp(started), "code": args.code or code_version(), "gpu": gpu_name()}
+    reference, bare, results = None, None, []
     for variant in order:
         torch._dynamo.reset()
         try:
             row = measure(variant, (hidden, weight, targets), args, reference)
         except Exception as err:  # one failing variant must not lose the others' figures
             row = {"variant": variant, "error": repr(err)[:400]}
-        if variant == "eager":
-            reference = row if "error" not in row else None
-        elif "error" not in row:  # only eager's gradients are kept (at 10^6 items, 1 GB each)
-            del row["grad_hidden"], row["grad_weight"]
-        rows.append(row)
-    bare = next((r for r in rows if r["variant"] == "bare" and "error" not in r), None)
-    results = []
-    for row in rows:
-        if row["variant"] not in variants:
-            continue
+        if variant == "eager" and "error" not in row:
+            reference = row
+        if variant == "bare" and "error" not in row:
+            bare = row
+            for earlier in results:  # eager, measured before it
+                if "ms_per_step" in earlier:
+                    earlier["speed_vs_bare"] = bare["ms_per_step"] / earlier["ms_per_step"]
         out = {k: v for k, v in row.items() if not k.startswith("grad_") or k.endswith("_rel_error")}
         if bare is not None and "error" not in row:
             out["speed_vs_bare"] = bare["ms_per_step"] / row["ms_per_step"]
-        results.append(out)
-        print(f"{row['variant']:18} " + (f"ERROR {row['error']}" if "error" in row else
+        print(f"{variant:18} " + (f"ERROR {row['error']}" if "error" in row else
               f"{row['ms_per_step']:9.2f} ms/step  speed/bare {out.get('speed_vs_bare', float('nan')):5.2f}  "
               f"peak {row['peak_mem_gb'] or float('nan'):6.2f} GB  chunk rows {row.get('chunk_rows', '-')}  "
               f"rel. error vs eager: loss {row.get('loss_rel_error', 0):.1e}, "
               f"d hidden {row.get('grad_hidden_rel_error', 0):.1e}, d weight {row.get('grad_weight_rel_error', 0):.1e}"),
               flush=True)
-    stamp = {"measured": timestamp(started), "code": args.code or code_version(), "gpu": gpu_name()}
-    write_result(args.output or f"head-kernels-{args.device}",
-                 envelope("head-kernels", started, load_before, device=args.device, items=items, d_model=d_model,
-                          targets=n, precision=args.precision, warmup=args.warmup, steps=args.steps,
-                          chunk_size=args.chunk_size, results=[{**r, **stamp} for r in results]))
+        if variant in variants:
+            results.append({**out, **stamp})
+        # written after every variant: a run cut short (a device session's time limit) keeps what it measured
+        write_result(args.output or f"head-kernels-{args.device}",
+                     envelope("head-kernels", started, load_before, device=args.device, items=items, d_model=d_model,
+                              targets=n, precision=args.precision, warmup=args.warmup, steps=args.steps,
+                              chunk_size=args.chunk_size, results=results))
     return 0 if all("error" not in r for r in results) else 1
 
 
