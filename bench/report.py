@@ -657,8 +657,7 @@ def main() -> int:
         r = load(name)
         if r:
             m = r.get("machine", {})
-            rows = r.get("results", []) if isinstance(r.get("results"), list) else []
-            gpus = sorted({row["gpu"] for row in rows if isinstance(row, dict) and row.get("gpu")} or {m.get("gpu", "no GPU")})
+            gpus = sorted({row["gpu"] for row in r.get("results", []) if row.get("gpu")} or {m.get("gpu", "no GPU")})
             machines[name] = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {' and '.join(gpus)}"
     lines += ["## Machines", ""] + table(["results", "measured on"], [[k, v] for k, v in machines.items()]) + [""]
     gpu_gaps = gpu_not_measured(train_gpu, loader_gpu)

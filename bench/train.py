@@ -567,8 +567,8 @@ def merge_results(old: dict[str, Any],
     by far more than the effects measured); the replaced rows move to previous_results, which keeps
     the latest replaced row of each config, precision and implementation."""
     groups = {(r["config"], r["precision"]) for r in fresh}
-    old = {**old, "results": with_gpu(old["results"], old.get("machine", {}).get("gpu", "no GPU")),
-           "previous_results": with_gpu(old.get("previous_results", []), old.get("machine", {}).get("gpu", "no GPU"))}
+    gpu = old.get("machine", {}).get("gpu", "no GPU")
+    old = {**old, "results": with_gpu(old["results"], gpu), "previous_results": with_gpu(old.get("previous_results", []), gpu)}
     kept = [r for r in old["results"] if (r["config"], r["precision"]) not in groups]
     replaced = [r for r in old["results"] if (r["config"], r["precision"]) in groups]
     previous = {(r["config"], r["precision"], r["impl"]): r for r in old.get("previous_results", []) + replaced}
