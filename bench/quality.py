@@ -104,6 +104,22 @@ ML_WINDOW = 50
 ML_TIE_ORDERS = 4
 
 
+@dataclass(frozen=True)
+class MovieLensSplit:
+    """How MovieLens-100k is split (`load_movielens`)."""
+
+    window: int = ML_WINDOW
+    tie_orders: int = ML_TIE_ORDERS
+    # Drop each user's last N ratings first: validation and test move N places earlier (a check
+    # that never reads the real test items).
+    holdout_shift: int = 0
+
+    def key(self) -> dict[str, Any]:
+        """What a search records of the split (the shift only when set: older records have none)."""
+        return {"ml_window": self.window, "ml_tie_orders": self.tie_orders} | (
+            {"ml_holdout_shift": self.holdout_shift} if self.holdout_shift else {})
+
+
 @dataclass
 class EvalSet:
     """Sessions to score: each one's last item is the target, the rest the input. `history`
@@ -269,16 +285,19 @@ def _tie_orders(items: np.ndarray, times: np.ndarray, orders: int, rng: np.rando
     return [items] + [items[np.lexsort((rng.random(len(items)), times))] for _ in range(orders - 1)]
 
 
-def load_movielens(window: int = ML_WINDOW, tie_orders: int = ML_TIE_ORDERS) -> QualityData:
+def load_movielens(split: MovieLensSplit = MovieLensSplit()) -> QualityData:
     """Leave-one-out by time per user; item ids by descending frequency from 3 (as Categorify).
-    `window`: the sequence length T (training histories cut into windows of T, inputs the last T).
-    `tie_orders` > 1: the training windows are written that many times, the ratings that share a
-    timestamp in a different random order each time (validation and test keep the file's order)."""
+    `split.window`: the sequence length T (training histories cut into windows of T, inputs the last T).
+    `split.tie_orders` > 1: the training windows are written that many times, the ratings that share a
+    timestamp in a different random order each time (validation and test keep the file's order).
+    `split.holdout_shift` > 0: each user's last that many ratings are dropped first, so validation
+    and test are the ratings that many places earlier (the real test items are then never read)."""
     import scipy.sparse as sp
     import torch
 
     from raytr.features import FIRST_ITEM_ID, FeatureSpec
 
+    window, tie_orders, holdout_shift = split.window, split.tie_orders, split.holdout_shift
     frame = movielens_interactions()
     counts = frame["item_id"].value_counts()
     ids = {raw: FIRST_ITEM_ID + i for i, raw in enumerate(counts.index)}
@@ -286,6 +305,8 @@ def load_movielens(window: int = ML_WINDOW, tie_orders: int = ML_TIE_ORDERS) -> 
     # Stable by time: a user's ratings with equal timestamps keep the file's order (as RecBole does;
     # breaking ties by item id would order them by popularity, a pattern models could learn).
     frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
+    if holdout_shift:
+        frame = frame[frame.groupby("user_id").cumcount(ascending=False) >= holdout_shift]
     V = FIRST_ITEM_ID + len(ids)
     spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=V, max_sequence_length=window)
     train_windows, file_order_windows, valid_rows, test_rows, valid_hist, test_hist = [], [], [], [], [], []
@@ -315,7 +336,7 @@ def load_movielens(window: int = ML_WINDOW, tie_orders: int = ML_TIE_ORDERS) -> 
         m.data[:] = 1.0
         return m
 
-    split_dir = DATA_DIR / "quality" / f"ml-100k-split-t{window}-o{tie_orders}"
+    split_dir = DATA_DIR / "quality" / (f"ml-100k-split-t{window}-o{tie_orders}" + (f"-s{holdout_shift}" * bool(holdout_shift)))
     train_path = _write_sessions(split_dir / "train.parquet", train_windows)
     file_order_path = (train_path if tie_orders == 1  # the same windows: not written twice
                        else _write_sessions(split_dir / "train-file-order.parquet", file_order_windows))
@@ -324,11 +345,13 @@ def load_movielens(window: int = ML_WINDOW, tie_orders: int = ML_TIE_ORDERS) -> 
         EvalSet("second-to-last item per user", sessions=padded(valid_rows), history=history(valid_hist)),
         EvalSet("last item per user", sessions=padded(test_rows), history=history(test_hist)),
         exclude_seen=True,
-        protocol=f"leave-one-out by time per user (last = test, second-to-last = validation); training "
+        protocol=(f"each user's last {holdout_shift} rating(s) dropped, then " if holdout_shift else "") +
+                 f"leave-one-out by time per user (last = test, second-to-last = validation); training "
                  f"histories cut into windows of {window} from the end, for the neural models in {tie_orders} "
                  f"orders of same-second ratings; items already rated excluded",
         stats={"users": len(test_rows), "items": V - FIRST_ITEM_ID, "interactions": int(len(frame)),
-               "train_windows": len(file_order_windows), "tie_orders": tie_orders},
+               "train_windows": len(file_order_windows), "tie_orders": tie_orders}
+              | ({"holdout_shift": holdout_shift} if holdout_shift else {}),
         baseline_paths=[file_order_path])
 
 
@@ -483,9 +506,9 @@ def tuned_hyper(base: Hyper, dataset: str, model: str, use_tuned: bool = True) -
     return replace(base, **tuned_point(dataset, model, use_tuned))
 
 
-def load_data(name: str, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS) -> QualityData:
+def load_data(name: str, ml: MovieLensSplit = MovieLensSplit()) -> QualityData:
     if name == "ml-100k":
-        return load_movielens(ml_window, ml_tie_orders)
+        return load_movielens(ml)
     return load_synthetic() if name == "synthetic" else load_yoochoose()
 
 
@@ -498,8 +521,7 @@ class SearchTrial:
     hp: Hyper
     epochs: int
     work: Path
-    ml_window: int
-    ml_tie_orders: int
+    ml: MovieLensSplit
     threads: int
 
 
@@ -509,7 +531,7 @@ def run_search_trial(trial: SearchTrial) -> dict[str, Any]:
 
     setup_logging()
     torch.set_num_threads(trial.threads)
-    data = load_data(trial.dataset, trial.ml_window, trial.ml_tie_orders)
+    data = load_data(trial.dataset, trial.ml)
     body, objective = NEURAL_MODELS[trial.model]
     res = run_neural(data, trial.model, body, objective, trial.epochs, trial.work, trial.hp, score_test=False)
     log.info("search %s %s %s: best epoch %d, valid %s %.4f", trial.dataset, trial.model, asdict(trial.hp),
@@ -520,8 +542,8 @@ def run_search_trial(trial: SearchTrial) -> dict[str, Any]:
 
 
 def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]], epochs: int, work_root: Path,
-                   base: Hyper = Hyper(), jobs: int = 1, threads: int = 1, ml_window: int = ML_WINDOW,
-                   ml_tie_orders: int = ML_TIE_ORDERS, use_tuned: bool = True,
+                   base: Hyper = Hyper(), jobs: int = 1, threads: int = 1,
+                   ml: MovieLensSplit = MovieLensSplit(), use_tuned: bool = True,
                    earlier: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Every model at every point of `grid` (Hyper field -> values), `jobs` trials at a time, each
     model's epoch chosen on validation as in the evaluation; per model the point with the best
@@ -530,13 +552,13 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     that one of the `earlier` searches already ran (same model, hyperparameters, epochs and data)
     is taken from it, marked `reused`, instead of trained again. The test set is not touched."""
     started, load0 = time.perf_counter(), load_average()
-    load_data(name, ml_window, ml_tie_orders)  # written once here, before the workers read it
+    load_data(name, ml)  # written once here, before the workers read it
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     bases = {model: tuned_hyper(base, name, model, use_tuned) for model in models}
     trials = [SearchTrial(name, model, replace(bases[model], **point), epochs, work_root / name / f"{model}-{i}",
-                          ml_window, ml_tie_orders, threads)
+                          ml, threads)
               for model in models for i, point in enumerate(points)]
-    data_key = _data_key(name, ml_window, ml_tie_orders)
+    data_key = _data_key(name, ml)
     done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], e.get("data", _data_key(name))):
             {**r, "reused": e["measured"]}
             for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
@@ -561,9 +583,9 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
             "measured": timestamp(), "code": code_version(), "load_before": load0, "load_after": load_average()}
 
 
-def _data_key(name: str, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS) -> dict[str, Any]:
+def _data_key(name: str, ml: MovieLensSplit = MovieLensSplit()) -> dict[str, Any]:
     """The data options a dataset's trials depend on (a search that recorded none used the defaults)."""
-    return {"ml_window": ml_window, "ml_tie_orders": ml_tie_orders} if name == "ml-100k" else {}
+    return ml.key() if name == "ml-100k" else {}
 
 
 def _trial_key(model: str, hyperparameters: dict[str, Any], epochs: int, data: dict[str, Any] | None) -> str:
@@ -599,13 +621,13 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 
 def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, incremental: bool,
-                models: tuple[str, ...] | None = None, ml_window: int = ML_WINDOW, ml_tie_orders: int = ML_TIE_ORDERS,
+                models: tuple[str, ...] | None = None, ml: MovieLensSplit = MovieLensSplit(),
                 hp: Hyper = Hyper(), use_tuned: bool = True) -> dict[str, Any]:
     """Baselines and neural models on one dataset; each neural model with `hp`, updated by what
     `--search` chose for it (TUNED) unless `use_tuned` is False."""
     started = time.perf_counter()
     load0 = load_average()
-    data = load_data(name, ml_window, ml_tie_orders)
+    data = load_data(name, ml)
     work = work_root / name
     results: dict[str, Any] = run_baselines(data)
     log.info("%s baselines: %s", name, {k: round(v["test"][SELECT_BY], 4) for k, v in results.items()})
@@ -704,6 +726,9 @@ def main(argv=None) -> int:
     p.add_argument("--ml-window", type=int, default=ML_WINDOW, help="MovieLens sequence length T")
     p.add_argument("--ml-tie-orders", type=int, default=ML_TIE_ORDERS,
                    help="MovieLens: write the training windows in this many orders of same-second ratings")
+    p.add_argument("--ml-holdout-shift", type=int, default=0, metavar="N",
+                   help="MovieLens: drop each user's last N ratings first, so validation and test are N places "
+                        "earlier (a check on other positions that never reads the real test items)")
     p.add_argument("--dropout", type=float, default=Hyper.dropout, help="dropout of the neural models")
     p.add_argument("--d-model", type=int, default=Hyper.d_model)
     p.add_argument("--n-layers", type=int, default=Hyper.n_layers)
@@ -739,6 +764,9 @@ def main(argv=None) -> int:
         unknown = [m for m in models or () if m not in NEURAL_MODELS]
         if unknown:
             raise ValueError(f"--models: unknown {unknown}; known: {list(NEURAL_MODELS)}")
+        if args.ml_holdout_shift < 0:
+            raise ValueError(f"--ml-holdout-shift {args.ml_holdout_shift}: expected >= 0")
+        ml_split = MovieLensSplit(args.ml_window, args.ml_tie_orders, args.ml_holdout_shift)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -749,13 +777,14 @@ def main(argv=None) -> int:
                      batch_size=batches[name], seed=args.seed)
 
     if grid:
-        return run_search(args, names, models or SEARCH_MODELS, grid, epochs, base_hyper, started, load_before)
+        return run_search(args, names, models or SEARCH_MODELS, grid, epochs, base_hyper, ml_split, started,
+                          load_before)
     args.output = args.output or "quality"
     results = []
     for name in names:
         res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work" / args.output,
-                          incremental=not args.no_incremental, models=models, ml_window=args.ml_window,
-                          ml_tie_orders=args.ml_tie_orders, hp=base_hyper(name), use_tuned=not args.untuned)
+                          incremental=not args.no_incremental, models=models, ml=ml_split,
+                          hp=base_hyper(name), use_tuned=not args.untuned)
         print_dataset(res)
         results.append(res)
     if ray.is_initialized():
@@ -783,7 +812,8 @@ def main(argv=None) -> int:
 
 
 def run_search(args: argparse.Namespace, names: list[str], models: tuple[str, ...], grid: dict[str, list[Any]],
-               epochs: dict[str, int], base_hyper, started: float, load_before: list[float]) -> int:
+               epochs: dict[str, int], base_hyper, ml_split: MovieLensSplit, started: float,
+               load_before: list[float]) -> int:
     """`--search`: the grid on each dataset's validation set; with --merge added to the earlier
     searches in the result (`merge_searches`) and reusing their trials."""
     output = args.output or "quality-search"
@@ -791,8 +821,8 @@ def run_search(args: argparse.Namespace, names: list[str], models: tuple[str, ..
     results = []
     for name in names:
         res = search_dataset(name, models, grid, epochs[name], DATA_DIR / "quality" / "work" / output,
-                             base_hyper(name), jobs=args.jobs, threads=args.threads, ml_window=args.ml_window,
-                             ml_tie_orders=args.ml_tie_orders, use_tuned=not args.untuned, earlier=earlier)
+                             base_hyper(name), jobs=args.jobs, threads=args.threads, ml=ml_split,
+                             use_tuned=not args.untuned, earlier=earlier)
         print(f"\n{name}: validation {SELECT_BY} per trial ({res['seconds']:.0f}s)")
         for r in res["trials"]:
             point = ", ".join(f"{k}={r['hyperparameters'][k]}" for k in grid)

@@ -384,44 +384,54 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def quality_table(ds: dict[str, Any], title: str) -> list[str]:
+    """One dataset's run of bench/quality.py: protocol, every model's choice and test metrics, and
+    whether the transformer chosen on validation beats every baseline."""
+    metrics = ("ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr@20")
+    out = [f"#### {title}", "", f"Protocol: {ds['protocol']}. Data: " +
+            ", ".join(f"{k} {fmt(v) if not isinstance(v, dict) else ''}".strip() for k, v in ds["stats"].items()
+                      if k != "directory" and not isinstance(v, dict)) +
+            f". Wall time {ds['seconds']:.0f}s of a {ds['budget_s']:.0f}s budget, at most "
+            f"{ds['epochs_max']} epochs per model" +
+            (f"; measured {measured_label(ds)}, load {ds.get('load_before', ['?'])[0]} at the start"
+             if ds.get("measured") else "") + ".", ""]
+    best = {m: max(r["test"][m] for r in ds["models"].values()) for m in metrics}
+    body = []
+    for name, r in ds["models"].items():
+        choice = ", ".join(f"{k} {v}" for k, v in r.get("choice", {}).items())
+        if r.get("choice", {}).get("epochs") == ds["epochs_max"]:
+            choice += " (cap)"
+        cells = [f"**{r['test'][m]:.4f}**" if r["test"][m] == best[m] else f"{r['test'][m]:.4f}" for m in metrics]
+        body.append([name, choice, f"{r['valid']['ndcg@20']:.4f}", *cells,
+                     fmt(r.get("train_seconds", r.get("seconds")), 0)])
+    out += table(["model", "chosen on validation", "valid NDCG@20", *[f"test {m.upper()}" for m in metrics],
+                  "train s"], body)
+    s = ds.get("summary") or {}
+    if s:
+        verdict = "beats" if s["beats_every_baseline"] else "does **not** beat"
+        n = s["best_test"].get("sessions")
+        # A recall is hits / sessions: say how many test sessions a recall gap amounts to.
+        losses = [f"{m.upper()}: {s['best_transformer']} {s['best_test'][m]:.4f} vs {b} {v:.4f}" + (
+                  f" ({round((v - s['best_test'][m]) * n)} of {n:,} test sessions)"
+                  if n and m.startswith("recall") else "")
+                  for m, (v, b) in s["best_baseline_test"].items() if v >= s["best_test"][m]]
+        out += ["", f"The best transformer on validation, **{s['best_transformer']}**, {verdict} every baseline "
+                    f"(popularity, item-kNN, GRU) on every test metric." + (
+                    " Where it loses: " + "; ".join(losses) + "." if losses else "")]
+    return out
+
+
 def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] = (),
-                    search: dict[str, Any] | None = None) -> list[str]:
+                    search: dict[str, Any] | None = None, shifted: list[dict[str, Any]] = ()) -> list[str]:
+    """Every dataset of quality.json; with MovieLens the seed spread, the searches and the runs
+    evaluated on earlier held-out ratings (`shifted`: quality-ml-shift*.json)."""
     title = "### Recommendation quality"
     if res is None:
         return [title, "", "Not measured: `python bench/quality.py`.", ""]
     out = [title, "", machine_line(res), "", *[f"- {n}" for n in res.get("notes", [])], ""]
-    metrics = ("ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr@20")
     for ds in res["datasets"]:
-        out += [f"#### {ds['dataset']}", "", f"Protocol: {ds['protocol']}. Data: " +
-                ", ".join(f"{k} {fmt(v) if not isinstance(v, dict) else ''}".strip() for k, v in ds["stats"].items()
-                          if k != "directory" and not isinstance(v, dict)) +
-                f". Wall time {ds['seconds']:.0f}s of a {ds['budget_s']:.0f}s budget, at most "
-                f"{ds['epochs_max']} epochs per model" +
-                (f"; measured {measured_label(ds)}, load {ds.get('load_before', ['?'])[0]} at the start"
-                 if ds.get("measured") else "") + ".", ""]
-        best = {m: max(r["test"][m] for r in ds["models"].values()) for m in metrics}
-        body = []
-        for name, r in ds["models"].items():
-            choice = ", ".join(f"{k} {v}" for k, v in r.get("choice", {}).items())
-            if r.get("choice", {}).get("epochs") == ds["epochs_max"]:
-                choice += " (cap)"
-            cells = [f"**{r['test'][m]:.4f}**" if r["test"][m] == best[m] else f"{r['test'][m]:.4f}" for m in metrics]
-            body.append([name, choice, f"{r['valid']['ndcg@20']:.4f}", *cells,
-                         fmt(r.get("train_seconds", r.get("seconds")), 0)])
-        out += table(["model", "chosen on validation", "valid NDCG@20", *[f"test {m.upper()}" for m in metrics],
-                      "train s"], body)
-        s = ds.get("summary") or {}
-        if s:
-            verdict = "beats" if s["beats_every_baseline"] else "does **not** beat"
-            n = s["best_test"].get("sessions")
-            # A recall is hits / sessions: say how many test sessions a recall gap amounts to.
-            losses = [f"{m.upper()}: {s['best_transformer']} {s['best_test'][m]:.4f} vs {b} {v:.4f}" + (
-                      f" ({round((v - s['best_test'][m]) * n)} of {n:,} test sessions)"
-                      if n and m.startswith("recall") else "")
-                      for m, (v, b) in s["best_baseline_test"].items() if v >= s["best_test"][m]]
-            out += ["", f"The best transformer on validation, **{s['best_transformer']}**, {verdict} every baseline "
-                        f"(popularity, item-kNN, GRU) on every test metric." + (
-                        " Where it loses: " + "; ".join(losses) + "." if losses else "")]
+        out += quality_table(ds, ds["dataset"])
+        if ds.get("summary"):
             out += seed_spread(ds, list(seed_runs))
         out += search_table(ds["dataset"], search)
         capped = [n for n, r in ds["models"].items() if r.get("choice", {}).get("epochs") == ds["epochs_max"]]
@@ -459,6 +469,10 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
         elif inc:
             out += ["", f"Day windows: {inc.get('skipped', 'not run')}."]
         out += [""]
+        for other in (d for run in shifted for d in run["datasets"] if d["dataset"] == ds["dataset"]):
+            n = other["stats"].get("holdout_shift", 0)
+            out += quality_table(other, f"{ds['dataset']}, validation and test {n} rating(s) earlier "
+                                        f"(`--ml-holdout-shift {n}`)") + [""]
     plt = _plt()
     fig, axes = plt.subplots(1, len(res["datasets"]), figsize=(4.2 * len(res["datasets"]), 3.4), squeeze=False)
     for ax, ds in zip(axes[0], res["datasets"]):
@@ -680,7 +694,8 @@ def main() -> int:
               ""]
     lines += section_prepare(load("prepare"))
     lines += ["## Quality", ""] + section_quality(load("quality"), [
-        json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-seed*.json"))], load("quality-search"))
+        json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-seed*.json"))], load("quality-search"),
+        [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-ml-shift*.json"))])
     lines += ["## Serving", ""] + section_serve(load("serve"))
     lines += ["## Profiles", ""] + section_profile_gpu(load("profile-cuda"), load("profile-cuda-unaligned"))
     lines += section_head_kernels(load("head-kernels-cuda"))

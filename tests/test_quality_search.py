@@ -114,3 +114,58 @@ def test_a_trial_an_earlier_search_ran_is_reused_not_trained_again(tmp_path, mon
     reused = second["trials"][1]
     assert reused["reused"] == first["measured"] and reused["valid"] == first["trials"][0]["valid"]
     assert second["chosen"] == {"gru": {"learning_rate": 1e-2}}
+
+
+def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(tmp_path, monkeypatch):
+    """With shift 1 each user's last rating is never read: the shifted test set is the unshifted
+    validation set (inputs, targets and the history excluded from the ranking alike)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame([(user, int(item), int(t)) for user in range(1, 9)
+                          for t, item in enumerate(rng.choice(np.arange(1, 40), size=12, replace=False))],
+                         columns=["user_id", "item_id", "timestamp"])
+    monkeypatch.setattr(quality, "movielens_interactions", lambda: frame.copy())
+    monkeypatch.setattr(quality, "DATA_DIR", tmp_path)
+    plain = quality.load_movielens(quality.MovieLensSplit(window=6, tie_orders=1))
+    shifted = quality.load_movielens(quality.MovieLensSplit(window=6, tie_orders=1, holdout_shift=1))
+    assert torch.equal(shifted.test.sessions, plain.valid.sessions)
+    assert (shifted.test.history != plain.valid.history).nnz == 0
+    import pyarrow.parquet as pq
+
+    train = np.concatenate(pq.read_table(shifted.train_paths[0]).column(ITEM_COLUMN).to_numpy(zero_copy_only=False))
+    assert plain.test.sessions.shape == shifted.test.sessions.shape == (8, 6)
+    # the dropped ratings appear nowhere: not as an input, a target or a training event
+    assert shifted.stats["interactions"] == len(frame) - 8 and shifted.stats["holdout_shift"] == 1
+    dropped = plain.test.sessions[torch.arange(8), (plain.test.sessions > 0).sum(1) - 1]
+    for user in range(8):
+        assert dropped[user] not in shifted.test.sessions[user] and dropped[user] not in shifted.valid.sessions[user]
+    assert len(train) == sum(12 - 3 for _ in range(8))
+    assert quality.MovieLensSplit().key() == {"ml_window": quality.ML_WINDOW, "ml_tie_orders": quality.ML_TIE_ORDERS}
+    assert quality.MovieLensSplit(holdout_shift=2).key()["ml_holdout_shift"] == 2
+
+
+def _quality_run(shift: int, transformer: float, knn: float) -> dict:
+    def scores(v: float) -> dict:
+        return {m: v for m in quality.REPORTED} | {"sessions": 943}
+
+    models = {"item_knn": {"valid": scores(knn), "test": scores(knn), "choice": {"recency_decay": 0.5}},
+              "xlnet-clm": {"valid": scores(transformer), "test": scores(transformer), "choice": {"epochs": 7}}}
+    beats = {m: {"item_knn": transformer > knn} for m in quality.REPORTED}
+    summary = {"best_transformer": "xlnet-clm", "beats_every_baseline": transformer > knn, "beats": beats,
+               "best_test": scores(transformer), "best_baseline_test": {m: (knn, "item_knn") for m in quality.REPORTED}}
+    stats = {"users": 943} | ({"holdout_shift": shift} if shift else {})
+    return {"datasets": [{"dataset": "ml-100k", "protocol": "leave-one-out", "stats": stats, "seconds": 10.0,
+                          "budget_s": 60.0, "epochs_max": 40, "models": models, "summary": summary}]}
+
+
+def test_the_report_shows_movielens_on_earlier_held_out_ratings_beside_the_standard_split(tmp_path, monkeypatch):
+    from bench import report
+
+    monkeypatch.setattr(report, "FIGURES", tmp_path)
+    lines = report.section_quality(_quality_run(0, 0.14, 0.143), shifted=[_quality_run(1, 0.16, 0.141)])
+    text = "\n".join(lines)
+    shifted_at = text.index("#### ml-100k, validation and test 1 rating(s) earlier (`--ml-holdout-shift 1`)")
+    assert text.index("does **not** beat every baseline") < shifted_at
+    assert "**xlnet-clm**, beats every baseline" in text[shifted_at:]
+    assert (tmp_path / "quality.png").exists()
