@@ -273,6 +273,27 @@ def movielens_interactions() -> Any:
     return frame
 
 
+def movielens_position_stats(frame: Any, places: int = 4) -> list[dict[str, float]]:
+    """What the held-out ratings at each place from the end look like (place 1: the standard test,
+    2: the standard validation and the test of `--ml-holdout-shift 1`, ...): their items' count in
+    the training data of that split (the ratings before the place's validation), days since the
+    item's first rating, the share tied with the previous rating's second, and the mean rating."""
+    frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
+    place = frame.groupby("user_id").cumcount(ascending=False) + 1
+    first_rated = frame.groupby("item_id")["timestamp"].min()
+    out = []
+    for k in range(1, places + 1):
+        target = frame[place == k]
+        previous = frame[place == k + 1].set_index("user_id")["timestamp"].reindex(target["user_id"]).to_numpy()
+        counts = frame[place > k + 1]["item_id"].value_counts().reindex(target["item_id"]).fillna(0).to_numpy()
+        age = (target["timestamp"].to_numpy() - first_rated.reindex(target["item_id"]).to_numpy()) / 86400
+        out.append({"place": k, "median_train_count": float(np.median(counts)),
+                    "median_age_days": float(np.median(age)),
+                    "tied_with_previous": float(np.mean(target["timestamp"].to_numpy() == previous)),
+                    "mean_rating": float(target["rating"].mean())})
+    return out
+
+
 def _windows(seq: np.ndarray, window: int) -> list[np.ndarray]:
     """`seq` cut into windows of `window` from the end, each with >= 2 events."""
     parts = [seq[max(0, end - window): end] for end in range(len(seq), 1, -window)]
@@ -336,7 +357,8 @@ def load_movielens(split: MovieLensSplit = MovieLensSplit()) -> QualityData:
         m.data[:] = 1.0
         return m
 
-    split_dir = DATA_DIR / "quality" / (f"ml-100k-split-t{window}-o{tie_orders}" + (f"-s{holdout_shift}" * bool(holdout_shift)))
+    shift = f"-s{holdout_shift}" if holdout_shift else ""
+    split_dir = DATA_DIR / "quality" / f"ml-100k-split-t{window}-o{tie_orders}{shift}"
     train_path = _write_sessions(split_dir / "train.parquet", train_windows)
     file_order_path = (train_path if tie_orders == 1  # the same windows: not written twice
                        else _write_sessions(split_dir / "train-file-order.parquet", file_order_windows))
@@ -729,6 +751,8 @@ def main(argv=None) -> int:
     p.add_argument("--ml-holdout-shift", type=int, default=0, metavar="N",
                    help="MovieLens: drop each user's last N ratings first, so validation and test are N places "
                         "earlier (a check on other positions that never reads the real test items)")
+    p.add_argument("--ml-position-stats", action="store_true",
+                   help="print what MovieLens's held-out ratings look like at each place from the end, and exit")
     p.add_argument("--dropout", type=float, default=Hyper.dropout, help="dropout of the neural models")
     p.add_argument("--d-model", type=int, default=Hyper.d_model)
     p.add_argument("--n-layers", type=int, default=Hyper.n_layers)
@@ -776,6 +800,13 @@ def main(argv=None) -> int:
                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, learning_rate=args.lr,
                      batch_size=batches[name], seed=args.seed)
 
+    if args.ml_position_stats:
+        print(f"{'place from the end':>18} {'median train count':>18} {'median age days':>15} {'tied':>6} "
+              f"{'mean rating':>11}")
+        for row in movielens_position_stats(movielens_interactions()):
+            print(f"{row['place']:>18} {row['median_train_count']:>18.0f} {row['median_age_days']:>15.0f} "
+                  f"{row['tied_with_previous']:>6.3f} {row['mean_rating']:>11.2f}")
+        return 0
     if grid:
         return run_search(args, names, models or SEARCH_MODELS, grid, epochs, base_hyper, ml_split, started,
                           load_before)

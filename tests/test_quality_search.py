@@ -169,3 +169,24 @@ def test_the_report_shows_movielens_on_earlier_held_out_ratings_beside_the_stand
     assert text.index("does **not** beat every baseline") < shifted_at
     assert "**xlnet-clm**, beats every baseline" in text[shifted_at:]
     assert (tmp_path / "quality.png").exists()
+
+
+def test_movielens_position_stats_describe_the_held_out_rating_at_each_place_from_the_end():
+    import pandas as pd
+
+    day = 86400
+    # user 1 rates 10, 11, 12, 13 (12 and 13 in the same second); user 2 rates 11, 10, 13, 12;
+    # user 3 rates 13, 12, 10, 11 (all within seconds)
+    frame = pd.DataFrame({"user_id": [1] * 4 + [2] * 4 + [3] * 4,
+                          "item_id": [10, 11, 12, 13, 11, 10, 13, 12, 13, 12, 10, 11],
+                          "timestamp": [0, day, 2 * day, 2 * day, 0, 1, 2, 3 * day, 0, 1, 2, 3],
+                          "rating": [1, 2, 3, 4, 5, 4, 3, 2, 1, 1, 1, 5]})
+    users_reversed = pd.concat([frame[frame["user_id"] == u] for u in (3, 2, 1)])  # ties keep the file's order
+    last, second = quality.movielens_position_stats(users_reversed, places=2)
+    # last ratings 13, 12, 11; counted in what precedes each user's validation: 10, 11 | 11, 10 | 13, 12
+    assert last["median_train_count"] == 1.0
+    assert last["median_age_days"] == pytest.approx(2.0)  # 13 first rated at 0, rated by user 1 at day 2
+    assert last["tied_with_previous"] == pytest.approx(1 / 3) and last["mean_rating"] == pytest.approx(11 / 3)
+    # second-to-last 12, 13, 10; counted in the first rating of each user (10, 11, 13)
+    assert second["place"] == 2 and second["median_train_count"] == 1.0
+    assert second["mean_rating"] == pytest.approx(7 / 3)
