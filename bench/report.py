@@ -322,7 +322,8 @@ def section_prepare(res: dict[str, Any] | None) -> list[str]:
 
 
 def seed_spread(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[str]:
-    """The chosen transformer of `ds` retrained with other seeds (quality-seed*.json: same
+    """The chosen transformer of `ds` retrained with other seeds (quality-seed*.json, and
+    quality-ml-shift<N>-seed*.json for a shifted MovieLens split: same data split and
     hyperparameters, epoch chosen on validation again): its test metrics per seed, their mean and
     spread, against the best baseline of each metric."""
     s = ds.get("summary") or {}
@@ -334,7 +335,8 @@ def seed_spread(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[str
     for res in seed_runs:
         for other in res["datasets"]:
             r = other["models"].get(name)
-            if other["dataset"] == ds["dataset"] and r is not None and all(
+            same_split = other["stats"].get("holdout_shift", 0) == ds["stats"].get("holdout_shift", 0)
+            if other["dataset"] == ds["dataset"] and same_split and r is not None and all(
                     r["hyperparameters"][k] == v for k, v in main["hyperparameters"].items() if k != "seed"):
                 runs.append(r)
     if len(runs) < 2:
@@ -472,7 +474,7 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
         for other in (d for run in shifted for d in run["datasets"] if d["dataset"] == ds["dataset"]):
             n = other["stats"].get("holdout_shift", 0)
             out += quality_table(other, f"{ds['dataset']}, validation and test {n} rating(s) earlier "
-                                        f"(`--ml-holdout-shift {n}`)") + [""]
+                                        f"(`--ml-holdout-shift {n}`)") + seed_spread(other, list(seed_runs)) + [""]
     plt = _plt()
     fig, axes = plt.subplots(1, len(res["datasets"]), figsize=(4.2 * len(res["datasets"]), 3.4), squeeze=False)
     for ax, ds in zip(axes[0], res["datasets"]):
@@ -694,8 +696,10 @@ def main() -> int:
               ""]
     lines += section_prepare(load("prepare"))
     lines += ["## Quality", ""] + section_quality(load("quality"), [
-        json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-seed*.json"))], load("quality-search"),
-        [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-ml-shift*.json"))])
+        json.loads(p.read_text()) for p in sorted([*RESULTS.glob("quality-seed*.json"),
+                                                   *RESULTS.glob("quality-ml-shift*-seed*.json")])],
+        load("quality-search"),
+        [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-ml-shift*.json")) if "-seed" not in p.name])
     lines += ["## Serving", ""] + section_serve(load("serve"))
     lines += ["## Profiles", ""] + section_profile_gpu(load("profile-cuda"), load("profile-cuda-unaligned"))
     lines += section_head_kernels(load("head-kernels-cuda"))

@@ -145,12 +145,13 @@ def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(
     assert quality.MovieLensSplit(holdout_shift=2).key()["ml_holdout_shift"] == 2
 
 
-def _quality_run(shift: int, transformer: float, knn: float) -> dict:
+def _quality_run(shift: int, transformer: float, knn: float, seed: int = 0) -> dict:
     def scores(v: float) -> dict:
         return {m: v for m in quality.REPORTED} | {"sessions": 943}
 
     models = {"item_knn": {"valid": scores(knn), "test": scores(knn), "choice": {"recency_decay": 0.5}},
-              "xlnet-clm": {"valid": scores(transformer), "test": scores(transformer), "choice": {"epochs": 7}}}
+              "xlnet-clm": {"valid": scores(transformer), "test": scores(transformer), "choice": {"epochs": 7},
+                            "hyperparameters": {"d_model": 64, "seed": seed}}}
     beats = {m: {"item_knn": transformer > knn} for m in quality.REPORTED}
     summary = {"best_transformer": "xlnet-clm", "beats_every_baseline": transformer > knn, "beats": beats,
                "best_test": scores(transformer), "best_baseline_test": {m: (knn, "item_knn") for m in quality.REPORTED}}
@@ -163,11 +164,15 @@ def test_the_report_shows_movielens_on_earlier_held_out_ratings_beside_the_stand
     from bench import report
 
     monkeypatch.setattr(report, "FIGURES", tmp_path)
-    lines = report.section_quality(_quality_run(0, 0.14, 0.143), shifted=[_quality_run(1, 0.16, 0.141)])
+    seeds = [_quality_run(0, 0.145, 0.143, seed=1), _quality_run(1, 0.162, 0.141, seed=1)]
+    lines = report.section_quality(_quality_run(0, 0.14, 0.143), seeds, shifted=[_quality_run(1, 0.16, 0.141)])
     text = "\n".join(lines)
     shifted_at = text.index("#### ml-100k, validation and test 1 rating(s) earlier (`--ml-holdout-shift 1`)")
-    assert text.index("does **not** beat every baseline") < shifted_at
-    assert "**xlnet-clm**, beats every baseline" in text[shifted_at:]
+    standard, shifted = text[:shifted_at], text[shifted_at:]
+    assert "does **not** beat every baseline" in standard and "**xlnet-clm**, beats every baseline" in shifted
+    # each split's seed spread holds its own seeds only
+    assert "| 1 | 7 | 0.1450 | 0.1450 |" in standard and "0.1620" not in standard
+    assert "| 1 | 7 | 0.1620 | 0.1620 |" in shifted and "0.1450" not in shifted
     assert (tmp_path / "quality.png").exists()
 
 
