@@ -717,6 +717,12 @@ def print_dataset(res: dict[str, Any]) -> None:
         print(f"skipped (budget): {res['skipped_for_budget']}")
 
 
+def default_output(holdout_shift: int = 0, seed: int = Hyper.seed) -> str:
+    """The result name of an evaluation: a shifted split or another seed writes beside the standard
+    results (quality.json, seed 0), never over them; report.py reads each kind by its name."""
+    return "quality" + (f"-ml-shift{holdout_shift}" if holdout_shift else "") + (f"-seed{seed}" if seed else "")
+
+
 def _check_datasets(names: list[str]) -> None:
     bad = [n for n in names if n not in DATASETS]
     if bad:
@@ -769,7 +775,9 @@ def main(argv=None) -> int:
                    help="search these hyperparameters on validation instead of evaluating (repeat for a grid; "
                         f"models: --models, default {list(SEARCH_MODELS)}); writes results/quality-search.json")
     p.add_argument("--jobs", type=int, default=1, help="--search: trials run side by side (each --threads threads)")
-    p.add_argument("--output", default=None, help="result name (default quality, or quality-search with --search)")
+    p.add_argument("--output", default=None,
+                   help="result name (default quality, quality-ml-shift<N> and/or -seed<S> for a shifted split or "
+                        "another seed, quality-search with --search)")
     args = p.parse_args(argv)
     setup_logging()
     import ray
@@ -790,6 +798,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--models: unknown {unknown}; known: {list(NEURAL_MODELS)}")
         if args.ml_holdout_shift < 0:
             raise ValueError(f"--ml-holdout-shift {args.ml_holdout_shift}: expected >= 0")
+        if args.ml_holdout_shift and (names != ["ml-100k"] or grid):
+            # a shifted run must not replace the standard results or searches it is a check on
+            raise ValueError("--ml-holdout-shift is an evaluation of MovieLens-100k only: use it with "
+                             "--datasets ml-100k and without --search")
         ml_split = MovieLensSplit(args.ml_window, args.ml_tie_orders, args.ml_holdout_shift)
     except ValueError as exc:
         log.error("%s", exc)
@@ -810,7 +822,7 @@ def main(argv=None) -> int:
     if grid:
         return run_search(args, names, models or SEARCH_MODELS, grid, epochs, base_hyper, ml_split, started,
                           load_before)
-    args.output = args.output or "quality"
+    args.output = args.output or default_output(args.ml_holdout_shift, args.seed)
     results = []
     for name in names:
         res = run_dataset(name, epochs[name], budgets[name] * 60, DATA_DIR / "quality" / "work" / args.output,

@@ -195,3 +195,14 @@ def test_movielens_position_stats_describe_the_held_out_rating_at_each_place_fro
     # second-to-last 12, 13, 10; counted in the first rating of each user (10, 11, 13)
     assert second["place"] == 2 and second["median_train_count"] == 1.0
     assert second["mean_rating"] == pytest.approx(7 / 3)
+
+
+def test_a_shifted_split_or_another_seed_never_writes_over_the_standard_results():
+    assert quality.default_output() == "quality"
+    assert quality.default_output(seed=2) == "quality-seed2"
+    assert quality.default_output(holdout_shift=1) == "quality-ml-shift1"
+    assert quality.default_output(holdout_shift=1, seed=2) == "quality-ml-shift1-seed2"
+    # a shift applies to MovieLens evaluations only (a search would replace the standard one)
+    assert quality.main(["--datasets", "synthetic", "--ml-holdout-shift", "1"]) == 2
+    assert quality.main(["--datasets", "ml-100k", "--ml-holdout-shift", "1", "--search", "dropout=0.1"]) == 2
+    assert quality.main(["--datasets", "ml-100k", "--ml-holdout-shift", "-1"]) == 2
