@@ -432,9 +432,7 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
         return [title, "", "Not measured: `python bench/quality.py`.", ""]
     out = [title, "", machine_line(res), "", *[f"- {n}" for n in res.get("notes", [])], ""]
     for ds in res["datasets"]:
-        out += quality_table(ds, ds["dataset"])
-        if ds.get("summary"):
-            out += seed_spread(ds, list(seed_runs))
+        out += quality_table(ds, ds["dataset"]) + seed_spread(ds, list(seed_runs))
         out += search_table(ds["dataset"], search)
         capped = [n for n, r in ds["models"].items() if r.get("choice", {}).get("epochs") == ds["epochs_max"]]
         if capped:
@@ -696,9 +694,7 @@ def main() -> int:
               ""]
     lines += section_prepare(load("prepare"))
     lines += ["## Quality", ""] + section_quality(load("quality"), [
-        json.loads(p.read_text()) for p in sorted([*RESULTS.glob("quality-seed*.json"),
-                                                   *RESULTS.glob("quality-ml-shift*-seed*.json")])],
-        load("quality-search"),
+        json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality*-seed*.json"))], load("quality-search"),
         [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-ml-shift*.json")) if "-seed" not in p.name])
     lines += ["## Serving", ""] + section_serve(load("serve"))
     lines += ["## Profiles", ""] + section_profile_gpu(load("profile-cuda"), load("profile-cuda-unaligned"))

@@ -120,6 +120,7 @@ def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(
     """With shift 1 each user's last rating is never read: the shifted test set is the unshifted
     validation set (inputs, targets and the history excluded from the ranking alike)."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
     frame = pd.DataFrame([(user, int(item), int(t)) for user in range(1, 9)
@@ -131,8 +132,6 @@ def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(
     shifted = quality.load_movielens(quality.MovieLensSplit(window=6, tie_orders=1, holdout_shift=1))
     assert torch.equal(shifted.test.sessions, plain.valid.sessions)
     assert (shifted.test.history != plain.valid.history).nnz == 0
-    import pyarrow.parquet as pq
-
     train = np.concatenate(pq.read_table(shifted.train_paths[0]).column(ITEM_COLUMN).to_numpy(zero_copy_only=False))
     assert plain.test.sessions.shape == shifted.test.sessions.shape == (8, 6)
     # the dropped ratings appear nowhere: not as an input, a target or a training event
@@ -140,7 +139,7 @@ def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(
     dropped = plain.test.sessions[torch.arange(8), (plain.test.sessions > 0).sum(1) - 1]
     for user in range(8):
         assert dropped[user] not in shifted.test.sessions[user] and dropped[user] not in shifted.valid.sessions[user]
-    assert len(train) == sum(12 - 3 for _ in range(8))
+    assert len(train) == 8 * (12 - 3)  # each user's 12 ratings less the dropped, validation and test ones
     assert quality.MovieLensSplit().key() == {"ml_window": quality.ML_WINDOW, "ml_tie_orders": quality.ML_TIE_ORDERS}
     assert quality.MovieLensSplit(holdout_shift=2).key()["ml_holdout_shift"] == 2
 
