@@ -323,7 +323,7 @@ def section_prepare(res: dict[str, Any] | None) -> list[str]:
 
 def seed_spread(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[str]:
     """The chosen transformer of `ds` retrained with other seeds (quality-seed*.json, and
-    quality-ml-shift<N>-seed*.json for a shifted MovieLens split: same data split and
+    quality-ml-<variant>-seed*.json for a MovieLens variant: same data split, refit or not, and
     hyperparameters, epoch chosen on validation again): its test metrics per seed, their mean and
     spread, against the best baseline of each metric."""
     s = ds.get("summary") or {}
@@ -335,7 +335,7 @@ def seed_spread(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[str
     for res in seed_runs:
         for other in res["datasets"]:
             r = other["models"].get(name)
-            same_split = other["stats"].get("holdout_shift", 0) == ds["stats"].get("holdout_shift", 0)
+            same_split = all(other["stats"].get(k, 0) == ds["stats"].get(k, 0) for k in ("holdout_shift", "refit"))
             if other["dataset"] == ds["dataset"] and same_split and r is not None and all(
                     r["hyperparameters"][k] == v for k, v in main["hyperparameters"].items() if k != "seed"):
                 runs.append(r)
@@ -417,16 +417,26 @@ def quality_table(ds: dict[str, Any], title: str) -> list[str]:
                   f" ({round((v - s['best_test'][m]) * n)} of {n:,} test sessions)"
                   if n and m.startswith("recall") else "")
                   for m, (v, b) in s["best_baseline_test"].items() if v >= s["best_test"][m]]
+        ran = ", ".join(label for key, label in (("popularity", "popularity"), ("item_knn", "item-kNN"), ("gru", "GRU"))
+                        if key in ds["models"])
         out += ["", f"The best transformer on validation, **{s['best_transformer']}**, {verdict} every baseline "
-                    f"(popularity, item-kNN, GRU) on every test metric." + (
+                    f"({ran}) on every test metric." + (
                     " Where it loses: " + "; ".join(losses) + "." if losses else "")]
     return out
 
 
+def movielens_variant_title(ds: dict[str, Any]) -> str:
+    """What a MovieLens variant run (quality-ml-*.json) changed: the held-out place, the refit."""
+    n = ds["stats"].get("holdout_shift", 0)
+    place = f"validation and test {n} rating(s) earlier (`--ml-holdout-shift {n}`)" if n else "the standard split"
+    refit = "" if ds["stats"].get("refit") else ", test scored without the refit (`--no-ml-refit`)"
+    return f"{ds['dataset']}, {place}{refit}"
+
+
 def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] = (),
-                    search: dict[str, Any] | None = None, shifted: list[dict[str, Any]] = ()) -> list[str]:
-    """Every dataset of quality.json; with MovieLens the seed spread, the searches and the runs
-    evaluated on earlier held-out ratings (`shifted`: quality-ml-shift*.json)."""
+                    search: dict[str, Any] | None = None, variants: list[dict[str, Any]] = ()) -> list[str]:
+    """Every dataset of quality.json; with MovieLens the seed spread, the searches and the variant
+    runs (`variants`, quality-ml-*.json: evaluated on earlier held-out ratings, or without the refit)."""
     title = "### Recommendation quality"
     if res is None:
         return [title, "", "Not measured: `python bench/quality.py`.", ""]
@@ -469,10 +479,9 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
         elif inc:
             out += ["", f"Day windows: {inc.get('skipped', 'not run')}."]
         out += [""]
-        for other in (d for run in shifted for d in run["datasets"] if d["dataset"] == ds["dataset"]):
-            n = other["stats"].get("holdout_shift", 0)
-            out += quality_table(other, f"{ds['dataset']}, validation and test {n} rating(s) earlier "
-                                        f"(`--ml-holdout-shift {n}`)") + seed_spread(other, list(seed_runs)) + [""]
+        others = [d for run in variants for d in run["datasets"] if d["dataset"] == ds["dataset"]]
+        for other in sorted(others, key=lambda d: (d["stats"].get("holdout_shift", 0), not d["stats"].get("refit"))):
+            out += quality_table(other, movielens_variant_title(other)) + seed_spread(other, list(seed_runs)) + [""]
     plt = _plt()
     fig, axes = plt.subplots(1, len(res["datasets"]), figsize=(4.2 * len(res["datasets"]), 3.4), squeeze=False)
     for ax, ds in zip(axes[0], res["datasets"]):
@@ -695,7 +704,7 @@ def main() -> int:
     lines += section_prepare(load("prepare"))
     lines += ["## Quality", ""] + section_quality(load("quality"), [
         json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality*-seed*.json"))], load("quality-search"),
-        [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-ml-shift*.json")) if "-seed" not in p.name])
+        [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-ml-*.json")) if "-seed" not in p.name])
     lines += ["## Serving", ""] + section_serve(load("serve"))
     lines += ["## Profiles", ""] + section_profile_gpu(load("profile-cuda"), load("profile-cuda-unaligned"))
     lines += section_head_kernels(load("head-kernels-cuda"))

@@ -144,7 +144,71 @@ def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(
     assert quality.MovieLensSplit(holdout_shift=2).key()["ml_holdout_shift"] == 2
 
 
-def _quality_run(shift: int, transformer: float, knn: float, seed: int = 0) -> dict:
+def test_movielens_refit_windows_add_each_users_validation_rating_and_keep_the_held_out_sets(tmp_path, monkeypatch):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame([(user, int(item), int(t)) for user in range(1, 9)
+                          for t, item in enumerate(rng.choice(np.arange(1, 40), size=12, replace=False))],
+                         columns=["user_id", "item_id", "timestamp"])
+    monkeypatch.setattr(quality, "movielens_interactions", lambda: frame.copy())
+    monkeypatch.setattr(quality, "DATA_DIR", tmp_path)
+
+    def events(paths: list[str]) -> list[int]:
+        return sorted(np.concatenate(pq.read_table(paths[0]).column(ITEM_COLUMN).to_numpy(zero_copy_only=False)))
+
+    plain = quality.load_movielens(quality.MovieLensSplit(window=6, tie_orders=2, refit=False))
+    refit = quality.load_movielens(quality.MovieLensSplit(window=6, tie_orders=2, refit=True))
+    assert plain.refit_paths is None and plain.refit_baseline_paths is None
+    assert torch.equal(refit.valid.sessions, plain.valid.sessions) and torch.equal(refit.test.sessions, plain.test.sessions)
+    assert events(refit.train_paths) == events(plain.train_paths)  # the validation-time fit is unchanged
+    valid_targets = plain.valid.sessions[torch.arange(8), (plain.valid.sessions > 0).sum(1) - 1].tolist()
+    test_targets = plain.test.sessions[torch.arange(8), (plain.test.sessions > 0).sum(1) - 1].tolist()
+    assert events(refit.refit_baseline_paths) == sorted(events(plain.baseline_paths) + valid_targets)
+    assert events(refit.refit_paths) == sorted(events(plain.train_paths) + 2 * valid_targets)  # in both tie orders
+    assert not set(test_targets) & (set(events(refit.refit_paths)) - set(events(plain.train_paths)) - set(valid_targets))
+    assert refit.stats["refit"] is True and "fitted again" in refit.protocol
+
+
+def test_a_refit_scores_the_test_with_the_model_fitted_again_at_the_epoch_chosen_on_validation(tmp_path):
+    """Training walks the ring forwards, the refit data and the test backwards: only a test scored
+    with the refitted model can rank the backward step; validation (forwards) still picks the epoch."""
+    from raytr.features import FIRST_ITEM_ID
+
+    data = _tiny_data(tmp_path)
+    rng = np.random.default_rng(1)
+
+    def backwards(length: int) -> np.ndarray:
+        return FIRST_ITEM_ID + (rng.integers(20) - np.arange(length)) % 20
+
+    test = torch.zeros(64, 8, dtype=torch.int64)
+    for row in test:
+        row[:6] = torch.from_numpy(backwards(6))
+    data.test = quality.EvalSet("test", sessions=test)
+    hp = quality.Hyper(d_model=16, n_layers=1, n_heads=2, batch_size=64, learning_rate=1e-2)
+    plain = quality.run_neural(data, "gru", "gru", "clm", 2, tmp_path / "work", hp)
+    data.refit_paths = [quality._write_sessions(tmp_path / "refit.parquet",
+                                                [backwards(int(rng.integers(3, 9))) for _ in range(512)])]
+    refit = quality.run_neural(data, "gru", "gru", "clm", 2, tmp_path / "work", hp)
+    assert refit["refit"] is True and "refit" not in plain
+    assert refit["valid"] == plain["valid"] and refit["choice"] == plain["choice"]  # the choice is unchanged
+    assert plain["test"]["ndcg@20"] < 0.5 < refit["test"]["ndcg@20"]
+    assert not (tmp_path / "work" / "gru-refit").exists()
+
+    # the baselines too: a refit popularity knows the item every test session ends with
+    item = FIRST_ITEM_ID + 7
+    data.baseline_paths = data.train_paths
+    data.refit_baseline_paths = [quality._write_sessions(tmp_path / "refit-baseline.parquet",
+                                                         [np.array([item, item])] * 2000)]
+    data.test = quality.EvalSet("test", sessions=torch.tensor([[FIRST_ITEM_ID, item]] * 8))
+    baselines = quality.run_baselines(data)
+    assert baselines["popularity"]["test"]["ndcg@10"] == 1.0 and baselines["popularity"]["refit"] is True
+    data.refit_baseline_paths = None
+    assert quality.run_baselines(data)["popularity"]["test"]["ndcg@10"] < 1.0
+
+
+def _quality_run(shift: int, transformer: float, knn: float, seed: int = 0, refit: bool = True) -> dict:
     def scores(v: float) -> dict:
         return {m: v for m in quality.REPORTED} | {"sessions": 943}
 
@@ -154,23 +218,27 @@ def _quality_run(shift: int, transformer: float, knn: float, seed: int = 0) -> d
     beats = {m: {"item_knn": transformer > knn} for m in quality.REPORTED}
     summary = {"best_transformer": "xlnet-clm", "beats_every_baseline": transformer > knn, "beats": beats,
                "best_test": scores(transformer), "best_baseline_test": {m: (knn, "item_knn") for m in quality.REPORTED}}
-    stats = {"users": 943} | ({"holdout_shift": shift} if shift else {})
+    stats = {"users": 943} | ({"holdout_shift": shift} if shift else {}) | ({"refit": True} if refit else {})
     return {"datasets": [{"dataset": "ml-100k", "protocol": "leave-one-out", "stats": stats, "seconds": 10.0,
                           "budget_s": 60.0, "epochs_max": 40, "models": models, "summary": summary}]}
 
 
-def test_the_report_shows_movielens_on_earlier_held_out_ratings_beside_the_standard_split(tmp_path, monkeypatch):
+def test_the_report_shows_movielens_variants_beside_the_standard_split_each_with_its_own_seeds(tmp_path, monkeypatch):
     from bench import report
 
     monkeypatch.setattr(report, "FIGURES", tmp_path)
-    seeds = [_quality_run(0, 0.145, 0.143, seed=1), _quality_run(1, 0.162, 0.141, seed=1)]
-    lines = report.section_quality(_quality_run(0, 0.14, 0.143), seeds, shifted=[_quality_run(1, 0.16, 0.141)])
-    text = "\n".join(lines)
-    shifted_at = text.index("#### ml-100k, validation and test 1 rating(s) earlier (`--ml-holdout-shift 1`)")
-    standard, shifted = text[:shifted_at], text[shifted_at:]
+    seeds = [_quality_run(0, 0.145, 0.143, seed=1), _quality_run(1, 0.162, 0.141, seed=1),
+             _quality_run(0, 0.138, 0.143, seed=1, refit=False)]
+    variants = [_quality_run(1, 0.16, 0.141), _quality_run(0, 0.139, 0.143, refit=False)]
+    text = "\n".join(report.section_quality(_quality_run(0, 0.14, 0.143), seeds, variants=variants))
+    no_refit_at = text.index("#### ml-100k, the standard split, test scored without the refit (`--no-ml-refit`)")
+    shifted_at = text.index("#### ml-100k, validation and test 1 rating(s) earlier (`--ml-holdout-shift 1`)\n")
+    assert no_refit_at < shifted_at  # the standard place first
+    standard, no_refit, shifted = text[:no_refit_at], text[no_refit_at:shifted_at], text[shifted_at:]
     assert "does **not** beat every baseline" in standard and "**xlnet-clm**, beats every baseline" in shifted
-    # each split's seed spread holds its own seeds only
-    assert "| 1 | 7 | 0.1450 | 0.1450 |" in standard and "0.1620" not in standard
+    # each variant's seed spread holds its own seeds only
+    assert "| 1 | 7 | 0.1450 | 0.1450 |" in standard and "0.1620" not in standard and "0.1380" not in standard
+    assert "| 1 | 7 | 0.1380 | 0.1380 |" in no_refit and "0.1450" not in no_refit
     assert "| 1 | 7 | 0.1620 | 0.1620 |" in shifted and "0.1450" not in shifted
     assert (tmp_path / "quality.png").exists()
 
@@ -201,7 +269,33 @@ def test_a_shifted_split_or_another_seed_never_writes_over_the_standard_results(
     assert quality.default_output(seed=2) == "quality-seed2"
     assert quality.default_output(holdout_shift=1) == "quality-ml-shift1"
     assert quality.default_output(holdout_shift=1, seed=2) == "quality-ml-shift1-seed2"
+    assert quality.default_output(holdout_shift=1, seed=2, refit=False) == "quality-ml-shift1-no-refit-seed2"
+    assert quality.default_output(refit=False) == "quality-ml-no-refit"
     # a shift applies to MovieLens evaluations only (a search would replace the standard one)
     assert quality.main(["--datasets", "synthetic", "--ml-holdout-shift", "1"]) == 2
     assert quality.main(["--datasets", "ml-100k", "--ml-holdout-shift", "1", "--search", "dropout=0.1"]) == 2
     assert quality.main(["--datasets", "ml-100k", "--ml-holdout-shift", "-1"]) == 2
+    # so does a refit, which changes how the test is scored (a search never scores it)
+    assert quality.main(["--datasets", "yoochoose", "--no-ml-refit"]) == 2
+    assert quality.main(["--datasets", "ml-100k", "--no-ml-refit", "--search", "dropout=0.1"]) == 2
+
+
+def test_merging_a_run_of_some_models_keeps_the_others_of_the_same_protocol_and_summarizes_all():
+    def scores(v: float) -> dict:
+        return {m: v for m in quality.REPORTED}
+
+    def run(protocol: str, measured: str, **models: float) -> dict:
+        res = {name: {"valid": scores(v), "test": scores(v)} for name, v in models.items()}
+        return {"dataset": "ml-100k", "protocol": protocol, "stats": {"users": 943}, "measured": measured,
+                "models": res, "summary": quality.summarize(res)}
+
+    old = run("refit", "10:00", popularity=0.05, item_knn=0.14, gru=0.13, **{"gpt2-clm": 0.16, "xlnet-clm": 0.12})
+    fresh = run("refit", "11:00", popularity=0.05, item_knn=0.14, **{"xlnet-clm": 0.15})
+    merged = quality.merge_dataset(old, fresh, ("xlnet-clm",))
+    assert set(merged["models"]) == {"popularity", "item_knn", "gru", "gpt2-clm", "xlnet-clm"}
+    assert merged["models"]["xlnet-clm"]["test"]["ndcg@20"] == 0.15  # the fresh run wins
+    assert merged["models"]["gpt2-clm"]["measured"] == "10:00" and merged["merged_models"] == ["gpt2-clm", "gru"]
+    assert merged["summary"]["best_transformer"] == "gpt2-clm" and merged["summary"]["beats_every_baseline"]
+    # another protocol, or a run of every model, replaces the dataset whole
+    assert quality.merge_dataset(run("plain", "09:00", gru=0.2), fresh, ("xlnet-clm",)) is fresh
+    assert quality.merge_dataset(old, fresh, None) is fresh
