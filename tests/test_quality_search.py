@@ -116,11 +116,9 @@ def test_a_trial_an_earlier_search_ran_is_reused_not_trained_again(tmp_path, mon
     assert second["chosen"] == {"gru": {"learning_rate": 1e-2}}
 
 
-def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(tmp_path, monkeypatch):
-    """With shift 1 each user's last rating is never read: the shifted test set is the unshifted
-    validation set (inputs, targets and the history excluded from the ranking alike)."""
+def _fake_movielens(tmp_path: Path, monkeypatch):
+    """8 users with 12 ratings each, all at distinct times, in place of MovieLens-100k."""
     import pandas as pd
-    import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
     frame = pd.DataFrame([(user, int(item), int(t)) for user in range(1, 9)
@@ -128,6 +126,15 @@ def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(
                          columns=["user_id", "item_id", "timestamp"])
     monkeypatch.setattr(quality, "movielens_interactions", lambda: frame.copy())
     monkeypatch.setattr(quality, "DATA_DIR", tmp_path)
+    return frame
+
+
+def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(tmp_path, monkeypatch):
+    """With shift 1 each user's last rating is never read: the shifted test set is the unshifted
+    validation set (inputs, targets and the history excluded from the ranking alike)."""
+    import pyarrow.parquet as pq
+
+    frame = _fake_movielens(tmp_path, monkeypatch)
     plain = quality.load_movielens(quality.MovieLensSplit(window=6, tie_orders=1))
     shifted = quality.load_movielens(quality.MovieLensSplit(window=6, tie_orders=1, holdout_shift=1))
     assert torch.equal(shifted.test.sessions, plain.valid.sessions)
@@ -145,15 +152,9 @@ def test_a_movielens_holdout_shift_moves_validation_and_test_one_rating_earlier(
 
 
 def test_movielens_refit_windows_add_each_users_validation_rating_and_keep_the_held_out_sets(tmp_path, monkeypatch):
-    import pandas as pd
     import pyarrow.parquet as pq
 
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame([(user, int(item), int(t)) for user in range(1, 9)
-                          for t, item in enumerate(rng.choice(np.arange(1, 40), size=12, replace=False))],
-                         columns=["user_id", "item_id", "timestamp"])
-    monkeypatch.setattr(quality, "movielens_interactions", lambda: frame.copy())
-    monkeypatch.setattr(quality, "DATA_DIR", tmp_path)
+    _fake_movielens(tmp_path, monkeypatch)
 
     def events(paths: list[str]) -> list[int]:
         return sorted(np.concatenate(pq.read_table(paths[0]).column(ITEM_COLUMN).to_numpy(zero_copy_only=False)))
