@@ -424,7 +424,7 @@ def baseline_batches(data: QualityData, refit: bool = False):
 
 
 def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
-    """Popularity and item-kNN (its recency decay chosen on validation); with `data.refit_paths`
+    """Popularity and item-kNN (its recency decay chosen on validation); with `data.refit_baseline_paths`
     each is fitted again on the training and validation data for the test."""
     from raytr.baselines import Popularity, SessionItemKNN
 
