@@ -30,6 +30,8 @@ REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 DATA_DIR = REPO / "runs" / "bench"  # generated data and downloads: git-ignored (runs/)
 ITEM_COLUMN = "item_id-list"
+# The quality benchmark's baselines (result key -> label): every other model is a transformer.
+BASELINE_LABELS = {"popularity": "popularity", "item_knn": "item-kNN", "gru": "GRU"}
 
 
 def setup_logging() -> None:

@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
+    BASELINE_LABELS,
     DATA_DIR,
     ITEM_COLUMN,
     REPO,
@@ -762,11 +763,11 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
 def summarize(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The transformer with the best validation score, and whether its test metrics beat every
     baseline's ({} without a transformer)."""
-    transformers = {k: v for k, v in models.items() if k not in ("popularity", "item_knn", "gru")}
+    transformers = {k: v for k, v in models.items() if k not in BASELINE_LABELS}
     if not transformers:
         return {}
     best = max(transformers, key=lambda k: transformers[k]["valid"][SELECT_BY])
-    baselines = [k for k in ("popularity", "item_knn", "gru") if k in models]
+    baselines = [k for k in BASELINE_LABELS if k in models]
     beats = {m: {b: models[best]["test"][m] > models[b]["test"][m] for b in baselines} for m in REPORTED}
     return {"best_transformer": best, "chosen_on": f"validation {SELECT_BY}",
             "beats_every_baseline": all(all(v.values()) for v in beats.values()), "beats": beats,

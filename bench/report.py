@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import training_consumption  # noqa: E402
+from bench.common import BASELINE_LABELS, training_consumption  # noqa: E402
 from bench.loader import RAYTR_ENGINES  # noqa: E402
 from bench.train import IMPLS  # noqa: E402
 
@@ -417,8 +417,7 @@ def quality_table(ds: dict[str, Any], title: str) -> list[str]:
                   f" ({round((v - s['best_test'][m]) * n)} of {n:,} test sessions)"
                   if n and m.startswith("recall") else "")
                   for m, (v, b) in s["best_baseline_test"].items() if v >= s["best_test"][m]]
-        ran = ", ".join(label for key, label in (("popularity", "popularity"), ("item_knn", "item-kNN"), ("gru", "GRU"))
-                        if key in ds["models"])
+        ran = ", ".join(label for key, label in BASELINE_LABELS.items() if key in ds["models"])
         out += ["", f"The best transformer on validation, **{s['best_transformer']}**, {verdict} every baseline "
                     f"({ran}) on every test metric." + (
                     " Where it loses: " + "; ".join(losses) + "." if losses else "")]
@@ -487,7 +486,7 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
     for ax, ds in zip(axes[0], res["datasets"]):
         names = list(ds["models"])
         vals = [ds["models"][n]["test"]["ndcg@20"] for n in names]
-        colors = ["tab:gray" if n in ("popularity", "item_knn", "gru") else "tab:blue" for n in names]
+        colors = ["tab:gray" if n in BASELINE_LABELS else "tab:blue" for n in names]
         ax.barh(names, vals, color=colors)
         ax.invert_yaxis()
         ax.set_title(ds["dataset"])
