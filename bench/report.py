@@ -20,7 +20,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BASELINE_LABELS, training_consumption  # noqa: E402
+from bench.loader import ENGINES as LOADER_ENGINES  # noqa: E402
 from bench.loader import RAYTR_ENGINES  # noqa: E402
+from bench.run_gpu import TRAIN_IMPLS, TRAIN_ORDER  # noqa: E402
 from bench.train import IMPLS  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -121,7 +123,15 @@ def section_train(res: dict[str, Any] | None, device: str) -> list[str]:
     cfgs = res.get("configs", {})
     out += [f"- `{n}`: {c['items']:,} items, D={c['d_model']}, L={c['layers']}, H={c['heads']}, T={c['seq_len']}, "
             f"B={c['batch']}" for n, c in cfgs.items()]
-    out += ["", f"{res.get('warmup')} warm-up steps, {res.get('steps')} timed steps, fastest of {res.get('repeats')} "
+    # A merged run may time fewer steps (the 1M config): each row records its own count.
+    steps_by_config: dict[Any, list[str]] = {}
+    for r in rows:
+        configs = steps_by_config.setdefault(r.get("steps", res.get("steps")), [])
+        if r["config"] not in configs:
+            configs.append(r["config"])
+    steps = (", ".join(f"{n} ({', '.join(c)})" for n, c in steps_by_config.items()) if len(steps_by_config) > 1
+             else str(next(iter(steps_by_config), res.get("steps"))))
+    out += ["", f"{res.get('warmup')} warm-up steps, {steps} timed steps, fastest of {res.get('repeats')} "
                 f"run(s), each run in a fresh process; torch threads {rows[0].get('threads', '?') if rows else '?'}.", ""]
     out += train_table(rows, device)
     previous = sorted(res.get("previous_results", []), key=rank)
@@ -564,21 +574,29 @@ def section_profile(res: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def gpu_not_measured(train_gpu: dict[str, Any] | None, loader_gpu: dict[str, Any] | None) -> list[str]:
-    """What the GPU runs left out, against bench/run_gpu.py's full set."""
+def gpu_not_measured(train_gpu: dict[str, Any] | None, loader_gpu: dict[str, Any] | None,
+                     head_kernels_gpu: dict[str, Any] | None) -> list[str]:
+    """What the GPU runs left out, against bench/run_gpu.py's full set: each config and precision
+    with every implementation it runs, each loader engine, the loss kernels."""
     gaps = []
     if train_gpu:
-        have = {(r["config"], r["precision"]) for r in train_gpu["results"] if "error" not in r}
-        for cfg in ("5k", "50k", "300k", "1M"):
-            missing = [p for p in ("fp16", "bf16") if (cfg, p) not in have]
-            if missing:
-                gaps.append(f"training {cfg} {'/'.join(missing)}")
+        have = {(r["config"], r["precision"], r["impl"]) for r in train_gpu["results"] if "error" not in r}
+        for cfg in TRAIN_ORDER:
+            for precision in ("fp16", "bf16"):
+                missing = [i for i in TRAIN_IMPLS[cfg].split(",") if (cfg, precision, i) not in have]
+                if len(missing) == len(TRAIN_IMPLS[cfg].split(",")):
+                    gaps.append(f"training {cfg} {precision}")
+                elif missing:
+                    gaps.append(f"training {cfg} {precision} {'/'.join(missing)}")
     else:
         gaps.append("training")
     if loader_gpu:
-        gaps += [f"loader {r['engine']}" for r in loader_gpu["results"] if "error" in r]
+        ok = {r["engine"] for r in loader_gpu["results"] if "error" not in r}
+        gaps += [f"loader {e}" for e in LOADER_ENGINES if e not in ok]
     else:
         gaps.append("loaders")
+    if not head_kernels_gpu:
+        gaps.append("the loss kernels (head_kernels.py)")
     return gaps
 
 
@@ -682,7 +700,7 @@ def main() -> int:
             gpus = sorted({row["gpu"] for row in r.get("results", []) if row.get("gpu")} or {m.get("gpu", "no GPU")})
             machines[name] = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {' and '.join(gpus)}"
     lines += ["## Machines", ""] + table(["results", "measured on"], [[k, v] for k, v in machines.items()]) + [""]
-    gpu_gaps = gpu_not_measured(train_gpu, loader_gpu)
+    gpu_gaps = gpu_not_measured(train_gpu, loader_gpu, load("head-kernels-cuda"))
     if gpu_gaps and (train_gpu or loader_gpu):
         lines += ["**GPU figures measured in part** (H100 and H200 device sessions of 15-30 minutes). Not measured: "
                   + "; ".join(gpu_gaps) + f". All of them: `{GPU_COMMAND}`.", ""]

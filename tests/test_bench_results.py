@@ -85,6 +85,24 @@ def test_report_names_each_gpu_target_lines_gpu():
     assert "- GPU 5k bf16 (H200): best Trainer run raytr-local-cudagraphs / bare compiled = 1.28 (**met**)" in lines
 
 
+def test_report_lists_every_gpu_run_missing_from_run_gpus_full_set():
+    from bench.loader import ENGINES
+    from bench.report import gpu_not_measured
+    from bench.run_gpu import TRAIN_IMPLS, TRAIN_ORDER
+
+    rows = [_row(cfg, precision, impl, 1.0, "day1") for cfg in TRAIN_ORDER for precision in ("fp16", "bf16")
+            for impl in TRAIN_IMPLS[cfg].split(",")]
+    complete = {"results": rows}
+    loaders = {"results": [{"engine": e} for e in ENGINES]}
+    assert gpu_not_measured(complete, loaders, {"results": []}) == []
+    partial = {"results": [r for r in rows if not (r["config"] == "300k" or (r["config"], r["precision"], r["impl"])
+                                                   == ("5k", "bf16", "raytr-ray-cudagraphs"))]}
+    loaders["results"][0]["error"] = "failed"
+    assert gpu_not_measured(partial, loaders, None) == [
+        "training 5k bf16 raytr-ray-cudagraphs", "training 300k fp16", "training 300k bf16",
+        f"loader {ENGINES[0]}", "the loss kernels (head_kernels.py)"]
+
+
 def test_head_kernels_variants_compute_eagers_loss_and_gradients(tmp_path, monkeypatch):
     """bench/head_kernels.py on the CPU: every variant runs, in several chunks with a partial last one,
     and gives eager's loss and gradients (fp32: the compiled kernels to rounding; the bare loop's
