@@ -32,6 +32,7 @@ DATA_DIR = REPO / "runs" / "bench"  # generated data and downloads: git-ignored 
 ITEM_COLUMN = "item_id-list"
 # The quality benchmark's baselines (result key -> label): every other model is a transformer.
 BASELINE_LABELS = {"popularity": "popularity", "item_knn": "item-kNN", "gru": "GRU"}
+QUALITY_METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr@20")  # what quality.json reports
 
 
 def setup_logging() -> None:

@@ -63,6 +63,7 @@ from bench.common import (  # noqa: E402
     BASELINE_LABELS,
     DATA_DIR,
     ITEM_COLUMN,
+    QUALITY_METRICS,
     REPO,
     code_version,
     envelope,
@@ -78,7 +79,7 @@ log = logging.getLogger("bench.quality")
 
 DATASETS = ("synthetic", "yoochoose", "ml-100k")
 TOP_K = (10, 20)
-REPORTED = ("ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr@20")
+REPORTED = QUALITY_METRICS
 SELECT_BY = "ndcg@20"
 # (name, body, objective): transformers with both objectives, and the GRU baseline.
 NEURAL = (("gru", "gru", "clm"), ("gpt2-clm", "gpt2", "clm"), ("bert-mlm", "bert", "mlm"),

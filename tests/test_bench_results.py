@@ -103,6 +103,26 @@ def test_report_lists_every_gpu_run_missing_from_run_gpus_full_set():
         f"loader {ENGINES[0]}", "the loss kernels (head_kernels.py)"]
 
 
+def test_report_quality_target_counts_the_seeds_that_beat_the_first_runs_baselines():
+    from bench.common import QUALITY_METRICS
+    from bench.report import quality_status
+
+    def model(value: float, seed: int = 0) -> dict:
+        return {"test": {m: value for m in QUALITY_METRICS}, "hyperparameters": {"seed": seed, "d_model": 64}}
+
+    ds = {"dataset": "ml-100k", "stats": {"refit": True}, "models": {"item_knn": model(0.14), "xlnet-clm": model(0.15)},
+          "summary": {"best_transformer": "xlnet-clm", "beats_every_baseline": True,
+                      "best_baseline_test": {m: (0.14, "item_knn") for m in QUALITY_METRICS}}}
+    seed1 = {"datasets": [{**ds, "models": {"xlnet-clm": model(0.16, 1)}}]}
+    seed2 = {"datasets": [{**ds, "models": {"xlnet-clm": {**model(0.15, 2), "test": {
+        **model(0.15)["test"], "recall@10": 0.13}}}}]}  # loses one metric
+    other_split = {"datasets": [{**ds, "stats": {"refit": True, "holdout_shift": 1},
+                                 "models": {"xlnet-clm": model(0.2, 3)}}]}  # not a rerun of this split
+    assert quality_status({"datasets": [ds]}, [seed1, seed2, other_split]) == [
+        "- Quality ml-100k: xlnet-clm beats every baseline on every test metric (**met**); so do 2 of its 3 seeds"]
+    assert quality_status(None, []) == ["- Quality: not measured."]
+
+
 def test_head_kernels_variants_compute_eagers_loss_and_gradients(tmp_path, monkeypatch):
     """bench/head_kernels.py on the CPU: every variant runs, in several chunks with a partial last one,
     and gives eager's loss and gradients (fp32: the compiled kernels to rounding; the bare loop's
