@@ -20,9 +20,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BASELINE_LABELS, QUALITY_METRICS, training_consumption  # noqa: E402
-from bench.loader import ENGINES as LOADER_ENGINES  # noqa: E402
 from bench.loader import RAYTR_ENGINES  # noqa: E402
-from bench.run_gpu import TRAIN_IMPLS, TRAIN_ORDER  # noqa: E402
+from bench.run_gpu import TRAIN_IMPLS, missing_runs  # noqa: E402
 from bench.train import IMPLS  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -585,27 +584,18 @@ def section_profile(res: dict[str, Any] | None) -> list[str]:
 
 def gpu_not_measured(train_gpu: dict[str, Any] | None, loader_gpu: dict[str, Any] | None,
                      head_kernels_gpu: dict[str, Any] | None) -> list[str]:
-    """What the GPU runs left out, against bench/run_gpu.py's full set: each config and precision
-    with every implementation it runs, each loader engine, the loss kernels."""
+    """What the GPU runs left out, against bench/run_gpu.py's full set (`missing_runs`, which
+    `run_gpu.py --missing` runs)."""
     gaps = []
-    if train_gpu:
-        have = {(r["config"], r["precision"], r["impl"]) for r in train_gpu["results"] if "error" not in r}
-        for cfg in TRAIN_ORDER:
-            for precision in ("fp16", "bf16"):
-                missing = [i for i in TRAIN_IMPLS[cfg].split(",") if (cfg, precision, i) not in have]
-                if len(missing) == len(TRAIN_IMPLS[cfg].split(",")):
-                    gaps.append(f"training {cfg} {precision}")
-                elif missing:
-                    gaps.append(f"training {cfg} {precision} {'/'.join(missing)}")
-    else:
-        gaps.append("training")
-    if loader_gpu:
-        ok = {r["engine"] for r in loader_gpu["results"] if "error" not in r}
-        gaps += [f"loader {e}" for e in LOADER_ENGINES if e not in ok]
-    else:
-        gaps.append("loaders")
-    if not head_kernels_gpu:
-        gaps.append("the loss kernels (head_kernels.py)")
+    for label, lacking in missing_runs(train_gpu, loader_gpu, head_kernels_gpu).items():
+        if label.startswith("train-"):
+            _, cfg, precision = label.split("-")
+            whole = len(lacking) == len(TRAIN_IMPLS[cfg].split(","))
+            gaps.append(f"training {cfg} {precision}" + ("" if whole else f" {'/'.join(lacking)}"))
+        elif label == "loader":
+            gaps += [f"loader {e}" for e in lacking]
+        else:
+            gaps.append("the loss kernels (head_kernels.py)")
     return gaps
 
 
@@ -712,7 +702,7 @@ def main() -> int:
     gpu_gaps = gpu_not_measured(train_gpu, loader_gpu, load("head-kernels-cuda"))
     if gpu_gaps and (train_gpu or loader_gpu):
         lines += ["**GPU figures measured in part** (H100 and H200 device sessions of 15-30 minutes). Not measured: "
-                  + "; ".join(gpu_gaps) + f". All of them: `{GPU_COMMAND}`.", ""]
+                  + "; ".join(gpu_gaps) + f". Those only: `{GPU_COMMAND} --missing`.", ""]
     if not train_gpu or not loader_gpu:
         lines += ["**Not measured here: the GPU figures** (training step on the issue's four configs in fp16/bf16, "
                   "loaders delivering on the GPU, the 80% and 20 GB targets). On one H100:", "",

@@ -4,13 +4,17 @@ then REPORT.md.
     python bench/run_gpu.py                       # everything (~45 minutes)
     python bench/run_gpu.py --minutes 9           # what fits: steps in priority order, the rest skipped
     python bench/run_gpu.py --configs 5k,50k      # a subset of bench/train.py's GPU configs
+    python bench/run_gpu.py --missing --minutes 9 # only what bench/results/ lacks, whole runs first
 
 Order: the profile of one 50k fp16 step (raytr's step and its candidate speed-ups against the bare
 loop, and the Trainer with and without TensorBoard), the 1M config's loss alone (bench/head_kernels.py:
 the ways of compiling its chunk kernel against the bare loop's), then bench/train.py per config and precision
 (50k and 5k first, then 1M and 300k), then the loaders, then report.py. Every step is its own
 process and adds to the JSON already there (`--merge`): a session cut short keeps what it measured,
-and the next one carries on with `--skip`.
+and the next one carries on with `--skip`, or with `--missing`: the steps whose results are not all in
+bench/results/ (`missing_runs`; REPORT.md lists the same), the ones measured not at all first, then
+those that lack some implementation (their whole config and precision runs again, since a re-measured
+group replaces its rows). The profile is a diagnosis, not a result: `--missing` leaves it out.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_code_argument, run_benchmarks  # noqa: E402
+from bench.common import add_code_argument, read_result, run_benchmarks  # noqa: E402
+from bench.loader import ENGINES as LOADER_ENGINES  # noqa: E402
 
 # The Trainer with CUDA graphs against the bare loop, then what could cut the host time left outside
 # the graphs (the loss's chunk loop: -smallchunk, the former 4,096-row chunks), then the older A/Bs.
@@ -50,6 +56,37 @@ def gpu_steps(configs: list[str], precisions: list[str], code: str | None = None
     return steps
 
 
+def missing_runs(train: dict[str, Any] | None, loader: dict[str, Any] | None,
+                 head_kernels: dict[str, Any] | None) -> dict[str, list[str]]:
+    """The steps of the full set whose results are not all there (results that carry an `error`
+    count as missing): {step label: the implementations or loader engines it lacks, all of them
+    when it was never measured}; the loss kernels' step is all or nothing ([])."""
+    missing: dict[str, list[str]] = {}
+    have = {(r["config"], r["precision"], r["impl"]) for r in (train or {}).get("results", []) if "error" not in r}
+    for cfg in TRAIN_ORDER:
+        for precision in ("fp16", "bf16"):
+            lacking = [i for i in TRAIN_IMPLS[cfg].split(",") if (cfg, precision, i) not in have]
+            if lacking:
+                missing[f"train-{cfg}-{precision}"] = lacking
+    if not head_kernels:
+        missing["head-kernels"] = []
+    ok = {r["engine"] for r in (loader or {}).get("results", []) if "error" not in r}
+    lacking = [e for e in LOADER_ENGINES if e not in ok]
+    if lacking:
+        missing["loader"] = lacking
+    return missing
+
+
+def missing_steps(steps: list[tuple[str, list[str]]], missing: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+    """`steps` cut to the missing ones: steps never measured first (in their order), then the train
+    groups that lack only some implementations."""
+    def partial(label: str) -> bool:
+        return label.startswith("train-") and len(missing[label]) < len(TRAIN_IMPLS[label.split("-")[1]].split(","))
+
+    kept = [s for s in steps if s[0] in missing]
+    return [s for s in kept if not partial(s[0])] + [s for s in kept if partial(s[0])]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="all", help=f"train.py configs (default: all of {list(TRAIN_ORDER)})")
@@ -59,6 +96,8 @@ def main(argv=None) -> int:
     add_code_argument(p)
     p.add_argument("--skip", default="",
                    help="comma list of step labels already measured (e.g. profile,train-50k-fp16)")
+    p.add_argument("--missing", action="store_true",
+                   help="only the steps whose results bench/results/ lacks (not the profile), whole runs first")
     args = p.parse_args(argv)
     configs = list(TRAIN_ORDER) if args.configs == "all" else args.configs.split(",")
     unknown = [c for c in configs if c not in TRAIN_ORDER]
@@ -66,6 +105,9 @@ def main(argv=None) -> int:
         p.error(f"unknown config(s) {unknown}; known: {list(TRAIN_ORDER)}")
     skip = {s for s in args.skip.split(",") if s}
     steps = [s for s in gpu_steps(configs, args.precision.split(","), args.code) if s[0] not in skip]
+    if args.missing:
+        steps = missing_steps(steps, missing_runs(*map(read_result, ("train-cuda", "loader-cuda", "head-kernels-cuda"))))
+        print("missing:", ", ".join(label for label, _ in steps) or "nothing")
     rc = run_benchmarks(steps, seconds=None if args.minutes is None else 60 * args.minutes)
     return run_benchmarks([("report", ["report.py"])]) or rc
 

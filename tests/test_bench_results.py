@@ -100,7 +100,22 @@ def test_report_lists_every_gpu_run_missing_from_run_gpus_full_set():
     loaders["results"][0]["error"] = "failed"
     assert gpu_not_measured(partial, loaders, None) == [
         "training 5k bf16 raytr-ray-cudagraphs", "training 300k fp16", "training 300k bf16",
-        f"loader {ENGINES[0]}", "the loss kernels (head_kernels.py)"]
+        "the loss kernels (head_kernels.py)", f"loader {ENGINES[0]}"]
+
+
+def test_run_gpu_missing_runs_whole_gaps_first_then_regroups_partial_ones():
+    from bench.loader import ENGINES
+    from bench.run_gpu import TRAIN_IMPLS, TRAIN_ORDER, gpu_steps, missing_runs, missing_steps
+
+    rows = [_row(cfg, precision, impl, 1.0, "day1") for cfg in TRAIN_ORDER for precision in ("fp16", "bf16")
+            for impl in TRAIN_IMPLS[cfg].split(",") if (cfg, precision) not in (("1M", "bf16"), ("300k", "bf16"))
+            and (cfg, precision, impl) != ("5k", "fp16", "raytr-ray-cudagraphs")]
+    rows.append({**_row("300k", "bf16", "bare-compiled", 0.0, "day1"), "error": "out of memory"})  # counts as missing
+    missing = missing_runs({"results": rows}, {"results": [{"engine": e} for e in ENGINES]}, None)
+    assert missing == {"train-5k-fp16": ["raytr-ray-cudagraphs"], "train-1M-bf16": TRAIN_IMPLS["1M"].split(","),
+                       "train-300k-bf16": TRAIN_IMPLS["300k"].split(","), "head-kernels": []}
+    labels = [label for label, _ in missing_steps(gpu_steps(list(TRAIN_ORDER), ["fp16", "bf16"]), missing)]
+    assert labels == ["head-kernels", "train-1M-bf16", "train-300k-bf16", "train-5k-fp16"]  # no profile
 
 
 def test_report_quality_target_counts_the_seeds_that_beat_the_first_runs_baselines():
