@@ -89,8 +89,8 @@ NEURAL_MODELS = {name: (body, objective) for name, body, objective in NEURAL}
 # maximum of 20 -> 40 epochs: seed 0 0.1603 -> 0.1667, seed 1 0.1679 -> 0.1754; at 20 the best epochs
 # of seeds 1 and 2 were 20 and 17, the end of the linear decay). Every neural model gets the same.
 DEFAULT_EPOCHS = {"synthetic": 8, "yoochoose": 12, "ml-100k": 40}
-# MovieLens-100k has ~100 events per user and 943 users (2,412 windows of 50): 19 steps per epoch at 128 left the models
-# short of updates (best-epoch validation ndcg@20 of xlnet-clm: batch 128 0.146, 32 0.155, 16 0.157;
+# MovieLens-100k has ~100 events per user and 943 users (2,412 training windows of 50): 19 steps
+# per epoch at 128 left the models short of updates (best-epoch validation ndcg@20 of xlnet-clm: batch 128 0.146, 32 0.155, 16 0.157;
 # 32 and 16 plateau alike at ~0.153, and 32 takes half the steps).
 DEFAULT_BATCH = {"synthetic": 128, "yoochoose": 128, "ml-100k": 32}
 # Wall-clock budget per dataset, minutes (YOOCHOOSE also runs the day windows; MovieLens trains each

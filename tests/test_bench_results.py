@@ -94,11 +94,11 @@ def test_report_lists_every_gpu_run_missing_from_run_gpus_full_set():
             for impl in TRAIN_IMPLS[cfg].split(",")]
     complete = {"results": rows}
     loaders = {"results": [{"engine": e} for e in ENGINES]}
-    assert gpu_not_measured(complete, loaders, {"results": []}) == []
+    assert gpu_not_measured(complete, loaders, {"results": [{"variant": "bare"}]}) == []
     partial = {"results": [r for r in rows if not (r["config"] == "300k" or (r["config"], r["precision"], r["impl"])
                                                    == ("5k", "bf16", "raytr-ray-cudagraphs"))]}
     loaders["results"][0]["error"] = "failed"
-    assert gpu_not_measured(partial, loaders, None) == [
+    assert gpu_not_measured(partial, loaders, {"results": [{"variant": "bare", "error": "failed"}]}) == [
         "training 5k bf16 raytr-ray-cudagraphs", "training 300k fp16", "training 300k bf16",
         "the loss kernels (head_kernels.py)", f"loader {ENGINES[0]}"]
 
