@@ -20,8 +20,8 @@ Datasets and protocols (metrics: NDCG@10/20, Recall@10/20, MRR@20; full ranking 
               orders (the file's and 3 with same-second ratings shuffled). Items the user already
               rated are excluded from the ranking (`exclude_seen` over the user's whole history, not
               only the T-event window the model sees). Once validation has chosen, every model is
-              fitted again on the training and validation ratings (same settings, schedule and
-              chosen epoch) and that fit scores the test (`ML_REFIT`; `--no-ml-refit` skips it).
+              fitted again on the training and validation ratings (same settings and schedule,
+              stopped after the chosen epoch) and that fit scores the test (`ML_REFIT`; `--no-ml-refit` skips it).
 Honest tuning: hyperparameters start fixed (d_model 64, 2 layers, 4 heads, dropout 0.2, lr 2e-3
 with linear decay, batch 128); the choices made on validation are each model's epoch count (every
 epoch is checkpointed and scored on validation), item-kNN's recency decay, which transformer is
@@ -90,8 +90,8 @@ NEURAL_MODELS = {name: (body, objective) for name, body, objective in NEURAL}
 # of seeds 1 and 2 were 20 and 17, the end of the linear decay). Every neural model gets the same.
 DEFAULT_EPOCHS = {"synthetic": 8, "yoochoose": 12, "ml-100k": 40}
 # MovieLens-100k has ~100 events per user and 943 users (2,412 training windows of 50): 19 steps
-# per epoch at 128 left the models short of updates (best-epoch validation ndcg@20 of xlnet-clm: batch 128 0.146, 32 0.155, 16 0.157;
-# 32 and 16 plateau alike at ~0.153, and 32 takes half the steps).
+# per epoch at 128 left the models short of updates (best-epoch validation ndcg@20 of xlnet-clm:
+# batch 128 0.146, 32 0.155, 16 0.157; 32 and 16 plateau alike at ~0.153, and 32 takes half the steps).
 DEFAULT_BATCH = {"synthetic": 128, "yoochoose": 128, "ml-100k": 32}
 # Wall-clock budget per dataset, minutes (YOOCHOOSE also runs the day windows; MovieLens trains each
 # neural model twice, the refit): 172 in all.
@@ -490,15 +490,17 @@ def training_args(output_dir: Path, epochs: int, hp: Hyper = Hyper()):
 
 
 def _train_checkpoints(data: QualityData, body: str, objective: str, epochs: int, out_dir: Path, hp: Hyper,
-                       paths: list[str]) -> tuple[dict[int, Path], Any, float]:
-    """Train `epochs` epochs on `paths`: ({epoch: checkpoint}, the train result, seconds)."""
+                       paths: list[str], stop_after_epoch: int = 0) -> tuple[dict[int, Path], Any, float]:
+    """Train `epochs` epochs on `paths` (or the first `stop_after_epoch` of that schedule):
+    ({epoch: checkpoint}, the train result, seconds)."""
     from raytr.models import SessionModel
     from raytr.training.loop import read_trainer_state
     from raytr.training.trainer import Trainer
 
     shutil.rmtree(out_dir, ignore_errors=True)
     model = SessionModel(data.spec, model_config(body, objective, hp), seed=hp.seed)
-    trainer = Trainer(model, training_args(out_dir, epochs, hp), train_dataset_or_path=paths)
+    args = replace(training_args(out_dir, epochs, hp), stop_after_epoch=stop_after_epoch)
+    trainer = Trainer(model, args, train_dataset_or_path=paths)
     t = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t
@@ -511,7 +513,7 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
                hp: Hyper = Hyper(), score_test: bool = True) -> dict[str, Any]:
     """Train `epochs` epochs, score every epoch's checkpoint on validation, test the best once
     (`score_test=False`, for the hyperparameter search: never). With `data.refit_paths`, the test
-    is scored by a second training on them (same seed and schedule) at the epoch chosen here."""
+    is scored by a second training on them (same seed and schedule) stopped at the epoch chosen here."""
     from raytr.models import SessionModel
 
     out_dir = work / name
@@ -524,7 +526,7 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
     refit: dict[str, Any] = {}
     if score_test and data.refit_paths is not None:
         refit_checkpoints, _, refit_s = _train_checkpoints(data, body, objective, epochs, work / f"{name}-refit", hp,
-                                                           data.refit_paths)
+                                                           data.refit_paths, stop_after_epoch=epoch)
         ckpt = refit_checkpoints[epoch]
         refit = {"refit": True, "refit_train_seconds": refit_s}
     t = time.perf_counter()

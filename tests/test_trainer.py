@@ -25,13 +25,13 @@ import pytest
 import torch
 
 from raytr import storage
-from raytr.config import ModelConfig
+from raytr.config import ConfigError, ModelConfig
 from raytr.data.loaders import DataLoader
 from raytr.data.layout import day_paths
 from raytr.models import SessionModel
 from raytr.training.arguments import TrainingArguments
 from raytr.training.loop import TRAINER_STATE, TRAINING_STATE, TrainingDivergedError, read_trainer_state
-from raytr.training.trainer import Predictions, Trainer, TrainOutput
+from raytr.training.trainer import Predictions, Trainer, TrainOutput, _check_work_left
 
 TOP_K = (5, 10, 20)
 METRICS = ("precision", "recall", "ndcg", "map", "mrr")
@@ -300,6 +300,37 @@ def test_train_again_continues_weights_optimizer_and_lr_schedule(prepared_dir, p
 
 
 @pytest.mark.slow
+def test_stop_after_epoch_ends_the_run_on_the_full_schedules_trajectory(prepared_dir, prepared_spec, tmp_path):
+    """A 3-epoch schedule stopped after epoch 2 ends exactly where the full run was after epoch 2
+    (same weights, optimizer and LR, not decayed to 0), and trains no third epoch."""
+    paths = day_paths(prepared_dir, [1])
+    spe = steps_per_epoch(prepared_spec, paths, 64)
+
+    def run(name: str, **overrides):
+        args = local_args(tmp_path / name, num_train_epochs=3, save_total_limit=3, **overrides)
+        return Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), args,
+                       train_dataset_or_path=paths).train()
+
+    full, stopped = run("full"), run("stopped", stop_after_epoch=2)
+    full_epoch2 = next(c for c in Path(full.checkpoint).parent.glob("checkpoint-*")
+                       if read_trainer_state(c)["epoch"] == 1)
+    assert read_trainer_state(stopped.checkpoint)["epoch"] == 1
+    assert read_trainer_state(stopped.checkpoint)["global_step"] == 2 * spe
+    assert len(list(Path(stopped.checkpoint).parent.glob("checkpoint-*"))) == 2
+    assert same_weights(clone_state(SessionModel.load(stopped.checkpoint)), clone_state(SessionModel.load(full_epoch2)))
+    lr = training_state(stopped.checkpoint)["scheduler"]["_last_lr"][0]
+    assert lr == pytest.approx(5e-3 * spe / (3 * spe))  # a third of the 3-epoch schedule left
+    assert lr == training_state(full_epoch2)["scheduler"]["_last_lr"][0]
+
+    with pytest.raises(ConfigError, match="training.stop_after_epoch=4"):
+        local_args(tmp_path / "bad", num_train_epochs=3, stop_after_epoch=4)
+    # Resuming the stopped run: nothing is left before its stop, two epochs of the schedule after it.
+    state = read_trainer_state(stopped.checkpoint)
+    with pytest.raises(ValueError, match="stop_after_epoch=2 leaves nothing to train"):
+        _check_work_left(state, local_args(tmp_path, num_train_epochs=3, stop_after_epoch=2), stopped.checkpoint)
+    _check_work_left(state, local_args(tmp_path, num_train_epochs=3), stopped.checkpoint)
+
+
 def test_resume_from_checkpoint_is_for_the_first_train_call_only(prepared_dir, prepared_spec, tmp_path):
     """A Trainer built with resume_from_checkpoint continues that run once; its next train() call
     continues from the weights it has, with a run of its own (a set run_name gets a number)."""

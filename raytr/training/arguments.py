@@ -27,6 +27,10 @@ class TrainingArguments:
         max_sequence_length: None reads it from the prepared schema (the one source of truth).
         data_loader_engine: "merlin" (merlin-dataloader), "pyarrow", or "ray" (Ray Data shards).
         compute_metrics_each_n_steps: ranking metrics on the training batch every N steps (0: off).
+        stop_after_epoch: end the run after this many epochs of the `num_train_epochs` (or
+            `max_steps`) schedule, which the learning rate still follows (0: train it all). Refits
+            an epoch chosen on validation, on more data, along the same trajectory: `max_steps`
+            would squeeze the schedule into the shorter run instead.
         metrics_top_k: cut-offs for Precision/Recall/NDCG/MAP/MRR@k.
         predict_top_k: how many items `predict()` returns per session.
     Ray Train:
@@ -40,6 +44,7 @@ class TrainingArguments:
     output_dir: str = "runs/train"
     num_train_epochs: int = 3
     max_steps: int = -1
+    stop_after_epoch: int = 0
     per_device_train_batch_size: int = 128
     per_device_eval_batch_size: int = 256
     learning_rate: float = 1e-3
@@ -92,6 +97,9 @@ class TrainingArguments:
             raise ConfigError("training.fp16 and training.bf16 are both true: choose one")
         if self.num_train_epochs < 1 and self.max_steps <= 0:
             raise ConfigError(f"training.num_train_epochs={self.num_train_epochs}: expected >= 1")
+        if self.stop_after_epoch < 0 or (self.max_steps <= 0 and self.stop_after_epoch > self.num_train_epochs):
+            raise ConfigError(f"training.stop_after_epoch={self.stop_after_epoch}: expected 0 (off) or an epoch "
+                              f"of the schedule, 1..num_train_epochs={self.num_train_epochs}")
         if self.per_device_train_batch_size < 1 or self.per_device_eval_batch_size < 1:
             raise ConfigError("training.per_device_*_batch_size must be >= 1")
         if self.learning_rate <= 0:

@@ -202,6 +202,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         batches_for_epoch = ctx.train_batches
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
     epochs = math.ceil(total_steps / max(steps_per_epoch, 1))
+    if args.stop_after_epoch > 0:  # the schedule (total_steps) stays; the run ends early
+        epochs = min(epochs, args.stop_after_epoch)
 
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, total_steps)
@@ -238,7 +240,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     mark_step = _step_marker(args, device)
     ddp_model = ctx.prepare_model(model)
     scalars = _tensorboard(args) if ctx.is_main else None
-    progress = _progress(args, ctx, total_steps, global_step)
+    run_steps = min(total_steps, epochs * steps_per_epoch) if args.stop_after_epoch > 0 else total_steps
+    progress = _progress(args, ctx, run_steps, global_step)
     last_metrics: dict[str, float] = {}
     started = time.perf_counter()
     sessions_seen = 0

@@ -76,6 +76,9 @@ def _check_work_left(trainer_state: dict[str, Any], args: TrainingArguments, che
     if args.max_steps > 0 and step >= args.max_steps:
         raise ValueError(f"training.resume_from_checkpoint {checkpoint!r} is at step {step}, and "
                          f"training.max_steps={args.max_steps} leaves nothing to train: raise max_steps")
+    if args.stop_after_epoch > 0 and epoch + 1 >= args.stop_after_epoch:
+        raise ValueError(f"training.resume_from_checkpoint {checkpoint!r} finished epoch {epoch + 1}, and "
+                         f"training.stop_after_epoch={args.stop_after_epoch} leaves nothing to train")
     if args.max_steps <= 0 and epoch + 1 >= args.num_train_epochs:
         raise ValueError(f"training.resume_from_checkpoint {checkpoint!r} finished epoch {epoch + 1} of "
                          f"training.num_train_epochs={args.num_train_epochs}: nothing is left to train; raise "
