@@ -331,6 +331,7 @@ def test_stop_after_epoch_ends_the_run_on_the_full_schedules_trajectory(prepared
     _check_work_left(state, local_args(tmp_path, num_train_epochs=3), stopped.checkpoint)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_is_for_the_first_train_call_only(prepared_dir, prepared_spec, tmp_path):
     """A Trainer built with resume_from_checkpoint continues that run once; its next train() call
     continues from the weights it has, with a run of its own (a set run_name gets a number)."""
