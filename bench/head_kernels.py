@@ -13,14 +13,22 @@ chunk kernel, so the figures say what the time goes to:
 - `eager`: raytr's in-place kernel, not compiled (what the CPU and an uncompiled model run);
 - `compiled`: raytr's kernel under `torch_compile` today (`compiled_kernel()`: every size symbolic);
 - `compiled-static`: the same function compiled for fixed sizes (one compile per row count);
-- `compiled-auto`: torch.compile's default, sizes symbolic only once they change (the rows);
+- `compiled-auto`: torch.compile's default, sizes symbolic only once they change (the rows). A
+  guess to check: with every size symbolic Inductor cannot prove a row's start 16-byte aligned
+  (the row length Vp is symbolic) and loads the half logits one at a time; with Vp fixed (here and
+  in `compiled-static`) it can vectorise, as in the bare loop's static kernels;
 - `compiled-inplace`: the in-place (eager) kernel compiled;
 - `compiled-no-online`: `compiled` without Inductor's online softmax (`online_softmax=False`: the row
   max and the sum of exponentials in two reductions instead of one running pair);
 - `compiled-tuned`: `compiled` with Inductor's coordinate-descent tuning of its Triton kernels' block
   sizes and warps (`coordinate_descent_tuning=True`);
 - `compiled-two-pass`: the half-precision logits made by one GEMM, then two compiled kernels, one
-  for each row's max and sum, one writing the gradient, as the bare loop's compiled code does.
+  for each row's max and sum, one writing the gradient, as the bare loop's compiled code does;
+- `triton`: raytr's Triton kernel (`training.loss_kernel: triton`, `raytr.models.triton_loss`): the
+  GEMM's logits read twice and overwritten by their gradient, 4,096 columns a block, 8 warps a row;
+  one buffer per chunk, so chunks of twice the rows;
+- `triton-2k`, `triton-8k`, `triton-32k`: the same with blocks of 2,048 columns and 4 warps, 8,192
+  and 16, 32,768 and 32 (more programs per SM against fewer, longer loop iterations).
 
 Each row also says whether the variant computes eager's loss and gradients (relative error). On the
 CPU (--device cpu) it runs at a small size; the tests run it that way.
@@ -47,8 +55,8 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 
-VARIANTS = ("bare", "eager", "compiled", "compiled-static", "compiled-auto", "compiled-inplace", "compiled-no-online",
-            "compiled-tuned", "compiled-two-pass")
+VARIANTS = ("bare", "eager", "compiled", "triton", "triton-2k", "triton-8k", "triton-32k", "compiled-static",
+            "compiled-auto", "compiled-inplace", "compiled-no-online", "compiled-tuned", "compiled-two-pass")
 
 
 def _softmax_stats(logits, targets, valid, num_classes: int, smoothing: float):
@@ -93,10 +101,10 @@ def two_pass_kernel():
         grad = softmax_grad(logits, top, total, targets, valid, num_classes, smoothing)
         return loss.sum(), grad @ weight, grad.T @ hidden
 
-    return ChunkKernel(chunk, fp32_copy=False)
+    return ChunkKernel(chunk, buffers="logits_and_grad")
 
 
-def loss_function(variant: str, chunk_size: int | None) -> tuple[Callable, Any]:
+def loss_function(variant: str, chunk_size: int | None, device) -> tuple[Callable, Any]:
     """((hidden [N, D], weight [V, D], targets [N]) -> mean loss, the chunk kernel or None) for `variant`."""
     import torch
     import torch.nn.functional as F
@@ -107,19 +115,23 @@ def loss_function(variant: str, chunk_size: int | None) -> tuple[Callable, Any]:
         return torch.compile(lambda h, w, t: F.cross_entropy((h @ w.T).float(), t)), None
     def fused(**compile_args) -> head.ChunkKernel:
         return head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads, dynamic=True, **compile_args),
-                                fp32_copy=False)
+                                buffers="logits_and_grad")
 
     kernels = {
         "eager": lambda: head.EAGER_KERNEL,
         "compiled": head.compiled_kernel,
         "compiled-static": lambda: head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads, dynamic=False),
-                                                    fp32_copy=False),
-        "compiled-auto": lambda: head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads), fp32_copy=False),
+                                                    buffers="logits_and_grad"),
+        "compiled-auto": lambda: head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads), buffers="logits_and_grad"),
         "compiled-inplace": lambda: head.ChunkKernel(torch.compile(head._chunk_loss_and_grads, dynamic=True),
-                                                     fp32_copy=True),
+                                                     buffers="fp32_copy"),
         "compiled-no-online": lambda: fused(options={"online_softmax": False}),
         "compiled-tuned": lambda: fused(options={"coordinate_descent_tuning": True}),
         "compiled-two-pass": two_pass_kernel,
+        "triton": lambda: head.triton_kernel(device),
+        "triton-2k": lambda: head.triton_kernel(device, block=2048, num_warps=4),
+        "triton-8k": lambda: head.triton_kernel(device, block=8192, num_warps=16),
+        "triton-32k": lambda: head.triton_kernel(device, block=32768, num_warps=32),
     }
     if variant not in kernels:
         raise SystemExit(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -134,7 +146,7 @@ def measure(variant: str, inputs: tuple, args, reference: dict[str, Any] | None)
     from raytr.models.head import chunk_rows
 
     hidden, weight, targets = inputs
-    fn, kernel = loss_function(variant, args.chunk_size)
+    fn, kernel = loss_function(variant, args.chunk_size, hidden.device)
     cuda = hidden.device.type == "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]  # sizes the chunks
 

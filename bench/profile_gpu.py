@@ -97,7 +97,7 @@ def _step_fns(cfg, variant: str, precision: str, device):
         if "inplace" in options:  # the chunk kernel compiled before it was written to fuse (A/B)
             from raytr.models.head import ChunkKernel, _chunk_loss_and_grads
 
-            model.head.kernel = ChunkKernel(torch.compile(_chunk_loss_and_grads, dynamic=True), fp32_copy=True)
+            model.head.kernel = ChunkKernel(torch.compile(_chunk_loss_and_grads, dynamic=True), buffers="fp32_copy")
         loader = DataLoader(spec, list(data.files), cfg.batch, engine="pyarrow", device=device)
         state = {"it": iter(loader)}
 

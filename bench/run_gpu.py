@@ -39,8 +39,8 @@ TRAIN_ORDER = ("50k", "5k", "1M", "300k")  # the 80% target's configs first
 # gap; run them with train.py --impls in the same invocation as the bare loops they are compared to.
 TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-cudagraphs",
                "50k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-cudagraphs",
-               "1M": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs",
-               "300k": "bare-compiled,raytr-local-compiled"}
+               "1M": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-local-cudagraphs-triton",
+               "300k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs-triton"}
 
 
 def gpu_steps(configs: list[str], precisions: list[str], code: str | None = None) -> list[tuple[str, list[str]]]:

@@ -20,6 +20,8 @@ implementation alike. Implementations (`--impls`):
   raytr-local-compiled  the same with TrainingArguments(torch_compile=True).
   raytr-local-cudagraphs  the same with torch_compile_mode="reduce-overhead": the input layer and
                         body, forward and backward, replayed as CUDA graphs (GPU only).
+  raytr-local-cudagraphs-triton  the same with loss_kernel="triton": the full softmax's chunks
+                        through raytr's Triton kernel instead of Inductor's (GPU only).
   raytr-ray             Trainer(launcher="ray"): TorchTrainer with one worker, merlin engine.
   raytr-ray-compiled    the same with TrainingArguments(torch_compile=True).
   raytr-ray-cudagraphs  the same with torch_compile_mode="reduce-overhead" (GPU only).
@@ -108,11 +110,13 @@ CPU_CONFIGS = {
 ALL_CONFIGS = {**GPU_CONFIGS, **CPU_CONFIGS}
 
 IMPLS = ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-local-cudagraphs",
-         "raytr-ray", "raytr-ray-compiled", "raytr-ray-cudagraphs", "raytr-ray-raydata")
+         "raytr-local-cudagraphs-triton", "raytr-ray", "raytr-ray-compiled", "raytr-ray-cudagraphs",
+         "raytr-ray-raydata")
+TRITON_SUFFIX = "-triton"  # an implementation with this suffix: the same with training.loss_kernel="triton"
 DEFAULT_IMPLS = {
     "cpu": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-ray"),
     "cuda": ("bare", "bare-compiled", "raytr-model", "raytr-local", "raytr-local-compiled", "raytr-local-cudagraphs",
-             "raytr-ray", "raytr-ray-compiled", "raytr-ray-cudagraphs"),
+             "raytr-local-cudagraphs-triton", "raytr-ray", "raytr-ray-compiled", "raytr-ray-cudagraphs"),
 }
 LEARNING_RATE = 1e-3
 DROPOUT = 0.1
@@ -335,7 +339,8 @@ def step_times_from_tensorboard(directory: Path) -> list[tuple[int, float]]:
 
 def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup: int, steps: int,
                     engine: str, threads: int, chunk: int | None = None) -> dict[str, Any]:
-    """raytr-local[-compiled|-cudagraphs] / raytr-ray[-compiled|-cudagraphs|-raydata] through `Trainer.train()`."""
+    """raytr-local[-compiled|-cudagraphs[-triton]] / raytr-ray[-compiled|-cudagraphs|-raydata] through
+    `Trainer.train()`."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -345,6 +350,8 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
     from raytr.training.trainer import Trainer
 
     data = sessions_for(cfg, warmup + steps)
+    loss_kernel = "triton" if impl.endswith(TRITON_SUFFIX) else "torch"
+    impl = impl.removesuffix(TRITON_SUFFIX)  # the rest of the name says how the Trainer runs
     logging_steps = math.gcd(warmup, steps)  # events at step `warmup` and `warmup + steps`
     launcher = "ray" if impl.startswith("raytr-ray") else "local"
     if impl == "raytr-ray-raydata":
@@ -353,12 +360,12 @@ def measure_trainer(cfg: BenchConfig, impl: str, precision: str, device, warmup:
     model = SessionModel(spec, raytr_model_config(cfg, chunk), seed=0)
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     out_dir = Path(tempfile.mkdtemp(prefix="train-", dir=DATA_DIR))
-    run_name = f"bench-{impl}-{precision}"
+    run_name = f"bench-{impl}-{loss_kernel}-{precision}"
     args = TrainingArguments(
         output_dir=str(out_dir), max_steps=warmup + steps, per_device_train_batch_size=cfg.batch,
         learning_rate=LEARNING_RATE, fp16=precision == "fp16", bf16=precision == "bf16",
         torch_compile=impl.endswith("compiled"), launcher=launcher, num_workers=1,
-        torch_compile_mode="reduce-overhead" if impl.endswith("cudagraphs") else None,
+        torch_compile_mode="reduce-overhead" if impl.endswith("cudagraphs") else None, loss_kernel=loss_kernel,
         use_gpu=device.type == "cuda", data_loader_engine=engine, logging_steps=logging_steps,
         report_to=("tensorboard",), disable_tqdm=True, save_total_limit=1, run_name=run_name, seed=0,
         # The worker gets as many CPUs as the local runs use threads: Ray sets OMP_NUM_THREADS from it.

@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT / ".." / "shared" / "data" / "yoochoose-rsc15-100k"
@@ -38,6 +39,12 @@ SHARED_DATA = REPO_ROOT / ".." / "shared" / "data" / "yoochoose-rsc15-100k"
 # DeprecationWarning). Ray workers and CLI subprocesses inherit this environment variable; the
 # test process itself is filtered in pytest_configure below.
 os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning,ignore::DeprecationWarning")
+
+# Without a GPU, Triton kernels (raytr.models.triton_loss) run in Triton's interpreter on CPU tensors.
+# It is chosen when triton is imported, so the variable is set before any test imports it (and Ray
+# workers, started later, inherit it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _free_port() -> int:

@@ -164,4 +164,5 @@ def test_head_kernels_variants_compute_eagers_loss_and_gradients(tmp_path, monke
 
     lines = section_head_kernels(result)
     assert any(line.startswith("| eager |") and line.endswith("| (reference) |") for line in lines)
-    assert sum(line.startswith("| compiled") for line in lines) == len(VARIANTS) - 2
+    for kind in ("compiled", "triton"):
+        assert sum(line.startswith(f"| {kind}") for line in lines) == sum(v.startswith(kind) for v in VARIANTS) > 0

@@ -97,7 +97,7 @@ def test_wrong_type_names_the_field(tmp_path, section, key, value):
 @pytest.mark.parametrize(
     "section, key, value",
     [("model", "body", "lstm"), ("data", "read_format", "json"), ("training", "lr_scheduler_type", "step"),
-     ("training", "torch_compile_mode", "fast")],
+     ("training", "torch_compile_mode", "fast"), ("training", "loss_kernel", "cuda")],
 )
 def test_bad_literal_names_field_and_choices(tmp_path, section, key, value):
     path = write_yaml(tmp_path, {section: {key: value}})

@@ -158,15 +158,16 @@ def test_chunk_rows_per_device(monkeypatch):
     assert chunk_rows(None, 10**6, torch.device("mps"), 4) == 2**31 // 4 // 10**6  # 2 GiB elsewhere: 536
 
 
-@pytest.mark.parametrize(("dtype", "eager", "fused"), [(torch.float16, 6, 4), (torch.bfloat16, 6, 4),
-                                                       (torch.float32, 4, 8)])
-def test_chunk_kernels_declare_their_buffers(dtype, eager, fused):
+@pytest.mark.parametrize(("dtype", "eager", "fused", "triton"), [(torch.float16, 6, 4, 2), (torch.bfloat16, 6, 4, 2),
+                                                                 (torch.float32, 4, 8, 4)])
+def test_chunk_kernels_declare_their_buffers(dtype, eager, fused, triton):
     """The in-place kernel holds half logits and their fp32 copy (fp32: one buffer); the fused one
-    the logits and their gradient in the compute dtype."""
-    from raytr.models.head import EAGER_KERNEL, ChunkKernel, _fusable_chunk_loss_and_grads
+    the logits and their gradient in the compute dtype; the Triton one the logits alone."""
+    from raytr.models.head import EAGER_KERNEL, ChunkKernel, _fusable_chunk_loss_and_grads, triton_kernel
 
     assert EAGER_KERNEL.bytes_per_logit(dtype) == eager
-    assert ChunkKernel(_fusable_chunk_loss_and_grads, fp32_copy=False).bytes_per_logit(dtype) == fused
+    assert ChunkKernel(_fusable_chunk_loss_and_grads, buffers="logits_and_grad").bytes_per_logit(dtype) == fused
+    assert triton_kernel(torch.device("cpu")).bytes_per_logit(dtype) == triton
 
 
 @pytest.mark.parametrize("reserved", [PAD_ID, NULL_ID, OOV_ID])
@@ -280,14 +281,15 @@ def test_chunked_cross_entropy_cuda_peak_memory():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to read the allocator's peak")
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kind", ["eager", "compiled", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_chunk_kernel_holds_no_more_than_it_declares(compiled, dtype):
+def test_chunk_kernel_holds_no_more_than_it_declares(kind, dtype):
     """chunk_rows sizes a GPU chunk by the kernel's bytes_per_logit: a kernel holding more buffers
     than it declares would overrun the chunk budget (and the 1M config's memory target)."""
-    from raytr.models.head import EAGER_KERNEL, _padded_weight, compiled_kernel
+    from raytr.models.head import EAGER_KERNEL, _padded_weight, compiled_kernel, triton_kernel
 
-    kernel = compiled_kernel() if compiled else EAGER_KERNEL
+    kernel = {"eager": lambda: EAGER_KERNEL, "compiled": compiled_kernel,
+              "triton": lambda: triton_kernel(torch.device("cuda"))}[kind]()
     c, V, D = 2048, 100_000, 128
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(c, D, device="cuda", generator=gen).to(dtype)
@@ -305,6 +307,28 @@ def test_chunk_kernel_holds_no_more_than_it_declares(compiled, dtype):
     declared = kernel.bytes_per_logit(dtype) * c * w.shape[0]
     assert extra <= declared + outputs + 2**25, (extra, declared, outputs)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the compiled Triton kernel on a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_triton_chunk_kernel_equals_the_in_place_one_on_cuda(dtype, smoothing):
+    """The compiled Triton kernel (not the interpreter of the CPU tests) at a GPU chunk's size: 2,048
+    rows of 100,000 items (13 blocks of 8,192 per row, the last one partly past the catalog)."""
+    from raytr.models.head import _chunk_loss_and_grads, _padded_weight, triton_kernel
+
+    c, V, D = 2048, 100_000, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(c, D, device="cuda", generator=gen).to(dtype)
+    w, valid = _padded_weight(torch.randn(V, D, device="cuda", generator=gen) * 0.05, dtype)
+    t = torch.randint(FIRST_ITEM_ID, V, (c,), device="cuda", generator=gen)
+    args = (h, w, t, valid, V - FIRST_ITEM_ID, smoothing, True)
+    expected, got = _chunk_loss_and_grads(*args), triton_kernel(torch.device("cuda")).fn(*args)
+    assert torch.allclose(got[0], expected[0], rtol=1e-4)
+    for g, e in zip(got[1:], expected[1:]):
+        assert g.dtype == e.dtype == dtype
+        assert float((g.float() - e.float()).norm() / e.float().norm()) < 1e-2
 
 
 def test_full_scores_are_fp32_under_autocast():
@@ -468,3 +492,112 @@ def test_compiled_chunk_kernel_gives_the_same_loss_and_gradients():
         ref_grads = torch.autograd.grad(ref, (hidden, weight))
         assert torch.allclose(loss, ref, atol=1e-5)
         assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
+
+
+# ------------------------------------------------------------------ the Triton chunk kernel
+# Without a GPU conftest.py sets TRITON_INTERPRET=1: Triton then interprets the kernel on CPU tensors.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_triton_chunk_kernel_equals_the_in_place_one(dtype, smoothing, with_grad):
+    """The Triton kernel computes what the eager kernel does, padding and reserved ids included; blocks
+    of 16 columns make each row's softmax run over four blocks (the running max changes between them)."""
+    from raytr.models.head import _chunk_loss_and_grads, _padded_weight, triton_kernel
+
+    hidden, weight, targets = _case(N=37, V=23, D=8, seed=3)
+    w, valid = _padded_weight(weight.detach(), dtype)  # 64 classes: 3 reserved, 41 of padding
+    args = (hidden.detach().to(dtype), w, targets, valid, 23 - FIRST_ITEM_ID, smoothing, with_grad)
+    expected, got = _chunk_loss_and_grads(*args), triton_kernel(torch.device("cpu"), block=16).fn(*args)
+    assert torch.allclose(got[0], expected[0], rtol=1e-5, atol=1e-4)  # summed loss, reduced in fp32 by both
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for g, e in zip(got[1:], expected[1:]):
+        assert (g is None) == (e is None) == (not with_grad)
+        if g is not None:
+            assert g.dtype == e.dtype == dtype and torch.allclose(g.float(), e.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_chunked_cross_entropy_with_the_triton_kernel_equals_plain(scale):
+    """Through chunked_cross_entropy (chunks of 16 rows, blocks of 64 of the 320 padded columns): the
+    plain cross-entropy's loss and gradients, also for logits in the thousands (exp would overflow
+    without the running max)."""
+    from raytr.models.head import triton_kernel
+
+    kernel = triton_kernel(torch.device("cpu"), block=64)
+    hidden, weight, targets = _case(N=50, V=300, D=8, seed=5)
+    with torch.no_grad():
+        hidden.mul_(scale)
+    loss = chunked_cross_entropy(hidden, weight, targets, 16, 0.1, kernel=kernel)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref = F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=0.1)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    assert torch.isfinite(loss) and torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_triton_kernel_rejects_what_it_cannot_compute():
+    from raytr.models.triton_loss import cross_entropy_rows_
+
+    logits, targets = torch.randn(4, 64), torch.tensor([3, 4, 5, 6])
+    with pytest.raises(ValueError, match="contiguous rows"):
+        cross_entropy_rows_(logits.T, targets, 3, 4, 0.0, True)
+    with pytest.raises(ValueError, match="classes 3..64: expected a non-empty range within the 64 columns"):
+        cross_entropy_rows_(logits, targets, 3, 65, 0.0, True)
+    with pytest.raises(ValueError, match="the first block must hold the first class"):
+        cross_entropy_rows_(logits, targets, 3, 64, 0.0, True, block=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error off the GPU; this machine has one")
+def test_triton_kernel_off_the_gpu_says_it_needs_cuda():
+    """Without Triton's interpreter (which the other tests here use) the kernel refuses a CPU device."""
+    script = "import torch\nfrom raytr.models.head import triton_kernel\ntriton_kernel(torch.device('cpu'))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode != 0
+    assert "ValueError: the Triton loss kernel runs on CUDA GPUs, not on 'cpu'" in out.stderr
+
+
+# Compiles the kernel as a launch would, for an H100, without a GPU: Triton's compiler, then ptxas -v on its PTX.
+# In a fresh process: Triton's interpreter (TRITON_INTERPRET, set by conftest.py) and its compiler do not mix.
+COMPILE_FOR_H100 = """
+import re, subprocess, sys, tempfile
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from raytr.models import triton_loss
+
+dtype = sys.argv[1]
+signature = {"logits_ptr": f"*{dtype}", "row_stride": "i32", "targets_ptr": "*i64", "loss_ptr": "*fp32",
+             "num_cols": "i32", "first_class": "i32", "end_class": "i32", "smoothing": "fp32",
+             "BLOCK": "constexpr", "SMOOTHING": "constexpr", "WITH_GRAD": "constexpr"}
+aligned = {(i,): [["tt.divisibility", 16]] for i in range(5)}  # what a launch with Vp % 64 == 0 specialises
+source = ASTSource(fn=triton_loss._cross_entropy_rows, signature=signature, attrs=aligned,
+                   constexprs={"BLOCK": triton_loss.DEFAULT_BLOCK, "SMOOTHING": True, "WITH_GRAD": True})
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": triton_loss.DEFAULT_WARPS}).asm["ptx"]
+with tempfile.TemporaryDirectory() as tmp:
+    (Path(tmp) / "k.ptx").write_text(ptx)
+    out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
+                         capture_output=True, text=True, check=True)
+print(len(re.findall(r"ld[.]global[^\\n]*[.]v4", ptx)), len(re.findall(r"st[.]global[^\\n]*[.]v4", ptx)))
+print(out.stdout + out.stderr)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_triton_kernel_compiles_for_an_h100_with_vector_loads_and_no_spills(dtype):
+    """What the interpreter cannot check: Triton's compiler and ptxas build the kernel for an H100
+    (sm_90) at its default block and warps; each thread loads its half logits as 16-byte vectors
+    (ld.global.v4: two per pass of 4,096 columns over 256 threads) and stores the gradient so, and
+    no register spills to local memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100, dtype], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts, report = out.stdout.split("\n", 1)
+    assert counts == "4 2", (counts, report)  # vector loads (two per pass), vector stores
+    assert "0 bytes spill stores, 0 bytes spill loads" in report, report

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -127,30 +128,63 @@ def _fusable_chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, ta
     return loss.sum(), grad @ weight, grad.T @ hidden
 
 
+# How a chunk kernel holds a [c, Vp] chunk, which sizes the chunks (`ChunkKernel.bytes_per_logit`).
+ChunkBuffers = Literal["fp32_copy", "logits_and_grad", "in_place"]
+
+
 @dataclass(frozen=True)
 class ChunkKernel:
-    """A per-chunk loss-and-gradients function (signature of `_chunk_loss_and_grads`) and whether it
-    keeps an fp32 copy of a half-precision chunk's logits, which sizes the chunks (`chunk_rows`)."""
+    """A per-chunk loss-and-gradients function (signature of `_chunk_loss_and_grads`) and the
+    buffers it holds per chunk, which size the chunks (`chunk_rows`)."""
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
-    fp32_copy: bool
+    buffers: ChunkBuffers
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
-        """Peak bytes the kernel holds per [c, Vp] logit when the GEMMs run in `dtype`. In place: the
-        half logits while their fp32 copy is made, then the fp32 buffer while its half gradient is
-        made (in fp32 one buffer does for all three). Fused: the logits and the gradient."""
-        if self.fp32_copy:
+        """Peak bytes the kernel holds per [c, Vp] logit when the GEMMs run in `dtype`. fp32_copy:
+        the half logits while their fp32 copy is made, then the fp32 buffer while its half gradient
+        is made (in fp32 one buffer does for all three). logits_and_grad: the logits and the gradient.
+        in_place: the logits, which become the gradient."""
+        if self.buffers == "fp32_copy":
             return 4 if dtype.itemsize >= 4 else 4 + dtype.itemsize
-        return 2 * dtype.itemsize
+        if self.buffers == "logits_and_grad":
+            return 2 * dtype.itemsize
+        return dtype.itemsize
 
 
-EAGER_KERNEL = ChunkKernel(_chunk_loss_and_grads, fp32_copy=True)
+EAGER_KERNEL = ChunkKernel(_chunk_loss_and_grads, buffers="fp32_copy")
 
 
 def compiled_kernel() -> ChunkKernel:
     """`_fusable_chunk_loss_and_grads` through torch.compile (dynamic shapes: the last chunk's rows
     vary from step to step)."""
-    return ChunkKernel(torch.compile(_fusable_chunk_loss_and_grads, dynamic=True), fp32_copy=False)
+    return ChunkKernel(torch.compile(_fusable_chunk_loss_and_grads, dynamic=True), buffers="logits_and_grad")
+
+
+def triton_kernel(device: torch.device, block: int | None = None, num_warps: int | None = None) -> ChunkKernel:
+    """The chunk's softmax and gradient as one Triton kernel over the GEMM's logits, in place
+    (`raytr.models.triton_loss`): 6 bytes moved per half-precision logit and one [c, Vp] buffer, so
+    twice the rows per chunk of `compiled_kernel`. `block`/`num_warps` override the kernel's
+    defaults (benchmarks). Raises ValueError saying why where it cannot run: without the `triton`
+    package, or on a device other than CUDA (unless TRITON_INTERPRET=1 was set before the import)."""
+    try:
+        from raytr.models import triton_loss  # the triton package: only for this kernel
+    except ImportError as err:
+        raise ValueError(f"the Triton loss kernel needs the triton package, which CUDA builds of torch "
+                         f"install ({err})") from err
+    if not triton_loss.runs_on(device):
+        raise ValueError(f"the Triton loss kernel runs on CUDA GPUs, not on {device.type!r}")
+    tuning = {"block": block or triton_loss.DEFAULT_BLOCK, "num_warps": num_warps or triton_loss.DEFAULT_WARPS}
+
+    def chunk(hidden, weight, targets, valid, num_classes, smoothing, with_grad):
+        logits = hidden @ weight.T  # [c, Vp] in the compute dtype; becomes the gradient
+        loss = triton_loss.cross_entropy_rows_(logits, targets, FIRST_ITEM_ID, FIRST_ITEM_ID + num_classes,
+                                               smoothing, with_grad, **tuning)
+        if not with_grad:
+            return loss.sum(), None, None
+        return loss.sum(), logits @ weight, logits.T @ hidden
+
+    return ChunkKernel(chunk, buffers="in_place")
 
 
 def _padded_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +421,7 @@ class NextItemHead(nn.Module):
         self.chunk_size = config.logits_chunk_size
         self.num_negatives = config.num_negatives
         self.label_smoothing = config.label_smoothing
-        self.kernel = EAGER_KERNEL  # compile_chunk_kernel swaps in the compiled one
+        self.kernel = EAGER_KERNEL  # compile_chunk_kernel or training.loss_kernel swap in another
         if tied_weight is not None:
             if tied_weight.shape != (num_items, config.d_model):
                 raise ValueError(

@@ -24,6 +24,10 @@ class TrainingArguments:
         torch_compile_mode: torch.compile's mode for the compiled regions (None: "default");
             "reduce-overhead" replays the input layer and body, forward and backward, as CUDA
             graphs on a GPU (Hugging Face's name; setting it turns torch_compile on).
+        loss_kernel: how the full softmax's chunks are computed. "torch": torch ops (Inductor's fused
+            kernel under torch_compile on a GPU); "triton": raytr's Triton kernel on a GPU (the
+            softmax and its gradient in place over a chunk's logits, `raytr.models.triton_loss`;
+            needs the triton package, which CUDA builds of torch install). Same loss and gradients.
         max_sequence_length: None reads it from the prepared schema (the one source of truth).
         data_loader_engine: "merlin" (merlin-dataloader), "pyarrow", or "ray" (Ray Data shards).
         compute_metrics_each_n_steps: ranking metrics on the training batch every N steps (0: off).
@@ -61,6 +65,7 @@ class TrainingArguments:
     bf16: bool = False
     torch_compile: bool = False
     torch_compile_mode: CompileMode | None = None
+    loss_kernel: Literal["torch", "triton"] = "torch"
     seed: int = 42
     dataloader_drop_last: bool = False
     logging_steps: int = 50

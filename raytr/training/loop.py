@@ -37,6 +37,7 @@ from raytr.evaluation import update_next_item_metrics
 from raytr.features import FeatureSpec, SessionBatch
 from raytr.metrics import RankingMetrics
 from raytr.models import SessionModel
+from raytr.models.head import triton_kernel
 from raytr.training.arguments import TrainingArguments
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,11 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
 
     if args.torch_compile:
         model.compile_regions(args.torch_compile_mode)  # in place, before DDP wraps it: same state_dict names
+    if args.loss_kernel == "triton":
+        try:
+            model.head.kernel = triton_kernel(device)
+        except ValueError as err:
+            raise ValueError(f"training.loss_kernel='triton': {err}; use 'torch' there") from err
     mark_step = _step_marker(args, device)
     ddp_model = ctx.prepare_model(model)
     scalars = _tensorboard(args) if ctx.is_main else None
