@@ -9,7 +9,7 @@ wall ms per step, GPU busy ms per step (the sum of kernel times: wall >> busy me
 launches bound the step), host syncs per step, and the ops with the most GPU time. Then raytr's
 training loop itself (`trainer`, also on --device cpu) and variants of it that change one thing each
 (see `profile_trainer`; on an H100 they found a TensorBoard scalar every step to cost ~3 ms), and
-candidate speed-ups of the step (`-cudagraphs`, `-smallchunk`, `-inplace`: see --variants).
+candidate speed-ups of the step (`-cudagraphs`, `-smallchunk`, `-inplace`, `-triton`: see --variants).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from bench.train import (
 )
 
 
-STEP_OPTIONS = ("foreach", "smallchunk", "inplace", "cudagraphs")  # raytr[-compiled] variants' suffixes
-TRAINER_OPTIONS = ("merlin", "quiet", "nogc", "cudagraphs", "smallchunk")
+STEP_OPTIONS = ("foreach", "smallchunk", "inplace", "cudagraphs", "triton")  # raytr[-compiled] variants' suffixes
+TRAINER_OPTIONS = ("merlin", "quiet", "nogc", "cudagraphs", "smallchunk", "triton")
 SMALL_CHUNK_ROWS = 4096  # raytr's logits_chunk_size before 2026-11-27 (now: up to the head's memory budget)
 
 
@@ -98,6 +98,10 @@ def _step_fns(cfg, variant: str, precision: str, device):
             from raytr.models.head import ChunkKernel, _chunk_loss_and_grads
 
             model.head.kernel = ChunkKernel(torch.compile(_chunk_loss_and_grads, dynamic=True), buffers="fp32_copy")
+        if "triton" in options:  # raytr's Triton chunk kernel (training.loss_kernel="triton")
+            from raytr.models.head import triton_kernel
+
+            model.head.kernel = triton_kernel(device)
         loader = DataLoader(spec, list(data.files), cfg.batch, engine="pyarrow", device=device)
         state = {"it": iter(loader)}
 
@@ -191,7 +195,8 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
     GPU: `-merlin` reads with the merlin engine (bench/train.py's default), `-quiet` writes no
     TensorBoard scalars, `-nogc` disables Python's garbage collector during the loop, `-cudagraphs`
     compiles with torch_compile_mode="reduce-overhead" (input layer and body as CUDA graphs),
-    `-smallchunk` computes the loss in chunks of 4,096 rows (the former default)."""
+    `-smallchunk` computes the loss in chunks of 4,096 rows (the former default), `-triton` with
+    raytr's Triton chunk kernel (loss_kernel="triton")."""
     import gc
     import tempfile
 
@@ -217,7 +222,8 @@ def profile_trainer(cfg, variant: str, precision: str, steps: int, device_name: 
                              per_device_train_batch_size=cfg.batch, learning_rate=LEARNING_RATE,
                              fp16=precision == "fp16", bf16=precision == "bf16", torch_compile=True,
                              torch_compile_mode="reduce-overhead" if "cudagraphs" in options else None,
-                             launcher="local", use_gpu=device.type == "cuda", data_loader_engine=engine,
+                             loss_kernel="triton" if "triton" in options else "torch", launcher="local",
+                             use_gpu=device.type == "cuda", data_loader_engine=engine,
                              logging_steps=0 if "quiet" in options else 1,
                              report_to=() if "quiet" in options else ("tensorboard",), disable_tqdm=True,
                              save_total_limit=1)
@@ -262,12 +268,13 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="bare-compiled,raytr,raytr-compiled,trainer,trainer-merlin,trainer-quiet,"
                                          "trainer-nogc",
                    help="bare-compiled; raytr or raytr-compiled, with any of the suffixes -foreach (plain AdamW "
-                        "instead of fused), -smallchunk (4,096-row loss chunks, the former default), and for "
+                        "instead of fused), -smallchunk (4,096-row loss chunks, the former default), -triton "
+                        "(raytr's Triton loss kernel), and for "
                         "raytr-compiled -inplace (the in-place chunk kernel compiled, as up to 2026-11-27), -cudagraphs "
                         "(input layer and body as CUDA graphs: mode='reduce-overhead'); trainer (raytr's training loop "
                         "itself; also runs with --device cpu), with any of the suffixes -merlin (merlin engine), -quiet "
                         "(no TensorBoard), -nogc (no garbage collector), -cudagraphs (torch_compile_mode="
-                        "'reduce-overhead'), -smallchunk. Suffixes combine: trainer-cudagraphs-smallchunk")
+                        "'reduce-overhead'), -smallchunk, -triton. Suffixes combine: trainer-cudagraphs-triton")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only the trainer variant")
     p.add_argument("--steps", type=int, default=10)
     add_code_argument(p)

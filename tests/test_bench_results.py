@@ -60,6 +60,7 @@ def test_profile_variant_suffixes_combine_and_unknown_ones_are_named():
 
     assert variant_options("trainer", "trainer", TRAINER_OPTIONS) == set()
     assert variant_options("trainer-cudagraphs-smallchunk", "trainer", TRAINER_OPTIONS) == {"cudagraphs", "smallchunk"}
+    assert variant_options("trainer-cudagraphs-triton", "trainer", TRAINER_OPTIONS) == {"cudagraphs", "triton"}
     assert variant_options("raytr-compiled-cudagraphs-smallchunk", "raytr-compiled", STEP_OPTIONS) == {
         "cudagraphs", "smallchunk"}
     for bad in ("trainer-fast", "trainer-", "trainers", "trainer-quiet-merlinx"):

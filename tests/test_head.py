@@ -315,7 +315,8 @@ def test_chunk_kernel_holds_no_more_than_it_declares(kind, dtype):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_triton_chunk_kernel_equals_the_in_place_one_on_cuda(dtype, smoothing):
     """The compiled Triton kernel (not the interpreter of the CPU tests) at a GPU chunk's size: 2,048
-    rows of 100,000 items (13 blocks of 8,192 per row, the last one partly past the catalog)."""
+    rows of 100,000 items (25 blocks of 4,096 per row, the last one partly past the catalog). Also the
+    one check of its bf16 rounding: the interpreter rounds bf16 stores toward zero, the GPU to nearest."""
     from raytr.models.head import _chunk_loss_and_grads, _padded_weight, triton_kernel
 
     c, V, D = 2048, 100_000, 128
@@ -536,6 +537,24 @@ def test_chunked_cross_entropy_with_the_triton_kernel_equals_plain(scale):
     assert torch.isfinite(loss) and torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_triton_kernel_survives_a_first_block_of_overflowed_logits():
+    """Half-precision logits that overflowed to -inf fill the first block: the running max stays -inf
+    through it, and the loss and gradient are still torch's (no exp of -inf - -inf)."""
+    from raytr.models.triton_loss import cross_entropy_rows_
+
+    logits = torch.ones(2, 128)
+    logits[:, :64] = NEG_INF
+    logits[1, 64:] = torch.linspace(-3.0, 3.0, 64)
+    targets = torch.tensor([70, 100])
+    x = logits[:, FIRST_ITEM_ID:].clone().requires_grad_()
+    ref = F.cross_entropy(x, targets - FIRST_ITEM_ID, reduction="none", label_smoothing=0.0)
+    ref.sum().backward()
+    grad = logits.clone()
+    loss = cross_entropy_rows_(grad, targets, FIRST_ITEM_ID, 128, 0.0, True, block=64)
+    assert torch.allclose(loss, ref.detach(), atol=1e-5)
+    assert torch.allclose(grad[:, FIRST_ITEM_ID:], x.grad, atol=1e-6) and torch.all(grad[:, :FIRST_ITEM_ID] == 0)
 
 
 def test_triton_kernel_rejects_what_it_cannot_compute():

@@ -4,9 +4,9 @@ place, so the loss and gradient of a [c, Vp] chunk move 6 bytes per half-precisi
 no buffer beside the GEMM's logits.
 
 Why: on the 1M config (H200, 2026-11-27, bench/profile_gpu.py) Inductor's fused kernel for the same
-work (`head._fusable_chunk_loss_and_grads` compiled, every size symbolic) took 32.5 ms a step for
-~6,400 x 10^6 logits, ~1.2 TB/s at the same 6 bytes per logit, a quarter of the GPU's bandwidth,
-where the bare loop's two softmax kernels took 13.2 ms for 10,240 x 10^6.
+work (`head._fusable_chunk_loss_and_grads` compiled, every size symbolic) took 32.5 ms a step where
+the bare loop's two softmax kernels took 13.2 ms over the same ~6,400 x 10^6 logits: ~1.2 against
+~2.9 TB/s if each moves 6 bytes per logit (counted from the code, not measured), of the H200's 4.8.
 
 CUDA only, and only where the `triton` package is installed (CUDA builds of torch bring it). With
 TRITON_INTERPRET=1 set before this module is imported, Triton interprets the kernel on CPU tensors,
@@ -23,11 +23,11 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 # Columns per loop iteration (a power of two) and warps per row (one program per row: a chunk has
-# thousands of rows). 4,096 half-precision logits over 8 warps are two 16-byte loads per thread, in 48
-# registers (ptxas, sm_90): 5 programs fit an SM, 40 KB of loads in flight, what an H100 needs to
-# near its bandwidth (~3.35 TB/s x ~1.3 us of latency / 132 SMs = ~33 KB). 8,192 over 16 warps takes
-# 64 registers, 2 programs and 32 KB; 32 elements per thread ~120 registers. Not measured yet:
-# bench/head_kernels.py's triton-* variants compare these.
+# thousands of rows). 4,096 half-precision logits over 8 warps are two 16-byte loads per thread, in
+# 48-54 registers (ptxas for sm_90, without and with label smoothing): 4-5 programs fit an SM, 32-40
+# KB of loads in flight, about what an H100 needs to near its bandwidth (~3.35 TB/s x ~1.3 us of
+# latency / 132 SMs = ~33 KB). 8,192 over 16 warps takes 64 registers: 2 programs, 32 KB. Estimates
+# from the compiler's output, not timings: bench/head_kernels.py's triton-* variants measure them.
 DEFAULT_BLOCK = 4096
 DEFAULT_WARPS = 8
 
@@ -43,10 +43,13 @@ def _cross_entropy_rows(logits_ptr, row_stride, targets_ptr, loss_ptr, num_cols,
     row_ptr = logits_ptr + row * row_stride
     target = tl.load(targets_ptr + row)
     num_classes = end_class - first_class
+    # Read before pass 1: its reductions' barriers then order this read before any warp's pass-2
+    # store, which may overwrite the target's column (another warp's) with its gradient.
+    target_logit = tl.load(row_ptr + target).to(tl.float32)
 
-    # Pass 1: the running max and the sum of exponentials below it (online softmax), in fp32. The
-    # first block holds a class (first_class < BLOCK), so `top` is finite after it and no exp sees
-    # -inf - -inf.
+    # Pass 1: the running max and the sum of exponentials below it (online softmax), in fp32. While
+    # every class seen is -inf (overflowed logits) the max is -inf too: exponentials are then taken
+    # against 0, never -inf - -inf.
     top = float("-inf")
     total = 0.0
     logit_sum = 0.0
@@ -56,12 +59,13 @@ def _cross_entropy_rows(logits_ptr, row_stride, targets_ptr, loss_ptr, num_cols,
         is_class = (cols >= first_class) & (cols < end_class)
         x = tl.where(is_class, x, float("-inf"))
         new_top = tl.maximum(top, tl.max(x, axis=0))
-        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top), axis=0)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+        total = total * tl.exp(top - shift) + tl.sum(tl.exp(x - shift), axis=0)
         top = new_top
         if SMOOTHING:
             logit_sum += tl.sum(tl.where(is_class, x, 0.0), axis=0)
     lse = top + tl.log(total)
-    loss = lse - tl.load(row_ptr + target).to(tl.float32)
+    loss = lse - target_logit
     if SMOOTHING:  # (1 - s) * -log p(target) + s * mean over the classes of -log p
         loss = (1.0 - smoothing) * loss + smoothing * (lse - logit_sum / num_classes)
     tl.store(loss_ptr + row, loss)
