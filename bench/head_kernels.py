@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows (target positions) per step (default: 6,400 on cuda, ~ the 1M config's; 256 on cpu)")
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--chunk-size", type=int, default=None, help="cap on the rows per chunk (default: the memory budget's)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None,
+                   help="comma list (default: all; on the CPU the triton ones only under TRITON_INTERPRET=1)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--output", default=None, help="results/<name>.json (default: head-kernels-<device>)")
@@ -210,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     hidden = torch.randn(n, d_model, generator=gen).to(args.device).requires_grad_()
     weight = (torch.randn(items, d_model, generator=gen) * 0.02).to(args.device).requires_grad_()
     targets = torch.randint(3, items, (n,), generator=gen).to(args.device)
-    variants = args.variants.split(",")
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if args.variants is None:
+        from raytr.models.head import triton_kernel
+
+        try:
+            triton_kernel(torch.device(args.device))
+        except ValueError as err:  # e.g. the CPU without Triton's interpreter
+            print(f"leaving out the triton variants: {err}", flush=True)
+            variants = [v for v in variants if not v.startswith("triton")]
     # eager first (every other variant's loss and gradients are compared with its), then the bare loop
     order = ["eager"] + [v for v in ("bare",) if v in variants] + [v for v in variants if v not in ("eager", "bare")]
     stamp = {"measured": timestamp(started), "code": args.code or code_version(), "gpu": gpu_name()}
