@@ -279,6 +279,23 @@ def test_chunked_cross_entropy_cuda_peak_memory():
     assert extra < logits_bytes / 8, (extra, logits_bytes)
 
 
+def _cuda_chunk(dtype: torch.dtype, smoothing: float) -> tuple:
+    """A chunk kernel's arguments at a GPU chunk's size: 2,048 rows of 100,000 items (padded), D = 128."""
+    from raytr.models.head import _padded_weight
+
+    c, V, D = 2048, 100_000, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(c, D, device="cuda", generator=gen).to(dtype)
+    w, valid = _padded_weight(torch.randn(V, D, device="cuda", generator=gen) * 0.05, dtype)
+    t = torch.randint(FIRST_ITEM_ID, V, (c,), device="cuda", generator=gen)
+    return h, w, t, valid, V - FIRST_ITEM_ID, smoothing, True
+
+
+def _without_triton_interpreter() -> dict[str, str]:
+    """This environment minus TRITON_INTERPRET (conftest.py sets it on a machine without CUDA)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to read the allocator's peak")
 @pytest.mark.parametrize("kind", ["eager", "compiled", "triton"])
@@ -286,16 +303,11 @@ def test_chunked_cross_entropy_cuda_peak_memory():
 def test_chunk_kernel_holds_no_more_than_it_declares(kind, dtype):
     """chunk_rows sizes a GPU chunk by the kernel's bytes_per_logit: a kernel holding more buffers
     than it declares would overrun the chunk budget (and the 1M config's memory target)."""
-    from raytr.models.head import EAGER_KERNEL, _padded_weight, compiled_kernel, triton_kernel
+    from raytr.models.head import EAGER_KERNEL, compiled_kernel, triton_kernel
 
     kernel = {"eager": lambda: EAGER_KERNEL, "compiled": compiled_kernel,
               "triton": lambda: triton_kernel(torch.device("cuda"))}[kind]()
-    c, V, D = 2048, 100_000, 128
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(c, D, device="cuda", generator=gen).to(dtype)
-    w, valid = _padded_weight(torch.randn(V, D, device="cuda", generator=gen) * 0.05, dtype)
-    t = torch.randint(FIRST_ITEM_ID, V, (c,), device="cuda", generator=gen)
-    args = (h, w, t, valid, V - FIRST_ITEM_ID, 0.1, True)
+    args = _cuda_chunk(dtype, smoothing=0.1)
     kernel.fn(*args)  # compiles, and allocates cuBLAS's workspace, before measuring
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -304,7 +316,8 @@ def test_chunk_kernel_holds_no_more_than_it_declares(kind, dtype):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     outputs = grad_hidden.nbytes + grad_weight.nbytes
-    declared = kernel.bytes_per_logit(dtype) * c * w.shape[0]
+    hidden, weight = args[:2]  # [c, D], [Vp, D]
+    declared = kernel.bytes_per_logit(dtype) * hidden.shape[0] * weight.shape[0]
     assert extra <= declared + outputs + 2**25, (extra, declared, outputs)
     assert torch.isfinite(loss)
 
@@ -317,14 +330,9 @@ def test_triton_chunk_kernel_equals_the_in_place_one_on_cuda(dtype, smoothing):
     """The compiled Triton kernel (not the interpreter of the CPU tests) at a GPU chunk's size: 2,048
     rows of 100,000 items (25 blocks of 4,096 per row, the last one partly past the catalog). Also the
     one check of its bf16 rounding: the interpreter rounds bf16 stores toward zero, the GPU to nearest."""
-    from raytr.models.head import _chunk_loss_and_grads, _padded_weight, triton_kernel
+    from raytr.models.head import _chunk_loss_and_grads, triton_kernel
 
-    c, V, D = 2048, 100_000, 128
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(c, D, device="cuda", generator=gen).to(dtype)
-    w, valid = _padded_weight(torch.randn(V, D, device="cuda", generator=gen) * 0.05, dtype)
-    t = torch.randint(FIRST_ITEM_ID, V, (c,), device="cuda", generator=gen)
-    args = (h, w, t, valid, V - FIRST_ITEM_ID, smoothing, True)
+    args = _cuda_chunk(dtype, smoothing)
     expected, got = _chunk_loss_and_grads(*args), triton_kernel(torch.device("cuda")).fn(*args)
     assert torch.allclose(got[0], expected[0], rtol=1e-4)
     for g, e in zip(got[1:], expected[1:]):
@@ -573,8 +581,8 @@ def test_triton_kernel_rejects_what_it_cannot_compute():
 def test_triton_kernel_off_the_gpu_says_it_needs_cuda():
     """Without Triton's interpreter (which the other tests here use) the kernel refuses a CPU device."""
     script = "import torch\nfrom raytr.models.head import triton_kernel\ntriton_kernel(torch.device('cpu'))"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=_without_triton_interpreter())
     assert out.returncode != 0
     assert "ValueError: the Triton loss kernel runs on CUDA GPUs, not on 'cpu'" in out.stderr
 
@@ -614,8 +622,8 @@ def test_triton_kernel_compiles_for_an_h100_with_vector_loads_and_no_spills(dtyp
     (sm_90) at its default block and warps; each thread loads its half logits as 16-byte vectors
     (ld.global.v4: two per pass of 4,096 columns over 256 threads) and stores the gradient so, and
     no register spills to local memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100, dtype], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100, dtype], capture_output=True, text=True,
+                         env=_without_triton_interpreter())
     assert out.returncode == 0, out.stderr[-3000:]
     counts, report = out.stdout.split("\n", 1)
     assert counts == "4 2", (counts, report)  # vector loads (two per pass), vector stores
