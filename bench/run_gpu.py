@@ -35,12 +35,15 @@ PROFILE_VARIANTS = ("bare-compiled,trainer-cudagraphs,trainer-cudagraphs-smallch
                     "raytr-compiled-cudagraphs-smallchunk,trainer,raytr-compiled-inplace")
 TRAIN_ORDER = ("50k", "5k", "1M", "300k")  # the 80% target's configs first
 # What the targets compare: the compiled bare loop and the compiled Trainer, in-process and on Ray Train
-# (~1 minute each, ~2 for Ray's start). The eager runs (bare, raytr-model, raytr-local) explain the
-# gap; run them with train.py --impls in the same invocation as the bare loops they are compared to.
-TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-cudagraphs",
-               "50k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-ray-cudagraphs",
-               "1M": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-local-cudagraphs-triton",
-               "300k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs-triton"}
+# (~1 minute each, ~2 for Ray's start), with the torch loss kernel and with the Triton one (which
+# training.loss_kernel="auto" takes on a GPU). The eager runs (bare, raytr-model, raytr-local) explain
+# the gap; run them with train.py --impls in the same invocation as the bare loops they are compared to.
+TRAIN_IMPLS = {"5k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-local-cudagraphs-triton,"
+                     "raytr-ray-cudagraphs",
+               "50k": "bare-compiled,raytr-local-compiled,raytr-local-cudagraphs,raytr-local-cudagraphs-triton,"
+                      "raytr-ray-cudagraphs",
+               "1M": "bare-compiled,raytr-local-cudagraphs,raytr-local-cudagraphs-triton",
+               "300k": "bare-compiled,raytr-local-cudagraphs,raytr-local-cudagraphs-triton"}
 
 
 def gpu_steps(configs: list[str], precisions: list[str], code: str | None = None) -> list[tuple[str, list[str]]]:

@@ -16,7 +16,9 @@ implementation alike. Implementations (`--impls`):
                         and clipping in a bare loop over the same pre-materialised batches: the
                         model's cost without the Trainer and loader.
   raytr-local           Trainer(launcher="local"): raytr's training loop in this process, with its
-                        real DataLoader (merlin engine) reading the parquet sessions.
+                        real DataLoader (merlin engine) reading the parquet sessions. Every raytr
+                        run without the -triton suffix sets loss_kernel="torch" (the default "auto"
+                        would take the Triton kernel on a GPU).
   raytr-local-compiled  the same with TrainingArguments(torch_compile=True).
   raytr-local-cudagraphs  the same with torch_compile_mode="reduce-overhead": the input layer and
                         body, forward and backward, replayed as CUDA graphs (GPU only).
@@ -597,12 +599,12 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'config':9} {'prec':5} {'impl':22} {'sessions/s':>11} {'step ms':>8} {'peak GB':>8} {'/bare':>6} {'/compiled':>9}")
+    print(f"{'config':9} {'prec':5} {'impl':29} {'sessions/s':>11} {'step ms':>8} {'peak GB':>8} {'/bare':>6} {'/compiled':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['config']:9} {r['precision']:5} {r['impl']:22} ERROR {r['error'][:80]}")
+            print(f"{r['config']:9} {r['precision']:5} {r['impl']:29} ERROR {r['error'][:80]}")
             continue
-        print(f"{r['config']:9} {r['precision']:5} {r['impl']:22} {r['sessions_per_s']:11.0f} {r['step_ms']:8.1f} "
+        print(f"{r['config']:9} {r['precision']:5} {r['impl']:29} {r['sessions_per_s']:11.0f} {r['step_ms']:8.1f} "
               f"{r.get('peak_mem_gb') or float('nan'):8.2f} {r.get('ratio_vs_bare', math.nan):6.2f} "
               f"{r.get('ratio_vs_bare_compiled', math.nan):9.2f}")
 

@@ -533,3 +533,32 @@ def test_cuda_graph_modes_mark_every_step_on_cuda_only():
                          (TrainingArguments(torch_compile=True), "cuda"),
                          (TrainingArguments(torch_compile_mode="max-autotune-no-cudagraphs"), "cuda")]:
         assert _step_marker(args, torch.device(device)) is not marker, (args.torch_compile_mode, device)
+
+
+def test_loss_kernel_auto_takes_triton_on_cuda_only(prepared_spec, monkeypatch, caplog):
+    """'auto' (the default) swaps the Triton kernel in on a GPU and keeps the torch one elsewhere;
+    without the triton package it keeps the torch kernel with a warning, where 'triton' is an error
+    naming the field. Building the kernel touches no GPU, so the CUDA device is named, not used."""
+    import sys
+
+    from raytr.models.head import EAGER_KERNEL
+    from raytr.training.loop import _use_loss_kernel
+
+    def kernel_after(choice: str, device: str):
+        model = SessionModel(prepared_spec, small_model_config(), seed=0)
+        _use_loss_kernel(model, choice, torch.device(device))
+        return model.head.kernel
+
+    assert TrainingArguments().loss_kernel == "auto"
+    assert kernel_after("auto", "cpu") is EAGER_KERNEL  # even under the interpreter conftest.py turns on
+    assert kernel_after("torch", "cuda") is EAGER_KERNEL
+    assert kernel_after("auto", "cuda").buffers == kernel_after("triton", "cpu").buffers == "in_place"
+
+    # As if triton were not installed: the module cannot be imported, nor found on its package.
+    monkeypatch.setitem(sys.modules, "raytr.models.triton_loss", None)
+    monkeypatch.delattr("raytr.models.triton_loss", raising=False)
+    with caplog.at_level("WARNING", logger="raytr.training.loop"):
+        assert kernel_after("auto", "cuda") is EAGER_KERNEL
+    assert "training.loss_kernel='auto' keeps the torch loss kernel" in caplog.text
+    with pytest.raises(ValueError, match="training.loss_kernel='triton': .*needs the triton package"):
+        kernel_after("triton", "cuda")

@@ -27,7 +27,9 @@ class TrainingArguments:
         loss_kernel: how the full softmax's chunks are computed. "torch": torch ops (Inductor's fused
             kernel under torch_compile on a GPU); "triton": raytr's Triton kernel on a GPU (the
             softmax and its gradient in place over a chunk's logits, `raytr.models.triton_loss`;
-            needs the triton package, which CUDA builds of torch install). Same loss and gradients.
+            needs the triton package, which CUDA builds of torch install); "auto": "triton" on a
+            GPU where the triton package is installed, else "torch" (the 1M config's step on an
+            H100: 1.29x the torch kernel's, bench/REPORT.md). Same loss and gradients.
         max_sequence_length: None reads it from the prepared schema (the one source of truth).
         data_loader_engine: "merlin" (merlin-dataloader), "pyarrow", or "ray" (Ray Data shards).
         compute_metrics_each_n_steps: ranking metrics on the training batch every N steps (0: off).
@@ -65,7 +67,7 @@ class TrainingArguments:
     bf16: bool = False
     torch_compile: bool = False
     torch_compile_mode: CompileMode | None = None
-    loss_kernel: Literal["torch", "triton"] = "torch"
+    loss_kernel: Literal["auto", "torch", "triton"] = "auto"
     seed: int = 42
     dataloader_drop_last: bool = False
     logging_steps: int = 50

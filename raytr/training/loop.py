@@ -143,6 +143,20 @@ def _all_reduce(tensor: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
     return tensor
 
 
+def _use_loss_kernel(model: SessionModel, choice: str, device: torch.device) -> None:
+    """Swap raytr's Triton chunk kernel into the head where `training.loss_kernel` asks for it:
+    "triton" always (an error where it cannot run), "auto" on a GPU where it can. "torch" keeps
+    the kernel the head has (compiled by `compile_regions` or eager)."""
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return
+    try:
+        model.head.kernel = triton_kernel(device)
+    except ValueError as err:
+        if choice == "triton":
+            raise ValueError(f"training.loss_kernel='triton': {err}; use 'torch' there") from err
+        log.warning("training.loss_kernel='auto' keeps the torch loss kernel: %s", err)
+
+
 def _step_marker(args: TrainingArguments, device: torch.device) -> Callable[[], None]:
     """What to call before each forward. CUDA graphs replay into the same output memory, so with
     them each forward declares the previous one's graph outputs dead; otherwise nothing."""
@@ -238,11 +252,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
 
     if args.torch_compile:
         model.compile_regions(args.torch_compile_mode)  # in place, before DDP wraps it: same state_dict names
-    if args.loss_kernel == "triton":
-        try:
-            model.head.kernel = triton_kernel(device)
-        except ValueError as err:
-            raise ValueError(f"training.loss_kernel='triton': {err}; use 'torch' there") from err
+    _use_loss_kernel(model, args.loss_kernel, device)
     mark_step = _step_marker(args, device)
     ddp_model = ctx.prepare_model(model)
     scalars = _tensorboard(args) if ctx.is_main else None
