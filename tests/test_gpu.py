@@ -183,16 +183,19 @@ def test_compiled_regions_match_eager_on_cuda(dtype):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_a_compiled_clm_step_on_loader_batches_never_waits_for_the_gpu(session_files, precision):
+@pytest.mark.parametrize("loss_kernel", ["torch", "triton"])
+def test_a_compiled_clm_step_on_loader_batches_never_waits_for_the_gpu(session_files, precision, loss_kernel):
     """The training loop's step (compiled regions, autocast, GradScaler for fp16, grad-norm clip,
     fused AdamW) on the CUDA loader's batches makes no host sync: the loader counted each batch's
-    targets on the host. A sync would leave the GPU idle while the host queues the next kernels."""
-    from raytr.training.loop import build_optimizer
+    targets on the host. A sync would leave the GPU idle while the host queues the next kernels.
+    Both loss kernels: the compiled torch one, and the Triton one `loss_kernel: auto` takes on a GPU."""
+    from raytr.training.loop import _use_loss_kernel, build_optimizer
 
     train, _ = session_files
     batches = list(DataLoader(SPEC, [train], 256, shuffle=True, engine="pyarrow", device="cuda"))[:6]
     model = SessionModel(SPEC, ModelConfig(body="gpt2", d_model=64, n_layers=2, n_heads=4), seed=0).cuda()
     model.train().compile_regions()
+    _use_loss_kernel(model, loss_kernel, torch.device("cuda"))  # as the loop does after compile_regions
     optimizer = build_optimizer(model, TrainingArguments(output_dir="unused", optim="adamw_torch_fused"))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
