@@ -90,7 +90,7 @@ NEURAL_MODELS = {name: (body, objective) for name, body, objective in NEURAL}
 # of seeds 1 and 2 were 20 and 17, the end of the linear decay). Every neural model gets the same.
 # YOOCHOOSE: 30, generated data: 20 (2026-11-28). At 12 and 8 every model's best epoch had been the
 # last, validation still rising (YOOCHOOSE gru 0.135 -> 0.142 over the last 3); with 30 and 20 the
-# searches below chose epochs 14-28.
+# searches below chose epochs 17-28.
 DEFAULT_EPOCHS = {"synthetic": 20, "yoochoose": 30, "ml-100k": 40}
 # MovieLens-100k has ~100 events per user and 943 users (2,412 training windows of 50): 19 steps
 # per epoch at 128 left the models short of updates (best-epoch validation ndcg@20 of xlnet-clm:
