@@ -7,6 +7,7 @@ from typing import Literal, get_args
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
 COMPILE_MODES = get_args(CompileMode)
+LossKernel = Literal["auto", "torch", "triton"]  # training.loss_kernel: see TrainingArguments
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay their graphs as CUDA graphs on a GPU
 
 
@@ -67,7 +68,7 @@ class TrainingArguments:
     bf16: bool = False
     torch_compile: bool = False
     torch_compile_mode: CompileMode | None = None
-    loss_kernel: Literal["auto", "torch", "triton"] = "auto"
+    loss_kernel: LossKernel = "auto"
     seed: int = 42
     dataloader_drop_last: bool = False
     logging_steps: int = 50

@@ -38,7 +38,7 @@ from raytr.features import FeatureSpec, SessionBatch
 from raytr.metrics import RankingMetrics
 from raytr.models import SessionModel
 from raytr.models.head import triton_kernel
-from raytr.training.arguments import TrainingArguments
+from raytr.training.arguments import LossKernel, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _all_reduce(tensor: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
     return tensor
 
 
-def _use_loss_kernel(model: SessionModel, choice: str, device: torch.device) -> None:
+def _use_loss_kernel(model: SessionModel, choice: LossKernel, device: torch.device) -> None:
     """Swap raytr's Triton chunk kernel into the head where `training.loss_kernel` asks for it:
     "triton" always (an error where it cannot run), "auto" on a GPU where it can. "torch" keeps
     the kernel the head has (compiled by `compile_regions` or eager)."""
