@@ -572,6 +572,18 @@ def fixed_since(title: str) -> str | None:
     return next((note for prefix, note in FIXED_SINCE.items() if title.startswith(prefix)), None)
 
 
+def finding_paragraphs(res: dict[str, Any]) -> list[str]:
+    """A GPU result's findings (written by hand after its run), each a paragraph, with what has
+    been done about it since."""
+    out = []
+    for f in res.get("findings", []):
+        out += ["", f"**{f['title']}.** {f['text']}"]
+        fixed = fixed_since(f["title"])
+        if fixed:
+            out += ["", f"*{fixed}*"]
+    return out
+
+
 def section_profile(res: dict[str, Any] | None) -> list[str]:
     title = "### Bottlenecks found (CPU profiles)"
     if res is None:
@@ -645,11 +657,7 @@ def section_profile_gpu(res: dict[str, Any] | None, before: dict[str, Any] | Non
                   "profiled wall ms", "GPU busy ms", "kernels", "host syncs"], body)
     notes = sorted({r["note"] for r in res.get("results", []) if r.get("note")})
     out += [""] + [f"- {n}" for n in notes] if notes else []
-    for f in res.get("findings", []):
-        out += ["", f"**{f['title']}.** {f['text']}"]
-        fixed = fixed_since(f["title"])
-        if fixed:
-            out += ["", f"*{fixed}*"]
+    out += finding_paragraphs(res)
     dated = [r for r in res.get("results", []) if "error" not in r and r.get("top_gpu_ops")]
     latest = max((r.get("measured", "") for r in dated), default=None)
     for r in dated:
@@ -682,9 +690,7 @@ def section_head_kernels(res: dict[str, Any] | None) -> list[str]:
         body.append([r["variant"], fmt(r["ms_per_step"], 2), fmt(r.get("speed_vs_bare"), 2), fmt(r.get("peak_mem_gb"), 2),
                      fmt(r.get("chunk_rows")), errors])
     out += table(["variant", "ms/step", "speed ÷ bare", "peak GB", "chunk rows", "error: loss / d hidden / d weight"], body)
-    for f in res.get("findings", []):  # what the figures say, written by hand after the run
-        out += ["", f"**{f['title']}.** {f['text']}"]
-    return out + [""]
+    return out + finding_paragraphs(res) + [""]
 
 
 def with_current_consumption(loader: dict[str, Any] | None, train: dict[str, Any] | None) -> dict[str, Any] | None:
