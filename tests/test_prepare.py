@@ -267,6 +267,45 @@ def test_null_session_ids_and_timestamps(no_ray, tmp_path, raw_events, data_conf
     _run_bad(data_config, tmp_path, write, rf"a\.{fmt}: column '{column}' \({role}\) has 3 null")
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+@pytest.mark.parametrize(
+    "column, value, log_transform, match",
+    [
+        ("timestamp", np.nan, True, r"'timestamp' has 2 NaN or infinite"),  # a CSV's NaN is a null
+        ("timestamp", np.inf, True, r"'timestamp' has 2 NaN or infinite"),
+        ("price", np.inf, False, r"'price' has 2 infinite"),
+        ("price", -np.inf, True, r"'price' has 2 infinite"),
+        ("price", -1.0, True, r"'price' has 2 value\(s\) <= -1.*log_transform"),
+    ],
+)
+def test_values_that_would_poison_every_row(no_ray, tmp_path, raw_events, data_config, fmt, column, value,
+                                            log_transform, match):
+    """A NaN timestamp lands its session in a bogus day; one inf (or, under log1p, one <= -1) in a
+    continuous feature makes Normalize's mean infinite and so the feature inf/NaN everywhere."""
+    config = data_config if log_transform else dataclasses.replace(data_config, log_transform=())
+
+    def write(d: Path) -> None:
+        frame = _small(raw_events).astype({column: np.float64})
+        frame.loc[[4, 9], column] = value
+        if fmt == "csv":
+            frame.to_csv(d / "a.csv", index=False)
+            return
+        # As Spark or Polars write it: NaN as a float value (pandas' to_parquet would make it a null).
+        table = pa.Table.from_pandas(frame.drop(columns=[column]), preserve_index=False)
+        pq.write_table(table.append_column(column, pa.array(frame[column].to_numpy())), d / "a.parquet")
+
+    if fmt == "csv" and np.isnan(value):
+        match = rf"'{column}' \({column}\) has 2 null"
+    _run_bad(config, tmp_path, write, rf"a\.{fmt}: column {match}")
+
+
+def test_negative_values_without_log_transform_and_nan_features_are_fine(tmp_path, raw_events, data_config):
+    frame = _small(raw_events)
+    frame.loc[[4, 9], "price"] = [-5.0, np.nan]  # FillMissing fills the NaN; no log, so -5 is a value
+    frame.to_parquet(tmp_path / "a.parquet")
+    assert validate_input(dataclasses.replace(data_config, log_transform=()), tmp_path).num_rows == len(frame)
+
+
 def test_null_check_finds_the_column_after_a_nested_one(no_ray, tmp_path, raw_events, data_config):
     """Parquet statistics are per leaf column: a struct before the item id has two leaves."""
     def write(d: Path) -> None:

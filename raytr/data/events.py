@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -81,7 +82,7 @@ def _readable(path: str, fmt: str, read):
 
 
 def read_file(path: str, fmt: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read one raw file into pandas (used by validation and tests; Ray Data reads in prepare)."""
+    """Read one raw file into pandas (for tests and tools; Ray Data reads in prepare)."""
     if fmt == "parquet":
         return storage.read_table(path, columns).to_pandas()
     table = _open_csv(path, fmt).read_all()
@@ -130,23 +131,53 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
             dtype = schema.field(name).type
             if not ok(dtype):
                 raise InputError(f"{file}: column {name!r} ({role}) has type {dtype}, which cannot be used as a {role}")
+        # Values checked beyond nulls: a float timestamp's NaN/inf, and continuous features' inf.
+        valued = [name for name in (config.timestamp_col, *config.continuous)
+                  if pa.types.is_floating(schema.field(name).type) or name in config.log_transform]
         if fmt == "parquet":
             meta = storage.parquet_file(file).metadata
             total_rows += meta.num_rows
             nulls = {name: _parquet_null_count(file, meta, name) for name in required}
+            values = storage.read_table(file, valued) if valued else None
         else:
-            frame = _readable(file, fmt, lambda: read_file(file, fmt, list(required)))
-            total_rows += len(frame)
-            nulls = {name: int(frame[name].isna().sum()) for name in required}
+            table = _readable(file, fmt, lambda: _open_csv(file, fmt).read_all())
+            total_rows += table.num_rows
+            nulls = {name: table.column(name).null_count for name in required}
+            values = table.select(valued)
         for name, count in nulls.items():
             if count:
                 raise InputError(
                     f"{file}: column {name!r} ({required[name]}) has {count} null value(s); "
                     "drop or fill those events before preparing"
                 )
+        if values is not None:
+            _check_values(file, config, values)
     if total_rows == 0:
         raise InputError(f"input {str(path)!r} has no rows")
     return InputFiles(paths=tuple(files), format=fmt, num_rows=total_rows)
+
+
+def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
+    """Values that would poison every row of prepared data: a NaN or infinite timestamp moves its
+    session to a bogus day; one infinite continuous value (or one <= -1 under log_transform, where
+    log(1 + x) is -inf or NaN) makes Normalize's mean infinite, so the feature turns to inf/NaN in
+    every session. NaN continuous values are fine: FillMissing replaces them."""
+    for name in values.column_names:
+        column = values.column(name).cast(pa.float64())
+        if name == config.timestamp_col:
+            bad, what, fix = pc.sum(pc.invert(pc.is_finite(column))), "NaN or infinite", "drop those events"
+        else:
+            bad, what, fix = pc.sum(pc.is_inf(column)), "infinite", "drop or clip them"
+        count = bad.as_py() or 0
+        if count:
+            raise InputError(f"{file}: column {name!r} has {count} {what} value(s); {fix} before preparing")
+        if name in config.log_transform:
+            low = pc.sum(pc.less_equal(column, -1.0)).as_py() or 0
+            if low:
+                raise InputError(
+                    f"{file}: column {name!r} has {low} value(s) <= -1, where data.log_transform's log(1 + x) "
+                    "is undefined; shift the feature or leave it out of log_transform"
+                )
 
 
 def _parquet_null_count(file: str, meta: pq.FileMetaData, column: str) -> int:
