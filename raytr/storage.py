@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -118,24 +119,31 @@ def write_text(path: PathLike, text: str) -> None:
         f.write(text)
 
 
+def natural_sort_key(path: str) -> list[str | int]:
+    """Sort key that orders the numbers in a path by value (day=2 before day=10, part-9 before
+    part-10): the order in which merlin's dask parquet reader takes files, whatever order it is given."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
 def list_dirs(path: PathLike, prefix: str = "") -> list[str]:
-    """Full paths of the subdirectories of `path` whose names start with `prefix`, sorted."""
+    """Full paths of the subdirectories of `path` whose names start with `prefix`, in natural order."""
     fs, p = filesystem(path)
     if not fs.isdir(p):
         return []
     found = [e["name"] for e in fs.ls(p, detail=True) if e["type"] == "directory"]
-    return sorted(_full(fs, d) for d in found if d.rstrip("/").rsplit("/", 1)[-1].startswith(prefix))
+    return sorted((_full(fs, d) for d in found if d.rstrip("/").rsplit("/", 1)[-1].startswith(prefix)),
+                  key=natural_sort_key)
 
 
 def list_files(path: PathLike, suffixes: Sequence[str] = (".parquet",)) -> list[str]:
-    """Full paths of the files under `path` (recursively) ending in one of `suffixes`, sorted;
+    """Full paths of the files under `path` (recursively) ending in one of `suffixes`, in natural order;
     hidden and underscore files (`.crc`, `_SUCCESS`, `_metadata`) are skipped."""
     fs, p = filesystem(path)
     if fs.isfile(p):
         return [_full(fs, p)]
     files = fs.find(p) if fs.isdir(p) else []
     kept = [f for f in files if f.endswith(tuple(suffixes)) and not f.rsplit("/", 1)[-1].startswith((".", "_"))]
-    return sorted(_full(fs, f) for f in kept)
+    return sorted((_full(fs, f) for f in kept), key=natural_sort_key)
 
 
 def remove(path: PathLike) -> None:

@@ -47,10 +47,10 @@ def row_values(r: int) -> tuple[list[int], list[int], list[float]]:
             [r + j / 10 for j in range(n)])
 
 
-def write_rows(directory: Path, rows_per_file: list[int]) -> list[str]:
-    """Files of consecutive rows 0..N-1, named so that sorting keeps the row order."""
+def write_rows(directory: Path, rows_per_file: list[int], first: int = 0) -> list[str]:
+    """Files of consecutive rows first..first+N-1, named so that sorting keeps the row order."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths, r = [], 0
+    paths, r = [], first
     for i, n in enumerate(rows_per_file):
         rows = [row_values(k) for k in range(r, r + n)]
         table = pa.table({
@@ -221,6 +221,21 @@ def test_ranks_equal_steps_and_cover_each_row_once(tmp_path, engine, shuffle, ro
                 check_contents(b)
                 seen.update(rows_of(b))
         assert sorted(seen) == list(range(total)) and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_files_are_read_in_natural_order_whatever_order_they_come_in(tmp_path, engine):
+    """day=10 after day=2 (merlin's dask reader takes files so; the rank shares must index its
+    order): the ranks' rows in sequence are every session once, in order, for any order of paths."""
+    days, first = {}, 0
+    for day, rows in [(1, 3), (2, 4), (10, 5)]:
+        days[day] = write_rows(tmp_path / f"day={day}", [rows], first)
+        first += rows
+    lexicographic = days[1] + days[10] + days[2]
+    for paths in (lexicographic, days[10] + days[2] + days[1]):
+        got = [[r for b in DataLoader(SPEC, paths, 4, shuffle=False, engine=engine, rank=k, world_size=2)
+                for r in rows_of(b)] for k in range(2)]
+        assert got == [list(range(6)), list(range(6, 12))], paths
 
 
 @pytest.mark.parametrize("engine", ENGINES)

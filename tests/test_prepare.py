@@ -149,6 +149,8 @@ def test_day_helpers(prepared_dir):
     assert day_paths(prepared_dir / "sessions", [1]) == day_paths(prepared_dir, [1])
     with pytest.raises(FileNotFoundError, match=r"\[9\]"):
         day_paths(prepared_dir, [1, 9])
+    with pytest.raises(ValueError, match=r"day\(s\) \[2\] named more than once in \[1, 2, 3, 2\]"):
+        day_paths(prepared_dir, [1, 2, 3, 2])  # e.g. --train-days 1-3,2
     with pytest.raises(FileNotFoundError, match="raytr prepare"):
         load_prepare_info(prepared_dir / "sessions")
 

@@ -46,6 +46,18 @@ def test_unknown_scheme_is_a_clear_error():
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "memory"])
+def test_listings_are_in_natural_order(tmp_path, memory_root, remote):
+    """day=2 before day=10 and part-9 before part-10, as merlin's dask reader takes them."""
+    root = memory_root if remote else str(tmp_path)
+    for day in (10, 2, 1):
+        for part in (10, 9):
+            storage.write_text(storage.join(root, f"day={day}", f"part-{part}.parquet"), "")
+    assert [storage.name(d) for d in storage.list_dirs(root)] == ["day=1", "day=2", "day=10"]
+    assert ["/".join(f.rsplit("/", 2)[-2:]) for f in storage.list_files(root)] == [
+        f"day={d}/part-{p}.parquet" for d in (1, 2, 10) for p in (9, 10)]
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "memory"])
 def test_listing_reading_and_writing(tmp_path, memory_root, remote):
     local = _tree(tmp_path / "src")
     root = memory_root if remote else str(tmp_path / "dst")

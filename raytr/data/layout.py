@@ -60,6 +60,9 @@ def day_paths(directory: str | Path, days: list[int] | None = None) -> list[str]
     root = sessions_root(directory)
     available = _days_in(root)
     chosen = available if days is None else days
+    repeated = sorted({d for d in chosen if chosen.count(d) > 1})
+    if repeated:  # its sessions would be read twice
+        raise ValueError(f"day(s) {repeated} named more than once in {chosen}")
     missing = [d for d in chosen if d not in available]
     if missing:
         raise FileNotFoundError(f"day(s) {missing} not in {root}; available days: {available}")

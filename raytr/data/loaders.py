@@ -4,7 +4,8 @@
           --(epoch plan: shuffle, equal step count per rank)-----> row indices per batch
           --(gather + right-pad on the target device)------------> SessionBatch [B, T]
 
-Files are local paths or fsspec URLs (raytr.storage), read in place. The reader loads this rank's
+Files are local paths or fsspec URLs (raytr.storage), read in place and in natural order (day=2
+before day=10) whatever order they are given in. The reader loads this rank's
 contiguous share of the rows once (W shares differ by at most one row); the columns stay resident
 as (values, offsets), on the GPU when `device` is one, and each batch is gathered and padded there. Every rank runs the same number of steps per epoch
 (`steps_per_epoch`, computed from the global row count), every row of the rank's share is seen
@@ -196,7 +197,9 @@ class DataLoader:
             raise ValueError(f"batch_size={batch_size}: expected >= 1")
         if engine not in ("merlin", "pyarrow"):
             raise ValueError(f"engine={engine!r}: expected 'merlin' or 'pyarrow' (Ray Data has its own path)")
-        paths = list(paths)
+        # One global row order for every engine and rank: merlin's dask reader takes files in natural
+        # order whatever order they come in, and the ranks' row ranges must index that order.
+        paths = sorted(paths, key=storage.natural_sort_key)
         if not paths:
             raise ValueError("no parquet files to load: the data path is empty")
         self.spec, self.batch_size, self.shuffle, self.drop_last = spec, batch_size, shuffle, drop_last

@@ -281,6 +281,9 @@ def train_prepared(
         eval_days = days[-1:] if len(days) > 1 else []
     if train_days is None:
         train_days = [d for d in days if d not in eval_days] or days
+    if set(train_days) & set(eval_days):
+        log.warning("days %s are both trained and evaluated on: the metrics on them are not held out",
+                    sorted(set(train_days) & set(eval_days)))
     spec = feature_spec(load_schema(data_dir), config.training.max_sequence_length)
     model = SessionModel(spec, config.model, seed=config.training.seed)
     trainer = Trainer(model, config.training, train_dataset_or_path=day_paths(data_dir, list(train_days)),
