@@ -253,8 +253,9 @@ def test_without_eval_data_the_most_recent_checkpoints_are_kept(prepared_dir, pr
 def test_train_again_continues_weights_optimizer_and_lr_schedule(prepared_dir, prepared_spec, tmp_path):
     """Three train() calls on one Trainer, the incremental recipe:
     1. day 1, a linear schedule that decays to 0;
-    2. day 3 via the T4Rec alias, one step, no reset: the schedule continues (at 0), so the weights
-       must not move, while the optimizer and scheduler counters go on;
+    2. day 3 via the T4Rec alias, two steps at twice the LR, no reset: one schedule over both calls,
+       its end moved out by the two steps (not a finished one at LR 0 all run); the optimizer and
+       scheduler counters go on;
     3. reset_lr_scheduler(), day 2 via `train_dataset`: a fresh schedule from the initial LR."""
     bs, lr0 = 32, 5e-3
     args = local_args(tmp_path / "out", per_device_train_batch_size=bs, learning_rate=lr0)
@@ -273,17 +274,18 @@ def test_train_again_continues_weights_optimizer_and_lr_schedule(prepared_dir, p
     # 2. Continue without reset.
     trainer.train_dataset_or_path = day_paths(prepared_dir, [3])
     assert trainer.train_dataset == day_paths(prepared_dir, [3])
-    trainer.args = replace(args, max_steps=1)
+    trainer.args = replace(args, max_steps=2, learning_rate=2 * lr0)
     out2 = trainer.train()
     assert out2.run_name != out1.run_name
     init2 = SessionModel.load(tmp_path / "out" / "runs" / out2.run_name / "init")
     assert same_weights(clone_state(init2), after1), "the second run did not start from the current weights"
-    assert training_state(out2.checkpoint)["scheduler"]["last_epoch"] == steps1 + 1
-    assert optimizer_steps(out2.checkpoint) == {steps1 + 1}  # Adam moments carried over
-    assert same_weights(clone_state(trainer.model), after1), \
-        "the continued schedule is at LR 0, yet the first step of the next run moved the weights"
+    assert training_state(out2.checkpoint)["scheduler"]["last_epoch"] == steps1 + 2
+    assert optimizer_steps(out2.checkpoint) == {steps1 + 2}  # Adam moments carried over
+    assert not same_weights(clone_state(trainer.model), after1), "the continued schedule trained at LR 0"
     lrs2 = scalars(tmp_path / "out" / "tensorboard" / out2.run_name, "train/learning_rate")
-    assert lrs2 == [(1, 0.0)]
+    # The LR after each step (its steps took 2 / (steps1 + 2) and 1 / (steps1 + 2) of this run's LR).
+    assert lrs2[0] == (1, pytest.approx(2 * lr0 / (steps1 + 2), rel=1e-5)) and lrs2[1] == (2, 0.0)
+    after2 = clone_state(trainer.model)
 
     # 3. Reset: a fresh schedule over this run's steps, optimizer moments kept.
     trainer.reset_lr_scheduler()
@@ -291,12 +293,12 @@ def test_train_again_continues_weights_optimizer_and_lr_schedule(prepared_dir, p
     trainer.args = args
     out3 = trainer.train()
     assert training_state(out3.checkpoint)["scheduler"]["last_epoch"] == steps2
-    assert optimizer_steps(out3.checkpoint) == {steps1 + 1 + steps2}
+    assert optimizer_steps(out3.checkpoint) == {steps1 + 2 + steps2}
     assert read_trainer_state(Path(out3.checkpoint))["global_step"] == steps2
     lrs3 = scalars(tmp_path / "out" / "tensorboard" / out3.run_name, "train/learning_rate")
     assert lrs3[0][0] == 1
     assert lrs3[0][1] == pytest.approx(lr0 * (steps2 - 1) / steps2, rel=1e-5)  # restarted from lr0
-    assert not same_weights(clone_state(trainer.model), after1)
+    assert not same_weights(clone_state(trainer.model), after2)
 
 
 @pytest.mark.slow

@@ -221,23 +221,31 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         epochs = min(epochs, args.stop_after_epoch)
 
     optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16 and device.type == "cuda")
-    start_epoch, global_step = 0, 0
+    saved = None  # the previous train() call's optimizer and scheduler state
     if cfg.init_training_state:
         with storage.local_copy(cfg.init_training_state) as path:
-            state = torch.load(path, map_location=device, weights_only=True)
+            saved = torch.load(path, map_location=device, weights_only=True)
+    continued = saved is not None and not cfg.reset_scheduler
+    # A continued schedule is one schedule over all the train() calls: its step count goes on from
+    # the saved one and its end moves out by this run's steps. (Rebuilt over this run's steps alone,
+    # an already finished linear schedule would train the whole run at LR 0.)
+    prior_steps = int(saved["scheduler"]["last_epoch"]) if continued else 0
+    scheduler = build_scheduler(optimizer, args, prior_steps + total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16 and device.type == "cuda")
+    start_epoch, global_step = 0, 0
+    if saved is not None:
         fresh_lrs = scheduler.get_last_lr()  # the new schedule's LR for its first step (0 under warmup)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(saved["optimizer"])
         for group, lr in zip(optimizer.param_groups, fresh_lrs):  # a new run's learning rate wins over the saved one
             group["initial_lr"] = args.learning_rate
             group["lr"] = lr
-        if not cfg.reset_scheduler:
-            scheduler.load_state_dict(state["scheduler"])
-            # load_state_dict leaves the optimizer alone: the first step must use the continued
-            # schedule's LR too, not the full learning rate.
-            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                group["lr"] = lr
+        if continued:
+            scheduler.load_state_dict(saved["scheduler"])  # the step count; this run's schedule function stays
+            scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+            # load_state_dict leaves the optimizer alone, and its saved last LR is the old schedule's:
+            # the first step takes the continued schedule's LR at the saved step.
+            for group, base, lr_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * lr_at(scheduler.last_epoch)
     if ctx.restored_checkpoint is not None:
         restored = ctx.restored_checkpoint
         with storage.local_copy(restored) as local:  # one copy of a URL checkpoint for its three parts

@@ -8,7 +8,10 @@
 `train()` ships the model as files (the starting weights are saved under the run directory), runs
 `raytr.training.loop.train_loop` on every worker, and loads the final weights back into `model`.
 Calling `train()` again continues from the current weights and optimizer state (fine-tuning on a
-new time window); `reset_lr_scheduler()` makes the next call start a fresh LR schedule.
+new time window) and continues the LR schedule as one schedule over all the calls, its end moved out
+by the new run's steps (a linear one decays from where it was, never sits at 0 for a whole run);
+`reset_lr_scheduler()` makes the next call start a fresh schedule (warmup, then decay from the
+learning rate), as `raytr incremental` does for each window.
 """
 
 from __future__ import annotations
