@@ -27,16 +27,17 @@ finite numbers only. Example request and answer:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 
 from raytr.config import ConfigError, DataConfig, ServeConfig
 
 ITEM_FIELD = "item_id"
 TIMESTAMP_FIELD = "timestamp"
 
-RawId = StrictInt | Annotated[StrictStr, StringConstraints(min_length=1, max_length=256)]
+# Any id the training data can hold (an empty string and a URL too): max_body_bytes bounds the size.
+RawId = StrictInt | StrictStr
 
 
 class StrictModel(BaseModel):

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -139,9 +140,9 @@ def _assert_bad_inputs_rejected(post) -> None:
 
 
 # ------------------------------------------------------------------------------------ in-process (fast)
-@pytest.fixture(scope="module")
-def local_bundle(tmp_path_factory) -> Path:
-    """A bundle without Ray: a workflow fitted in-process on synthetic events, an untrained model."""
+def _build_local_bundle(root: Path, item_names: Callable[[int], int | str] | None = None) -> Path:
+    """A bundle without Ray: a workflow fitted in-process on synthetic events (item ids renamed by
+    `item_names`), an untrained model."""
     from dataclasses import asdict
 
     from raytr.config import load_config
@@ -152,8 +153,10 @@ def local_bundle(tmp_path_factory) -> Path:
     from raytr.models import SessionModel
 
     config = load_config(REPO_ROOT / "configs" / "synthetic.yaml")
-    root = tmp_path_factory.mktemp("local") / "bundle"
     events = generate_events(SynthConfig(sessions=300, items=80, days=2, seed=1))
+    if item_names is not None:
+        events["item_id"] = events["item_id"].map(item_names)
+    root.parent.mkdir(parents=True, exist_ok=True)
     sorted_file = root.parent / "sorted.parquet"
     sort_events(normalize_events(events, config.data), config.data).to_parquet(sorted_file, index=False)
     workflow = fit_workflow(config.data, [str(sorted_file)], root.parent / "fit")
@@ -165,11 +168,45 @@ def local_bundle(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def raw_items(local_bundle) -> list[int]:
+def _raw_items(bundle: Path) -> list[int | str]:
     import pandas as pd
 
-    return pd.read_parquet(local_bundle / "workflow" / "categories" / "unique.item_id.parquet")["item_id"].tolist()
+    return pd.read_parquet(bundle / "workflow" / "categories" / "unique.item_id.parquet")["item_id"].tolist()
+
+
+@pytest.fixture(scope="module")
+def local_bundle(tmp_path_factory) -> Path:
+    return _build_local_bundle(tmp_path_factory.mktemp("local") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def raw_items(local_bundle) -> list[int]:
+    return _raw_items(local_bundle)
+
+
+def test_any_string_item_id_of_the_training_data_is_served(tmp_path, monkeypatch):
+    """Item ids as long as URLs, and the empty string, are items like any other: in requests
+    (so exclude_seen can drop them) and in answers."""
+    from fastapi.testclient import TestClient
+
+    from serve.standalone import build_standalone_app
+
+    def name(item: int) -> str:
+        return {0: "", 1: "https://shop.example/p/" + "x" * 300}.get(item % 40, f"sku-{item}")
+
+    bundle = _build_local_bundle(tmp_path / "bundle", name)
+    items = _raw_items(bundle)
+    assert "" in items and max(map(len, items)) > 300
+    monkeypatch.delenv("RAYTR_ADMIN_TOKEN", raising=False)
+    client = TestClient(build_standalone_app(str(bundle)))
+    answer = client.post("/recommend", json={"events": [EVENT], "k": len(items), "exclude_seen": False})
+    assert answer.status_code == 200, answer.text[:300]
+    assert sorted(i["item_id"] for i in answer.json()["items"]) == sorted(items)
+    odd = [i for i in items if len(i) == 0 or len(i) > 300]
+    session = [{"item_id": item, "timestamp": 1_714_550_000.0 + n} for n, item in enumerate(odd)]
+    answer = client.post("/recommend", json={"events": session, "k": len(items) - len(odd)})
+    assert answer.status_code == 200, answer.text[:300]
+    assert not {i["item_id"] for i in answer.json()["items"]} & set(odd)
 
 
 def test_local_backend_recommends_without_http(local_bundle, raw_items):
