@@ -312,6 +312,16 @@ def test_load_workflow_without_pickle(tmp_path):
         load_workflow(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_workflow_is_a_value_error_naming_the_file(fitted, tmp_path, damage):
+    """A half-copied or foreign workflow.pkl: a ValueError (serving answers a reload with a 409)."""
+    save_workflow(fitted[0], tmp_path / "wf")
+    pkl = tmp_path / "wf" / "workflow.pkl"
+    pkl.write_bytes(pkl.read_bytes()[:200] if damage == "truncated" else b"\x80\x04garbage, not a pickle")
+    with pytest.raises(ValueError, match=r"wf/workflow\.pkl is not a workflow this code can load"):
+        load_workflow(tmp_path / "wf")
+
+
 def test_day_numbers():
     first = np.array([WED + 10.0, WED + DAY_S - 1.0, WED + DAY_S, WED + 3 * DAY_S + 5.0])
     assert day_numbers(first, WED // DAY_S).tolist() == [1, 1, 2, 4]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,12 @@ def load_workflow(directory: str | Path) -> nvt.Workflow:
     directory = Path(directory)
     if not (directory / "workflow.pkl").is_file():
         raise FileNotFoundError(f"no fitted workflow in {directory} (expected workflow.pkl from `raytr prepare`)")
-    return nvt.Workflow.load(str(directory))
+    try:
+        return nvt.Workflow.load(str(directory))
+    except (pickle.UnpicklingError, EOFError, ImportError, AttributeError, TypeError, IndexError, KeyError) as error:
+        # A truncated or foreign pickle: the file is at fault, so a ValueError naming it, not a crash.
+        raise ValueError(f"{directory / 'workflow.pkl'} is not a workflow this code can load "
+                         f"({type(error).__name__}: {error}); run `raytr prepare` again") from None
 
 
 def transform_frame(workflow: nvt.Workflow, events) -> "object":
