@@ -115,6 +115,12 @@ class ApiModels:
     batch_request: type[StrictModel]
 
 
+def request_fields(data: DataConfig) -> tuple[Any, ...]:
+    """What the request models and `request_events` take from a data config: two configs equal in
+    these take the same requests (the rest, e.g. min_session_length, only concerns preparation)."""
+    return data.item_col, data.timestamp_col, tuple(data.categorical), tuple(data.continuous)
+
+
 def build_api_models(data: DataConfig, serve: ServeConfig) -> ApiModels:
     """Event, RecommendRequest and BatchRecommendRequest for the features `data` names."""
     features = [*data.categorical, *data.continuous]

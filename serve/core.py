@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from raytr.bundle import Bundle
 from raytr.config import DataConfig
-from serve.api import RecommendResponse, ReloadResponse
+from serve.api import RecommendResponse, ReloadResponse, request_fields
 
 if TYPE_CHECKING:
     from raytr.features import SessionBatch
@@ -104,10 +104,10 @@ class BundleRefused(ValueError):
 
 
 def load_compatible(bundle_dir: str, data: DataConfig) -> Bundle:
-    """`Bundle.load`, refusing a bundle whose data config (event fields) differs from the service's:
-    the ingress validates requests against the fields it started with."""
+    """`Bundle.load`, refusing a bundle whose data config differs from the service's in the event
+    fields (`request_fields`): the ingress validates requests against the fields it started with."""
     bundle = Bundle.load(bundle_dir)
-    if bundle.data != data:
+    if request_fields(bundle.data) != request_fields(data):
         raise BundleRefused(f"the bundle in {bundle_dir} has a different data config (event fields) than the "
                             "running service: deploy it as a new application (`serve deploy` / `serve run`)")
     return bundle

@@ -314,6 +314,27 @@ def test_standalone_reload_refuses_a_bundle_it_could_not_serve(local_bundle, tmp
     assert served.status_code == 200 and served.json()["model_version"] == before
 
 
+def test_standalone_reload_takes_a_bundle_prepared_with_other_settings_but_the_same_event_fields(
+        local_bundle, tmp_path, monkeypatch, raw_items):
+    """Only the event fields must match: min_session_length or read_format concern preparation."""
+    from fastapi.testclient import TestClient
+
+    from serve.standalone import build_standalone_app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    monkeypatch.setenv("RAYTR_ADMIN_TOKEN", TOKEN)
+    client = TestClient(build_standalone_app(str(bundle)))
+    info = json.loads((bundle / "prepare.json").read_text())
+    info["data"].update(min_session_length=3, read_format="parquet")
+    (bundle / "prepare.json").write_text(json.dumps(info))
+    (bundle / "train_result.json").write_text(json.dumps({"run_name": "retrained", "metrics": {}}))
+    answer = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
+    assert answer.status_code == 200 and answer.json()["changed"], answer.text
+    served = client.post("/recommend", json={"events": [{"item_id": raw_items[0], "timestamp": 1_714_550_000.0}]})
+    assert served.status_code == 200 and served.json()["model_version"].startswith("retrained")
+
+
 # ------------------------------------------------------------------------------------ Ray Serve (slow)
 @pytest.fixture(scope="module")
 def bundle_dir(ray_cluster, prepared_dir, tmp_path_factory) -> Path:
