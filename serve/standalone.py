@@ -3,7 +3,7 @@
 The baseline of bench/serve.py (Serve's hops and dynamic batching vs none), and a way to serve a
 bundle where Ray is not wanted:
 
-    python -m serve.standalone --bundle runs/demo/train --port 8001
+    python -m serve.standalone --bundle runs/demo/model --port 8001
 
 Routes and validation are serve/routes.py's, shared with the Ray Serve ingress.
 """
