@@ -212,7 +212,11 @@ class Preprocessor:
             if isinstance(result, ScoringResult):
                 return Recommendations(encoder.version, encoder.decode(queries, result), result.batch_requests)
             # VersionUnavailable: the Recommender only has another bundle; follow the directory.
-            newer = await self._states.sync_to_disk()
+            try:
+                newer = await self._states.sync_to_disk()
+            except BUNDLE_LOAD_ERRORS as exc:  # mid-move or refused: this request gets the 503 below
+                log.warning("Preprocessor could not load %s (%r)", self._states.bundle_dir, exc)
+                break
             if newer.version == encoder.version:
                 break
             encoder = newer
