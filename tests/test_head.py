@@ -177,10 +177,15 @@ def test_chunked_cross_entropy_rejects_padding_null_and_oov_targets(reserved):
         chunked_cross_entropy(hidden, weight, torch.tensor([FIRST_ITEM_ID, reserved, 5]), 2)
 
 
-def test_empty_targets_give_zero_loss_with_graph():
-    hidden, weight, _ = _case(N=0, V=10, D=4)
-    loss = chunked_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), 4)
-    assert loss.item() == 0.0 and loss.requires_grad
+@pytest.mark.parametrize("loss_fn", [lambda h, w, t: chunked_cross_entropy(h, w, t, 4),
+                                     lambda h, w, t: sampled_softmax_loss(h, w, t, 5)], ids=["full", "sampled"])
+def test_empty_targets_give_zero_loss_with_gradients_for_hidden_and_weight(loss_fn):
+    """Zero gradients, but gradients: under DDP an untied head's weight without one fails the step."""
+    hidden, weight, _ = _case(N=0, V=10, D=4)  # both require grad
+    loss = loss_fn(hidden, weight, torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert weight.grad is not None and not weight.grad.any() and hidden.grad is not None
 
 
 # The peak resident memory of the process's own address space (VmHWM). Not ru_maxrss: Linux keeps that

@@ -268,6 +268,12 @@ def chunk_rows(chunk_size: int | None, num_items: int, device: torch.device, byt
     return max(1, cap if chunk_size is None else min(chunk_size, cap))
 
 
+def _no_targets_loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A zero loss over a batch without targets that still reaches `hidden` and `weight`: under DDP
+    (find_unused_parameters=False) an untied head's weight without a gradient would fail the step."""
+    return hidden.sum() * 0.0 + weight.sum() * 0.0
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int | None = None, label_smoothing: float = 0.0, check_targets: bool = True,
                           kernel: ChunkKernel = EAGER_KERNEL) -> torch.Tensor:
@@ -283,7 +289,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     guarantee it; `kernel` may be `compiled_kernel()`.
     """
     if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0  # keeps the graph (and DDP) happy with a zero loss
+        return _no_targets_loss(hidden, weight)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
     if check_targets and (bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= weight.shape[0]).any())):
@@ -334,7 +340,7 @@ def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     accidental hit) is masked to -inf.
     """
     if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0
+        return _no_targets_loss(hidden, weight)
     V = weight.shape[0]
     neg_ids, neg_logq = log_uniform_sample(V, num_negatives, generator, hidden.device)  # [K], [K]
     correction = math.log(num_negatives)
