@@ -136,14 +136,21 @@ def list_dirs(path: PathLike, prefix: str = "") -> list[str]:
 
 
 def list_files(path: PathLike, suffixes: Sequence[str] = (".parquet",)) -> list[str]:
-    """Full paths of the files under `path` (recursively) ending in one of `suffixes`, in natural order;
-    hidden and underscore files (`.crc`, `_SUCCESS`, `_metadata`) are skipped."""
+    """Full paths of the files under `path` (recursively) ending in one of `suffixes` (any case), in
+    natural order. Hidden and underscore files and folders below `path` (`.crc`, `_SUCCESS`,
+    `_metadata`, Spark's `_temporary/`, `.ipynb_checkpoints/`) are skipped: they hold no data, or
+    stale copies of it."""
     fs, p = filesystem(path)
     if fs.isfile(p):
         return [_full(fs, p)]
     files = fs.find(p) if fs.isdir(p) else []
-    kept = [f for f in files if f.endswith(tuple(suffixes)) and not f.rsplit("/", 1)[-1].startswith((".", "_"))]
-    return sorted((_full(fs, f) for f in kept), key=natural_sort_key)
+    root, endings = p.rstrip("/"), tuple(s.lower() for s in suffixes)
+
+    def kept(file: str) -> bool:
+        below = file[len(root):].lstrip("/").split("/")
+        return file.lower().endswith(endings) and not any(part.startswith((".", "_")) for part in below)
+
+    return sorted((_full(fs, f) for f in files if kept(f)), key=natural_sort_key)
 
 
 def remove(path: PathLike) -> None:

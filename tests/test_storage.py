@@ -46,6 +46,16 @@ def test_unknown_scheme_is_a_clear_error():
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "memory"])
+def test_listing_skips_hidden_and_underscore_folders_and_ignores_the_suffixes_case(tmp_path, memory_root, remote):
+    """Stale copies (Spark's _temporary/, Jupyter's .ipynb_checkpoints/) would be read as data twice;
+    an upper-case EVENTS.CSV would be silently left out. The root's own path may start with either."""
+    root = storage.join(memory_root if remote else str(tmp_path), "_staging", ".out")
+    for name in ("a.csv", "B.CSV", "_temporary/0/a.csv", ".ipynb_checkpoints/a-checkpoint.csv", "day=1/.x.csv"):
+        storage.write_text(storage.join(root, name), "")
+    assert [storage.name(f) for f in storage.list_files(root, (".csv",))] == ["B.CSV", "a.csv"]
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "memory"])
 def test_listings_are_in_natural_order(tmp_path, memory_root, remote):
     """day=2 before day=10 and part-9 before part-10, as merlin's dask reader takes them."""
     root = memory_root if remote else str(tmp_path)
