@@ -301,6 +301,16 @@ def test_values_that_would_poison_every_row(no_ray, tmp_path, raw_events, data_c
     _run_bad(config, tmp_path, write, rf"a\.{fmt}: column {match}")
 
 
+@pytest.mark.parametrize("column", ["item_id", "session_id", "category"])
+def test_an_id_that_is_a_number_in_one_file_and_a_string_in_another(no_ray, tmp_path, raw_events, data_config, column):
+    def write(d: Path) -> None:
+        frame = _small(raw_events)
+        frame.iloc[:150].to_parquet(d / "a.parquet")
+        frame.iloc[150:].astype({column: str}).to_parquet(d / "b.parquet")
+
+    _run_bad(data_config, tmp_path, write, rf"column '{column}' holds numbers in .*a\.parquet but strings in .*b\.parquet")
+
+
 def test_negative_values_without_log_transform_and_nan_features_are_fine(tmp_path, raw_events, data_config):
     frame = _small(raw_events)
     frame.loc[[4, 9], "price"] = [-5.0, np.nan]  # FillMissing fills the NaN; no log, so -5 is a value

@@ -95,8 +95,12 @@ def _file_schema(path: str, fmt: str) -> pa.Schema:
     return _open_csv(path, fmt, block_size=1 << 16).schema
 
 
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
 def _is_id(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_integer(t) or _is_string(t)
 
 
 def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
@@ -118,6 +122,10 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
 
     # Null ids would drop or split sessions, and a null timestamp would move every day partition.
     required = {config.session_col: "session id", config.item_col: "item id", config.timestamp_col: "timestamp"}
+    # An id that is a number in one file and a string in another: 5 and "5" would be two sessions
+    # (or items), and the files' rows cannot be merged.
+    ids = [config.session_col, config.item_col, *config.categorical, *([config.user_col] if config.user_col else [])]
+    first_kind: dict[str, tuple[str, str]] = {}  # id column -> (kind, the file that set it)
     total_rows = 0
     for file in files:
         schema = _readable(file, fmt, lambda: _file_schema(file, fmt))
@@ -131,6 +139,14 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
             dtype = schema.field(name).type
             if not ok(dtype):
                 raise InputError(f"{file}: column {name!r} ({role}) has type {dtype}, which cannot be used as a {role}")
+        for name in ids:
+            kind = "string" if _is_string(schema.field(name).type) else "number"
+            seen, where = first_kind.setdefault(name, (kind, file))
+            if kind != seen:
+                raise InputError(
+                    f"column {name!r} holds {seen}s in {where} but {kind}s in {file}: give it one type in "
+                    "every input file (a CSV column's type comes from its values)"
+                )
         # Values checked beyond nulls: a float timestamp's NaN/inf, and continuous features' inf.
         valued = [name for name in (config.timestamp_col, *config.continuous)
                   if pa.types.is_floating(schema.field(name).type) or name in config.log_transform]
