@@ -540,7 +540,7 @@ def main(argv=None) -> int:
                         prev["runs"].append(res.get("sessions_per_s"))
             for impl, res in best.items():
                 rows.append({"config": name, **asdict(cfg), "precision": precision, "impl": impl, **res,
-                             "measured": measured, "code": code})
+                             "warmup": warmup, "measured": measured, "code": code})
     # read after the runs: no CUDA context in this process while they measure
     rows = with_gpu(rows, gpu_name() if device == "cuda" else "no GPU")
     name = args.output or f"train-{device}"
@@ -574,22 +574,24 @@ def merge_results(old: dict[str, Any],
     """(results, previous_results) after a --merge run. A re-measured config and precision replaces
     all of its rows, so that no ratio compares runs of different days (GPU hosts differ run to run
     by far more than the effects measured); the replaced rows move to previous_results, which keeps
-    the latest replaced row of each config, precision and implementation."""
+    whole runs (every row of each config, precision and `measured`), so each keeps its baseline."""
     groups = {(r["config"], r["precision"]) for r in fresh}
     gpu = old.get("machine", {}).get("gpu", "no GPU")
     old = {**old, "results": with_gpu(old["results"], gpu), "previous_results": with_gpu(old.get("previous_results", []), gpu)}
     kept = [r for r in old["results"] if (r["config"], r["precision"]) not in groups]
     replaced = [r for r in old["results"] if (r["config"], r["precision"]) in groups]
-    previous = {(r["config"], r["precision"], r["impl"]): r for r in old.get("previous_results", []) + replaced}
+    previous = {(r["config"], r["precision"], r["impl"], r.get("measured")): r
+                for r in old.get("previous_results", []) + replaced}
     return kept + fresh, list(previous.values())
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's sessions/s over the bare loops' of the same config, precision and run."""
+    """Each row's sessions/s over the bare loops' of the same config, precision and run (rows that
+    do not record their run, `measured`, get no ratio: they may come from different runs)."""
     for row in rows:
         row.pop("ratio_vs_bare", None)
         row.pop("ratio_vs_bare_compiled", None)
-    for row in rows:
+    for row in (r for r in rows if r.get("measured")):
         for base, key in (("bare", "ratio_vs_bare"), ("bare-compiled", "ratio_vs_bare_compiled")):
             ref = next((r for r in rows if r["config"] == row["config"] and r["precision"] == row["precision"]
                         and r.get("measured") == row.get("measured") and r["impl"] == base and "error" not in r),

@@ -24,8 +24,9 @@ def test_merge_moves_a_remeasured_group_to_previous_and_keeps_the_rest():
     results, previous = merge_results(old, fresh)
     assert [(r["config"], r["impl"], r["measured"]) for r in results] == [
         ("1M", "bare-compiled", "day1"), ("5k", "bare-compiled", "day2"), ("5k", "raytr-local-compiled", "day2")]
-    # day1's 5k rows replace day0's row of the same implementation; nothing of day1 is lost.
-    assert sorted((r["impl"], r["measured"]) for r in previous) == [("bare-compiled", "day1"), ("raytr-local", "day1")]
+    # Whole runs are kept: day0's row stays beside day1's, nothing of either is lost.
+    assert sorted((r["impl"], r["measured"]) for r in previous) == [
+        ("bare-compiled", "day1"), ("raytr-local", "day0"), ("raytr-local", "day1")]
 
 
 def test_ratios_use_the_bare_loop_of_the_same_run_only():
@@ -34,6 +35,9 @@ def test_ratios_use_the_bare_loop_of_the_same_run_only():
     add_ratios(rows)
     assert rows[1]["ratio_vs_bare_compiled"] == 90.0 / 150.0
     assert "ratio_vs_bare_compiled" not in rows[2]  # its own run's bare loop is not among the rows
+    undated = [{**r, "measured": None} for r in rows[:2]]  # rows that do not say which run they come from
+    add_ratios(undated)
+    assert not any("ratio_vs_bare_compiled" in r for r in undated)
 
 
 def test_run_benchmarks_skips_what_would_start_without_enough_budget(capsys):
