@@ -395,4 +395,5 @@ def training_consumption(train: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     best = max(rows, key=lambda r: r["sessions_per_s"])
     return {"config": best["config"], "precision": best["precision"], "batch": best["batch"],
-            "sessions_per_s": best["sessions_per_s"]}
+            "sessions_per_s": best["sessions_per_s"], "impl": best["impl"], "gpu": best.get("gpu"),
+            "measured": best.get("measured")}
