@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _tensorboard import scalars
 from raytr.config import load_config
 from raytr.data.layout import day_paths
 from raytr.models import SessionModel
@@ -33,7 +34,8 @@ def small_config():
         # Small batches and a high LR: one epoch per day is ~22 steps, enough to beat popularity
         # (average ndcg@20 ~0.44 vs 0.33 on these days; with batch 32 / LR 0.005 it was a coin toss).
         "training": {"launcher": "local", "num_train_epochs": 1, "per_device_train_batch_size": 16,
-                     "learning_rate": 0.01, "disable_tqdm": True, "data_loader_engine": "pyarrow"},
+                     "learning_rate": 0.01, "disable_tqdm": True, "data_loader_engine": "pyarrow",
+                     "logging_steps": 1},
     })
 
 
@@ -97,6 +99,11 @@ def test_finetune_continues_one_model_and_fits_baselines_on_all_days_seen(finetu
     assert len(runs) == 3
     for previous, current in itertools.pairwise(runs):  # each window starts from the previous one's weights
         assert same(init_weights(out, current), final_weights(out, previous))
+    lr = small_config().training.learning_rate
+    for run in runs:  # and a fresh linear schedule of its own: the LR after its first of n steps is lr (n-1)/n
+        logged = scalars(out / "train" / "tensorboard" / run, "train/learning_rate")
+        n = max(step for step, _ in logged)
+        assert logged[0] == (1, pytest.approx(lr * (n - 1) / n, rel=1e-5)), (run, logged[:3])
     config = small_config()
     expected = evaluate_baselines(prepared_spec, day_paths(prepared_dir, [1, 2]), day_paths(prepared_dir, [3]),
                                   config.training.metrics_top_k, False)

@@ -24,10 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from _tensorboard import scalars
 from raytr import storage
 from raytr.config import ConfigError, ModelConfig
-from raytr.data.loaders import DataLoader
 from raytr.data.layout import day_paths
+from raytr.data.loaders import DataLoader
+from raytr.features import FIRST_ITEM_ID
 from raytr.models import SessionModel
 from raytr.training.arguments import TrainingArguments
 from raytr.training.loop import TRAINER_STATE, TRAINING_STATE, TrainingDivergedError, read_trainer_state
@@ -51,21 +53,6 @@ def local_args(output_dir: Path, **overrides) -> TrainingArguments:
 
 def steps_per_epoch(spec, paths: list[str], batch_size: int) -> int:
     return len(DataLoader(spec, paths, batch_size, shuffle=False, engine="pyarrow"))
-
-
-def scalars(event_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of one TensorBoard scalar, from the event files in `event_dir`."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = sorted(event_dir.glob("events.out.tfevents.*"))
-    assert files, f"no TensorBoard event file in {event_dir}"
-    out = []
-    for file in files:
-        acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out += [(e.step, e.value) for e in acc.Scalars(tag)]
-    return out
 
 
 def training_state(checkpoint: str | Path) -> dict:
@@ -190,6 +177,38 @@ def test_tensorboard_logs_loss_eval_lr_and_step_metrics(trained: Trained):
 
 
 @pytest.mark.slow
+def test_eval_steps_evaluate_inside_the_epoch_too(prepared_dir, prepared_spec, tmp_path):
+    every = 4
+    args = local_args(tmp_path / "out", eval_steps=every, per_device_train_batch_size=32)
+    train_paths = day_paths(prepared_dir, [1])
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), args,
+                      train_dataset_or_path=train_paths, eval_dataset_or_path=day_paths(prepared_dir, [4]))
+    output = trainer.train()
+    spe = steps_per_epoch(prepared_spec, train_paths, 32)
+    assert spe > every
+    logged = scalars(tmp_path / "out" / "tensorboard" / output.run_name, "train/eval_ndcg@10")
+    assert [step for step, _ in logged] == [*range(every, spe, every), spe]
+    assert len({value for _, value in logged}) > 1  # evaluations of different weights
+
+
+def test_train_prepared_warns_of_days_both_trained_and_evaluated_on(prepared_dir, tmp_path, monkeypatch, caplog):
+    import raytr.bundle
+    from raytr.config import load_config
+    from raytr.training.trainer import train_prepared
+
+    monkeypatch.setattr(Trainer, "train", lambda self: None)  # the split is all this test is about
+    monkeypatch.setattr(raytr.bundle, "attach_preprocessing", lambda *a: None)
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml",
+                         {"training": {"output_dir": str(tmp_path)}})
+    with caplog.at_level("WARNING", logger="raytr.training.trainer"):
+        train_prepared(config, prepared_dir, train_days=[1, 2, 3], eval_days=[4])
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="raytr.training.trainer"):
+        train_prepared(config, prepared_dir, train_days=[2, 3], eval_days=[3, 4])
+    assert "days [3] are both trained and evaluated on" in caplog.text
+
+
+@pytest.mark.slow
 def test_training_improves_eval_metrics_over_the_untrained_model(trained: Trained):
     after = trained.trainer.evaluate()
     before = trained.before
@@ -225,7 +244,7 @@ def test_predict_shapes_order_and_targets(trained: Trained):
     assert preds.item_ids.shape == (n, k) and preds.scores.shape == (n, k) and preds.targets.shape == (n,)
     np.testing.assert_array_equal(preds.targets, expected_targets)  # the last item of each session, in order
     assert (np.diff(preds.scores, axis=1) <= 0).all()  # best first
-    assert not np.isin(preds.item_ids, [0, 1]).any()  # never padding or null
+    assert preds.item_ids.min() >= FIRST_ITEM_ID  # never padding, null or out-of-vocabulary
     assert all(len(set(row)) == k for row in preds.item_ids.tolist())
     # Hits in the top 20 agree with the evaluation (same tie rule).
     recall20 = float((preds.item_ids[:, :20] == preds.targets[:, None]).any(axis=1).mean())
@@ -397,7 +416,8 @@ def test_resume_from_checkpoint_is_for_the_first_train_call_only(prepared_dir, p
 def test_reset_with_warmup_starts_the_next_run_at_lr_zero(prepared_dir, prepared_spec, tmp_path):
     """With reset_lr_scheduler() and a warmup schedule the first step of the next run has LR 0:
     the optimizer state loaded from the previous run must not bring the full LR back."""
-    args = local_args(tmp_path / "out", max_steps=2)
+    # A constant first run: its saved optimizer LR is the full one, which must not win.
+    args = local_args(tmp_path / "out", max_steps=2, lr_scheduler_type="constant")
     torch.manual_seed(0)
     trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), args,
                       train_dataset_or_path=day_paths(prepared_dir, [1]))
@@ -405,7 +425,8 @@ def test_reset_with_warmup_starts_the_next_run_at_lr_zero(prepared_dir, prepared
     before = clone_state(trainer.model)
     trainer.reset_lr_scheduler()
     trainer.args = replace(args, lr_scheduler_type="constant_with_warmup", warmup_steps=5, max_steps=1)
-    trainer.train()
+    out = trainer.train()
+    assert trainer.state["global_step"] == 1 and optimizer_steps(out.checkpoint) == {3}  # it did take a step
     assert same_weights(clone_state(trainer.model), before)
 
 
@@ -492,8 +513,8 @@ def test_empty_eval_data_raises_value_error(prepared_dir, prepared_spec, tmp_pat
         trainer.evaluate(str(short))
     with pytest.raises(ValueError, match="no evaluation data"):
         Trainer(trainer.model, trainer.args).evaluate()
-    with pytest.raises(ValueError, match="0 sessions"):
-        trainer.train()  # checked before any training step
+    with pytest.raises(ValueError, match=r"evaluation data .* has 0 sessions"):
+        trainer.train()  # checked before any training step (the loader's own check names no evaluation data)
 
 
 def test_train_without_data_raises(prepared_spec, tmp_path):
