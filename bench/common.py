@@ -149,9 +149,12 @@ def add_code_argument(parser) -> None:
 
 
 def envelope(name: str, started: float, load_before: list[float], **extra: Any) -> dict[str, Any]:
+    """The record every benchmark writes around its results: what ran, when, where, on which commit
+    (`code`: a `--code` given on the GPU machine, whose copy of the tree has no .git)."""
     return {
         "benchmark": name,
         "machine": machine_info(),
+        "code": extra.pop("code", None) or code_version(),
         "started": timestamp(started),
         "seconds": round(time.time() - started, 1),
         "load_average": {"before": load_before, "after": load_average()},

@@ -74,7 +74,8 @@ def machine_line(res: dict[str, Any]) -> str:
         gpu += " (the latest run; the rows name the GPU each was measured on)"
     loads = (f" 1/5/15-min load average before {load.get('before')}, after {load.get('after')} (the host is shared)."
              if load else "")
-    return (f"*Measured {res.get('started', '?')} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+    code = f" (code {res['code']})" if res.get("code") else ""
+    return (f"*Measured {res.get('started', '?')}{code} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
             f"{m.get('memory_gb', '?')} GB, {gpu}; torch {m.get('torch', '?')}.{loads}*")
 
 
