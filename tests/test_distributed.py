@@ -1,9 +1,10 @@
 """Trainer with launcher="ray": DDP over 2 gloo workers on Ray Train's TorchTrainer.
 
-Each `TorchTrainer.fit` costs 30-40 s on 2 cores, so the file runs four of them:
+Each `TorchTrainer.fit` costs 30-40 s on 2 cores, so the file runs five of them:
     merlin engine, 2 workers, rows that do not split evenly, then a second train() (a new run)
     ray (Ray Data) engine, 2 workers
     fault tolerance: a worker SIGKILLed after the first checkpoint, max_failures=1
+    a NaN loss on one worker only: both stop with TrainingDivergedError (no hang)
 All use the shared `ray_cluster` (4 logical CPUs: two 1-CPU workers plus Ray Data's tasks) and a
 tiny GPT-2 that starts from the same saved weights, so runs can be compared.
 """
@@ -129,6 +130,29 @@ def test_merlin_engine_two_workers_uneven_rows_and_a_new_run(ray_cluster, prepar
     assert {int(s["step"]) for s in adam.values()} == {steps[0] * (epochs + 1)}  # optimizer state carried over
     assert sorted(p.name for p in (tmp_path / "out" / "ray_results").iterdir()) == sorted(
         [output.run_name, again.run_name])
+
+
+@pytest.mark.timeout(300)
+def test_a_nan_on_one_worker_stops_both_with_the_divergence_error(ray_cluster, uneven_file, prepared_spec,
+                                                                  init_model_dir, tmp_path):
+    """Rank 1's share holds an infinite feature, so only its loss is NaN: the per-step all-reduce of
+    the check tells rank 0 too, and the run fails at once instead of hanging in the next all-reduce."""
+    table = pq.read_table(uneven_file)
+    price = [spec for spec in prepared_spec.continuous if spec.startswith("price")][0]
+    column = table.column(price).to_pylist()
+    half = len(column) // 2 + 1  # rank 1's contiguous share is the second half
+    column = column[:half] + [[float("inf")] * len(row) for row in column[half:]]
+    poisoned = tmp_path / "poisoned.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index(price), price,
+                                    pa.array(column, table.schema.field(price).type)), poisoned)
+    args = ray_args(tmp_path / "out", num_train_epochs=1, data_loader_engine="pyarrow")
+    trainer = Trainer(SessionModel.load(init_model_dir), args, train_dataset_or_path=[str(poisoned)])
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        trainer.train()
+    # Whichever rank's error Ray reports, it names the mean loss over the ranks, not its own finite one.
+    assert "loss is nan at epoch 0, step 0" in str(info.value), str(info.value)[-2000:]
+    assert time.monotonic() - started < 240
 
 
 @pytest.mark.timeout(300)

@@ -413,6 +413,30 @@ def test_resume_from_checkpoint_is_for_the_first_train_call_only(prepared_dir, p
 
 
 @pytest.mark.slow
+def test_resume_after_max_steps_goes_on_inside_the_epoch_it_cut_short(prepared_dir, prepared_spec, tmp_path):
+    """Stopped by max_steps 2 steps into epoch 2, resumed with a larger max_steps: the rest of epoch 2
+    is trained (not skipped for epoch 3), so the run ends at its max_steps."""
+    paths = day_paths(prepared_dir, [1])
+    spe = steps_per_epoch(prepared_spec, paths, 64)
+    first = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                    local_args(tmp_path / "a", max_steps=spe + 2), train_dataset_or_path=paths)
+    cut = Path(first.train().checkpoint)
+    assert read_trainer_state(cut)["epoch"] == 1 and read_trainer_state(cut)["steps_into_epoch"] == 2
+    resumed = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                      local_args(tmp_path / "b", max_steps=2 * spe, resume_from_checkpoint=str(cut)),
+                      train_dataset_or_path=paths)
+    out = resumed.train()
+    state = read_trainer_state(Path(out.checkpoint))
+    assert state["global_step"] == 2 * spe and state["epoch"] == 1 and state["steps_into_epoch"] == 0
+    assert optimizer_steps(out.checkpoint) == {2 * spe}
+    # Epoch-based: the cut epoch is not finished, so num_train_epochs=2 leaves its rest to train.
+    again = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                    local_args(tmp_path / "c", num_train_epochs=2, resume_from_checkpoint=str(cut)),
+                    train_dataset_or_path=paths)
+    assert again.train() is not None and again.state["global_step"] == 2 * spe
+
+
+@pytest.mark.slow
 def test_reset_with_warmup_starts_the_next_run_at_lr_zero(prepared_dir, prepared_spec, tmp_path):
     """With reset_lr_scheduler() and a warmup schedule the first step of the next run has LR 0:
     the optimizer state loaded from the previous run must not bring the full LR back."""

@@ -14,6 +14,7 @@ A checkpoint is a directory of plain files:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -184,11 +185,13 @@ def evaluate_paths(model: SessionModel, cfg: LoopConfig, ctx: WorkerContext) -> 
 
 
 def _write_checkpoint(model: SessionModel, optimizer, scheduler, scaler, epoch: int, step: int,
-                      metrics: dict[str, float], directory: Path) -> Path:
+                      metrics: dict[str, float], directory: Path, steps_into_epoch: int = 0) -> Path:
+    """`steps_into_epoch`: the steps `epoch` had taken when max_steps cut it short (0: it ended)."""
     model.save(directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict()}, directory / TRAINING_STATE)
-    (directory / TRAINER_STATE).write_text(json.dumps({"epoch": epoch, "global_step": step, "metrics": metrics}))
+    (directory / TRAINER_STATE).write_text(json.dumps({"epoch": epoch, "global_step": step, "metrics": metrics,
+                                                       "steps_into_epoch": steps_into_epoch}))
     return directory
 
 
@@ -232,7 +235,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     prior_steps = int(saved["scheduler"]["last_epoch"]) if continued else 0
     scheduler = build_scheduler(optimizer, args, prior_steps + total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16 and device.type == "cuda")
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, skip_steps = 0, 0, 0
     if saved is not None:
         fresh_lrs = scheduler.get_last_lr()  # the new schedule's LR for its first step (0 under warmup)
         optimizer.load_state_dict(saved["optimizer"])
@@ -255,8 +258,13 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, global_step = trainer_state["epoch"] + 1, trainer_state["global_step"]
-        log.info("rank %d: resumed from %s at epoch %d, step %d", ctx.rank, restored, start_epoch, global_step)
+        global_step = trainer_state["global_step"]
+        # An epoch cut short by max_steps goes on where it stopped (its batch order is seeded by
+        # epoch and rank); a finished one is followed by the next.
+        skip_steps = int(trainer_state.get("steps_into_epoch", 0))
+        start_epoch = trainer_state["epoch"] + (0 if skip_steps else 1)
+        log.info("rank %d: resumed from %s at epoch %d (+%d steps), step %d", ctx.rank, restored, start_epoch,
+                 skip_steps, global_step)
 
     if args.torch_compile:
         model.compile_regions(args.torch_compile_mode)  # in place, before DDP wraps it: same state_dict names
@@ -280,13 +288,15 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         if values is not None:
             at_epoch, at_step = last_step_at
             if not bool(torch.isfinite(values).all()):
+                # The mean over all ranks (NaN if any rank's is): this rank's own loss may be finite.
+                loss = float(values[0] / values[1]) if values[1] > 0 else float(values[2])
                 raise TrainingDivergedError(
-                    f"loss is {float(values[2]):.4g} at epoch {at_epoch}, step {at_step}: training stopped; the last "
+                    f"loss is {loss:.4g} at epoch {at_epoch}, step {at_step}: training stopped; the last "
                     "good checkpoint is kept. Lower training.learning_rate, use bf16 instead of fp16, or clip "
                     "gradients (training.max_grad_norm)"
                 )
 
-    def report(epoch: float, with_eval: bool, checkpoint_epoch: int | None) -> None:
+    def report(epoch: float, with_eval: bool, checkpoint_epoch: int | None, steps_into_epoch: int = 0) -> None:
         """Metrics (and, at an epoch's end, a checkpoint) to the context; every rank calls it."""
         nonlocal last_metrics
         raise_if_diverged()
@@ -306,7 +316,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         if checkpoint_epoch is not None and ctx.is_main:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytr-ckpt-"))
             _write_checkpoint(model, optimizer, scheduler, scaler, checkpoint_epoch, global_step, metrics,
-                              checkpoint_dir)
+                              checkpoint_dir, steps_into_epoch)
         try:
             ctx.report(metrics, checkpoint_dir)  # a barrier on Ray: every rank calls it
         finally:
@@ -326,8 +336,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     train_metrics = RankingMetrics(args.metrics_top_k)
     try:
         for epoch in range(start_epoch, epochs):
-            steps_this_epoch = 0
-            for batch in batches_for_epoch(epoch):
+            steps_this_epoch = skip_steps if epoch == start_epoch else 0
+            for batch in itertools.islice(batches_for_epoch(epoch), steps_this_epoch, None):
                 if global_step >= total_steps or steps_this_epoch >= steps_per_epoch:
                     break
                 optimizer.zero_grad(set_to_none=True)  # before the forward: no graph output outlives its step
@@ -370,7 +380,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                     scalars.add("train/learning_rate", scheduler.get_last_lr()[0], global_step)
                 if args.eval_steps and global_step % args.eval_steps == 0 and steps_this_epoch < steps_per_epoch:
                     report(epoch + steps_this_epoch / steps_per_epoch, with_eval=True, checkpoint_epoch=None)
-            report(epoch + 1, with_eval=True, checkpoint_epoch=epoch)
+            report(epoch + 1, with_eval=True, checkpoint_epoch=epoch,
+                   steps_into_epoch=steps_this_epoch if steps_this_epoch < steps_per_epoch else 0)
             if global_step >= total_steps:
                 break
     finally:  # also when a step raises: the curves so far reach the output (a URL's are uploaded)

@@ -75,7 +75,9 @@ def resolve_paths(data: DatasetOrPath) -> list[str]:
 
 def _check_work_left(trainer_state: dict[str, Any], args: TrainingArguments, checkpoint: str) -> None:
     """A checkpoint to resume from must leave epochs (or steps) to train: else no run reports one."""
-    epoch, step = int(trainer_state["epoch"]), int(trainer_state["global_step"])
+    step = int(trainer_state["global_step"])
+    # An epoch that max_steps cut short is not finished: a resume goes on inside it.
+    epoch = int(trainer_state["epoch"]) - (1 if trainer_state.get("steps_into_epoch") else 0)
     if args.max_steps > 0 and step >= args.max_steps:
         raise ValueError(f"training.resume_from_checkpoint {checkpoint!r} is at step {step}, and "
                          f"training.max_steps={args.max_steps} leaves nothing to train: raise max_steps")
