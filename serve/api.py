@@ -118,7 +118,7 @@ class ApiModels:
 def request_fields(data: DataConfig) -> tuple[Any, ...]:
     """What the request models and `request_events` take from a data config: two configs equal in
     these take the same requests (the rest, e.g. min_session_length, only concerns preparation)."""
-    return data.item_col, data.timestamp_col, tuple(data.categorical), tuple(data.continuous)
+    return data.item_col, data.timestamp_col, frozenset(data.categorical), frozenset(data.continuous)  # named, not ordered
 
 
 def build_api_models(data: DataConfig, serve: ServeConfig) -> ApiModels:

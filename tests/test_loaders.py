@@ -232,7 +232,8 @@ def test_files_are_read_in_natural_order_whatever_order_they_come_in(tmp_path, e
         days[day] = write_rows(tmp_path / f"day={day}", [rows], first)
         first += rows
     lexicographic = days[1] + days[10] + days[2]
-    for paths in (lexicographic, days[10] + days[2] + days[1]):
+    as_paths = [Path(p) for p in days[10] + days[2] + days[1]]  # pathlib entries are taken too
+    for paths in (lexicographic, days[10] + days[2] + days[1], as_paths):
         got = [[r for b in DataLoader(SPEC, paths, 4, shuffle=False, engine=engine, rank=k, world_size=2)
                 for r in rows_of(b)] for k in range(2)]
         assert got == [list(range(6)), list(range(6, 12))], paths

@@ -301,6 +301,23 @@ def test_values_that_would_poison_every_row(no_ray, tmp_path, raw_events, data_c
     _run_bad(config, tmp_path, write, rf"a\.{fmt}: column {match}")
 
 
+def test_csv_value_checks_see_the_types_of_the_whole_file(no_ray, tmp_path, data_config):
+    """A CSV's column types come from the rows read: integer timestamps for the first 64 KiB and an
+    `inf` further down make a float column, whose inf must be found (a prefix's schema said int)."""
+    rows = 6000
+    frame = pd.DataFrame({
+        "session_id": np.arange(rows) // 3, "item_id": np.arange(rows) % 50 + 1,
+        "timestamp": 1_700_000_000 + np.arange(rows), "category": np.arange(rows) % 7,
+        "price": np.ones(rows),
+    }).astype({"timestamp": object})
+    frame.loc[rows - 10, "timestamp"] = "inf"
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    assert (tmp_path / "a.csv").stat().st_size > 2 * (1 << 16)
+    config = dataclasses.replace(data_config, log_transform=())
+    with pytest.raises(InputError, match=r"a\.csv: column 'timestamp' has 1 NaN or infinite"):
+        validate_input(config, tmp_path)
+
+
 @pytest.mark.parametrize("column", ["item_id", "session_id", "category"])
 def test_an_id_that_is_a_number_in_one_file_and_a_string_in_another(no_ray, tmp_path, raw_events, data_config, column):
     def write(d: Path) -> None:

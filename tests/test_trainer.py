@@ -306,6 +306,18 @@ def test_train_again_continues_weights_optimizer_and_lr_schedule(prepared_dir, p
     assert lrs2[0] == (1, pytest.approx(2 * lr0 / (steps1 + 2), rel=1e-5)) and lrs2[1] == (2, 0.0)
     after2 = clone_state(trainer.model)
 
+    # 2b. Resuming call 2's checkpoint in a new Trainer (max_steps raised to 4) goes on on the one
+    # schedule over both calls, its end now at steps1 + 4 (over 4 steps alone it would be at LR 0).
+    resumed = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                      replace(args, output_dir=str(tmp_path / "resumed"), max_steps=4, learning_rate=2 * lr0,
+                              resume_from_checkpoint=out2.checkpoint),
+                      train_dataset_or_path=day_paths(prepared_dir, [3]))
+    out2b = resumed.train()
+    assert training_state(out2b.checkpoint)["scheduler"]["last_epoch"] == steps1 + 4
+    lrs2b = scalars(tmp_path / "resumed" / "tensorboard" / out2b.run_name, "train/learning_rate")
+    assert lrs2b[0] == (3, pytest.approx(2 * lr0 / (steps1 + 4), rel=1e-5)) and lrs2b[1] == (4, 0.0)
+    assert not same_weights(clone_state(resumed.model), after2), "the resumed schedule trained at LR 0"
+
     # 3. Reset: a fresh schedule over this run's steps, optimizer moments kept.
     trainer.reset_lr_scheduler()
     trainer.train_dataset = day_paths(prepared_dir, [2])

@@ -66,10 +66,9 @@ def _sniff_tab(path: str) -> bool:
     return "\t" in header and "," not in header
 
 
-def _open_csv(path: str, fmt: str, block_size: int | None = None) -> pacsv.CSVStreamingReader:
+def _open_csv(path: str, fmt: str) -> pacsv.CSVStreamingReader:
     fs, p = storage.filesystem(path)
-    read = pacsv.ReadOptions(block_size=block_size) if block_size else pacsv.ReadOptions()
-    return pacsv.open_csv(fs.open(p, "rb"), read_options=read,
+    return pacsv.open_csv(fs.open(p, "rb"),
                           parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
 
 
@@ -87,12 +86,6 @@ def read_file(path: str, fmt: str, columns: list[str] | None = None) -> pd.DataF
         return storage.read_table(path, columns).to_pandas()
     table = _open_csv(path, fmt).read_all()
     return (table.select(columns) if columns else table).to_pandas()
-
-
-def _file_schema(path: str, fmt: str) -> pa.Schema:
-    if fmt == "parquet":
-        return storage.parquet_file(path).schema_arrow
-    return _open_csv(path, fmt, block_size=1 << 16).schema
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -128,7 +121,13 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
     first_kind: dict[str, tuple[str, str]] = {}  # id column -> (kind, the file that set it)
     total_rows = 0
     for file in files:
-        schema = _readable(file, fmt, lambda: _file_schema(file, fmt))
+        # A CSV column's type is inferred from the rows read, so a CSV is read whole once and its
+        # checks use that table's schema (a prefix's schema could call a column int that is float).
+        if fmt == "parquet":
+            table, schema = None, _readable(file, fmt, lambda: storage.parquet_file(file).schema_arrow)
+        else:
+            table = _readable(file, fmt, lambda: _open_csv(file, fmt).read_all())
+            schema = table.schema
         missing = [c for c in expected if c not in schema.names]
         if missing:
             raise InputError(
@@ -156,7 +155,6 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
             nulls = {name: _parquet_null_count(file, meta, name) for name in required}
             values = storage.read_table(file, valued) if valued else None
         else:
-            table = _readable(file, fmt, lambda: _open_csv(file, fmt).read_all())
             total_rows += table.num_rows
             nulls = {name: table.column(name).null_count for name in required}
             values = table.select(valued)

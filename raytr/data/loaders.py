@@ -199,7 +199,7 @@ class DataLoader:
             raise ValueError(f"engine={engine!r}: expected 'merlin' or 'pyarrow' (Ray Data has its own path)")
         # One global row order for every engine and rank: merlin's dask reader takes files in natural
         # order whatever order they come in, and the ranks' row ranges must index that order.
-        paths = sorted(paths, key=storage.natural_sort_key)
+        paths = sorted(map(str, paths), key=storage.natural_sort_key)  # Path entries too
         if not paths:
             raise ValueError("no parquet files to load: the data path is empty")
         self.spec, self.batch_size, self.shuffle, self.drop_last = spec, batch_size, shuffle, drop_last

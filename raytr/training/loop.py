@@ -228,15 +228,26 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     if cfg.init_training_state:
         with storage.local_copy(cfg.init_training_state) as path:
             saved = torch.load(path, map_location=device, weights_only=True)
+    restored_state = None  # (model state, training state, trainer state) of the checkpoint resumed
+    if ctx.restored_checkpoint is not None:
+        with storage.local_copy(ctx.restored_checkpoint) as local:  # one copy of a URL checkpoint for its parts
+            restored_state = (SessionModel.load(local, map_location=device).state_dict(),
+                              torch.load(local / TRAINING_STATE, map_location=device, weights_only=True),
+                              read_trainer_state(local))
     continued = saved is not None and not cfg.reset_scheduler
     # A continued schedule is one schedule over all the train() calls: its step count goes on from
     # the saved one and its end moves out by this run's steps. (Rebuilt over this run's steps alone,
-    # an already finished linear schedule would train the whole run at LR 0.)
-    prior_steps = int(saved["scheduler"]["last_epoch"]) if continued else 0
+    # an already finished linear schedule would train the whole run at LR 0.) A resumed checkpoint
+    # knows its own run's steps that came before it: its schedule step less its run's global step.
+    if restored_state is not None:
+        _, state, trainer_state = restored_state
+        prior_steps = int(state["scheduler"]["last_epoch"]) - int(trainer_state["global_step"])
+    else:
+        prior_steps = int(saved["scheduler"]["last_epoch"]) if continued else 0
     scheduler = build_scheduler(optimizer, args, prior_steps + total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16 and device.type == "cuda")
     start_epoch, global_step, skip_steps = 0, 0, 0
-    if saved is not None:
+    if saved is not None and restored_state is None:
         fresh_lrs = scheduler.get_last_lr()  # the new schedule's LR for its first step (0 under warmup)
         optimizer.load_state_dict(saved["optimizer"])
         for group, lr in zip(optimizer.param_groups, fresh_lrs):  # a new run's learning rate wins over the saved one
@@ -249,22 +260,20 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
             # the first step takes the continued schedule's LR at the saved step.
             for group, base, lr_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * lr_at(scheduler.last_epoch)
-    if ctx.restored_checkpoint is not None:
-        restored = ctx.restored_checkpoint
-        with storage.local_copy(restored) as local:  # one copy of a URL checkpoint for its three parts
-            model.load_state_dict(SessionModel.load(local, map_location=device).state_dict())
-            state = torch.load(local / TRAINING_STATE, map_location=device, weights_only=True)
-            trainer_state = read_trainer_state(local)
+    if restored_state is not None:
+        model_state, state, trainer_state = restored_state
+        model.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         global_step = trainer_state["global_step"]
-        # An epoch cut short by max_steps goes on where it stopped (its batch order is seeded by
-        # epoch and rank); a finished one is followed by the next.
+        # An epoch cut short by max_steps goes on where it stopped (the merlin/pyarrow loaders' batch
+        # order is seeded by epoch and rank; Ray Data's is not, so there the rest of the epoch's steps
+        # come from a new shuffle of it); a finished one is followed by the next.
         skip_steps = int(trainer_state.get("steps_into_epoch", 0))
         start_epoch = trainer_state["epoch"] + (0 if skip_steps else 1)
-        log.info("rank %d: resumed from %s at epoch %d (+%d steps), step %d", ctx.rank, restored, start_epoch,
-                 skip_steps, global_step)
+        log.info("rank %d: resumed from %s at epoch %d (+%d steps), step %d", ctx.rank, ctx.restored_checkpoint,
+                 start_epoch, skip_steps, global_step)
 
     if args.torch_compile:
         model.compile_regions(args.torch_compile_mode)  # in place, before DDP wraps it: same state_dict names
@@ -381,7 +390,9 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                 if args.eval_steps and global_step % args.eval_steps == 0 and steps_this_epoch < steps_per_epoch:
                     report(epoch + steps_this_epoch / steps_per_epoch, with_eval=True, checkpoint_epoch=None)
             report(epoch + 1, with_eval=True, checkpoint_epoch=epoch,
-                   steps_into_epoch=steps_this_epoch if steps_this_epoch < steps_per_epoch else 0)
+                   # cut short by max_steps (a user's loader that simply ran out has ended its epoch)
+                   steps_into_epoch=steps_this_epoch if global_step >= total_steps
+                   and steps_this_epoch < steps_per_epoch else 0)
             if global_step >= total_steps:
                 break
     finally:  # also when a step raises: the curves so far reach the output (a URL's are uploaded)
