@@ -1,7 +1,7 @@
 """Entry point for `ray job submit --working-dir . -- python jobs/evaluate.py ...`.
 
-Same arguments as `raytr evaluate` (run with --help). Joins the cluster in RAY_ADDRESS (set by
-`ray job submit`) or starts a local Ray; paths may be local, on storage mounted on all nodes, or
+Same arguments as `raytr evaluate` (run with --help). It scores in the job's driver process
+(no Ray workers); paths may be local, on storage mounted on all nodes, or
 fsspec URLs such as s3://bucket/prefix (see the README, "Paths").
 """
 
