@@ -8,7 +8,9 @@ session count in one float64 tensor, so batches add with `merge` and ranks with 
 
 Tie rule (the same one `raytr.models.head.top_k` uses to order recommendations):
     rank = 1 + #items with a strictly greater score + #items with an equal score and a smaller id.
-For k larger than the catalog every session is a hit; precision@k still divides by k.
+A target scored -inf or NaN (a reserved/OOV id, or an item excluded as already seen) cannot be
+recommended, so it is a miss at every k (rank UNRANKED) but still counts as a session. For k larger
+than the catalog every other session is a hit; precision@k still divides by k.
 
 Shape legend: N = sessions scored, V = item cardinality.
 """
@@ -25,19 +27,21 @@ from raytr.features import PAD_ID
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("precision", "recall", "ndcg", "map", "mrr")
+# Rank of a target that cannot be recommended: above any cut-off, so every metric of it is 0.
+UNRANKED = torch.iinfo(torch.int64).max
 
 
 def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank of each target under the tie rule. scores [N, V], targets [N] -> [N] int64.
-    A NaN score ranks as -inf (a NaN target would otherwise compare greater than nothing and rank
-    first), without a copy of the scores: NaN never compares greater, and ties a -inf target."""
-    inf = float("inf")
-    target_scores = scores.gather(1, targets[:, None]).nan_to_num(nan=-inf, posinf=inf, neginf=-inf)  # [N, 1]
+    A target scored -inf or NaN gets UNRANKED: ranked among the other -inf entries by id, a reserved
+    or excluded target (which `top_k` never returns) would turn into a hit once k reached its position.
+    Other NaN scores never compare greater or equal, so they rank last, as -inf does."""
+    target_scores = scores.gather(1, targets[:, None])  # [N, 1]
     ids = torch.arange(scores.shape[1], device=scores.device)  # [V]
     greater = (scores > target_scores).sum(dim=1)
-    tied = (scores == target_scores) | (scores.isnan() & (target_scores == -inf))
-    tied_before = (tied & (ids[None, :] < targets[:, None])).sum(dim=1)
-    return 1 + greater + tied_before
+    tied_before = ((scores == target_scores) & (ids[None, :] < targets[:, None])).sum(dim=1)
+    rankable = target_scores[:, 0] > float("-inf")  # False for -inf and NaN; a mask, so no host sync
+    return (1 + greater + tied_before).masked_fill(~rankable, UNRANKED)
 
 
 class RankingMetrics:
@@ -96,7 +100,7 @@ class RankingMetrics:
         self.update_ranks(ranks_of_targets(scores[keep], targets[keep]))
 
     def update_ranks(self, ranks: torch.Tensor) -> None:
-        """ranks [N]: 1-based rank of each session's target."""
+        """ranks [N]: 1-based rank of each session's target (UNRANKED: a miss at every k)."""
         if ranks.numel() == 0:
             return
         if bool((ranks < 1).any()):

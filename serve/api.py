@@ -13,8 +13,9 @@ error's `loc`, `extra="forbid"` rejects a misspelled feature, and /docs shows th
 null or absent feature means "unknown": a categorical gets the null id, a continuous feature the
 workflow's fill value (as a missing value in the training data would).
 
-Every request model forbids unknown fields, takes strict types (no "1" for 1, no true for 1) and
-finite numbers only. Example request and answer:
+Every request model forbids unknown fields, takes strict types (no "1" for 1, no true for 1),
+finite numbers and valid unicode only (no lone surrogate such as "\\ud800"). Example request and
+answer:
 
     POST /recommend
     {"session_id": "s-1", "k": 3, "exclude_seen": true,
@@ -29,7 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from raytr.config import ConfigError, DataConfig, ServeConfig
 
@@ -41,9 +43,26 @@ RawId = StrictInt | StrictStr
 
 
 class StrictModel(BaseModel):
-    """Base of request models: unknown fields, coercions and NaN/inf are errors."""
+    """Base of request models: unknown fields, coercions, NaN/inf and lone surrogates are errors."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # JSON lets a string hold a lone surrogate ("\\ud800"): no training id (UTF-8 data) can
+        # be one, and the answer, which echoes session_id, could not be encoded (a 500).
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise PydanticCustomError(
+                    "string_unicode",
+                    "String should be valid unicode: a lone surrogate {escape} at position {position} "
+                    "(\\ud800-\\udbff must be followed by \\udc00-\\udfff)",
+                    {"escape": f"\\u{ord(value[exc.start]):04x}", "position": exc.start},
+                ) from None
+        return value
 
 
 class ResponseModel(BaseModel):

@@ -42,7 +42,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from raytr.bundle import Bundle, read_data_config
+from raytr.bundle import Bundle
 from raytr.config import DataConfig, ServeConfig
 from serve.api import BatchingStats, HealthResponse, ModelInfo, ReloadResponse
 from serve.core import (
@@ -326,9 +326,10 @@ def _replicas(count: int | None) -> dict[str, Any]:
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """The Serve application for `args` (see `AppArgs`); validates them before anything starts."""
     opts = AppArgs.model_validate(args)
-    # Read once, here (failing here, naming the directory, rather than in a replica): every replica
-    # serves this data config, whatever the directory holds when autoscaling starts one later.
-    data = read_data_config(opts.bundle_dir)
+    # Load the bundle here, as the registry and the standalone server do: a missing file (say
+    # model/model.safetensors) is one error naming it, not a deployment failing in a replica. Every
+    # replica serves this data config, whatever the directory holds when autoscaling starts one later.
+    data = Bundle.load(opts.bundle_dir).data
     config = opts.serve_config()
     registry = BundleRegistry.bind(opts.bundle_dir, data)
     recommender = Recommender.options(

@@ -117,21 +117,28 @@ MAX_ECHOED_ITEMS = 5
 MAX_ECHOED_CHARS = 200
 
 
+def _utf8(text: str) -> str:
+    """`text` as UTF-8 can carry it: a lone surrogate (JSON allows "\\ud800", UTF-8 has none) as
+    its escape, which would otherwise turn the 422 echoing it into a 500."""
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
 def _echoable(value: Any) -> Any:
     """An invalid input as it can be echoed back in JSON: non-finite floats as strings (JSON has
     none, and echoing NaN would turn the 422 into a 500), raw bytes as text (a body that is not
-    UTF-8 would too), long lists and strings cut short."""
+    UTF-8 would too), lone surrogates escaped, long lists and strings cut short."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _echoable(v) for k, v in list(value.items())[:4 * MAX_ECHOED_ITEMS]}
+        return {_utf8(str(k)): _echoable(v) for k, v in list(value.items())[:4 * MAX_ECHOED_ITEMS]}
     if isinstance(value, (list, tuple)):
         head = [_echoable(v) for v in value[:MAX_ECHOED_ITEMS]]
         return head + ([f"... {len(value) - MAX_ECHOED_ITEMS} more"] if len(value) > MAX_ECHOED_ITEMS else [])
-    if isinstance(value, str) and len(value) > MAX_ECHOED_CHARS:
-        return f"{value[:MAX_ECHOED_CHARS]}..."
+    if isinstance(value, str):
+        value = _utf8(value)
+        return f"{value[:MAX_ECHOED_CHARS]}..." if len(value) > MAX_ECHOED_CHARS else value
     return value
 
 

@@ -8,15 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from raytr.features import FIRST_ITEM_ID
-from raytr.metrics import RankingMetrics, ranks_of_targets
+from raytr.baselines import Popularity
+from raytr.evaluation import update_next_item_metrics
+from raytr.features import FIRST_ITEM_ID, OOV_ID, SessionBatch
+from raytr.metrics import UNRANKED, RankingMetrics, ranks_of_targets
+from raytr.models.head import seen_items, top_k
+from raytr.models.masking import split_last_item
 
 NEG_INF = float("-inf")
 RESERVED = [NEG_INF] * FIRST_ITEM_ID  # padding, null and OOV score -inf, as the head sets them
 
 
 def brute_force(scores: np.ndarray, targets: np.ndarray, ks: list[int]) -> dict[str, float]:
-    """Rank = position in the list sorted by (score descending, id ascending); average over sessions."""
+    """Rank = position in the list sorted by (score descending, id ascending); a target scored -inf
+    (not recommendable) is a miss at every k. Average over sessions."""
     sums: dict[str, float] = {}
     count = 0
     for row, target in zip(scores.tolist(), targets.tolist()):
@@ -26,7 +31,7 @@ def brute_force(scores: np.ndarray, targets: np.ndarray, ks: list[int]) -> dict[
         order = sorted(range(len(row)), key=lambda i: (-row[i], i))
         rank = order.index(target) + 1
         for k in ks:
-            hit = 1.0 if rank <= k else 0.0
+            hit = 1.0 if rank <= k and row[target] != NEG_INF else 0.0
             for name, value in (("precision", hit / k), ("recall", hit), ("ndcg", hit / math.log2(rank + 1)),
                                 ("map", hit / rank), ("mrr", hit / rank)):
                 sums[f"{name}@{k}"] = sums.get(f"{name}@{k}", 0.0) + value
@@ -61,10 +66,64 @@ def test_nan_scores_rank_last_not_first():
     a = FIRST_ITEM_ID
     nan = float("nan")
     scores = torch.tensor([RESERVED + [nan, 0.5, 0.9], RESERVED + [nan, nan, nan]])
-    assert ranks_of_targets(scores, torch.tensor([a, a + 1])).tolist() == [6, 5]  # as -inf: after every smaller id
-    m = RankingMetrics([1])
+    assert ranks_of_targets(scores, torch.tensor([a + 1, a + 1])).tolist() == [2, UNRANKED]  # NaN item after 0.5
+    assert ranks_of_targets(scores, torch.tensor([a, a])).tolist() == [UNRANKED] * 2  # as -inf: a miss
+    m = RankingMetrics([1, 100])
     m.update(torch.full((2, 8), nan), torch.tensor([a + 2, a + 4]))
-    assert m.compute()["recall@1"] == 0.0
+    assert m.count == 2 and m.compute()["recall@1"] == m.compute()["recall@100"] == 0.0
+
+
+def test_oov_target_is_a_miss_even_when_k_covers_the_catalog():
+    """An OOV/null target scores -inf; ranked among the reserved ids by id, it used to hit at k=10."""
+    a = FIRST_ITEM_ID
+    scores = torch.tensor([RESERVED + [5.0, 4.0, 3.0, 2.0, 1.0]] * 2)  # 5 real items, V = 8
+    m = RankingMetrics([5, 8, 10, 100])
+    m.update(scores, torch.tensor([OOV_ID, a + 1]))  # OOV target, and one at rank 2
+    out = m.compute()
+    assert m.count == 2  # the OOV session still counts in the mean
+    for k in (5, 8, 10, 100):
+        assert out[f"recall@{k}"] == 0.5
+        assert out[f"ndcg@{k}"] == pytest.approx(0.5 / math.log2(3))
+        assert out[f"mrr@{k}"] == out[f"map@{k}"] == pytest.approx(0.25)
+
+
+def test_excluded_seen_target_is_a_miss_when_k_covers_the_remaining_items():
+    """With exclude_seen the target, seen earlier in the session, is masked to -inf; `top_k` refuses
+    k=5 on that row (1 item left), and the metrics must not count it as a hit there either."""
+    a = FIRST_ITEM_ID
+    pop = Popularity(a + 5)
+    pop.counts[a:] = [5, 4, 3, 2, 1]
+    batch = SessionBatch(item_ids=torch.tensor([[a + 1, a + 2, a + 3, a + 4, a + 1]]))  # target a+1 seen first
+    m = RankingMetrics([1, 5, 10])
+    update_next_item_metrics(m, pop, batch, exclude_seen=True)
+    assert m.count == 1
+    assert all(value == 0.0 for value in m.compute().values())
+    prefix, _ = split_last_item(batch)
+    with pytest.raises(ValueError, match="after exclusions"):
+        top_k(pop.score_next(prefix), 5, seen_items(prefix.item_ids, a + 5))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ranks_on_device_and_half_precision(device, dtype):
+    """Same ranks as float32, without a host sync (CUDA raises on one under sync_debug_mode)."""
+    a = FIRST_ITEM_ID
+    nan = float("nan")
+    scores = torch.tensor([RESERVED + [1.0, 2.0, 2.0, NEG_INF, nan]] * 5)
+    targets = torch.tensor([a, a + 1, a + 2, a + 3, a + 4])
+    expected = [3, 1, 2, UNRANKED, UNRANKED]
+    assert ranks_of_targets(scores, targets).tolist() == expected
+    scores, targets = scores.to(device, dtype), targets.to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        ranks = ranks_of_targets(scores, targets)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert ranks.device.type == device and ranks.dtype == torch.int64
+    assert ranks.tolist() == expected
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -87,7 +146,10 @@ def test_matches_brute_force_with_ties_and_k_beyond_catalog(seed):
     assert m.count == int((np.concatenate(all_targets) != 0).sum())
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
-    assert got["recall@20"] == 1.0 and got["precision@20"] == pytest.approx(1 / 20)
+    scored = np.concatenate(all_targets)
+    recommendable = scored[scored != 0] >= FIRST_ITEM_ID
+    assert got["recall@20"] == pytest.approx(recommendable.mean())  # reserved-id targets miss
+    assert got["precision@20"] == pytest.approx(recommendable.mean() / 20)
 
 
 def test_session_average_not_mean_of_batch_means():

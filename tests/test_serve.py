@@ -120,6 +120,17 @@ BAD_BATCHES = [
     ({"requests": [{"events": [EVENT]}, {"events": [{**EVENT, "price": float("-1e9")}]}]},
      ["body", "requests", 1, "events", 0, "price"]),
 ]
+# Lone surrogates: JSON escapes Python decodes but UTF-8 cannot encode, in a value, an id, a key.
+# (a /recommend body, the field its 422 names, the error type, the input echoed escaped or None)
+_EVENTS = b'"events": [{"item_id": 1, "timestamp": 1.0}]'
+LONE_SURROGATES = [
+    (b'{"session_id": "\\ud800", ' + _EVENTS + b"}", "session_id", "string_unicode", None),
+    (b'{"events": [{"item_id": "sku\\udfff", "timestamp": 1.0}]}', "item_id", "string_unicode", None),
+    (b'{"events": [{"item_id": 1, "timestamp": 1.0, "category": "\\udc00"}]}', "category", "string_unicode", None),
+    (b'{"k": "\\ud800", ' + _EVENTS + b"}", "k", "int_type", "\\ud800"),
+    (b'{"\\ud800": 1, ' + _EVENTS + b"}", "body", "string_unicode", "\\ud800"),  # a key: pydantic names no field
+    (b'{"events": [{"item_id": 1, "timestamp": 1.0, "\\udc00": 2}]}', "events", "string_unicode", "\\udc00"),
+]
 
 
 
@@ -148,6 +159,22 @@ def _assert_bad_inputs_rejected(post) -> None:
     huge = {"events": [{**EVENT, "timestamp": float(i)} for i in range(100_000)]}
     response = post("/recommend", json=huge)
     assert response.status_code == 413 and "max_body_bytes" in response.json()["detail"]
+
+
+def _assert_lone_surrogates_rejected(post) -> None:
+    """Each case, alone and in a batch: a 422 naming the field and echoing the input escaped,
+    never a 500 from encoding the answer or the error."""
+    for body, field_name, kind, echoed in LONE_SURROGATES:
+        for path, content in (("/recommend", body), ("/recommend/batch", b'{"requests": [' + body + b"]}")):
+            response = post(path, content=content, headers={"content-type": "application/json"})
+            assert response.status_code == 422, (path, body, response.text[:300])
+            assert _names_the_field(response, field_name), (path, body, response.text[:300])
+            [error] = response.json()["detail"]
+            assert error["type"] == kind and "\\u" in error["input"], (path, body, error)
+            if echoed is not None:
+                assert error["input"] == echoed, (path, body, error)
+            if field_name in ("session_id", "item_id", "category"):  # a string id that is not unicode
+                assert "valid unicode" in error["msg"] and "lone surrogate" in error["msg"], error
 
 
 # ------------------------------------------------------------------------------------ in-process (fast)
@@ -258,6 +285,38 @@ def test_standalone_app_answers_and_rejects_bad_inputs(local_bundle, raw_items, 
     assert client.get("/model").json()["metrics"] == {"loss": 9.9}
     assert client.post("/admin/reload", headers={"X-Admin-Token": "x"}).status_code == 403  # disabled
     assert client.post("/recommend", json={"events": events}).status_code == 200  # still serving
+
+
+def test_lone_surrogates_are_a_422_never_a_500(local_bundle, raw_items, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from serve.standalone import build_standalone_app
+
+    monkeypatch.delenv("RAYTR_ADMIN_TOKEN", raising=False)
+    client = TestClient(build_standalone_app(str(local_bundle)))
+    _assert_lone_surrogates_rejected(client.post)
+    paired = {"session_id": "s-\U0001F600", "events": [{"item_id": raw_items[0], "timestamp": 1.0}]}
+    answer = client.post("/recommend", content=json.dumps(paired), headers={"content-type": "application/json"})
+    assert answer.status_code == 200 and answer.json()["session_id"] == paired["session_id"]  # a surrogate pair is fine
+
+
+def test_serve_names_a_missing_weights_file_before_starting_ray(local_bundle, tmp_path, monkeypatch, capsys):
+    """The Serve app's builder loads the bundle as the standalone server does: one line naming the
+    file, rather than a deployment failing in a replica after Ray started."""
+    import raytr.cli
+    import raytr.ray_runtime
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    (bundle / "model" / "model.safetensors").unlink()
+
+    def no_ray() -> None:
+        raise AssertionError("Ray started for a bundle that cannot be served")
+
+    monkeypatch.setattr(raytr.ray_runtime, "ensure_ray", no_ray)
+    assert raytr.cli.main(["serve", "--model", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytr serve: error:") and "model.safetensors" in err and "Traceback" not in err
 
 
 def test_standalone_server_names_a_missing_bundle(tmp_path, capsys):
@@ -475,6 +534,7 @@ def test_model_info_and_docs(client, bundle_dir):
 @pytest.mark.slow
 def test_every_bad_input_is_a_4xx_naming_the_field(client, session_events):
     _assert_bad_inputs_rejected(client.post)
+    _assert_lone_surrogates_rejected(client.post)
     assert client.get("/nope").status_code == 404
     _ok(client, {"events": session_events, "k": 3})  # still serving
 
