@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
 
 log = logging.getLogger("raytr")
 
@@ -32,13 +31,15 @@ def _quiet() -> None:
 
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """`--set section.key=value` pairs (value parsed as YAML) -> {section: {key: value}}."""
+    from raytr.config import load_yaml
+
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ValueError(f"--set {item!r}: expected section.key=value, e.g. training.num_train_epochs=3")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        out.setdefault(section, {})[name] = load_yaml(value, f"--set {item!r}")
     return out
 
 
@@ -141,7 +142,8 @@ def cmd_incremental(args: argparse.Namespace) -> None:
 
     config = _load(args, _training_overrides(args))
     result = run_incremental(config, args.data, args.output, args.start_day, args.end_day, args.mode,
-                             baselines=not args.no_baselines, knn_recency_decay=args.knn_decay)
+                             baselines=not args.no_baselines, knn_recency_decay=args.knn_decay,
+                             knn_self_similarity=args.knn_self_similarity)
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("\naverage over days:")
     print(result.averages.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -235,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip popularity and item-kNN")
     p.add_argument("--knn-decay", type=float, default=1.0,
                    help="item-kNN recency decay in [0, 1] (bench/quality.py chooses it on validation)")
+    p.add_argument("--knn-self-similarity", type=float, default=0.0,
+                   help="item-kNN similarity of an item with itself in [0, 1]: > 0 lets it recommend the "
+                        "session's own items (bench/quality.py chooses it on validation)")
     p.set_defaults(func=cmd_incremental)
 
     p = sub.add_parser("serve", help="serve a trained model over REST (Ray Serve + FastAPI)")

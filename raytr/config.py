@@ -234,6 +234,52 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key] + 1, key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(key)
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML `text` read from `source` (a file or a --set argument, named by errors): a syntax
+    error or a key given twice in one mapping is a ConfigError naming the source and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{source}: key {dup.key!r} is given twice (line {dup.first_line} and line {dup.line}); "
+                          "keep one") from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = "; ".join(str(m) for m in (error.context, error.problem) if m)
+        raise ConfigError(f"{source}: invalid YAML{where}: {what}") from None
+    except yaml.reader.ReaderError as error:
+        line = text[:error.position].count("\n") + 1
+        char = chr(error.character) if isinstance(error.character, int) else error.character
+        raise ConfigError(f"{source}: invalid YAML at line {line}: {error.reason} ({char!r})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: invalid YAML: {error}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RaytrConfig:
     """Read a YAML config (defaults when `path` is None); `overrides` maps section -> {key: value}."""
     raw: dict[str, Any] = {}
@@ -241,7 +287,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            line = error.object[:error.start].count(b"\n") + 1
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: line {line} has the byte "
+                              f"{error.object[error.start:error.start + 1]!r} (save it as UTF-8)") from None
+        raw = load_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, training, serve)")
     for section, values in (overrides or {}).items():

@@ -71,6 +71,9 @@ def test_synth_in_process(tmp_path, capsys):
         (["--set", "data.max_seq=30"], "max_seq"),
         (["--set", "model.body=lstm"], "model.body='lstm'"),
         (["--set", "max_sequence_length=30"], "expected section.key=value"),
+        # YAML syntax in a --set value: the argument and the position, not PyYAML's '<unicode string>'
+        (["--set", "data.categorical=[a, b"], "--set 'data.categorical=[a, b': invalid YAML at line 1"),
+        (["--set", "model.hf_config={a: 1, a: 2}"], "key 'a' is given twice"),
     ],
 )
 def test_prepare_config_errors_exit_2(tmp_path, raw_dir, capsys, overrides, message):
@@ -86,6 +89,16 @@ def test_prepare_missing_config_file(tmp_path, raw_dir, capsys):
     code = main(["prepare", "--config", str(tmp_path / "none.yaml"), "--input", str(raw_dir),
                  "--output", str(tmp_path / "out")])
     assert code == 2 and "none.yaml" in capsys.readouterr().err
+
+
+def test_prepare_config_file_with_bad_yaml_exits_2_naming_file_and_line(tmp_path, raw_dir, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data:\n  session_col: session_id\n  categorical: [category\nmodel: {}\n")
+    code = main(["prepare", "--config", str(config), "--input", str(raw_dir), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"raytr prepare: error: config file {str(config)!r}: invalid YAML at line 4" in err
+    assert "unicode string" not in err and not (tmp_path / "out").exists()
 
 
 def test_missing_required_argument_is_a_usage_error(capsys):

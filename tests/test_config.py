@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,69 @@ def test_non_mapping_yaml(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="data"):
         load_config(write_yaml(tmp_path, {"data": [1, 2]}))
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  body: gpt2\n  d_model: [64\ntraining: {}\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml'?: invalid YAML at line 4, column 9: .*expected ',' or ']'") as info:
+        load_config(path)
+    assert "unicode string" not in str(info.value)
+    path.write_text("model:\n  body: gpt2\n\tn_layers: 2\n")  # a tab in the indentation
+    with pytest.raises(ConfigError, match=r"broken\.yaml'?: invalid YAML at line 3"):
+        load_config(path)
+
+
+def test_duplicate_yaml_keys_are_an_error_naming_key_file_and_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("training:\n  learning_rate: 0.01\n  num_train_epochs: 2\n  learning_rate: 0.001\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml'?: key 'learning_rate' is given twice \(line 2 and line 4\)"):
+        load_config(path)
+    path.write_text("model: {d_model: 32}\nmodel: {n_layers: 1}\n")  # whole sections too
+    with pytest.raises(ConfigError, match=r"key 'model' is given twice"):
+        load_config(path)
+    # a merge key (`<<`) overridden by an explicit key is YAML, not a duplicate
+    path.write_text("defaults: &d {d_model: 32, n_heads: 2}\nmodel:\n  <<: *d\n  d_model: 64\n")
+    with pytest.raises(ConfigError, match="unknown section 'defaults'|defaults"):
+        load_config(path)  # the extra section is still an unknown section, but parsing got that far
+
+
+def test_non_utf8_config_file_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model:\n  body: gpt2  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml'? is not UTF-8 text: line 2 has the byte b'\\xe9'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("learning_rate", float("nan"), "finite number > 0"),
+        ("learning_rate", float("inf"), "finite number > 0"),
+        ("weight_decay", -0.1, "finite number >= 0"),
+        ("weight_decay", float("nan"), "finite number >= 0"),
+        ("adam_beta1", 1.0, "0 <= beta < 1"),
+        ("adam_beta1", -0.1, "0 <= beta < 1"),
+        ("adam_beta2", float("nan"), "0 <= beta < 1"),
+        ("adam_beta2", 1.5, "0 <= beta < 1"),
+        ("max_grad_norm", float("nan"), "finite number >= 0"),
+        ("max_grad_norm", float("inf"), "finite number >= 0"),
+        ("max_grad_norm", -1.0, "finite number >= 0"),
+        ("warmup_steps", -1, ">= 0 (0: off)"),
+        ("logging_steps", -5, ">= 0 (0: off)"),
+        ("eval_steps", -1, ">= 0 (0: off)"),
+        ("compute_metrics_each_n_steps", -1, ">= 0 (0: off)"),
+    ],
+)
+def test_training_numbers_out_of_range_name_the_key(key, value, expected):
+    with pytest.raises(ConfigError, match=re.escape(f"training.{key}={value}: expected ") + ".*" + re.escape(expected)):
+        load_config(overrides={"training": {key: value}})
+
+
+def test_training_numbers_at_their_bounds_are_accepted():
+    args = load_config(overrides={"training": {"weight_decay": 0, "adam_beta1": 0.0, "max_grad_norm": 0,
+                                               "warmup_steps": 0, "eval_steps": 0}}).training
+    assert args.max_grad_norm == 0.0 and args.adam_beta1 == 0.0
 
 
 def test_to_dict_round_trip():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -110,8 +111,19 @@ class TrainingArguments:
                               f"of the schedule, 1..num_train_epochs={self.num_train_epochs}")
         if self.per_device_train_batch_size < 1 or self.per_device_eval_batch_size < 1:
             raise ConfigError("training.per_device_*_batch_size must be >= 1")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"training.learning_rate={self.learning_rate}: expected > 0")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"training.learning_rate={self.learning_rate}: expected a finite number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"training.weight_decay={self.weight_decay}: expected a finite number >= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:  # NaN fails it too
+                raise ConfigError(f"training.{key}={getattr(self, key)}: expected 0 <= beta < 1")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ConfigError(f"training.max_grad_norm={self.max_grad_norm}: expected a finite number >= 0 "
+                              "(0: no clipping)")
+        for key in ("warmup_steps", "logging_steps", "eval_steps", "compute_metrics_each_n_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"training.{key}={getattr(self, key)}: expected >= 0 (0: off)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"training.warmup_ratio={self.warmup_ratio}: expected 0 <= r < 1")
         if not self.metrics_top_k or min(self.metrics_top_k) < 1:
