@@ -1,9 +1,27 @@
 """The errors a user can act on; entry points print them as one line instead of a traceback."""
 
+from __future__ import annotations
+
 from raytr.config import ConfigError
 
 # ValueError covers ConfigError, InputError, SchemaError and bad arguments; FileNotFoundError a
 # missing dataset or model directory.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
-__all__ = ["ConfigError", "USER_ERRORS"]
+# The operating system's path errors (an input or output that is a file where a directory is needed,
+# or the reverse, exists, or may not be written): user errors when they name the path. One without a
+# filename did not come from a path the user gave, and stays a traceback.
+PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, FileExistsError, IsADirectoryError,
+                                          NotADirectoryError, PermissionError)
+
+
+def path_error_message(error: OSError) -> str | None:
+    """One line naming the path(s) of a PATH_ERRORS error (None when it names no path)."""
+    if not isinstance(error, PATH_ERRORS) or error.filename is None:
+        return None
+    reason = error.strerror or type(error).__name__
+    paths = repr(str(error.filename)) + (f" -> {str(error.filename2)!r}" if error.filename2 is not None else "")
+    return f"{paths}: {reason}"
+
+
+__all__ = ["ConfigError", "PATH_ERRORS", "USER_ERRORS", "path_error_message"]

@@ -101,6 +101,31 @@ def test_prepare_config_file_with_bad_yaml_exits_2_naming_file_and_line(tmp_path
     assert "unicode string" not in err and not (tmp_path / "out").exists()
 
 
+def test_os_path_errors_are_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    code = main(["synth", "--output", str(blocker / "sub"), "--sessions", "20", "--items", "10", "--days", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("raytr synth: error: ") and str(blocker) in err and "Not a directory" in err
+
+    import raytr.data.synth as synth
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/srv/raw/day=1")
+
+    monkeypatch.setattr(synth, "synthesize", denied)
+    assert main(["synth", "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "raytr synth: error: '/srv/raw/day=1': Permission denied\n"
+
+    def bug(*args, **kwargs):  # an OS error naming no path is no user error: it keeps its traceback
+        raise PermissionError("operation not permitted")
+
+    monkeypatch.setattr(synth, "synthesize", bug)
+    with pytest.raises(PermissionError, match="operation not permitted"):
+        main(["synth", "--output", str(tmp_path / "out")])
+
+
 def test_missing_required_argument_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["prepare", "--config", SYNTHETIC])
