@@ -24,7 +24,8 @@ Datasets and protocols (metrics: NDCG@10/20, Recall@10/20, MRR@20; full ranking 
               stopped after the chosen epoch) and that fit scores the test (`ML_REFIT`; `--no-ml-refit` skips it).
 Honest tuning: hyperparameters start fixed (d_model 64, 2 layers, 4 heads, dropout 0.2, lr 2e-3
 with linear decay, batch 128); the choices made on validation are each model's epoch count (every
-epoch is checkpointed and scored on validation), item-kNN's recency decay, which transformer is
+epoch is checkpointed and scored on validation), item-kNN's recency decay and self-similarity
+(whether it may recommend the session's own items), which transformer is
 "the best", for MovieLens-100k the batch size (32) and the 4 tie orders (`DEFAULT_BATCH`,
 `ML_TIE_ORDERS`: trials and their validation scores in comments there), and the points a
 validation-only grid search picked per dataset and model (`TUNED`, from `--search`, which never
@@ -100,6 +101,7 @@ DEFAULT_BATCH = {"synthetic": 128, "yoochoose": 128, "ml-100k": 32}
 # neural model twice, the refit): 195 in all.
 DEFAULT_BUDGET_MIN = {"synthetic": 15.0, "yoochoose": 30.0, "ml-100k": 150.0}
 KNN_DECAYS = (1.0, 0.5, 0.0)
+KNN_SELF_SIMILARITIES = (0.0, 0.5, 1.0)  # 0: the classic item-kNN, never the session's own items
 # Sequence length T for MovieLens-100k. Validation only (`--search learning_rate=0.002 --ml-window T`,
 # xlnet-clm, the tuned settings, seed 0, 2026-11-27): best-epoch ndcg@20 T=50 0.1603, 100 0.1658, 200
 # 0.1643 (200 trains ~2x slower). The same seeded T=50 setting scored 0.1729 in the evaluation run of
@@ -429,7 +431,7 @@ def baseline_batches(data: QualityData, refit: bool = False):
 
 
 def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
-    """Popularity and item-kNN (its recency decay chosen on validation); with `data.refit_baseline_paths`
+    """Popularity and item-kNN (its recency decay and self-similarity chosen on validation); with `data.refit_baseline_paths`
     each is fitted again on the training and validation data for the test."""
     from raytr.baselines import Popularity, SessionItemKNN
 
@@ -444,15 +446,16 @@ def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
                          "seconds": time.perf_counter() - t} | ({"refit": True} if refit else {})
     t = time.perf_counter()
     trials = []
-    for decay in KNN_DECAYS:
-        knn = SessionItemKNN(data.spec.item_cardinality, recency_decay=decay).fit(baseline_batches(data))
-        trials.append((evaluate(knn, data, "valid"), decay, knn))
-    valid, decay, knn = max(trials, key=lambda t: t[0][SELECT_BY])
+    for decay, self_sim in itertools.product(KNN_DECAYS, KNN_SELF_SIMILARITIES):
+        knn = SessionItemKNN(data.spec.item_cardinality, recency_decay=decay, self_similarity=self_sim)
+        trials.append((evaluate(knn.fit(baseline_batches(data)), data, "valid"), decay, self_sim, knn))
+    valid, decay, self_sim, knn = max(trials, key=lambda t: t[0][SELECT_BY])
     if refit:
-        knn = SessionItemKNN(data.spec.item_cardinality, recency_decay=decay).fit(baseline_batches(data, refit=True))
+        knn = SessionItemKNN(data.spec.item_cardinality, recency_decay=decay, self_similarity=self_sim).fit(
+            baseline_batches(data, refit=True))
     out["item_knn"] = {"valid": valid, "test": evaluate(knn, data, "test"), "seconds": time.perf_counter() - t,
-                       "choice": {"recency_decay": decay},
-                       "validation_trials": {str(d): v[SELECT_BY] for v, d, _ in trials}} | (
+                       "choice": {"recency_decay": decay, "self_similarity": self_sim},
+                       "validation_trials": {f"{d}/{w}": v[SELECT_BY] for v, d, w, _ in trials}} | (
                            {"refit": True} if refit else {})
     return out
 
@@ -544,10 +547,10 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
             "train_sessions_per_s": result.metrics.get("train_sessions_per_second")} | refit
 
 
-def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path, knn_decay: float,
+def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path, knn: dict[str, float],
                               hp: Hyper = Hyper()) -> dict[str, Any]:
     """Day windows on the YOOCHOOSE sample with the chosen transformer: train day t, evaluate t+1;
-    item-kNN with the recency decay chosen on validation."""
+    item-kNN with the recency decay and self-similarity chosen on validation (`knn`)."""
     from raytr.config import load_config
     from raytr.training.incremental import run_incremental
 
@@ -563,14 +566,15 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
     shutil.rmtree(out_dir, ignore_errors=True)
     t = time.perf_counter()
     result = run_incremental(config, yoochoose_prepared(), out_dir, end_day=6, mode="finetune",
-                             knn_recency_decay=knn_decay)
+                             knn_recency_decay=knn["recency_decay"],
+                             knn_self_similarity=knn["self_similarity"])
     seconds = time.perf_counter() - t
     table = result.table
     keep = ["day", "model", *[c for c in REPORTED if c in table.columns]]
     rows = table[keep].to_dict(orient="records")
     averages = result.averages[["model", *[c for c in REPORTED if c in result.averages.columns]]]
     return {"model": f"{body}-{objective}", "epochs_per_window": epochs, "mode": "finetune", "seconds": seconds,
-            "knn_recency_decay": knn_decay,
+            "knn_recency_decay": knn["recency_decay"], "knn_self_similarity": knn["self_similarity"],
             "per_day": rows, "average": averages.to_dict(orient="records")}
 
 
@@ -763,9 +767,8 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
         inc_epochs = min(best["choice"]["epochs"], int(remaining // per_epoch))
         if inc_epochs >= 1:
             best_hp = tuned_hyper(hp, name, summary["best_transformer"], use_tuned)
-            knn_decay = results["item_knn"]["choice"]["recency_decay"]
             out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work,
-                                                           knn_decay, best_hp)
+                                                           results["item_knn"]["choice"], best_hp)
         else:
             out["incremental"] = {"skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one "
                                              f"epoch over the windows needs ~{per_epoch:.0f}s"}
@@ -959,7 +962,8 @@ def main(argv=None) -> int:
     notes = [
         ("Hyperparameters fixed beforehand: d_model 64, 2 layers, 4 heads, dropout 0.2, AdamW lr 2e-3 linear decay, "
          f"full softmax, launcher local, torch threads as recorded{tuned}."),
-        (f"Chosen on validation ({SELECT_BY}): each model's epoch, item-kNN recency decay {list(KNN_DECAYS)}, the best "
+        (f"Chosen on validation ({SELECT_BY}): each model's epoch, item-kNN recency decay {list(KNN_DECAYS)} and "
+         f"self-similarity {list(KNN_SELF_SIMILARITIES)}, the best "
          f"transformer; for MovieLens-100k the batch size {DEFAULT_BATCH['ml-100k']} (others "
          f"{DEFAULT_BATCH['synthetic']}) and {ML_TIE_ORDERS} orders of same-second ratings in the training windows."),
         "Test metrics computed once per model with the chosen checkpoint.",

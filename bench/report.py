@@ -487,7 +487,8 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
             out += ["", f"Skipped for the budget: {', '.join(ds['skipped_for_budget'])}."]
         inc = ds.get("incremental")
         if inc and "per_day" in inc:
-            decay = (f"; item-kNN recency decay {inc['knn_recency_decay']} (chosen on validation)"
+            decay = (f"; item-kNN recency decay {inc['knn_recency_decay']}, self-similarity "
+                     f"{inc.get('knn_self_similarity', 0.0)} (chosen on validation)"
                      if "knn_recency_decay" in inc else "; item-kNN recency decay 1.0 (untuned)")
             out += ["", f"Day windows (`run_incremental`, {inc['mode']}, {inc['model']}, {inc['epochs_per_window']} "
                         f"epoch(s) per window; train on day t, evaluate on day t+1, {inc['seconds']:.0f}s{decay}):", ""]

@@ -100,9 +100,19 @@ class SessionItemKNN:
     recency_decay: weight of an event = recency_decay ** (number of events after it), in [0, 1].
     max_neighbors: keep only each item's most similar items (None keeps all), bounding memory on
         large catalogs.
+    self_similarity: similarity of a training item with itself, in [0, 1]. 0 (classic item-kNN)
+        never recommends an item already in the session; 1 ranks the session's own items like
+        perfect neighbours, which pays where users return to what they just viewed (e-commerce
+        clicks). It is set after the max_neighbors pruning, so it never displaces a neighbour.
     """
 
-    def __init__(self, item_cardinality: int, recency_decay: float = 1.0, max_neighbors: int | None = None) -> None:
+    def __init__(
+        self,
+        item_cardinality: int,
+        recency_decay: float = 1.0,
+        max_neighbors: int | None = None,
+        self_similarity: float = 0.0,
+    ) -> None:
         if item_cardinality < FIRST_ITEM_ID + 1:
             raise ValueError(
                 f"item_cardinality={item_cardinality}: expected >= {FIRST_ITEM_ID + 1} "
@@ -112,9 +122,12 @@ class SessionItemKNN:
             raise ValueError(f"recency_decay={recency_decay}: expected 0 <= decay <= 1")
         if max_neighbors is not None and max_neighbors < 1:
             raise ValueError(f"max_neighbors={max_neighbors}: expected >= 1 or None")
+        if not 0.0 <= self_similarity <= 1.0:
+            raise ValueError(f"self_similarity={self_similarity}: expected 0 <= similarity <= 1")
         self.item_cardinality = item_cardinality
         self.recency_decay = recency_decay
         self.max_neighbors = max_neighbors
+        self.self_similarity = self_similarity
         self.similarity: sp.csr_matrix = sp.csr_matrix((item_cardinality, item_cardinality), dtype=np.float32)
 
     def fit(self, sessions: SessionsLike) -> "SessionItemKNN":
@@ -141,6 +154,8 @@ class SessionItemKNN:
         sim = sp.csr_matrix(sim, dtype=np.float32)
         if self.max_neighbors is not None:
             sim = _keep_top_per_row(sim, self.max_neighbors)
+        if self.self_similarity > 0.0:
+            sim = sp.csr_matrix(sim + sp.diags(np.where(n > 0, self.self_similarity, 0.0)), dtype=np.float32)
         self.similarity = sim
         logger.info("SessionItemKNN: %d sessions, %d non-zero similarities", n_sessions, sim.nnz)
         return self

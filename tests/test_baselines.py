@@ -80,6 +80,26 @@ def test_knn_max_neighbors_keeps_the_most_similar():
     assert pruned[A].nnz == 1 and pruned[A, B] == pytest.approx(full[A, B])
 
 
+def test_knn_self_similarity_recommends_the_session_own_items():
+    V = catalog(8)
+    sessions = [[A, B], [A, B], [A, C], [B, D]]
+    query = batch([[B, A]])  # A is the last event
+    plain = SessionItemKNN(V, recency_decay=0.5).fit(sessions)
+    assert plain.similarity[A, A] == 0.0
+    assert plain.recommend(query, k=1)[0].tolist() == [[B]]  # A's best neighbour, never A itself
+    repeat = SessionItemKNN(V, recency_decay=0.5, self_similarity=1.0).fit(sessions)
+    # A scores 1 (itself, weight 1) + sim(B, A) / 2; B scores sim(A, B) + 1/2 (itself, weight 1/2)
+    sim_ab = 2 / math.sqrt(3 * 3)
+    scores = repeat.score_next(query)[0]
+    assert scores[A].item() == pytest.approx(1.0 + sim_ab / 2)
+    assert scores[B].item() == pytest.approx(sim_ab + 0.5)
+    assert repeat.recommend(query, k=2)[0].tolist() == [[A, B]]
+    # only items seen in training get a self-similarity; set after pruning, it displaces no neighbour
+    assert repeat.similarity[E, E] == 0.0
+    pruned = SessionItemKNN(V, max_neighbors=1, self_similarity=0.25).fit(sessions).similarity
+    assert pruned[A].nnz == 2 and pruned[A, A] == pytest.approx(0.25) and pruned[A, B] > 0
+
+
 def test_fit_accepts_batches_arrays_and_lists_alike():
     V = catalog(6)
     rows = [[A, D, 0, 0], [B, E, C, 0]]
@@ -126,6 +146,8 @@ def test_errors_name_the_problem():
         Popularity(V).fit([[A, V + 1]])
     with pytest.raises(ValueError, match="recency_decay"):
         SessionItemKNN(V, recency_decay=1.5)
+    with pytest.raises(ValueError, match="self_similarity=-0.1"):
+        SessionItemKNN(V, self_similarity=-0.1)
     for cls in (Popularity, SessionItemKNN):  # a catalog of reserved ids only
         with pytest.raises(ValueError, match=f"item_cardinality={FIRST_ITEM_ID}: expected >= {FIRST_ITEM_ID + 1}"):
             cls(FIRST_ITEM_ID)

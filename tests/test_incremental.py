@@ -137,3 +137,23 @@ def test_fewer_than_two_days_or_no_window_raise(prepared_dir, tmp_path):
         run_incremental(small_config(), one_day, tmp_path / "out")
     with pytest.raises(ValueError, match="no day t with t and t\\+1"):
         run_incremental(small_config(), prepared_dir, tmp_path / "out", start_day=4)
+
+
+def test_knn_settings_reach_the_baseline_and_bad_ones_fail_before_training(prepared_dir, prepared_spec, tmp_path):
+    from raytr.baselines import SessionItemKNN
+    from raytr.data.loaders import DataLoader
+    from raytr.evaluation import evaluate_next_item
+
+    train, test = day_paths(prepared_dir, [1, 2]), day_paths(prepared_dir, [3])
+    knn = SessionItemKNN(prepared_spec.item_cardinality, recency_decay=0.5, self_similarity=1.0).fit(
+        DataLoader(prepared_spec, train, 1024, shuffle=False, engine="pyarrow"))
+    expected = evaluate_next_item(knn, DataLoader(prepared_spec, test, 1024, shuffle=False, engine="pyarrow"),
+                                  [20], False).compute()
+    got = evaluate_baselines(prepared_spec, train, test, [20], False, knn_recency_decay=0.5,
+                             knn_self_similarity=1.0)["item_knn"]
+    assert got["ndcg@20"] == pytest.approx(expected["ndcg@20"], abs=1e-12)
+    assert got["ndcg@20"] != evaluate_baselines(prepared_spec, train, test, [20], False,
+                                                knn_recency_decay=0.5)["item_knn"]["ndcg@20"]
+    with pytest.raises(ValueError, match="self_similarity=1.5"):
+        run_incremental(small_config(), prepared_dir, tmp_path / "out", knn_self_similarity=1.5)
+    assert not (tmp_path / "out").exists()

@@ -300,3 +300,20 @@ def test_merging_a_run_of_some_models_keeps_the_others_of_the_same_protocol_and_
     # another protocol, or a run of every model, replaces the dataset whole
     assert quality.merge_dataset(run("plain", "09:00", gru=0.2), fresh, ("xlnet-clm",)) is fresh
     assert quality.merge_dataset(old, fresh, None) is fresh
+
+
+def test_knn_self_similarity_is_chosen_on_validation(tmp_path):
+    """Where validation sessions end by repeating their last item, the kNN that may recommend the
+    session's own items wins on validation; on the ring (never a repeat) the classic one does."""
+    from raytr.features import FIRST_ITEM_ID
+
+    data = _tiny_data(tmp_path)
+    data.test = data.valid
+    ring = quality.run_baselines(data)["item_knn"]
+    assert ring["choice"]["self_similarity"] == 0.0 and ring["valid"]["ndcg@10"] > 0.9
+    assert len(ring["validation_trials"]) == len(quality.KNN_DECAYS) * len(quality.KNN_SELF_SIMILARITIES)
+    repeats = data.valid.sessions.clone()
+    repeats[:, 6] = repeats[:, 5]  # ... x, x: the target repeats the last item
+    data.valid = data.test = quality.EvalSet("valid", sessions=repeats)
+    knn = quality.run_baselines(data)["item_knn"]
+    assert knn["choice"]["self_similarity"] > 0.0 and knn["valid"]["ndcg@10"] == 1.0

@@ -25,6 +25,7 @@ from raytr.data.loaders import DataLoader
 from raytr.data.layout import available_days, day_paths
 from raytr.data.schema import feature_spec, load_schema
 from raytr.evaluation import evaluate_next_item
+from raytr.features import FIRST_ITEM_ID
 from raytr.models import SessionModel
 from raytr.training.trainer import Trainer
 
@@ -39,15 +40,18 @@ class IncrementalResult:
 
 
 def evaluate_baselines(spec, train_paths: list[str], eval_paths: list[str], top_k, exclude_seen: bool,
-                       engine: str = "pyarrow", knn_recency_decay: float = 1.0) -> dict[str, dict[str, float]]:
+                       engine: str = "pyarrow", knn_recency_decay: float = 1.0,
+                       knn_self_similarity: float = 0.0) -> dict[str, dict[str, float]]:
     """Popularity and session item-kNN fitted on `train_paths`, evaluated like the model. The kNN's
-    recency decay is not tuned here: bench/quality.py chooses it on validation and passes it on."""
+    recency decay and self-similarity are not tuned here: bench/quality.py chooses them on
+    validation and passes them on."""
     def batches(paths: list[str]):
         return DataLoader(spec, paths, 1024, shuffle=False, engine=engine)
 
     results = {}
     for name, baseline in (("popularity", Popularity(spec.item_cardinality)),
-                           ("item_knn", SessionItemKNN(spec.item_cardinality, recency_decay=knn_recency_decay))):
+                           ("item_knn", SessionItemKNN(spec.item_cardinality, recency_decay=knn_recency_decay,
+                                                      self_similarity=knn_self_similarity))):
         baseline.fit(batches(train_paths))
         results[name] = evaluate_next_item(baseline, batches(eval_paths), top_k, exclude_seen).compute()
     return results
@@ -62,9 +66,11 @@ def run_incremental(
     mode: Literal["finetune", "retrain"] = "finetune",
     baselines: bool = True,
     knn_recency_decay: float = 1.0,
+    knn_self_similarity: float = 0.0,
 ) -> IncrementalResult:
     """Train on each day t in [start_day, end_day - 1] and evaluate on day t + 1 (with `baselines`,
-    popularity and item-kNN fitted on the days seen so far; `knn_recency_decay` as SessionItemKNN)."""
+    popularity and item-kNN fitted on the days seen so far; `knn_recency_decay` and
+    `knn_self_similarity` as SessionItemKNN's recency_decay and self_similarity)."""
     output_dir = storage.normalize(output_dir)
     days = available_days(data_dir)
     if len(days) < 2:
@@ -74,6 +80,8 @@ def run_incremental(
     windows = [d for d in days if start <= d < end and d + 1 in days]
     if not windows:
         raise ValueError(f"no day t with t and t+1 both in {days} between start_day={start} and end_day={end}")
+    if baselines:  # a bad kNN setting fails now, not after the first day's training
+        SessionItemKNN(FIRST_ITEM_ID + 1, recency_decay=knn_recency_decay, self_similarity=knn_self_similarity)
     spec = feature_spec(load_schema(data_dir), config.training.max_sequence_length)
     args = config.training
     rows = []
@@ -98,7 +106,8 @@ def run_incremental(
             for name, values in evaluate_baselines(spec, day_paths(data_dir, train_days),
                                                    day_paths(data_dir, [day + 1]), args.metrics_top_k,
                                                    args.exclude_seen,
-                                                   knn_recency_decay=knn_recency_decay).items():
+                                                   knn_recency_decay=knn_recency_decay,
+                                                   knn_self_similarity=knn_self_similarity).items():
                 rows.append({"day": day + 1, "model": name, **values})
     table = pd.DataFrame(rows)
     averages = table.drop(columns=["day"]).groupby("model", sort=False).mean().reset_index()
