@@ -32,6 +32,8 @@ COPIED_FROM_PREPARE = ("workflow", "schema.json", "schema.pbtxt", "prepare.json"
 def attach_preprocessing(prepared_dir: str | Path, output_dir: str | Path) -> None:
     """Copy the fitted workflow, schema and data config of `prepared_dir` next to the model (either
     may be a local path or a URL)."""
+    if storage.normalize(prepared_dir) == storage.normalize(output_dir):  # each copy would delete its source
+        raise ValueError(f"output {str(output_dir)!r} is the prepared data directory itself: choose another output")
     for name in COPIED_FROM_PREPARE:
         src, dst = storage.join(prepared_dir, name), storage.join(output_dir, name)
         if not storage.exists(src):

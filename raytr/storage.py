@@ -231,9 +231,11 @@ def writable_dir(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def check_output(output: PathLike, marker: str, inputs: Sequence[PathLike] = ()) -> None:
+def check_output(output: PathLike, marker: str | Sequence[str], inputs: Sequence[PathLike] = ()) -> None:
     """Refuse an `output` whose replacement would lose data: a file, a non-empty directory that is
-    not an earlier output of the same command (it has no `marker`), or one that holds an input."""
+    not an earlier output of the same command (it has no `marker`, or none of several), or one that
+    holds an input."""
+    markers = (marker,) if isinstance(marker, str) else tuple(marker)
     fs, dst = filesystem(output)
     root = dst.rstrip("/") + "/"
     for path in inputs:
@@ -245,8 +247,9 @@ def check_output(output: PathLike, marker: str, inputs: Sequence[PathLike] = ())
         return
     if not fs.isdir(dst):
         raise ValueError(f"output {str(output)!r} is a file: choose a directory")
-    if not fs.exists(f"{dst}/{marker}") and fs.ls(dst):
-        raise ValueError(f"output {str(output)!r} is a directory with other contents (no {marker}, so not an "
+    if not any(fs.exists(f"{dst}/{m}") for m in markers) and fs.ls(dst):
+        raise ValueError(f"output {str(output)!r} is a directory with other contents (no {' or '.join(markers)}, "
+                         "so not an "
                          "earlier output of this command, or one whose commit failed): choose another output "
                          "or empty it")
 

@@ -8,6 +8,7 @@ keep each command to seconds; tests/test_jobs.py runs `raytr train` on Ray Train
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,52 @@ def test_evaluate_missing_day_exits_2(cli_trained, prepared_dir):
     proc = raytr("evaluate", "--model", str(out), "--data", str(prepared_dir), "--days", "9")
     assert proc.returncode == 2
     assert "raytr evaluate: error: day(s) [9] not in" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_refuses_an_output_that_would_destroy_data(prepared_dir, tmp_path, capsys):
+    """Refused before training starts, leaving everything as it was: the prepared data as the output
+    (its workflow/ would be copied onto itself, i.e. deleted), an output inside it, a directory that
+    is not an earlier training output (its model/ would be replaced), a file."""
+    from raytr.cli import main
+
+    data = tmp_path / "prepared"  # a copy: the old code deleted the workflow of what it was given
+    shutil.copytree(prepared_dir, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "weights.bin").write_bytes(b"the user's own model")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for output, message in [(data, f"output {str(data)!r} holds the input {str(data)!r}"),
+                            (data / "bundle", f"output {str(data / 'bundle')!r} is inside the input data"),
+                            (mine, f"output {str(mine)!r} is a directory with other contents "
+                                   "(no train_result.json or runs"),
+                            (a_file, f"output {str(a_file)!r} is a file")]:
+        code = main(["train", "--config", "configs/synthetic.yaml", "--data", str(data), "--output", str(output),
+                     "--epochs", "1", *SMALL])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"raytr train: error: {message}"), err
+    from raytr.bundle import attach_preprocessing
+
+    with pytest.raises(ValueError, match="is the prepared data directory itself"):
+        attach_preprocessing(data, str(data) + "/")  # the library function refuses it too
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert (mine / "model" / "weights.bin").read_bytes() == b"the user's own model"
+    assert sorted(p.name for p in mine.iterdir()) == ["model"] and a_file.read_text() == "x"
+
+
+def test_train_again_into_its_own_output_replaces_the_model(cli_trained, prepared_dir, tmp_path):
+    """An earlier `raytr train` output is written again (its model/ replaced, nothing left beside it);
+    so is one whose run crashed before train_result.json (it has runs/, which a set run_name resumes)."""
+    out, _ = cli_trained
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    (again / "train_result.json").unlink()  # as a crashed run leaves it
+    old_weights = (again / "model" / "model.safetensors").read_bytes()
+    proc = raytr("train", "--config", "configs/synthetic.yaml", "--data", str(prepared_dir), "--output", str(again),
+                 "--epochs", "1", *SMALL, "--set", "model.n_layers=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (again / "model" / "model.safetensors").read_bytes() != old_weights
+    assert json.loads((again / "model" / "config.json").read_text())["model_config"]["n_layers"] == 2
+    assert not [p.name for p in again.iterdir() if p.name.startswith(".")]  # no staging copy left

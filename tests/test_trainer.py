@@ -561,6 +561,25 @@ def test_train_without_data_raises(prepared_spec, tmp_path):
         Trainer(trainer.model, trainer.args, train_dataset_or_path=tmp_path).train()
 
 
+def test_train_refuses_an_output_dir_holding_other_data_before_writing(prepared_dir, prepared_spec, tmp_path):
+    """Trainer.train() replaced <output_dir>/model/ of any directory; now only an earlier training
+    output's (train_result.json or runs/), and never one holding its data."""
+    theirs = tmp_path / "theirs"
+    (theirs / "model").mkdir(parents=True)
+    (theirs / "model" / "config.json").write_text("{}")
+    model = SessionModel(prepared_spec, small_model_config(), seed=0)
+    trainer = Trainer(model, local_args(theirs, max_steps=1), train_dataset_or_path=day_paths(prepared_dir, [1]))
+    with pytest.raises(ValueError, match=r"is a directory with other contents \(no train_result.json or runs"):
+        trainer.train()
+    assert sorted(p.name for p in theirs.rglob("*")) == ["config.json", "model"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "part.parquet").write_bytes(Path(day_paths(prepared_dir, [1])[0]).read_bytes())
+    with pytest.raises(ValueError, match=r"holds the input"):
+        Trainer(model, local_args(data, max_steps=1), train_dataset_or_path=str(data)).train()
+    assert [p.name for p in data.iterdir()] == ["part.parquet"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has a GPU")
 def test_fp16_on_cpu_raises_a_clear_error(prepared_dir, prepared_spec, tmp_path):
     trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), local_args(tmp_path, fp16=True),

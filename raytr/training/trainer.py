@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -71,6 +72,25 @@ def resolve_paths(data: DatasetOrPath) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no parquet files at {str(data)!r}: pass a `raytr prepare` output or parquet files")
     return files
+
+
+# What makes a directory an earlier training output that `train()` may write into again (replacing
+# its model/): the result of a finished call, or the runs/ that a call writes first (a crashed run,
+# which the same run_name resumes).
+TRAIN_OUTPUT_MARKERS = ("train_result.json", "runs")
+
+
+def check_train_output(output_dir: str | Path, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse an `output_dir` where training would destroy data: a file, a non-empty directory that
+    is not an earlier training output (its model/ would be replaced), one that is or holds an input,
+    or one inside an input directory (training would write into the data)."""
+    out_fs, out = storage.filesystem(output_dir)
+    for path in inputs:
+        in_fs, data = storage.filesystem(path)
+        if type(in_fs) is type(out_fs) and out.startswith(data.rstrip("/") + "/"):
+            raise ValueError(f"output {str(output_dir)!r} is inside the input data {str(path)!r}: training would "
+                             "write its model, checkpoints and workflow into the data; choose a directory outside it")
+    storage.check_output(output_dir, TRAIN_OUTPUT_MARKERS, inputs)
 
 
 def _check_work_left(trainer_state: dict[str, Any], args: TrainingArguments, checkpoint: str) -> None:
@@ -159,18 +179,19 @@ class Trainer:
             run_name = args.run_name if calls == 0 else f"{args.run_name}-{calls + 1}"
         else:
             run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}"
-        run_dir = storage.join(output_dir, "runs", run_name)
-        init_dir = self.model.save(storage.join(run_dir, "init"))
-        init_state = None
-        if self._training_state:
-            init_state = storage.join(init_dir, TRAINING_STATE)
-            storage.copy_file(self._training_state, init_state)
         train_paths = () if self.train_dataset is None or _is_ray_dataset(self.train_dataset) else tuple(
             resolve_paths(self.train_dataset))
         eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
             resolve_paths(self.eval_dataset))
         if eval_paths and sum(storage.parquet_file(p).metadata.num_rows for p in eval_paths) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
+        check_train_output(output_dir, [*train_paths, *eval_paths])  # before anything is written
+        run_dir = storage.join(output_dir, "runs", run_name)
+        init_dir = self.model.save(storage.join(run_dir, "init"))
+        init_state = None
+        if self._training_state:
+            init_state = storage.join(init_dir, TRAINING_STATE)
+            storage.copy_file(self._training_state, init_state)
         loop_args = replace(args, output_dir=output_dir, run_name=run_name, resume_from_checkpoint=resume)
         cfg = LoopConfig(
             spec=self.model.spec, model_config=self.model.config, args=loop_args, init_model_dir=str(init_dir),
@@ -190,8 +211,11 @@ class Trainer:
         self._training_state = storage.join(checkpoint, TRAINING_STATE)
         self._reset_scheduler = False
         model_dir = storage.join(output_dir, "model")
-        storage.remove(model_dir)
-        final.save(model_dir)
+        if storage.exists(model_dir):
+            log.info("train: replacing the model of an earlier run in %s", model_dir)
+        # Saved beside it, then moved in: a failed save keeps the earlier model.
+        staging = final.save(storage.staging_path(model_dir, uuid.uuid4().hex[:8]))
+        storage.commit_dir(staging, model_dir, marker="config.json")
         self.state["global_step"] = int(read_trainer_state(checkpoint)["global_step"])
         result = TrainOutput(metrics=metrics, checkpoint=str(checkpoint), best_checkpoint=best and str(best),
                              model_dir=str(model_dir), run_name=run_name)
@@ -279,6 +303,7 @@ def train_prepared(
     from raytr.bundle import attach_preprocessing
     from raytr.data.schema import feature_spec, load_schema
 
+    check_train_output(config.training.output_dir, [data_dir])  # before the days are read
     days = available_days(data_dir)
     if not days:
         raise FileNotFoundError(f"{data_dir} has no sessions/day=N/ partitions: run `raytr prepare` first")
