@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from raytr.config import ConfigError
 
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept. The message names the
+    step and what to change (learning rate, bf16, gradient clipping)."""
+
+
 # ValueError covers ConfigError, InputError, SchemaError and bad arguments; FileNotFoundError a
-# missing dataset or model directory.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+# missing dataset or model directory; TrainingDivergedError a run whose settings made it diverge.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, TrainingDivergedError)
 
 # The operating system's path errors (an input or output that is a file where a directory is needed,
 # or the reverse, exists, or may not be written): user errors when they name the path. One without a
@@ -15,7 +22,7 @@ PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, FileExistsError, Is
                                           NotADirectoryError, PermissionError)
 
 
-def path_error_message(error: OSError) -> str | None:
+def path_error_message(error: BaseException) -> str | None:
     """One line naming the path(s) of a PATH_ERRORS error (None when it names no path)."""
     if not isinstance(error, PATH_ERRORS) or error.filename is None:
         return None
@@ -24,4 +31,4 @@ def path_error_message(error: OSError) -> str | None:
     return f"{paths}: {reason}"
 
 
-__all__ = ["ConfigError", "PATH_ERRORS", "USER_ERRORS", "path_error_message"]
+__all__ = ["ConfigError", "PATH_ERRORS", "TrainingDivergedError", "USER_ERRORS", "path_error_message"]

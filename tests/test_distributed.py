@@ -30,7 +30,7 @@ from raytr.data.loaders import DataLoader
 from raytr.data.layout import day_paths
 from raytr.models import SessionModel
 from raytr.training.arguments import TrainingArguments
-from raytr.training.loop import TRAINING_STATE, read_trainer_state
+from raytr.training.loop import TRAINING_STATE, TrainingDivergedError, read_trainer_state
 from raytr.training.trainer import Trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -148,11 +148,40 @@ def test_a_nan_on_one_worker_stops_both_with_the_divergence_error(ray_cluster, u
     args = ray_args(tmp_path / "out", num_train_epochs=1, data_loader_engine="pyarrow")
     trainer = Trainer(SessionModel.load(init_model_dir), args, train_dataset_or_path=[str(poisoned)])
     started = time.monotonic()
-    with pytest.raises(Exception) as info:
+    with pytest.raises(TrainingDivergedError) as info:  # the workers' own error, not Ray's WorkerGroupError
         trainer.train()
     # Whichever rank's error Ray reports, it names the mean loss over the ranks, not its own finite one.
     assert "loss is nan at epoch 0, step 0" in str(info.value), str(info.value)[-2000:]
     assert time.monotonic() - started < 240
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has a GPU")
+def test_a_user_error_in_the_workers_is_raised_as_itself(ray_cluster, prepared_dir, init_model_dir, tmp_path):
+    """fp16 without CUDA fails inside the training loop, on every worker: the driver raises the
+    workers' ValueError (one line from `raytr train`), not Ray's WorkerGroupError traceback dump."""
+    args = ray_args(tmp_path / "out", num_train_epochs=1, fp16=True, data_loader_engine="pyarrow")
+    trainer = Trainer(SessionModel.load(init_model_dir), args, train_dataset_or_path=day_paths(prepared_dir, [1]))
+    with pytest.raises(ValueError, match=r"^training\.fp16 needs a CUDA GPU") as info:
+        trainer.train()
+    assert type(info.value) is ValueError
+
+
+def test_user_error_of_picks_the_lowest_ranks_user_error_and_nothing_else():
+    from ray.train import WorkerGroupError
+
+    from raytr.errors import USER_ERRORS
+    from raytr.training.ray_launcher import user_error_of
+
+    bad_lr, diverged = ValueError("training.learning_rate=..."), TrainingDivergedError("loss is nan")
+    assert user_error_of(WorkerGroupError("dump", {1: bad_lr, 0: RuntimeError("CUDA error")})) is bad_lr
+    assert user_error_of(WorkerGroupError("dump", {1: bad_lr, 0: diverged})) is diverged
+    assert isinstance(diverged, USER_ERRORS)  # `raytr train` prints it as one line
+    denied = PermissionError(13, "Permission denied", "/mnt/out/ray_results")
+    assert user_error_of(WorkerGroupError("dump", {0: denied})) is denied
+    # a bug or a crash keeps Ray's error, with every worker's traceback
+    assert user_error_of(WorkerGroupError("dump", {0: ZeroDivisionError(), 1: PermissionError("no path")})) is None
+    assert user_error_of(WorkerGroupError("dump", {})) is None
 
 
 @pytest.mark.timeout(300)

@@ -33,6 +33,7 @@ from torch import nn
 
 from raytr import storage
 from raytr.config import ModelConfig
+from raytr.errors import TrainingDivergedError
 from raytr.data.loaders import DataLoader
 from raytr.evaluation import update_next_item_metrics
 from raytr.features import FeatureSpec, SessionBatch
@@ -45,10 +46,6 @@ log = logging.getLogger(__name__)
 
 TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass(frozen=True)

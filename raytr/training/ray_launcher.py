@@ -25,6 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytr import storage
+from raytr.errors import USER_ERRORS, path_error_message
 from raytr.data.loaders import causal_target_counts, check_column_ids, gather_batches, ragged_from_arrow
 from raytr.features import SessionBatch
 from raytr.ray_runtime import ensure_ray
@@ -107,6 +108,18 @@ def _worker(config: dict[str, Any]) -> None:
             shutil.rmtree(restored, ignore_errors=True)
 
 
+def user_error_of(error: BaseException) -> BaseException | None:
+    """The worker exception to raise in place of Ray Train's WorkerGroupError (which wraps every
+    failed worker's exception in a traceback dump): the lowest rank's user error (`USER_ERRORS`: a
+    bad setting, bad data, a divergence; or an OS error naming a path), with its message intact;
+    None for anything else."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        if isinstance(failure, USER_ERRORS) or path_error_message(failure) is not None:
+            return failure
+    return None
+
+
 def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any = None
                ) -> tuple[dict[str, float], str, str | None]:
     """Run the loop on a TorchTrainer; returns (final metrics, latest checkpoint dir, best one)."""
@@ -145,7 +158,14 @@ def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any 
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as error:
+        cause = user_error_of(error)
+        if cause is None:
+            raise  # a crash or a bug: Ray's error, with every worker's traceback
+        log.debug("run %s failed on its workers: %s", run_name, error)
+        raise cause from None
     latest = result.checkpoint
     if latest is None:
         raise RuntimeError(f"run {run_name} reported no checkpoint")
