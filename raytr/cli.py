@@ -113,13 +113,20 @@ def _model_dir(path: str) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from raytr.data.loaders import DataLoader
     from raytr.data.layout import day_paths
-    from raytr.evaluation import evaluate_next_item
+    from raytr.evaluation import check_session_files, evaluate_next_item
+    from raytr.features import FIRST_ITEM_ID
     from raytr.models import SessionModel
     from raytr.training.trainer import resolve_paths
 
     model = SessionModel.load(_model_dir(args.model))
+    catalog = model.spec.item_cardinality - FIRST_ITEM_ID  # the ids top_k can recommend
+    out_of_range = [k for k in args.top_k if not 1 <= k <= catalog]
+    if out_of_range:
+        raise ValueError(f"--top-k {' '.join(map(str, out_of_range))}: expected cut-offs from 1 to the model's "
+                         f"catalog size, {catalog} items (beyond it every session is a hit)")
     days = _days(args.days)
     paths = day_paths(args.data, days) if days else resolve_paths(args.data)
+    check_session_files(model.spec, paths)
     loader = DataLoader(model.spec, paths, args.batch_size, shuffle=False, engine="pyarrow")
     metrics = evaluate_next_item(model, loader, args.top_k, args.exclude_seen)
     if metrics.count == 0:

@@ -139,3 +139,36 @@ def test_train_again_into_its_own_output_replaces_the_model(cli_trained, prepare
     assert (again / "model" / "model.safetensors").read_bytes() != old_weights
     assert json.loads((again / "model" / "config.json").read_text())["model_config"]["n_layers"] == 2
     assert not [p.name for p in again.iterdir() if p.name.startswith(".")]  # no staging copy left
+
+
+def test_evaluate_names_a_bad_data_file_a_missing_column_a_top_k_beyond_the_catalog_and_a_corrupt_model(
+        prepared_dir, prepared_spec, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from raytr.cli import main
+    from raytr.config import ModelConfig
+    from raytr.data.layout import day_paths
+    from raytr.features import FIRST_ITEM_ID
+    from raytr.models import SessionModel
+
+    model_dir = tmp_path / "bundle"
+    SessionModel(prepared_spec, ModelConfig(d_model=16, n_layers=1, n_heads=2, categorical_dim=4), seed=0).save(
+        model_dir / "model")
+    column = next(iter(prepared_spec.categorical))
+    lacking = tmp_path / "lacking.parquet"
+    pq.write_table(pq.read_table(day_paths(prepared_dir, [4])[0]).drop([column]), lacking)
+    catalog = prepared_spec.item_cardinality - FIRST_ITEM_ID
+
+    def error(*argv: str) -> str:
+        assert main(["evaluate", "--model", str(model_dir), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("raytr evaluate: error: "), err
+        return err
+
+    assert f"{prepared_dir / 'schema.json'} is not a parquet file" in error("--data", str(prepared_dir / "schema.json"))
+    assert f"{lacking} has no column {column!r}, which the model reads" in error("--data", str(lacking))
+    assert (f"--top-k {catalog + 1}: expected cut-offs from 1 to the model's catalog size, {catalog} items"
+            in error("--data", str(prepared_dir), "--top-k", "5", str(catalog + 1)))
+    config = model_dir / "model" / "config.json"
+    config.write_text(config.read_text()[:40])
+    assert f"{config} is not valid JSON" in error("--data", str(prepared_dir))

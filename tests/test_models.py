@@ -3,6 +3,9 @@ save -> load, batch checks, and one small "it learns" run."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 import torch
@@ -338,6 +341,21 @@ def test_save_load_gives_identical_scores(body, objective, tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         SessionModel.load(tmp_path)
+
+
+def test_load_names_a_corrupt_config_json(tmp_path):
+    saved = Path(build("gpt2", "clm").save(tmp_path / "model"))
+    config = saved / "config.json"
+    good = config.read_text()
+    config.write_text(good[: len(good) // 2])  # cut short, as by a full disk
+    with pytest.raises(ValueError, match=re.escape(f"{saved}/config.json is not valid JSON (")):
+        SessionModel.load(saved)
+    config.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=re.escape(f"{saved}/config.json is not valid JSON")):
+        SessionModel.load(saved)
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=re.escape(f"{saved}/config.json has no feature_spec and model_config")):
+        SessionModel.load(saved)
 
 
 def test_recommend_contract():

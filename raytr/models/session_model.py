@@ -234,7 +234,15 @@ class SessionModel(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{shown}/{path.name} does not exist; expected a directory written by "
                                         "SessionModel.save")
-        meta = json.loads(config_path.read_text())
+        try:
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{shown}/{CONFIG_FILE} is not valid JSON ({error}): the model directory is "
+                             "damaged; save the model again (or train it again)") from None
+        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict)
+                                                 for k in ("feature_spec", "model_config")):
+            raise ValueError(f"{shown}/{CONFIG_FILE} has no feature_spec and model_config mappings: not a "
+                             "config.json written by SessionModel.save")
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{shown}/{CONFIG_FILE}: format_version={version!r}, this raytr reads {FORMAT_VERSION}")
