@@ -91,6 +91,10 @@ class Bundle:
                     storage.download(storage.join(source, name), root / name if name in (MODEL_DIR, WORKFLOW_DIR)
                                      else root)
         data = read_data_config(root)
+        for name in ("model.safetensors", "config.json"):  # what SessionModel.load reads in each replica
+            if not (root / MODEL_DIR / name).is_file():
+                raise FileNotFoundError(f"{storage.join(source, MODEL_DIR, name)} is missing: {source} is not a "
+                                        "complete model bundle (train again with `raytr train`)")
         result_path = root / "train_result.json"
         train_result = json.loads(result_path.read_text()) if result_path.is_file() else {}
         digest = hashlib.sha256((root / MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()[:12]

@@ -18,10 +18,10 @@ import torch
 
 from raytr.bundle import Bundle, read_data_config
 from raytr.config import ServeConfig
-from raytr.features import FIRST_ITEM_ID, SessionBatch
+from raytr.features import SessionBatch
 from raytr.models import SessionModel
 from raytr.models.export import ExportedScorer
-from raytr.models.head import top_k
+from raytr.models.head import returnable, top_k
 from raytr.online import OnlineInputError, OnlinePreprocessor
 from serve.api import (
     ITEM_FIELD,
@@ -138,7 +138,7 @@ class Scorer:
 
     def score(self, requests: Sequence[ScoringRequest], batch_requests: int | None = None) -> list[ScoringResult]:
         """Score all sessions of `requests` in one model call. Each session gets its own k, capped
-        at the items left after its exclusions."""
+        at the items left after its exclusions and its -inf/NaN scores."""
         batch = concat_batches([r.batch for r in requests]).to(self.device)
         scores = self.score_next(batch).float()  # [N, V]
         N, V = scores.shape
@@ -151,7 +151,8 @@ class Scorer:
                     exclude[row, torch.tensor(seen, device=self.device)] = True
                 ks.append(k)
                 row += 1
-        available = (V - FIRST_ITEM_ID) - exclude[:, FIRST_ITEM_ID:].sum(dim=1).cpu()  # [N]
+        # Items scored -inf or NaN are never recommended (top_k skips them): a row may get fewer than k.
+        available = returnable(scores, exclude).sum(dim=1).cpu()  # [N]
         k_eff = torch.minimum(torch.tensor(ks), available)
         ids: list[list[int]] = [[] for _ in range(N)]
         values: list[list[float]] = [[] for _ in range(N)]

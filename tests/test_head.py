@@ -458,6 +458,17 @@ def test_top_k_errors_name_k():
         top_k(scores, 3, exclude)
 
 
+def test_top_k_never_returns_an_item_scored_minus_inf_or_nan():
+    """The metrics count a target scored -inf or NaN as unrecommendable (a miss at every k): top_k
+    must never return one, even unexcluded (torch.topk puts NaN first, and -inf ties go by id)."""
+    first = FIRST_ITEM_ID
+    scores = torch.tensor([RESERVED + [0.5, NEG_INF, float("nan"), 0.1, NEG_INF]])
+    ids, vals = top_k(scores, 2)
+    assert ids.tolist() == [[first, first + 3]] and vals.tolist() == [[0.5, pytest.approx(0.1)]]
+    with pytest.raises(ValueError, match=r"k=3 .*-inf/NaN scores \(fewest in a row: 2\)"):
+        top_k(scores, 3)
+
+
 def test_top_k_order_agrees_with_metric_ranks():
     from raytr.metrics import ranks_of_targets
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -317,6 +319,57 @@ def test_serve_names_a_missing_weights_file_before_starting_ray(local_bundle, tm
     assert raytr.cli.main(["serve", "--model", str(bundle)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("raytr serve: error:") and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_serve_names_a_missing_model_config_before_starting_ray(local_bundle, tmp_path, monkeypatch, capsys):
+    """Bundle.load checks model/config.json as it does the weights (a replica failed on it before)."""
+    import raytr.cli
+    import raytr.ray_runtime
+    from raytr.bundle import Bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    (bundle / "model" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{bundle}/model/config.json is missing")):
+        Bundle.load(bundle)
+
+    def no_ray() -> None:
+        raise AssertionError("Ray started for a bundle that cannot be served")
+
+    monkeypatch.setattr(raytr.ray_runtime, "ensure_ray", no_ray)
+    assert raytr.cli.main(["serve", "--model", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytr serve: error:") and "model/config.json is missing" in err and "Traceback" not in err
+
+
+def test_items_the_model_scores_minus_inf_or_nan_are_never_recommended(local_bundle, raw_items):
+    """Such items are unrecommendable (the metrics count them as misses): a session gets fewer than
+    k items rather than one of them, and the answer stays well-formed JSON (finite scores)."""
+    from raytr.features import FIRST_ITEM_ID
+    from serve.core import Query, Recommendations
+    from serve.engine import LocalBackend
+
+    backend = LocalBackend(str(local_bundle))
+    scorer = backend._states.latest.scorer
+    score_next = scorer.score_next
+
+    def some_unscorable(batch):
+        scores = score_next(batch).clone()
+        scores[:, FIRST_ITEM_ID:FIRST_ITEM_ID + 10] = float("-inf")
+        scores[:, FIRST_ITEM_ID + 10] = float("nan")
+        return scores
+
+    scorer.score_next = some_unscorable
+    catalog = len(raw_items)
+    session = [{"item_id": raw_items[-1], "timestamp": 1_714_550_000.0, "category": None, "price": 9.5}]
+    outcome = backend.recommend_sync([Query(events=session, k=catalog, exclude_seen=False),
+                                      Query(events=session, k=catalog, exclude_seen=True),
+                                      Query(events=session, k=5, exclude_seen=False)])
+    assert isinstance(outcome, Recommendations)
+    everything, unseen, five = outcome.responses
+    assert len(everything.items) == catalog - 11 and len(unseen.items) == catalog - 12 and len(five.items) == 5
+    assert all(math.isfinite(i.score) for r in outcome.responses for i in r.items)
+    assert len({i.item_id for i in everything.items}) == catalog - 11
 
 
 def test_standalone_server_names_a_missing_bundle(tmp_path, capsys):

@@ -365,12 +365,23 @@ def full_scores(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def returnable(scores: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, V] bool: the items `top_k` may return: not a reserved id, not in `exclude`, and scored
+    above -inf (NaN fails the comparison too)."""
+    allowed = scores > float("-inf")
+    allowed[:, :FIRST_ITEM_ID] = False
+    if exclude is not None:
+        allowed &= ~exclude
+    return allowed
+
+
 def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best items per row under the tie rule (score descending, then id ascending).
 
-    scores [B, V]; exclude: optional [B, V] bool of items that must not be returned (reserved ids
-    are always excluded). Returns (ids [B, k] int64, scores [B, k] float32). Raises ValueError
-    naming k when a row has fewer than k returnable items.
+    scores [B, V]; exclude: optional [B, V] bool of items that must not be returned (reserved ids,
+    and items scored -inf or NaN, which the metrics count as unrecommendable, are never returned).
+    Returns (ids [B, k] int64, scores [B, k] float32). Raises ValueError naming k when a row has
+    fewer than k returnable items (the serving path caps each row's k at its returnable count).
 
     torch.topk gives no order among equal scores, so the boundary is resolved explicitly: all items
     strictly above the k-th score, then the smallest ids among those equal to it.
@@ -378,10 +389,8 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
     B, V = scores.shape
     if k < 1:
         raise ValueError(f"k={k}: expected >= 1")
-    allowed = torch.ones_like(scores, dtype=torch.bool)
-    allowed[:, :FIRST_ITEM_ID] = False
-    if exclude is not None:
-        allowed &= ~exclude
+    s = scores.float()
+    allowed = returnable(s, exclude)
     available = allowed.sum(dim=1)
     if k > V - FIRST_ITEM_ID:
         raise ValueError(
@@ -389,10 +398,10 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
         )
     if bool((available < k).any()):
         raise ValueError(
-            f"k={k} is larger than the number of recommendable items left after exclusions "
-            f"(fewest in a row: {int(available.min())}); lower k"
+            f"k={k} is larger than the number of recommendable items left after exclusions and -inf/NaN "
+            f"scores (fewest in a row: {int(available.min())}); lower k"
         )
-    s = scores.float().masked_fill(~allowed, float("-inf"))
+    s = s.masked_fill(~allowed, float("-inf"))
     kth = s.topk(k, dim=1).values[:, -1:]  # [B, 1]
     above = (s > kth) & allowed
     tied = (s == kth) & allowed
