@@ -221,16 +221,16 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         epochs = min(epochs, args.stop_after_epoch)
 
     optimizer = build_optimizer(model, args)
-    saved = None  # the previous train() call's optimizer and scheduler state
-    if cfg.init_training_state:
-        with storage.local_copy(cfg.init_training_state) as path:
-            saved = torch.load(path, map_location=device, weights_only=True)
     restored_state = None  # (model state, training state, trainer state) of the checkpoint resumed
     if ctx.restored_checkpoint is not None:
         with storage.local_copy(ctx.restored_checkpoint) as local:  # one copy of a URL checkpoint for its parts
             restored_state = (SessionModel.load(local, map_location=device).state_dict(),
                               torch.load(local / TRAINING_STATE, map_location=device, weights_only=True),
                               read_trainer_state(local))
+    saved = None  # the previous train() call's optimizer and scheduler state; a resumed checkpoint holds its own
+    if cfg.init_training_state and restored_state is None:
+        with storage.local_copy(cfg.init_training_state) as path:
+            saved = torch.load(path, map_location=device, weights_only=True)
     continued = saved is not None and not cfg.reset_scheduler
     # A continued schedule is one schedule over all the train() calls: its step count goes on from
     # the saved one and its end moves out by this run's steps. (Rebuilt over this run's steps alone,
@@ -244,7 +244,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     scheduler = build_scheduler(optimizer, args, prior_steps + total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16 and device.type == "cuda")
     start_epoch, global_step, skip_steps = 0, 0, 0
-    if saved is not None and restored_state is None:
+    if saved is not None:
         fresh_lrs = scheduler.get_last_lr()  # the new schedule's LR for its first step (0 under warmup)
         optimizer.load_state_dict(saved["optimizer"])
         for group, lr in zip(optimizer.param_groups, fresh_lrs):  # a new run's learning rate wins over the saved one
