@@ -278,6 +278,9 @@ def test_null_session_ids_and_timestamps(no_ray, tmp_path, raw_events, data_conf
         ("price", np.inf, False, r"'price' has 2 infinite"),
         ("price", -np.inf, True, r"'price' has 2 infinite"),
         ("price", -1.0, True, r"'price' has 2 value\(s\) <= -1.*log_transform"),
+        # finite in float64, not in the workflow's float32: inf, and log1p(-1) = -inf
+        ("price", 1e300, False, r"'price' has 2 infinite or beyond float32"),
+        ("price", -0.9999999999, True, r"'price' has 2 value\(s\) <= -1 \(in float32\).*log_transform"),
     ],
 )
 def test_values_that_would_poison_every_row(no_ray, tmp_path, raw_events, data_config, fmt, column, value,
@@ -484,6 +487,36 @@ def test_millisecond_timestamps_give_what_seconds_give(tmp_path, raw_events, dat
         got[unit] = summary.sessions_per_day, sessions.sort_values("session_id").reset_index(drop=True)
     assert got["ms"][0] == got["s"][0] and min(got["s"][0]) == 1
     pd.testing.assert_frame_equal(got["ms"][1], got["s"][1])
+
+
+@pytest.mark.ray
+def test_datetime_timestamps_and_string_ids_give_what_seconds_and_numbers_give(tmp_path, raw_events, data_config,
+                                                                              ray_cluster):
+    """Ray Data hands out arrow-backed pandas columns: a datetime timestamp (naive or in any time
+    zone) was read as nanoseconds taken for seconds, and a string session id broke the workflow's
+    time features. Each gives the sessions, days and features plain seconds and numbers give."""
+    frame = raw_events.head(600).copy()
+    stamps = pd.to_datetime(frame["timestamp"], unit="s")
+    variants = {
+        "seconds": frame,
+        "naive": frame.assign(timestamp=stamps),
+        "tokyo": frame.assign(timestamp=stamps.dt.tz_localize("UTC").dt.tz_convert("Asia/Tokyo")),
+        "string-ids": frame.assign(session_id="s-" + frame["session_id"].astype(str)),
+    }
+    got = {}
+    for name, variant in variants.items():
+        source = tmp_path / f"in-{name}"
+        source.mkdir()
+        variant.to_parquet(source / "a.parquet")
+        summary = prepare(data_config, source, tmp_path / f"out-{name}", num_buckets=2)
+        sessions = pd.read_parquet(tmp_path / f"out-{name}" / "sessions")
+        if name == "string-ids":
+            sessions["session_id"] = sessions["session_id"].str.removeprefix("s-").astype(np.int64)
+        got[name] = summary.sessions_per_day, sessions.sort_values("session_id").reset_index(drop=True)
+    for name in ("naive", "tokyo", "string-ids"):
+        assert got[name][0] == got["seconds"][0], name
+        pd.testing.assert_frame_equal(got[name][1], got["seconds"][1], check_dtype=name != "string-ids",
+                                      obj=name)
 
 
 # --- the real YOOCHOOSE sample -----------------------------------------------------------------

@@ -175,13 +175,17 @@ def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
     """Values that would poison every row of prepared data: a NaN or infinite timestamp moves its
     session to a bogus day; one infinite continuous value (or one <= -1 under log_transform, where
     log(1 + x) is -inf or NaN) makes Normalize's mean infinite, so the feature turns to inf/NaN in
-    every session. NaN continuous values are fine: FillMissing replaces them."""
+    every session. The workflow computes continuous features in float32, so they are checked as
+    float32: 1e300 is infinite there, and -0.9999999999 is -1. NaN continuous values are fine:
+    FillMissing replaces them."""
     for name in values.column_names:
-        column = values.column(name).cast(pa.float64())
         if name == config.timestamp_col:
+            column = values.column(name).cast(pa.float64())
             bad, what, fix = pc.sum(pc.invert(pc.is_finite(column))), "NaN or infinite", "drop those events"
         else:
-            bad, what, fix = pc.sum(pc.is_inf(column)), "infinite", "drop or clip them"
+            column = pc.cast(values.column(name), pa.float32(), safe=False)  # out of range -> inf
+            bad, what, fix = (pc.sum(pc.is_inf(column)), "infinite or beyond float32 (+-3.4e38)",
+                              "drop or clip them")
         count = bad.as_py() or 0
         if count:
             raise InputError(f"{file}: column {name!r} has {count} {what} value(s); {fix} before preparing")
@@ -189,8 +193,8 @@ def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
             low = pc.sum(pc.less_equal(column, -1.0)).as_py() or 0
             if low:
                 raise InputError(
-                    f"{file}: column {name!r} has {low} value(s) <= -1, where data.log_transform's log(1 + x) "
-                    "is undefined; shift the feature or leave it out of log_transform"
+                    f"{file}: column {name!r} has {low} value(s) <= -1 (in float32), where data.log_transform's "
+                    "log(1 + x) is undefined; shift the feature or leave it out of log_transform"
                 )
 
 

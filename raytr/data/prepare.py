@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import ray
 
 from raytr import storage
@@ -153,14 +154,16 @@ def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: st
         parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
         ds = ray.data.read_csv(paths_in, filesystem=fs_in, parse_options=parse)
 
-    def to_buckets(batch: pd.DataFrame) -> pd.DataFrame:
-        frame = normalize_events(batch, config)
+    def to_buckets(batch: pa.Table) -> pd.DataFrame:
+        # Numpy dtypes, not the arrow-backed ones Ray's pandas batches carry (ray >= 2.56): pandas
+        # sees an arrow timestamp as a datetime only then, and NVTabular's ops take no arrow column.
+        frame = normalize_events(batch.to_pandas(ignore_metadata=True), config)
         hashed = pd.util.hash_pandas_object(frame[config.session_col], index=False).to_numpy()
         frame[BUCKET] = (hashed % np.uint64(buckets)).astype(np.int64)
         return frame
 
     [path_out], fs_out = storage.pyarrow_location([out])
-    ds.map_batches(to_buckets, batch_format="pandas").write_parquet(path_out, filesystem=fs_out,
+    ds.map_batches(to_buckets, batch_format="pyarrow").write_parquet(path_out, filesystem=fs_out,
                                                                     partition_cols=[BUCKET])
 
 

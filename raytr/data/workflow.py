@@ -21,6 +21,7 @@ import logging
 import pickle
 from pathlib import Path
 
+import dask
 import numpy as np
 import nvtabular as nvt
 from merlin.schema import ColumnSchema, Schema, Tags
@@ -126,8 +127,8 @@ def build_workflow(config: DataConfig, categories_dir: str | Path = ".") -> nvt.
 def fit_workflow(config: DataConfig, sorted_files: list[str], work_dir: str | Path) -> nvt.Workflow:
     """Fit on parquet files whose rows are sorted by (session, timestamp), sessions whole per file."""
     workflow = build_workflow(config, categories_dir=work_dir)
-    dataset = nvt.Dataset(sorted_files, engine="parquet")
-    workflow.fit(dataset)
+    with _numpy_strings():
+        workflow.fit(nvt.Dataset(sorted_files, engine="parquet"))
     return workflow
 
 
@@ -165,9 +166,16 @@ def load_workflow(directory: str | Path) -> nvt.Workflow:
 
 def transform_frame(workflow: nvt.Workflow, events) -> "object":
     """Apply a fitted workflow to an in-memory frame of sorted events; returns a frame of sessions."""
-    dataset = nvt.Dataset(events, npartitions=1)
-    out = workflow.transform(dataset).to_ddf().compute()
+    with _numpy_strings():
+        out = workflow.transform(nvt.Dataset(events, npartitions=1)).to_ddf().compute()
     return out.reset_index(drop=True)
+
+
+def _numpy_strings():
+    """dask >= 2023.7 turns object string columns into arrow-backed ones, and NVTabular 23.08's ops
+    break on those (DifferenceLag's session-boundary mask becomes an arrow bool that a float time
+    difference cannot multiply): string session ids failed. Strings stay numpy objects here."""
+    return dask.config.set({"dataframe.convert-string": False})
 
 
 def day_numbers(first_timestamps: np.ndarray, origin_day: int) -> np.ndarray:
