@@ -473,6 +473,7 @@ class Hyper:
     weight_decay: float = 0.01  # AdamW, on the weight matrices (not embeddings, norms, biases)
     label_smoothing: float = 0.0
     batch_size: int = 128
+    repeat_bias: bool = False  # model.repeat_bias: a learned score for the session's own items (CLM)
     seed: int = 0  # model initialisation, dropout and data order
 
 
@@ -480,7 +481,7 @@ def model_config(body: str, objective: str, hp: Hyper = Hyper()):
     from raytr.config import ModelConfig
 
     return ModelConfig(body=body, objective=objective, d_model=hp.d_model, n_layers=hp.n_layers, n_heads=hp.n_heads,
-                       dropout=hp.dropout, label_smoothing=hp.label_smoothing)
+                       dropout=hp.dropout, label_smoothing=hp.label_smoothing, repeat_bias=hp.repeat_bias)
 
 
 def training_args(output_dir: Path, epochs: int, hp: Hyper = Hyper()):
@@ -710,6 +711,15 @@ def merge_searches(old: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> li
     return [by_key.pop(key(r), r) for r in old] + list(by_key.values())
 
 
+def _parse_value(kind: type, text: str) -> Any:
+    """int/float as Python reads them; a bool from true/false (bool("false") would be True)."""
+    if kind is not bool:
+        return kind(text)
+    if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+    return text.lower() == "true"
+
+
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """["dropout=0.2,0.5", "d_model=64,128"] -> {"dropout": [0.2, 0.5], "d_model": [64, 128]}, each
     value converted to the Hyper field's type; ValueError naming the field when it is not one."""
@@ -720,7 +730,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if key not in fields:
             raise ValueError(f"--search {item!r}: {key!r} is not a searchable hyperparameter; one of {sorted(fields)}")
         try:
-            grid[key] = [fields[key](v) for v in values.split(",") if v]
+            grid[key] = [_parse_value(fields[key], v) for v in values.split(",") if v]
         except ValueError:
             raise ValueError(f"--search {item!r}: values of {key!r} must be {fields[key].__name__}s") from None
         if not grid[key]:

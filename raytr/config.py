@@ -85,6 +85,10 @@ class ModelConfig:
     logits_chunk_size: rows per chunk of the full softmax; None (the default): as many as the
         head's memory budget for a chunk allows (`raytr.models.head.chunk_rows`).
     hf_config: extra keyword arguments for the Hugging Face config (checked against its fields).
+    repeat_bias: add to each item already in the session a learned score by how many events ago
+        it was seen (one number per distance): a copy prior for logs where users return to what they
+        just viewed. CLM with the full softmax only; its loss materialises the [targets, catalog]
+        logits (no chunking), so it suits catalogs up to ~100k items.
     """
 
     body: Literal["xlnet", "gpt2", "bert", "llama", "gru"] = "gpt2"
@@ -102,6 +106,7 @@ class ModelConfig:
     logits_chunk_size: int | None = None
     tie_weights: bool = True
     hf_config: dict[str, Any] = field(default_factory=dict)
+    repeat_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1:
@@ -116,6 +121,11 @@ class ModelConfig:
             raise ConfigError(f"model.label_smoothing={self.label_smoothing}: expected 0 <= s < 1")
         if self.num_negatives < 1 or (self.logits_chunk_size is not None and self.logits_chunk_size < 1):
             raise ConfigError("model.num_negatives and model.logits_chunk_size must be >= 1")
+        if self.repeat_bias and (self.objective != "clm" or self.loss != "full"):
+            raise ConfigError(
+                f"model.repeat_bias needs objective='clm' and loss='full' (got objective={self.objective!r}, "
+                f"loss={self.loss!r})"
+            )
         if self.objective == "mlm" and self.body in ("gpt2", "llama", "gru"):
             raise ConfigError(
                 f"model.objective='mlm' needs a bidirectional body (bert, xlnet); body={self.body!r} is "

@@ -23,6 +23,10 @@ def test_parse_grid_types_values_and_names_a_bad_field():
         quality.parse_grid(["d_model=64.5"])
     with pytest.raises(ValueError, match="no values for 'dropout'"):
         quality.parse_grid(["dropout="])
+    assert quality.parse_grid(["repeat_bias=false,True"]) == {"repeat_bias": [False, True]}
+    with pytest.raises(ValueError, match="values of 'repeat_bias' must be bools"):
+        quality.parse_grid(["repeat_bias=0"])
+    assert quality.model_config("gpt2", "clm", quality.Hyper(repeat_bias=True)).repeat_bias
 
 
 def test_tuned_hyper_applies_the_choice_of_its_dataset_and_model_only(monkeypatch):

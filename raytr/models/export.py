@@ -40,7 +40,8 @@ class _ScoreNext(nn.Module):
             categorical=dict(zip(spec.categorical, columns[1: 1 + n_cat])),
             continuous=dict(zip(spec.continuous, columns[1 + n_cat:])),
         )
-        return self.model.head.scores(self.model.next_hidden_unchecked(batch))
+        model = self.model
+        return model.head.scores(model.next_hidden_unchecked(batch), model.repeat_context(batch))
 
 
 def _example(spec: FeatureSpec, device: torch.device) -> tuple[torch.Tensor, ...]:

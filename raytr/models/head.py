@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -424,13 +424,42 @@ def seen_items(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
     return seen
 
 
+class RepeatContext(NamedTuple):
+    """The events a repeat bias looks back on, one row per scored position.
+
+    items [N, T]: the session's item ids (0 = padding); distance [N, T]: events from each one to the
+    scored position (0: the scored position's own event; < 0: after it, ignored)."""
+
+    items: torch.Tensor
+    distance: torch.Tensor
+
+    @classmethod
+    def at(cls, item_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> "RepeatContext":
+        """Scoring position `positions[n]` of session `rows[n]` of item_ids [B, T]."""
+        steps = torch.arange(item_ids.shape[1], device=item_ids.device)
+        return cls(item_ids.index_select(0, rows), positions[:, None] - steps[None, :])
+
+
+def add_repeat_scores(scores: torch.Tensor, context: RepeatContext, weight: torch.Tensor) -> torch.Tensor:
+    """scores [N, V] plus weight[d] at every item seen d events before the scored position (summed
+    over the item's occurrences); weight [R], distances beyond R - 1 use its last entry."""
+    keep = (context.distance >= 0) & (context.items != PAD_ID)
+    steps = context.distance.clamp(0, weight.shape[0] - 1)
+    values = weight.float()[steps] * keep  # [N, T]
+    return scores.scatter_add(1, context.items, values.to(scores.dtype))
+
+
 class NextItemHead(nn.Module):
     """Scores and losses against a [V, D] weight: the item embedding table when tied, else its own.
 
-    forward(hidden [N, D], targets [N], generator) -> mean loss for `config.loss`.
+    forward(hidden [N, D], targets [N], generator, repeat) -> mean loss for `config.loss`.
+    With `config.repeat_bias`, `repeat_weight` [max_sequence_length] holds the learned score of an
+    item seen d events ago (d = 0: the current event), added to the scores and logits of the
+    positions `repeat` (a RepeatContext) describes.
     """
 
-    def __init__(self, config: ModelConfig, num_items: int, tied_weight: nn.Parameter | None = None) -> None:
+    def __init__(self, config: ModelConfig, num_items: int, tied_weight: nn.Parameter | None = None,
+                 max_sequence_length: int | None = None) -> None:
         super().__init__()
         self.loss_type = config.loss
         self.chunk_size = config.logits_chunk_size
@@ -445,18 +474,47 @@ class NextItemHead(nn.Module):
             self.weight = tied_weight
         else:
             self.weight = nn.Parameter(torch.randn(num_items, config.d_model) * 0.02)
+        self.repeat_weight: nn.Parameter | None = None
+        if config.repeat_bias:
+            if max_sequence_length is None or max_sequence_length < 1:
+                raise ValueError("model.repeat_bias needs the max_sequence_length (one weight per distance)")
+            self.repeat_weight = nn.Parameter(torch.zeros(max_sequence_length))  # starts as no bias at all
 
     def compile_chunk_kernel(self) -> None:
         """The full softmax's per-chunk kernel through torch.compile (`compiled_kernel`)."""
         self.kernel = compiled_kernel()
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None,
-                check_targets: bool = True) -> torch.Tensor:
+                check_targets: bool = True, repeat: RepeatContext | None = None) -> torch.Tensor:
+        if self.repeat_weight is not None:
+            if repeat is None:
+                raise ValueError("model.repeat_bias: the loss needs the RepeatContext of its targets")
+            return self._repeat_loss(hidden, targets, repeat, check_targets)
         if self.loss_type == "full":
             return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_size, self.label_smoothing,
                                          check_targets=check_targets, kernel=self.kernel)
         return sampled_softmax_loss(hidden, self.weight, targets, self.num_negatives, self.label_smoothing, generator)
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, D] -> [N, V] float32 with reserved ids (< FIRST_ITEM_ID) at -inf."""
-        return full_scores(hidden, self.weight)
+    def _repeat_loss(self, hidden: torch.Tensor, targets: torch.Tensor, repeat: RepeatContext,
+                     check_targets: bool) -> torch.Tensor:
+        """Full-softmax cross-entropy of the biased logits, materialised ([N, V]: the bias is sparse
+        but moves every row's normaliser, which the chunked kernels do not take)."""
+        if hidden.shape[0] == 0:
+            return _no_targets_loss(hidden, self.weight) + self.repeat_weight.sum() * 0.0
+        V = self.weight.shape[0]
+        if check_targets and (bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= V).any())):
+            raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{V - 1} (0 = padding, 1 = null, 2 = OOV)")
+        logits = (hidden @ self.weight.T).float()  # [N, V]; the GEMM in the autocast dtype
+        logits = add_repeat_scores(logits, repeat, self.repeat_weight)
+        return nn.functional.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID,
+                                           label_smoothing=self.label_smoothing)
+
+    def scores(self, hidden: torch.Tensor, repeat: RepeatContext | None = None) -> torch.Tensor:
+        """hidden [N, D] -> [N, V] float32 with reserved ids (< FIRST_ITEM_ID) at -inf; with a repeat
+        bias, `repeat` says which items each row has seen."""
+        scores = full_scores(hidden, self.weight)
+        if self.repeat_weight is None:
+            return scores
+        if repeat is None:
+            raise ValueError("model.repeat_bias: scoring needs the RepeatContext of each row")
+        return add_repeat_scores(scores, repeat, self.repeat_weight)

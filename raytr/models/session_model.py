@@ -22,7 +22,7 @@ from raytr import storage
 from raytr.config import ModelConfig, from_dict
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 from raytr.models.bodies import build_body
-from raytr.models.head import NextItemHead, seen_items, top_k
+from raytr.models.head import NextItemHead, RepeatContext, seen_items, top_k
 from raytr.models.inputs import SessionInputs
 from raytr.models.masking import IGNORE_INDEX, causal_targets, mlm_inference_input, mlm_mask
 
@@ -78,7 +78,8 @@ class SessionModel(nn.Module):
             self.inputs = SessionInputs(spec, config)
             self.body = build_body(config, spec.max_sequence_length, hf_config)
             tied = self.inputs.item_embedding.weight if config.tie_weights else None
-            self.head = NextItemHead(config, spec.item_cardinality, tied_weight=tied)
+            self.head = NextItemHead(config, spec.item_cardinality, tied_weight=tied,
+                                     max_sequence_length=spec.max_sequence_length)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     # ---------------------------------------------------------------- checks
@@ -160,7 +161,12 @@ class SessionModel(nn.Module):
             positions = has_target.nonzero().squeeze(1)
         hidden = self.body(self.inputs(batch, mask_positions=masked), batch.mask)  # [B, T, D]
         targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
-        loss = self.head(targets, labels.view(-1).index_select(0, positions), generator, check_targets=False)
+        repeat = None
+        if self.config.repeat_bias:  # CLM only: position t scores the item after event t
+            T = batch.item_ids.shape[1]
+            repeat = RepeatContext.at(batch.item_ids, positions // T, positions % T)
+        loss = self.head(targets, labels.view(-1).index_select(0, positions), generator, check_targets=False,
+                         repeat=repeat)
         return SessionOutput(loss=loss, num_targets=positions.numel(), hidden=hidden, labels=labels)
 
     # ---------------------------------------------------------------- inference
@@ -194,7 +200,15 @@ class SessionModel(nn.Module):
     def score_next(self, batch: SessionBatch) -> torch.Tensor:
         """[B, V] float32 scores for the next item of each session; reserved ids (padding, null, OOV) are -inf.
         Runs without gradients; call `eval()` first for deterministic scores (dropout)."""
-        return self.head.scores(self.next_hidden(batch))
+        return self.head.scores(self.next_hidden(batch), self.repeat_context(batch))
+
+    def repeat_context(self, batch: SessionBatch) -> RepeatContext | None:
+        """What the repeat bias looks back on when scoring each session's next item (None without
+        model.repeat_bias)."""
+        if not self.config.repeat_bias:
+            return None
+        ids = batch.item_ids
+        return RepeatContext.at(ids, torch.arange(ids.shape[0], device=ids.device), batch.lengths - 1)
 
     @torch.no_grad()
     def recommend(self, batch: SessionBatch, k: int, exclude_seen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
