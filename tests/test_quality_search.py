@@ -309,8 +309,6 @@ def test_merging_a_run_of_some_models_keeps_the_others_of_the_same_protocol_and_
 def test_knn_self_similarity_is_chosen_on_validation(tmp_path):
     """Where validation sessions end by repeating their last item, the kNN that may recommend the
     session's own items wins on validation; on the ring (never a repeat) the classic one does."""
-    from raytr.features import FIRST_ITEM_ID
-
     data = _tiny_data(tmp_path)
     data.test = data.valid
     ring = quality.run_baselines(data)["item_knn"]
