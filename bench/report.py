@@ -429,6 +429,11 @@ def quality_table(ds: dict[str, Any], title: str) -> list[str]:
             f"{ds['epochs_max']} epochs per model" +
             (f"; measured {measured_label(ds)}, load {ds.get('load_before', ['?'])[0]} at the start"
              if ds.get("measured") else "") + ".", ""]
+    if ds.get("exclude_seen"):
+        out += ["Not comparable with RecBole-style sequential figures: those rank the items a user already "
+                "rated too, and train once; here the whole history is excluded from the ranking" +
+                (" and every model is fitted again on training + validation before the test" if
+                 ds["stats"].get("refit") else "") + ", which puts these numbers above theirs.", ""]
     best = {m: max(r["test"][m] for r in ds["models"].values()) for m in metrics}
     body = []
     for name, r in ds["models"].items():
