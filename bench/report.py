@@ -359,9 +359,18 @@ def seed_runs_of(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[di
             r = other["models"].get(name)
             same_split = all(other["stats"].get(k, 0) == ds["stats"].get(k, 0) for k in ("holdout_shift", "refit"))
             if other["dataset"] == ds["dataset"] and same_split and r is not None and all(
-                    r["hyperparameters"][k] == v for k, v in main["hyperparameters"].items() if k != "seed"):
+                    hyperparameter(r, k) == hyperparameter(main, k) for k in
+                    set(main["hyperparameters"]) | set(r["hyperparameters"]) if k != "seed"):
                 runs.append(r)
     return runs
+
+
+# Hyperparameters added to bench/quality.py after some results were written: what those ran with.
+HYPERPARAMETERS_ADDED = {"repeat_bias": False}
+
+
+def hyperparameter(model_result: dict[str, Any], key: str) -> Any:
+    return model_result["hyperparameters"].get(key, HYPERPARAMETERS_ADDED.get(key))
 
 
 def seed_spread(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[str]:

@@ -140,6 +140,13 @@ def test_report_quality_target_counts_the_seeds_that_beat_the_first_runs_baselin
                                  "models": {"xlnet-clm": model(0.2, 3)}}]}  # not a rerun of this split
     assert quality_status({"datasets": [ds]}, [seed1, seed2, other_split]) == [
         "- Quality ml-100k: xlnet-clm beats every baseline on every test metric (**met**); so do 2 of its 3 seeds"]
+    # A hyperparameter added later (repeat_bias): a run without it ran with its default (False).
+    biased = {"datasets": [{**ds, "models": {"xlnet-clm": {**model(0.16, 4), "hyperparameters": {
+        "seed": 4, "d_model": 64, "repeat_bias": True}}}}]}
+    unbiased = {"datasets": [{**ds, "models": {"xlnet-clm": {**model(0.16, 5), "hyperparameters": {
+        "seed": 5, "d_model": 64, "repeat_bias": False}}}}]}
+    assert quality_status({"datasets": [ds]}, [seed1, biased, unbiased]) == [
+        "- Quality ml-100k: xlnet-clm beats every baseline on every test metric (**met**); so do 3 of its 3 seeds"]
     assert quality_status(None, []) == ["- Quality: not measured."]
 
 
