@@ -263,6 +263,7 @@ def test_non_utf8_config_file_names_the_file(tmp_path):
         ("logging_steps", -5, ">= 0 (0: off)"),
         ("eval_steps", -1, ">= 0 (0: off)"),
         ("compute_metrics_each_n_steps", -1, ">= 0 (0: off)"),
+        ("save_total_limit", 0, ">= 1 (checkpoints kept)"),
     ],
 )
 def test_training_numbers_out_of_range_name_the_key(key, value, expected):

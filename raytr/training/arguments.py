@@ -135,6 +135,8 @@ class TrainingArguments:
             raise ConfigError(f"training.metric_for_best_model={self.metric_for_best_model!r} is not among the "
                               f"metrics evaluation reports with training.metrics_top_k={list(self.metrics_top_k)}: "
                               f"choose one of {reported}")
+        if self.save_total_limit < 1:  # the launchers would keep one anyway, or none at all
+            raise ConfigError(f"training.save_total_limit={self.save_total_limit}: expected >= 1 (checkpoints kept)")
         if self.predict_top_k < 1:
             raise ConfigError(f"training.predict_top_k={self.predict_top_k}: expected >= 1")
         if self.num_workers < 1:
