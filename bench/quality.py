@@ -557,7 +557,8 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
 
     overrides = {
         "model": {"body": body, "objective": objective, "d_model": hp.d_model, "n_layers": hp.n_layers,
-                  "n_heads": hp.n_heads, "dropout": hp.dropout},
+                  "n_heads": hp.n_heads, "dropout": hp.dropout, "label_smoothing": hp.label_smoothing,
+                  "repeat_bias": hp.repeat_bias},
         "training": {"launcher": "local", "num_train_epochs": epochs, "disable_tqdm": True, "report_to": [],
                      "data_loader_engine": "pyarrow", "metrics_top_k": list(TOP_K), "learning_rate": hp.learning_rate,
                      "per_device_train_batch_size": hp.batch_size, "save_total_limit": 1},
@@ -576,6 +577,7 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
     averages = result.averages[["model", *[c for c in REPORTED if c in result.averages.columns]]]
     return {"model": f"{body}-{objective}", "epochs_per_window": epochs, "mode": "finetune", "seconds": seconds,
             "knn_recency_decay": knn["recency_decay"], "knn_self_similarity": knn["self_similarity"],
+            "hyperparameters": asdict(hp),
             "per_day": rows, "average": averages.to_dict(orient="records")}
 
 

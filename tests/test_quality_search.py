@@ -319,3 +319,25 @@ def test_knn_self_similarity_is_chosen_on_validation(tmp_path):
     data.valid = data.test = quality.EvalSet("valid", sessions=repeats)
     knn = quality.run_baselines(data)["item_knn"]
     assert knn["choice"]["self_similarity"] > 0.0 and knn["valid"]["ndcg@10"] == 1.0
+
+
+def test_day_windows_train_the_chosen_model_with_every_hyperparameter(tmp_path, monkeypatch):
+    """The windows' model is the one validation chose: its repeat bias and label smoothing too."""
+    import pandas as pd
+
+    from raytr.training import incremental
+
+    seen = {}
+
+    def fake_run_incremental(config, data_dir, out_dir, **kwargs):
+        seen["model"], seen["kwargs"] = config.model, kwargs
+        table = pd.DataFrame([{"day": 2, "model": "xlnet", **{m: 0.5 for m in quality.REPORTED}}])
+        return incremental.IncrementalResult(table, table.drop(columns=["day"]), str(out_dir))
+
+    monkeypatch.setattr(incremental, "run_incremental", fake_run_incremental)
+    monkeypatch.setattr(quality, "yoochoose_prepared", lambda: tmp_path)
+    hp = quality.Hyper(repeat_bias=True, label_smoothing=0.1, dropout=0.3)
+    out = quality.run_yoochoose_incremental("xlnet", "clm", 2, tmp_path, {"recency_decay": 0.5,
+                                                                         "self_similarity": 1.0}, hp)
+    assert seen["model"].repeat_bias and seen["model"].label_smoothing == 0.1 and seen["model"].dropout == 0.3
+    assert seen["kwargs"]["knn_self_similarity"] == 1.0 and out["hyperparameters"]["repeat_bias"] is True
