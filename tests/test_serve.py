@@ -302,36 +302,21 @@ def test_lone_surrogates_are_a_422_never_a_500(local_bundle, raw_items, monkeypa
     assert answer.status_code == 200 and answer.json()["session_id"] == paired["session_id"]  # a surrogate pair is fine
 
 
-def test_serve_names_a_missing_weights_file_before_starting_ray(local_bundle, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json"])
+def test_serve_names_a_missing_model_file_before_starting_ray(local_bundle, tmp_path, monkeypatch, capsys, missing):
     """The Serve app's builder loads the bundle as the standalone server does: one line naming the
-    file, rather than a deployment failing in a replica after Ray started."""
-    import raytr.cli
-    import raytr.ray_runtime
-
-    bundle = tmp_path / "bundle"
-    shutil.copytree(local_bundle, bundle)
-    (bundle / "model" / "model.safetensors").unlink()
-
-    def no_ray() -> None:
-        raise AssertionError("Ray started for a bundle that cannot be served")
-
-    monkeypatch.setattr(raytr.ray_runtime, "ensure_ray", no_ray)
-    assert raytr.cli.main(["serve", "--model", str(bundle)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("raytr serve: error:") and "model.safetensors" in err and "Traceback" not in err
-
-
-def test_serve_names_a_missing_model_config_before_starting_ray(local_bundle, tmp_path, monkeypatch, capsys):
-    """Bundle.load checks model/config.json as it does the weights (a replica failed on it before)."""
+    file, rather than a deployment failing in a replica after Ray started. Bundle.load checks
+    model/config.json as it does the weights (a replica failed on it before)."""
     import raytr.cli
     import raytr.ray_runtime
     from raytr.bundle import Bundle
 
     bundle = tmp_path / "bundle"
     shutil.copytree(local_bundle, bundle)
-    (bundle / "model" / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(f"{bundle}/model/config.json is missing")):
-        Bundle.load(bundle)
+    (bundle / "model" / missing).unlink()
+    if missing == "config.json":
+        with pytest.raises(FileNotFoundError, match=re.escape(f"{bundle}/model/config.json is missing")):
+            Bundle.load(bundle)
 
     def no_ray() -> None:
         raise AssertionError("Ray started for a bundle that cannot be served")
@@ -339,7 +324,8 @@ def test_serve_names_a_missing_model_config_before_starting_ray(local_bundle, tm
     monkeypatch.setattr(raytr.ray_runtime, "ensure_ray", no_ray)
     assert raytr.cli.main(["serve", "--model", str(bundle)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("raytr serve: error:") and "model/config.json is missing" in err and "Traceback" not in err
+    named = "model.safetensors" if missing == "model.safetensors" else "model/config.json is missing"
+    assert err.startswith("raytr serve: error:") and named in err and "Traceback" not in err
 
 
 def test_items_the_model_scores_minus_inf_or_nan_are_never_recommended(local_bundle, raw_items):
