@@ -599,6 +599,24 @@ def test_model_cardinality_smaller_than_the_data_names_the_column(prepared_dir, 
         trainer.evaluate()
 
 
+def test_cut_offs_above_the_catalog_are_refused_naming_them(prepared_spec, tmp_path):
+    """metrics@k with k above the items a ranking can hold would count every session a hit."""
+    from raytr.config import ConfigError
+    from raytr.features import FIRST_ITEM_ID
+
+    tiny = replace(prepared_spec, item_cardinality=FIRST_ITEM_ID + 15)
+    model = SessionModel(tiny, small_model_config(), seed=0)
+    def args(top_k: tuple[int, ...], predict: int) -> TrainingArguments:
+        return local_args(tmp_path, metrics_top_k=top_k, metric_for_best_model="ndcg@5", predict_top_k=predict)
+
+    with pytest.raises(ConfigError, match=r"metrics_top_k=\[5, 20\], predict_top_k=10: \[20\] above the model's "
+                                          r"catalog of 15 items"):
+        Trainer(model, args((5, 20), 10))
+    with pytest.raises(ConfigError, match=r"predict_top_k=16: \[16\] above the model's catalog of 15 items"):
+        Trainer(model, args((5, 15), 16))
+    Trainer(model, args((5, 15), 15))  # at the catalog size: fine
+
+
 def test_cuda_graph_modes_mark_every_step_on_cuda_only():
     """Under CUDA graphs each forward must declare the previous step's graph outputs dead; on the CPU,
     or compiled without graphs, the loop calls nothing (tests/test_gpu.py trains with the mode)."""

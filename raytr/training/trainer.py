@@ -33,7 +33,8 @@ from raytr import storage
 from raytr.data.layout import available_days, day_paths, sessions_root
 from raytr.data.loaders import DataLoader
 from raytr.evaluation import evaluate_next_item
-from raytr.features import SessionBatch
+from raytr.config import ConfigError
+from raytr.features import FIRST_ITEM_ID, SessionBatch
 from raytr.models import SessionModel
 from raytr.models.masking import split_last_item
 from raytr.training.arguments import TrainingArguments
@@ -125,6 +126,11 @@ class Trainer:
         train_dataloader: Iterable[SessionBatch] | None = None,
         eval_dataloader: Iterable[SessionBatch] | None = None,
     ) -> None:
+        catalog = model.spec.item_cardinality - FIRST_ITEM_ID  # the items a ranking can hold
+        beyond = [k for k in (*args.metrics_top_k, args.predict_top_k) if k > catalog]
+        if beyond:  # metrics@k would count every session a hit; predict would fail after training
+            raise ConfigError(f"training.metrics_top_k={list(args.metrics_top_k)}, predict_top_k={args.predict_top_k}: "
+                              f"{beyond} above the model's catalog of {catalog} items")
         self.model = model
         self.args = args
         self.train_dataset = train_dataset_or_path
