@@ -5,7 +5,6 @@ from __future__ import annotations
 from raytr.config import ConfigError
 
 
-
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept. The message names the
     step and what to change (learning rate, bf16, gradient clipping)."""

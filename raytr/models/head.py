@@ -274,6 +274,12 @@ def _no_targets_loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return hidden.sum() * 0.0 + weight.sum() * 0.0
 
 
+def _check_targets(targets: torch.Tensor, num_items: int) -> None:
+    """ValueError unless every target is a real item id (a host sync)."""
+    if bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= num_items).any()):
+        raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{num_items - 1} (0 = padding, 1 = null, 2 = OOV)")
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int | None = None, label_smoothing: float = 0.0, check_targets: bool = True,
                           kernel: ChunkKernel = EAGER_KERNEL) -> torch.Tensor:
@@ -292,8 +298,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         return _no_targets_loss(hidden, weight)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
-    if check_targets and (bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= weight.shape[0]).any())):
-        raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{weight.shape[0] - 1} (0 = padding, 1 = null, 2 = OOV)")
+    if check_targets:
+        _check_targets(targets, weight.shape[0])
     dtype = _compute_dtype(hidden)
     rows = chunk_rows(chunk_size, weight.shape[0], hidden.device, kernel.bytes_per_logit(dtype))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
@@ -501,9 +507,8 @@ class NextItemHead(nn.Module):
         but moves every row's normaliser, which the chunked kernels do not take)."""
         if hidden.shape[0] == 0:
             return _no_targets_loss(hidden, self.weight) + self.repeat_weight.sum() * 0.0
-        V = self.weight.shape[0]
-        if check_targets and (bool((targets < FIRST_ITEM_ID).any()) or bool((targets >= V).any())):
-            raise ValueError(f"targets must lie in {FIRST_ITEM_ID}..{V - 1} (0 = padding, 1 = null, 2 = OOV)")
+        if check_targets:
+            _check_targets(targets, self.weight.shape[0])
         logits = (hidden @ self.weight.T).float()  # [N, V]; the GEMM in the autocast dtype
         logits = add_repeat_scores(logits, repeat, self.repeat_weight)
         return nn.functional.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID,
