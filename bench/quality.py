@@ -556,9 +556,7 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
     from raytr.training.incremental import run_incremental
 
     overrides = {
-        "model": {"body": body, "objective": objective, "d_model": hp.d_model, "n_layers": hp.n_layers,
-                  "n_heads": hp.n_heads, "dropout": hp.dropout, "label_smoothing": hp.label_smoothing,
-                  "repeat_bias": hp.repeat_bias},
+        "model": asdict(model_config(body, objective, hp)),  # the model the main runs train, field for field
         "training": {"launcher": "local", "num_train_epochs": epochs, "disable_tqdm": True, "report_to": [],
                      "data_loader_engine": "pyarrow", "metrics_top_k": list(TOP_K), "learning_rate": hp.learning_rate,
                      "per_device_train_batch_size": hp.batch_size, "save_total_limit": 1},
