@@ -474,6 +474,7 @@ class Hyper:
     label_smoothing: float = 0.0
     batch_size: int = 128
     repeat_bias: bool = False  # model.repeat_bias: a learned score for the session's own items (CLM)
+    repeat_mixture: bool = False  # model.repeat_mixture: the repeat/explore mixture instead (CLM)
     seed: int = 0  # model initialisation, dropout and data order
 
 
@@ -481,7 +482,8 @@ def model_config(body: str, objective: str, hp: Hyper = Hyper()):
     from raytr.config import ModelConfig
 
     return ModelConfig(body=body, objective=objective, d_model=hp.d_model, n_layers=hp.n_layers, n_heads=hp.n_heads,
-                       dropout=hp.dropout, label_smoothing=hp.label_smoothing, repeat_bias=hp.repeat_bias)
+                       dropout=hp.dropout, label_smoothing=hp.label_smoothing, repeat_bias=hp.repeat_bias,
+                       repeat_mixture=hp.repeat_mixture)
 
 
 def training_args(output_dir: Path, epochs: int, hp: Hyper = Hyper()):
@@ -672,6 +674,10 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     trials = [SearchTrial(name, model, replace(bases[model], **point), epochs, work_root / name / f"{model}-{i}",
                           ml, threads)
               for model in models for i, point in enumerate(points)]
+    refused = {id(t): why for t in trials if (why := config_refusal(t.model, t.hp))}
+    skipped = [{"model": t.model, "hyperparameters": asdict(t.hp), "why": refused[id(t)]}
+               for t in trials if id(t) in refused]  # e.g. repeat_bias and repeat_mixture both set
+    trials = [t for t in trials if id(t) not in refused]
     data_key = _data_key(name, ml)
     done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], e.get("data", _data_key(name))):
             {**r, "reused": e["measured"]}
@@ -693,8 +699,21 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     return {"dataset": name, "data": data_key, "grid": grid, "base": asdict(base), "epochs_max": epochs,
             "selected_by": SELECT_BY,
             "tuned_before": {m: tuned_point(name, m) for m in models} if use_tuned else {},
-            "trials": results, "chosen": chosen, "seconds": time.perf_counter() - started, "jobs": jobs,
+            "trials": results, "skipped": skipped, "chosen": chosen, "seconds": time.perf_counter() - started,
+            "jobs": jobs,
             "measured": timestamp(), "code": code_version(), "load_before": load0, "load_after": load_average()}
+
+
+def config_refusal(model: str, hp: Hyper) -> str:
+    """Why ModelConfig refuses `model` at `hp` ("" when it takes it)."""
+    from raytr.config import ConfigError
+
+    body, objective = NEURAL_MODELS[model]
+    try:
+        model_config(body, objective, hp)
+    except ConfigError as error:
+        return str(error)
+    return ""
 
 
 def _data_key(name: str, ml: MovieLensSplit = MovieLensSplit()) -> dict[str, Any]:

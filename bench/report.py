@@ -366,7 +366,7 @@ def seed_runs_of(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[di
 
 
 # Hyperparameters added to bench/quality.py after some results were written: what those ran with.
-HYPERPARAMETERS_ADDED = {"repeat_bias": False}
+HYPERPARAMETERS_ADDED = {"repeat_bias": False, "repeat_mixture": False}
 
 
 def hyperparameter(model_result: dict[str, Any], key: str) -> Any:

@@ -89,6 +89,12 @@ class ModelConfig:
         it was seen (one number per distance): a copy prior for logs where users return to what they
         just viewed. CLM with the full softmax only; its loss materialises the [targets, catalog]
         logits (no chunking), so it suits catalogs up to ~100k items.
+    repeat_mixture: RepeatNet-style: the next item is drawn either from the session's own items
+        (a repeat distribution: attention over its events by the item's score and a learned weight
+        per distance) or from the whole catalog (the softmax), mixed by a gate the model computes at
+        each position: how likely this session is to go back to an item, rather than one fixed
+        bonus. Scores are then log-probabilities. CLM with the full softmax only, materialised like
+        repeat_bias, which it replaces (set one of the two).
     """
 
     body: Literal["xlnet", "gpt2", "bert", "llama", "gru"] = "gpt2"
@@ -107,6 +113,7 @@ class ModelConfig:
     tie_weights: bool = True
     hf_config: dict[str, Any] = field(default_factory=dict)
     repeat_bias: bool = False
+    repeat_mixture: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1:
@@ -121,16 +128,25 @@ class ModelConfig:
             raise ConfigError(f"model.label_smoothing={self.label_smoothing}: expected 0 <= s < 1")
         if self.num_negatives < 1 or (self.logits_chunk_size is not None and self.logits_chunk_size < 1):
             raise ConfigError("model.num_negatives and model.logits_chunk_size must be >= 1")
-        if self.repeat_bias and (self.objective != "clm" or self.loss != "full"):
-            raise ConfigError(
-                f"model.repeat_bias needs objective='clm' and loss='full' (got objective={self.objective!r}, "
-                f"loss={self.loss!r})"
-            )
+        for name in ("repeat_bias", "repeat_mixture"):
+            if getattr(self, name) and (self.objective != "clm" or self.loss != "full"):
+                raise ConfigError(
+                    f"model.{name} needs objective='clm' and loss='full' (got objective={self.objective!r}, "
+                    f"loss={self.loss!r})"
+                )
+        if self.repeat_bias and self.repeat_mixture:
+            raise ConfigError("model.repeat_bias and model.repeat_mixture are two ways to score the session's own "
+                              "items: set one of them")
         if self.objective == "mlm" and self.body in ("gpt2", "llama", "gru"):
             raise ConfigError(
                 f"model.objective='mlm' needs a bidirectional body (bert, xlnet); body={self.body!r} is "
                 "causal: use objective='clm'"
             )
+
+    @property
+    def scores_repeats(self) -> bool:
+        """Whether the head scores the session's own items apart (repeat_bias or repeat_mixture)."""
+        return self.repeat_bias or self.repeat_mixture
 
 
 @dataclass(frozen=True)

@@ -83,13 +83,16 @@ def test_export_to_and_load_from_a_url():
     assert torch.allclose(ExportedScorer.load(url)(batch), model.score_next(batch), atol=1e-5)
 
 
-def test_exported_scorer_keeps_the_repeat_bias(tmp_path):
-    model = SessionModel(tiny_spec(), tiny_config("gpt2", repeat_bias=True), seed=0).eval()
+@pytest.mark.parametrize("variant", ["repeat_bias", "repeat_mixture"])
+def test_exported_scorer_keeps_the_repeat_scoring(tmp_path, variant):
+    model = SessionModel(tiny_spec(), tiny_config("gpt2", **{variant: True}), seed=0).eval()
     with torch.no_grad():
         model.head.repeat_weight.copy_(torch.linspace(3.0, 0.5, model.spec.max_sequence_length))
+        if variant == "repeat_mixture":  # p(repeat) = sigmoid(3), most of it on the last event
+            model.head.repeat_gate.bias.fill_(3.0)
     scorer = ExportedScorer.load(export_scorer(model, tmp_path / "scorer.pt2"))
     for B, seed in ((5, 1), (1, 2)):
         batch = random_batch(B, seed=seed)
         assert torch.allclose(scorer(batch), model.score_next(batch), atol=1e-5)
         last = batch.item_ids[torch.arange(B), batch.lengths - 1]
-        assert torch.equal(scorer(batch).argmax(dim=1), last)  # a bias of 3 on the last item wins here
+        assert torch.equal(scorer(batch).argmax(dim=1), last)  # a weight of 3 on the last item wins here

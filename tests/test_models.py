@@ -501,9 +501,11 @@ def test_repeat_bias_adds_its_weight_by_distance_to_scores_and_loss(body):
     assert model.head.repeat_weight.grad is not None and model.head.repeat_weight.grad.abs().sum() > 0
 
 
-def test_repeat_bias_learns_what_a_plain_model_must_memorise():
-    """Sessions x, y, x over 25 items: the third item repeats the first. The bias learns it in a few
-    steps for every x; the plain model has to learn each of the 25 items' embeddings for it."""
+@pytest.mark.parametrize("variant", ["repeat_bias", "repeat_mixture"])
+def test_repeat_scoring_learns_what_a_plain_model_must_memorise(variant):
+    """Sessions x, y, x over 25 items: the third item repeats the first. The repeat bias or mixture
+    learns it in a few steps for every x; the plain model has to learn each of the 25 items'
+    embeddings for it."""
     from raytr.features import FeatureSpec
 
     spec = FeatureSpec(item_id="item", item_cardinality=FIRST_ITEM_ID + 25, max_sequence_length=3)
@@ -514,8 +516,8 @@ def test_repeat_bias_learns_what_a_plain_model_must_memorise():
         return torch.stack([x, y, x], dim=1)
 
     recall = {}
-    for repeat_bias in (False, True):
-        config = ModelConfig(body="gpt2", d_model=16, n_layers=1, n_heads=2, dropout=0.0, repeat_bias=repeat_bias)
+    for repeats in (False, True):
+        config = ModelConfig(body="gpt2", d_model=16, n_layers=1, n_heads=2, dropout=0.0, **{variant: repeats})
         model = SessionModel(spec, config, seed=0)
         optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)
         for _ in range(30):
@@ -527,17 +529,71 @@ def test_repeat_bias_learns_what_a_plain_model_must_memorise():
         prefix, targets = split_last_item(SessionBatch(item_ids=sessions(256)))
         metrics = RankingMetrics([1])
         metrics.update(model.score_next(prefix), targets)
-        recall[repeat_bias] = metrics.compute()["recall@1"]
+        recall[repeats] = metrics.compute()["recall@1"]
     assert recall[True] > 0.95 and recall[False] < 0.5, recall
 
 
-def test_repeat_bias_round_trips_and_is_clm_full_only(tmp_path):
-    model = SessionModel(tiny_spec(), tiny_config("xlnet", repeat_bias=True), seed=0).eval()
+def _mixture_by_hand(model: SessionModel, hidden: torch.Tensor, events: list[int]) -> torch.Tensor:
+    """log p over the classes for one position: hidden [D], events the session's items up to it."""
+    head = model.head
+    logits = (hidden @ head.weight.T)[FIRST_ITEM_ID:]
+    g = torch.sigmoid(head.repeat_gate(hidden)).squeeze()
+    kept = [(i, len(events) - 1 - s) for s, i in enumerate(events) if i >= FIRST_ITEM_ID]
+    p = (1 - g) * torch.softmax(logits, 0) if kept else torch.softmax(logits, 0)
+    if kept:
+        attention = torch.stack([logits[i - FIRST_ITEM_ID] + head.repeat_weight[min(d, T - 1)] for i, d in kept])
+        weights = torch.softmax(attention, 0)
+        repeat = torch.zeros_like(p)
+        for (i, _), w in zip(kept, weights):
+            repeat[i - FIRST_ITEM_ID] += w
+        p = p + g * repeat
+    return p.log()
+
+
+def test_repeat_mixture_mixes_the_session_items_with_the_softmax_by_a_learned_gate():
+    model = SessionModel(tiny_spec(), tiny_config("gpt2", repeat_mixture=True), seed=0).eval()
+    head = model.head
+    assert head.repeat_weight.shape == (T,) and not head.repeat_weight.any() and not head.repeat_gate.weight.any()
+    with torch.no_grad():
+        head.repeat_weight.copy_(torch.linspace(2.0, -1.0, T))
+        head.repeat_gate.weight.normal_(0.0, 0.5)
+        head.repeat_gate.bias.fill_(0.3)
+    batch = make_batch([[5, 7, 5, 9, 0, 0], [8, 0, 0, 0, 0, 0], [OOV_ID, OOV_ID, 0, 0, 0, 0]])
+    scores = model.score_next(batch)
+    assert torch.isinf(scores[:, :FIRST_ITEM_ID]).all()
+    assert torch.allclose(scores[:, FIRST_ITEM_ID:].exp().sum(dim=1), torch.ones(3), atol=1e-5)  # probabilities
+    hidden = model.next_hidden(batch)
+    for b, events in enumerate([[5, 7, 5, 9], [8], [OOV_ID, OOV_ID]]):
+        assert torch.allclose(scores[b, FIRST_ITEM_ID:], _mixture_by_hand(model, hidden[b], events), atol=1e-5)
+    # The OOV-only session has nothing to repeat: the plain softmax.
+    plain = torch.log_softmax(hidden[2] @ head.weight[FIRST_ITEM_ID:].T, 0)
+    assert torch.allclose(scores[2, FIRST_ITEM_ID:], plain, atol=1e-5)
+    # The training loss: -log p(next item) at every CLM position, p the mixture over the events so far.
+    train = make_batch([[5, 7, 5, 9, 0, 0], [OOV_ID, 6, 6, 0, 0, 0]])
+    loss = model(train).loss
+    ids = train.item_ids
+    body = model.body(model.inputs(train), train.mask)
+    nll = [-_mixture_by_hand(model, body[b, t], ids[b, : t + 1].tolist())[ids[b, t + 1] - FIRST_ITEM_ID]
+           for b, t in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]]
+    assert loss.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-5)
+    loss.backward()
+    grads = [head.repeat_weight.grad, head.repeat_gate.weight.grad, head.repeat_gate.bias.grad, head.weight.grad]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("variant", ["repeat_bias", "repeat_mixture"])
+def test_repeat_scoring_round_trips_and_is_clm_full_only(tmp_path, variant):
+    model = SessionModel(tiny_spec(), tiny_config("xlnet", **{variant: True}), seed=0).eval()
     _set_repeat_weight(model, [1.5, 0.25])
+    if variant == "repeat_mixture":
+        with torch.no_grad():
+            model.head.repeat_gate.bias.fill_(-0.5)
     model.save(tmp_path / "m")
     loaded = SessionModel.load(tmp_path / "m").eval()
     batch = random_batch(4, seed=1)
-    assert loaded.config.repeat_bias and torch.equal(loaded.score_next(batch), model.score_next(batch))
+    assert getattr(loaded.config, variant) and torch.equal(loaded.score_next(batch), model.score_next(batch))
     for overrides, match in (({"objective": "mlm"}, "objective='mlm'"), ({"loss": "sampled"}, "loss='sampled'")):
-        with pytest.raises(ConfigError, match=f"repeat_bias needs objective='clm' and loss='full'.*{match}"):
-            tiny_config("xlnet", repeat_bias=True, **overrides)
+        with pytest.raises(ConfigError, match=f"{variant} needs objective='clm' and loss='full'.*{match}"):
+            tiny_config("xlnet", **{variant: True}, **overrides)
+    with pytest.raises(ConfigError, match="repeat_bias and model.repeat_mixture.*set one of them"):
+        tiny_config("xlnet", repeat_bias=True, repeat_mixture=True)

@@ -455,13 +455,49 @@ def add_repeat_scores(scores: torch.Tensor, context: RepeatContext, weight: torc
     return scores.scatter_add(1, context.items, values.to(scores.dtype))
 
 
+# A seen item's repeat probability below this counts as zero: its log stays finite (no NaN gradient
+# through log(0)), and at < 1e-30 it cannot move a ranking or a loss.
+REPEAT_PROB_FLOOR = 1e-30
+
+
+def repeat_explore_log_probs(logits: torch.Tensor, context: RepeatContext, weight: torch.Tensor,
+                             gate_logit: torch.Tensor) -> torch.Tensor:
+    """log p(item) of the repeat/explore mixture, over the classes FIRST_ITEM_ID..V-1.
+
+    logits [N, C] fp32 (column c is item FIRST_ITEM_ID + c), context: the session events of each row,
+    weight [R]: the repeat attention's score by distance (beyond R - 1 its last entry), gate_logit [N].
+    p(i) = g * P_repeat(i) + (1 - g) * softmax(logits)(i), g = sigmoid(gate_logit), where P_repeat
+    attends over the row's events (distance >= 0, real items) with score logits[item] + weight[d]
+    and gives each item the attention of its occurrences. A row without such an event is the
+    softmax alone. Returns [N, C]; exactly -inf nowhere (the softmax is never 0 in fp32 logs).
+    """
+    items = context.items
+    keep = (context.distance >= 0) & (items >= FIRST_ITEM_ID)  # [N, T]
+    columns = (items - FIRST_ITEM_ID).clamp_min(0)  # [N, T]; masked events point at column 0, with 0 mass
+    steps = context.distance.clamp(0, weight.shape[0] - 1)
+    attention = (logits.gather(1, columns) + weight.float()[steps]).masked_fill(~keep, float("-inf"))  # [N, T]
+    has_repeat = keep.any(dim=1)  # [N]
+    # A row with no event is normalised over zeros instead: its logsumexp of -inf would put NaN into
+    # the gradients, though its repeat mass is gated off below.
+    norm = torch.where(has_repeat[:, None], attention, 0.0).logsumexp(dim=1, keepdim=True)  # [N, 1]
+    repeat = torch.zeros_like(logits).scatter_add(1, columns, (attention - norm).exp())  # [N, C] P_repeat
+    log_repeat = torch.where(repeat > 0, repeat.clamp_min(REPEAT_PROB_FLOOR).log(), float("-inf"))
+    gate = gate_logit.float()
+    log_gate = torch.where(has_repeat, nn.functional.logsigmoid(gate), float("-inf"))[:, None]  # [N, 1]
+    log_explore_gate = torch.where(has_repeat, nn.functional.logsigmoid(-gate), 0.0)[:, None]
+    return torch.logaddexp(log_gate + log_repeat, log_explore_gate + logits.log_softmax(dim=1))
+
+
 class NextItemHead(nn.Module):
     """Scores and losses against a [V, D] weight: the item embedding table when tied, else its own.
 
     forward(hidden [N, D], targets [N], generator, repeat) -> mean loss for `config.loss`.
     With `config.repeat_bias`, `repeat_weight` [max_sequence_length] holds the learned score of an
     item seen d events ago (d = 0: the current event), added to the scores and logits of the
-    positions `repeat` (a RepeatContext) describes.
+    positions `repeat` (a RepeatContext) describes. With `config.repeat_mixture` it scores the
+    repeat distribution's attention by distance instead, and `repeat_gate` (D -> 1) makes the
+    mixture's gate from each position's hidden state (`repeat_explore_log_probs`); scores are then
+    log-probabilities.
     """
 
     def __init__(self, config: ModelConfig, num_items: int, tied_weight: nn.Parameter | None = None,
@@ -481,10 +517,16 @@ class NextItemHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.randn(num_items, config.d_model) * 0.02)
         self.repeat_weight: nn.Parameter | None = None
-        if config.repeat_bias:
+        self.repeat_gate: nn.Linear | None = None
+        if config.scores_repeats:
             if max_sequence_length is None or max_sequence_length < 1:
-                raise ValueError("model.repeat_bias needs the max_sequence_length (one weight per distance)")
+                raise ValueError("model.repeat_bias and model.repeat_mixture need the max_sequence_length "
+                                 "(one weight per distance)")
             self.repeat_weight = nn.Parameter(torch.zeros(max_sequence_length))  # starts as no bias at all
+        if config.repeat_mixture:
+            self.repeat_gate = nn.Linear(config.d_model, 1)
+            nn.init.zeros_(self.repeat_gate.weight)  # starts at g = 1/2 for every position
+            nn.init.zeros_(self.repeat_gate.bias)
 
     def compile_chunk_kernel(self) -> None:
         """The full softmax's per-chunk kernel through torch.compile (`compiled_kernel`)."""
@@ -494,7 +536,7 @@ class NextItemHead(nn.Module):
                 check_targets: bool = True, repeat: RepeatContext | None = None) -> torch.Tensor:
         if self.repeat_weight is not None:
             if repeat is None:
-                raise ValueError("model.repeat_bias: the loss needs the RepeatContext of its targets")
+                raise ValueError("model.repeat_bias/repeat_mixture: the loss needs the RepeatContext of its targets")
             return self._repeat_loss(hidden, targets, repeat, check_targets)
         if self.loss_type == "full":
             return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_size, self.label_smoothing,
@@ -503,23 +545,40 @@ class NextItemHead(nn.Module):
 
     def _repeat_loss(self, hidden: torch.Tensor, targets: torch.Tensor, repeat: RepeatContext,
                      check_targets: bool) -> torch.Tensor:
-        """Full-softmax cross-entropy of the biased logits, materialised ([N, V]: the bias is sparse
-        but moves every row's normaliser, which the chunked kernels do not take)."""
+        """Full-softmax cross-entropy of the biased logits, or the mixture's NLL, materialised
+        ([N, V]: the bias is sparse but moves every row's normaliser, which the chunked kernels do
+        not take)."""
         if hidden.shape[0] == 0:
-            return _no_targets_loss(hidden, self.weight) + self.repeat_weight.sum() * 0.0
+            return _no_targets_loss(hidden, self.weight) + sum(p.sum() * 0.0 for p in self._repeat_parameters())
         if check_targets:
             _check_targets(targets, self.weight.shape[0])
         logits = (hidden @ self.weight.T).float()  # [N, V]; the GEMM in the autocast dtype
-        logits = add_repeat_scores(logits, repeat, self.repeat_weight)
-        return nn.functional.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID,
-                                           label_smoothing=self.label_smoothing)
+        if self.repeat_gate is None:
+            logits = add_repeat_scores(logits, repeat, self.repeat_weight)
+            return nn.functional.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID,
+                                               label_smoothing=self.label_smoothing)
+        log_probs = self._mixture(logits[:, FIRST_ITEM_ID:], hidden, repeat)
+        return _smoothed_nll(log_probs, targets - FIRST_ITEM_ID, self.label_smoothing).mean()
+
+    def _repeat_parameters(self) -> list[nn.Parameter]:
+        return [self.repeat_weight, *(self.repeat_gate.parameters() if self.repeat_gate is not None else ())]
+
+    def _mixture(self, logits: torch.Tensor, hidden: torch.Tensor, repeat: RepeatContext) -> torch.Tensor:
+        """`repeat_explore_log_probs` of logits [N, C] with this head's weights; the gate in fp32."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            gate = self.repeat_gate(hidden.float()).squeeze(1)  # [N]
+        return repeat_explore_log_probs(logits, repeat, self.repeat_weight, gate)
 
     def scores(self, hidden: torch.Tensor, repeat: RepeatContext | None = None) -> torch.Tensor:
         """hidden [N, D] -> [N, V] float32 with reserved ids (< FIRST_ITEM_ID) at -inf; with a repeat
-        bias, `repeat` says which items each row has seen."""
+        bias or mixture, `repeat` says which items each row has seen (the mixture's scores are
+        log-probabilities)."""
         scores = full_scores(hidden, self.weight)
         if self.repeat_weight is None:
             return scores
         if repeat is None:
-            raise ValueError("model.repeat_bias: scoring needs the RepeatContext of each row")
-        return add_repeat_scores(scores, repeat, self.repeat_weight)
+            raise ValueError("model.repeat_bias/repeat_mixture: scoring needs the RepeatContext of each row")
+        if self.repeat_gate is None:
+            return add_repeat_scores(scores, repeat, self.repeat_weight)
+        mixed = self._mixture(scores[:, FIRST_ITEM_ID:], hidden, repeat)
+        return torch.cat([scores[:, :FIRST_ITEM_ID], mixed], dim=1)

@@ -162,7 +162,7 @@ class SessionModel(nn.Module):
         hidden = self.body(self.inputs(batch, mask_positions=masked), batch.mask)  # [B, T, D]
         targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
         repeat = None
-        if self.config.repeat_bias:  # CLM only: position t scores the item after event t
+        if self.config.scores_repeats:  # CLM only: position t scores the item after event t
             T = batch.item_ids.shape[1]
             repeat = RepeatContext.at(batch.item_ids, positions // T, positions % T)
         loss = self.head(targets, labels.view(-1).index_select(0, positions), generator, check_targets=False,
@@ -203,9 +203,9 @@ class SessionModel(nn.Module):
         return self.head.scores(self.next_hidden(batch), self.repeat_context(batch))
 
     def repeat_context(self, batch: SessionBatch) -> RepeatContext | None:
-        """What the repeat bias looks back on when scoring each session's next item (None without
-        model.repeat_bias)."""
-        if not self.config.repeat_bias:
+        """What the repeat bias or mixture looks back on when scoring each session's next item (None
+        without model.repeat_bias or model.repeat_mixture)."""
+        if not self.config.scores_repeats:
             return None
         ids = batch.item_ids
         return RepeatContext.at(ids, torch.arange(ids.shape[0], device=ids.device), batch.lengths - 1)
