@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,21 @@ def test_search_scores_validation_only_and_chooses_each_models_best_trial(tmp_pa
         assert high["valid"]["ndcg@20"] > low["valid"]["ndcg@20"] + 0.1
         assert res["chosen"][model] == {"learning_rate": 1e-2}
     assert not (tmp_path / "work" / "tiny").exists()  # checkpoints removed
+
+
+def test_a_search_skips_and_records_the_points_the_model_config_refuses(tmp_path, monkeypatch):
+    data = _tiny_data(tmp_path)
+    monkeypatch.setattr(quality, "load_data", lambda *args: data)
+    trained = []
+    monkeypatch.setattr(quality, "run_search_trial", lambda trial: trained.append(trial.hp) or {
+        "model": trial.model, "hyperparameters": asdict(trial.hp), "valid": {"ndcg@20": float(trial.hp.repeat_mixture)}})
+    grid = {"repeat_bias": [True, False], "repeat_mixture": [True, False]}
+    res = quality.search_dataset("tiny", ("gpt2-clm",), grid, 1, tmp_path / "work", quality.Hyper())
+    assert [(hp.repeat_bias, hp.repeat_mixture) for hp in trained] == [(True, False), (False, True), (False, False)]
+    assert [(s["hyperparameters"]["repeat_bias"], s["hyperparameters"]["repeat_mixture"]) for s in res["skipped"]] \
+        == [(True, True)]
+    assert "set one of them" in res["skipped"][0]["why"]
+    assert res["chosen"] == {"gpt2-clm": {"repeat_bias": False, "repeat_mixture": True}}
 
 
 def test_merging_searches_replaces_a_repeated_grid_and_keeps_other_fields_searched():
