@@ -189,21 +189,63 @@ class QualityData:
     refit_baseline_paths: list[str] | None = None
 
 
-def evaluate(scorer, data: QualityData, which: str) -> dict[str, float]:
+def evaluate(scorer, data: QualityData, which: str, by_target: bool = False) -> dict[str, Any]:
     """Full-ranking next-item metrics of `scorer` on the validation or test set (the Trainer's
-    evaluation step; with `exclude_seen`, MovieLens's earlier history is excluded too)."""
+    evaluation step; with `exclude_seen`, MovieLens's earlier history is excluded too). `by_target`
+    (datasets that keep the session's own items rankable) adds "by_target": the same metrics over the
+    sessions of each TARGET_KINDS kind."""
     from raytr.evaluation import update_next_item_metrics
     from raytr.metrics import RankingMetrics
 
+    if by_target and data.exclude_seen:
+        raise ValueError("by_target: the session's own items are excluded from the ranking on this dataset")
     eval_set = data.valid if which == "valid" else data.test
     metrics = RankingMetrics(TOP_K)
+    kinds = [RankingMetrics(TOP_K) for _ in TARGET_KINDS]
     if hasattr(scorer, "eval"):
         scorer.eval()
     for batch, history in eval_set.batches(data.spec):
-        update_next_item_metrics(metrics, scorer, batch, data.exclude_seen,
-                                 history if data.exclude_seen else None)
+        if by_target:
+            _update_by_target(metrics, kinds, scorer, batch)
+        else:
+            update_next_item_metrics(metrics, scorer, batch, data.exclude_seen,
+                                     history if data.exclude_seen else None)
     out = metrics.compute()
-    return {k: out[k] for k in REPORTED} | {"sessions": metrics.count}
+    result: dict[str, Any] = {k: out[k] for k in REPORTED} | {"sessions": metrics.count}
+    if by_target:
+        result["by_target"] = {name: {k: m.compute()[k] for k in REPORTED} | {"sessions": m.count}
+                               for name, m in zip(TARGET_KINDS, kinds) if m.count}
+    return result
+
+
+# What a session's held-out item is to it: why a model that may recommend the session's own items
+# (YOOCHOOSE: 29% of its sessions end by repeating their last item) wins or loses.
+TARGET_KINDS = ("the last item again", "an earlier item of the session", "an item not in the session")
+
+
+def target_kinds(prefix_ids: Any, lengths: Any, targets: Any) -> Any:
+    """[B] index into TARGET_KINDS of each target, given its session's prefix [B, T] (lengths [B])."""
+    import torch
+
+    last = prefix_ids[torch.arange(prefix_ids.shape[0]), lengths - 1]
+    earlier = (prefix_ids == targets[:, None]).any(dim=1)
+    return torch.where(last == targets, 0, torch.where(earlier, 1, 2))
+
+
+def _update_by_target(metrics: Any, kinds: list[Any], scorer, batch) -> None:
+    """`update_next_item_metrics` without exclusions, each session's rank also added to its kind's metrics."""
+    import torch
+
+    from raytr.metrics import ranks_of_targets
+    from raytr.models.masking import split_last_item
+
+    prefix, targets = split_last_item(batch)
+    with torch.no_grad():
+        ranks = ranks_of_targets(scorer.score_next(prefix).float(), targets)  # [B]
+    metrics.update_ranks(ranks)
+    kind = target_kinds(prefix.item_ids, prefix.lengths, targets)
+    for i, m in enumerate(kinds):
+        m.update_ranks(ranks[kind == i])
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -442,7 +484,8 @@ def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
     valid = evaluate(pop, data, "valid")
     if refit:
         pop = Popularity(data.spec.item_cardinality).fit(baseline_batches(data, refit=True))
-    out["popularity"] = {"valid": valid, "test": evaluate(pop, data, "test"), "choice": {},
+    out["popularity"] = {"valid": valid, "test": evaluate(pop, data, "test", by_target=not data.exclude_seen),
+                         "choice": {},
                          "seconds": time.perf_counter() - t} | ({"refit": True} if refit else {})
     t = time.perf_counter()
     trials = []
@@ -453,7 +496,8 @@ def run_baselines(data: QualityData) -> dict[str, dict[str, Any]]:
     if refit:
         knn = SessionItemKNN(data.spec.item_cardinality, recency_decay=decay, self_similarity=self_sim).fit(
             baseline_batches(data, refit=True))
-    out["item_knn"] = {"valid": valid, "test": evaluate(knn, data, "test"), "seconds": time.perf_counter() - t,
+    out["item_knn"] = {"valid": valid, "test": evaluate(knn, data, "test", by_target=not data.exclude_seen),
+                       "seconds": time.perf_counter() - t,
                        "choice": {"recency_decay": decay, "self_similarity": self_sim},
                        "validation_trials": {f"{d}/{w}": v[SELECT_BY] for v, d, w, _ in trials}} | (
                            {"refit": True} if refit else {})
@@ -539,7 +583,7 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
         ckpt = refit_checkpoints[epoch]
         refit = {"refit": True, "refit_train_seconds": refit_s}
     t = time.perf_counter()
-    test = evaluate(SessionModel.load(ckpt), data, "test") if score_test else None
+    test = evaluate(SessionModel.load(ckpt), data, "test", by_target=not data.exclude_seen) if score_test else None
     eval_s += time.perf_counter() - t
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.rmtree(work / f"{name}-refit", ignore_errors=True)

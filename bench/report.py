@@ -424,6 +424,10 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
                     f"{points} for each model, the rest fixed ({base}); each trial's epoch chosen on validation as "
                     "above, **no test set scored**; each model's best point in bold.", "",
                 *table(["model", *grid, "epochs", "valid NDCG@20", "train s"], body)]
+        skipped = [f"{s['model']} at " + ", ".join(f"{k} {s['hyperparameters'][k]}" for k in grid)
+                   for s in ds.get("skipped", [])]
+        if skipped:
+            out += ["", "Not a model (ModelConfig refuses it), skipped: " + "; ".join(skipped) + "."]
     return out
 
 
@@ -473,6 +477,24 @@ def quality_table(ds: dict[str, Any], title: str) -> list[str]:
     return out
 
 
+def by_target_table(ds: dict[str, Any]) -> list[str]:
+    """Test NDCG@20 of every model over the sessions of each target kind (bench/quality.py
+    TARGET_KINDS), where the run measured it: which kind of next item each model gets right."""
+    models = {name: r["test"]["by_target"] for name, r in ds["models"].items() if "by_target" in r["test"]}
+    if not models:
+        return []
+    kinds = list(next(iter(models.values())))
+    body = []
+    for kind in kinds:
+        scores = {name: split[kind]["ndcg@20"] for name, split in models.items() if kind in split}
+        best = max(scores.values())
+        sessions = next(split[kind]["sessions"] for split in models.values() if kind in split)
+        body.append([kind, fmt(sessions), *[f"**{v:.4f}**" if v == best else f"{v:.4f}"
+                                            for v in (scores.get(n, float("nan")) for n in models)]])
+    return ["", "Test NDCG@20 split by what the held-out item is to its session:", "",
+            *table(["test target", "sessions", *models], body)]
+
+
 def movielens_variant_title(ds: dict[str, Any]) -> str:
     """What a MovieLens variant run (quality-ml-*.json) changed: the held-out place, the refit."""
     n = ds["stats"].get("holdout_shift", 0)
@@ -490,7 +512,7 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
         return [title, "", "Not measured: `python bench/quality.py`.", ""]
     out = [title, "", machine_line(res), "", *[f"- {n}" for n in res.get("notes", [])], ""]
     for ds in res["datasets"]:
-        out += quality_table(ds, ds["dataset"]) + seed_spread(ds, list(seed_runs))
+        out += quality_table(ds, ds["dataset"]) + by_target_table(ds) + seed_spread(ds, list(seed_runs))
         out += search_table(ds["dataset"], search)
         capped = [n for n, r in ds["models"].items() if r.get("choice", {}).get("epochs") == ds["epochs_max"]]
         if capped:

@@ -178,3 +178,19 @@ def test_head_kernels_variants_compute_eagers_loss_and_gradients(tmp_path, monke
     assert any(line.startswith("| eager |") and line.endswith("| (reference) |") for line in lines)
     for kind in ("compiled", "triton"):
         assert sum(line.startswith(f"| {kind}") for line in lines) == sum(v.startswith(kind) for v in VARIANTS) > 0
+
+
+def test_report_splits_the_test_by_target_kind_with_each_kinds_best_in_bold():
+    from bench.report import by_target_table
+
+    def split(last: float, new: float) -> dict:
+        return {"by_target": {"the last item again": {"ndcg@20": last, "sessions": 3},
+                              "an item not in the session": {"ndcg@20": new, "sessions": 5}}}
+
+    ds = {"models": {"item_knn": {"test": split(0.99, 0.17)}, "xlnet-clm": {"test": split(0.92, 0.19)},
+                     "popularity": {"test": {}}}}  # a run before the split: left out
+    lines = by_target_table(ds)
+    assert "| test target | sessions | item_knn | xlnet-clm |" in lines
+    assert "| the last item again | 3 | **0.9900** | 0.9200 |" in lines
+    assert "| an item not in the session | 5 | 0.1700 | **0.1900** |" in lines
+    assert by_target_table({"models": {"item_knn": {"test": {}}}}) == []

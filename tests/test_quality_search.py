@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,35 @@ def test_a_search_skips_and_records_the_points_the_model_config_refuses(tmp_path
         == [(True, True)]
     assert "set one of them" in res["skipped"][0]["why"]
     assert res["chosen"] == {"gpt2-clm": {"repeat_bias": False, "repeat_mixture": True}}
+
+
+def test_the_test_split_by_target_kind_adds_up_to_the_whole():
+    from raytr.features import FIRST_ITEM_ID, FeatureSpec
+
+    a, b, c = FIRST_ITEM_ID, FIRST_ITEM_ID + 1, FIRST_ITEM_ID + 2
+    prefix = torch.tensor([[a, b, c, 0], [a, b, 0, 0], [a, c, 0, 0]])
+    kinds = quality.target_kinds(prefix, torch.tensor([3, 2, 2]), torch.tensor([c, a, b]))
+    assert kinds.tolist() == [0, 1, 2]  # the last item again, an earlier item, a new one
+
+    class LastItemFirst:
+        def score_next(self, batch):
+            scores = torch.zeros(batch.item_ids.shape[0], spec.item_cardinality)
+            scores[torch.arange(len(scores)), batch.item_ids[torch.arange(len(scores)), batch.lengths - 1]] = 1.0
+            return scores
+
+    spec = FeatureSpec(item_id=ITEM_COLUMN, item_cardinality=FIRST_ITEM_ID + 10, max_sequence_length=4)
+    sessions = torch.tensor([[a, b, b, 0], [a, c, c, 0], [b, a, b, 0], [a, b, c + 3, 0], [c, a, b, c]])
+    data = quality.QualityData("tiny", spec, [], quality.EvalSet("valid", sessions=sessions), quality.EvalSet("test"),
+                               exclude_seen=False, protocol="", stats={})
+    res = quality.evaluate(LastItemFirst(), data, "valid", by_target=True)
+    split = res["by_target"]
+    assert [split[k]["sessions"] for k in quality.TARGET_KINDS] == [2, 2, 1] and res["sessions"] == 5
+    assert split["the last item again"]["ndcg@20"] == 1.0 and split["an item not in the session"]["mrr@20"] < 1.0
+    for metric in ("ndcg@20", "recall@10", "mrr@20"):
+        assert res[metric] == pytest.approx(sum(s[metric] * s["sessions"] for s in split.values()) / 5)
+    assert res == quality.evaluate(LastItemFirst(), data, "valid") | {"by_target": split}
+    with pytest.raises(ValueError, match="by_target"):
+        quality.evaluate(LastItemFirst(), replace(data, exclude_seen=True), "valid", by_target=True)
 
 
 def test_merging_searches_replaces_a_repeated_grid_and_keeps_other_fields_searched():
