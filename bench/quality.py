@@ -279,13 +279,17 @@ def load_synthetic() -> QualityData:
 
 
 def yoochoose_prepared() -> Path:
-    from raytr.config import load_config
+    """The sample through `raytr prepare` with configs/yoochoose.yaml's data section; prepared again
+    when that section changed since."""
+    from raytr.config import DataConfig, from_dict, load_config
+    from raytr.data.layout import load_prepare_info
     from raytr.data.prepare import prepare
 
     out = DATA_DIR / "yoochoose-prepared"
-    if not (out / "prepare.json").is_file():
-        prepare(load_config(REPO / "configs" / "yoochoose.yaml").data, REPO.parent / "shared" / "data" /
-                "yoochoose-rsc15-100k", out)
+    config = load_config(REPO / "configs" / "yoochoose.yaml").data
+    if not ((out / "prepare.json").is_file() and
+            from_dict(DataConfig, load_prepare_info(out)["data"], "prepare.json:data") == config):
+        prepare(config, REPO.parent / "shared" / "data" / "yoochoose-rsc15-100k", out)
     return out
 
 

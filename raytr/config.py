@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A config value a user must fix; the message names the field."""
 
 
+# The per-event features `data.time_features` may ask for (raytr.data.workflow makes them).
+TIME_FEATURES = ("hour", "weekday", "time_since_prev")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which raw columns mean what, and how sessions are built from them.
@@ -34,7 +38,11 @@ class DataConfig:
     max_sequence_length: sessions keep their last T events.
     min_session_length: shorter sessions are dropped (2: one input and one target).
     user_col: optional raw user id column, kept as the session's first value (Categorify).
-    time_features: add hour, weekday (categorical) and seconds since the previous event per event.
+    time_features: per-event features made from the timestamp, any of TIME_FEATURES: "hour",
+        "weekday" (categorical) and "time_since_prev" (seconds since the previous event, log1p and
+        normalised); true (the default) for all three, false for none. Leave out "weekday" when the
+        training days do not cover every weekday: a weekday first seen in the test days has an
+        embedding that was never trained.
     read_format: "auto" (from the file names), or "parquet", "csv", "tsv" for every input file.
     Sessions are written in day partitions (`day=N`) by their first timestamp.
     """
@@ -50,7 +58,7 @@ class DataConfig:
     freq_threshold: int = 0
     max_sequence_length: int = 20
     min_session_length: int = 2
-    time_features: bool = True
+    time_features: tuple[str, ...] | bool = True
     read_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
 
     def __post_init__(self) -> None:
@@ -68,6 +76,14 @@ class DataConfig:
         extra = set(self.log_transform) - set(self.continuous)
         if extra:
             raise ConfigError(f"data.log_transform names {sorted(extra)}, which are not in data.continuous")
+        # One form from here on: the tuple of names (true: all, false: none), in TIME_FEATURES order.
+        chosen = TIME_FEATURES if self.time_features is True else () if self.time_features is False \
+            else self.time_features
+        unknown = [name for name in chosen if name not in TIME_FEATURES]
+        if unknown:
+            raise ConfigError(f"data.time_features names {unknown}: expected true, false or a list of "
+                              f"{list(TIME_FEATURES)}")
+        object.__setattr__(self, "time_features", tuple(n for n in TIME_FEATURES if n in chosen))
 
     @property
     def raw_columns(self) -> list[str]:
@@ -228,7 +244,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        for option in inner[:-1]:  # the first type that takes the value; the last one's error otherwise
+            try:
+                return _coerce(option, value, where)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], value, where)
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}={value!r}: expected a list")

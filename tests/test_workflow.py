@@ -17,7 +17,7 @@ import nvtabular as nvt
 import pandas as pd
 import pytest
 
-from raytr.config import DataConfig
+from raytr.config import ConfigError, DataConfig, from_dict
 from raytr.data.events import normalize_events, sort_events
 from raytr.data.workflow import (
     HOUR,
@@ -207,6 +207,21 @@ def test_price_without_log_is_plain_normalised(tmp_path):
     expected = (PRICE[900] - prices.mean()) / prices.std(ddof=1)
     assert out.loc[11, "price-list"][0] == pytest.approx(expected, rel=1e-5)
     assert "hour-list" not in out.columns and "time_since_prev-list" not in out.columns
+
+
+def test_time_features_are_the_ones_asked_for(tmp_path):
+    config = DataConfig(max_sequence_length=20, time_features=("time_since_prev", "hour"))
+    assert config.time_features == ("hour", "time_since_prev")  # in TIME_FEATURES order
+    assert sequence_features(config) == ([HOUR], [TIME_SINCE_PREV])
+    out = run(fit(config, make_events(), tmp_path), make_events(), config)
+    assert "hour-list" in out.columns and "time_since_prev-list" in out.columns and "weekday-list" not in out.columns
+    assert DataConfig(time_features=True).time_features == (HOUR, WEEKDAY, TIME_SINCE_PREV)
+    assert DataConfig(time_features=False).time_features == ()
+    with pytest.raises(ConfigError, match=r"data.time_features names \['week'\]"):
+        DataConfig(time_features=("week",))
+    # The config of a prepare.json written before the list form still reads (true: all three).
+    assert from_dict(DataConfig, {"time_features": True}, "data").time_features == (HOUR, WEEKDAY, TIME_SINCE_PREV)
+    assert from_dict(DataConfig, {"time_features": ["weekday"]}, "data").time_features == (WEEKDAY,)
 
 
 def test_row_order_does_not_matter_after_sort_events(fitted):

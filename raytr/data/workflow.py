@@ -27,24 +27,21 @@ import nvtabular as nvt
 from merlin.schema import ColumnSchema, Schema, Tags
 from nvtabular import ops
 
-from raytr.config import ConfigError, DataConfig
+from raytr.config import TIME_FEATURES, ConfigError, DataConfig
 from raytr.data.columnar_groupby import ColumnarGroupby
 from raytr.data.events import EVENT_ORDER
 
 log = logging.getLogger(__name__)
 
 SESSION_LENGTH = "session_length"
-TIME_SINCE_PREV = "time_since_prev"
-HOUR = "hour"
-WEEKDAY = "weekday"
+HOUR, WEEKDAY, TIME_SINCE_PREV = TIME_FEATURES  # what data.time_features may ask for
 
 
 def check_generated_names(config: DataConfig) -> None:
     """Raw columns must not take the names of columns the workflow makes (a raw `hour` next to the
     generated one would fail deep in NVTabular's fit). Raises ConfigError naming the field."""
     generated = {EVENT_ORDER: "always", SESSION_LENGTH: "always"}
-    if config.time_features:
-        generated.update(dict.fromkeys((HOUR, WEEKDAY, TIME_SINCE_PREV), "with data.time_features"))
+    generated.update(dict.fromkeys(config.time_features, "with data.time_features"))
     roles = {"session_col": [config.session_col], "item_col": [config.item_col],
              "timestamp_col": [config.timestamp_col], "user_col": [config.user_col] if config.user_col else [],
              "categorical": list(config.categorical), "continuous": list(config.continuous)}
@@ -53,7 +50,7 @@ def check_generated_names(config: DataConfig) -> None:
             if name in generated:
                 raise ConfigError(
                     f"data.{role} names {name!r}, a column raytr generates ({generated[name]}): rename the raw column"
-                    + (" or set data.time_features: false" if generated[name] != "always" else "")
+                    + (f" or leave {name!r} out of data.time_features" if generated[name] != "always" else "")
                 )
 
 
@@ -63,8 +60,8 @@ def list_name(column: str) -> str:
 
 def sequence_features(config: DataConfig) -> tuple[list[str], list[str]]:
     """Per-event (categorical, continuous) features besides the item id, in output order."""
-    categorical = list(config.categorical) + ([HOUR, WEEKDAY] if config.time_features else [])
-    continuous = list(config.continuous) + ([TIME_SINCE_PREV] if config.time_features else [])
+    categorical = list(config.categorical) + [n for n in (HOUR, WEEKDAY) if n in config.time_features]
+    continuous = list(config.continuous) + [n for n in (TIME_SINCE_PREV,) if n in config.time_features]
     return categorical, continuous
 
 
@@ -95,9 +92,11 @@ def build_workflow(config: DataConfig, categories_dir: str | Path = ".") -> nvt.
         if name in config.log_transform:
             node = node >> ops.LogOp()
         features += node >> ops.Normalize()
-    if config.time_features:
+    if HOUR in config.time_features:
         features += [ts] >> ops.LambdaOp(_hour) >> ops.Rename(name=HOUR) >> categorify()
+    if WEEKDAY in config.time_features:
         features += [ts] >> ops.LambdaOp(_weekday) >> ops.Rename(name=WEEKDAY) >> categorify()
+    if TIME_SINCE_PREV in config.time_features:
         lag = (
             [ts]
             >> ops.DifferenceLag(partition_cols=[session], shift=1)
