@@ -313,8 +313,10 @@ def load_yoochoose() -> QualityData:
         rng = np.random.default_rng(0)
         is_valid = rng.random(table.num_rows) < 0.1
         split_dir.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table.filter(pa.array(~is_valid)), train_file)
-        pq.write_table(table.filter(pa.array(is_valid)), valid_file)
+        for path, rows in ((train_file, ~is_valid), (valid_file, is_valid)):
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: runs side by side share the split
+            pq.write_table(table.filter(pa.array(rows)), tmp)
+            os.replace(tmp, path)
     test_days = [d for d in available_days(directory) if d >= 6]
     info = load_prepare_info(directory)["summary"]
     return QualityData(
