@@ -543,7 +543,8 @@ def test_prepare_yoochoose_sample(shared_data, tmp_path, ray_cluster):
     out = pd.read_parquet(tmp_path / "yoochoose" / "sessions")
     assert out["session_id"].is_unique and len(out) == summary.sessions
     assert out[SESSION_LENGTH].sum() == sizes[sizes >= 2].sum()
+    assert config.time_features == ("hour", "time_since_prev")  # not the weekday: see configs/yoochoose.yaml
     assert sorted(out.columns) == sorted([
-        "session_id", "timestamp-first", "timestamp-last", "item_id-list", "hour-list", "weekday-list",
+        "session_id", "timestamp-first", "timestamp-last", "item_id-list", "hour-list",
         "time_since_prev-list", SESSION_LENGTH, "day",
     ])
