@@ -731,7 +731,7 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
                for t in trials if id(t) in refused]  # e.g. repeat_bias and repeat_mixture both set
     trials = [t for t in trials if id(t) not in refused]
     data_key = _data_key(name, ml)
-    done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], e.get("data", _data_key(name))):
+    done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], _recorded_data_key(e)):
             {**r, "reused": e["measured"]}
             for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
     keys = [_trial_key(t.model, asdict(t.hp), epochs, data_key) for t in trials]
@@ -769,8 +769,23 @@ def config_refusal(model: str, hp: Hyper) -> str:
 
 
 def _data_key(name: str, ml: MovieLensSplit = MovieLensSplit()) -> dict[str, Any]:
-    """The data options a dataset's trials depend on (a search that recorded none used the defaults)."""
-    return ml.key() if name == "ml-100k" else {}
+    """The data options a dataset's trials depend on: MovieLens's split options, YOOCHOOSE's time
+    features when they are not all three (searches before 2026-11-29 recorded {}: the sample
+    prepared with all of them)."""
+    if name == "ml-100k":
+        return ml.key()
+    if name == "yoochoose":
+        from raytr.config import TIME_FEATURES, load_config
+
+        features = load_config(REPO / "configs" / "yoochoose.yaml").data.time_features
+        return {} if features == TIME_FEATURES else {"time_features": list(features)}
+    return {}
+
+
+def _recorded_data_key(search: dict[str, Any]) -> dict[str, Any]:
+    """The data key a search ran on; one that recorded none predates the keys (MovieLens's default
+    split; the other datasets' {})."""
+    return search.get("data", _data_key(search["dataset"]) if search["dataset"] == "ml-100k" else {})
 
 
 def _trial_key(model: str, hyperparameters: dict[str, Any], epochs: int, data: dict[str, Any] | None) -> str:
@@ -778,10 +793,11 @@ def _trial_key(model: str, hyperparameters: dict[str, Any], epochs: int, data: d
 
 
 def merge_searches(old: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Earlier searches, each replaced by a fresh one of the same dataset over the same fields,
-    then the fresh ones that replace nothing (searches of other fields on a dataset accumulate)."""
-    def key(search: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
-        return search["dataset"], tuple(sorted(search["grid"]))
+    """Earlier searches, each replaced by a fresh one of the same dataset over the same fields and on
+    the same data, then the fresh ones that replace nothing (searches of other fields, or of the
+    same fields on other data, accumulate)."""
+    def key(search: dict[str, Any]) -> tuple[str, tuple[str, ...], str]:
+        return search["dataset"], tuple(sorted(search["grid"])), json.dumps(search.get("data", {}), sort_keys=True)
 
     by_key = {key(r): r for r in fresh}
     return [by_key.pop(key(r), r) for r in old] + list(by_key.values())

@@ -133,6 +133,8 @@ def test_merging_searches_replaces_a_repeated_grid_and_keeps_other_fields_search
     fresh = [{"dataset": "ml-100k", "grid": {"d_model": [64, 128], "dropout": [0.5]}, "run": 2},
              {"dataset": "ml-100k", "grid": {"learning_rate": [1e-3]}, "run": 2}]
     merged = quality.merge_searches(old, fresh)
+    on_other_data = {"dataset": "yoochoose", "grid": {"dropout": [0.2]}, "data": {"time_features": ["hour"]}, "run": 3}
+    assert quality.merge_searches(merged, [on_other_data])[-2:] == [merged[-1], on_other_data]
     assert [(s["dataset"], sorted(s["grid"]), s["run"]) for s in merged] == [
         ("ml-100k", ["d_model", "dropout"], 2), ("yoochoose", ["dropout"], 1), ("ml-100k", ["learning_rate"], 2)]
 
@@ -163,6 +165,13 @@ def test_a_trial_an_earlier_search_ran_is_reused_not_trained_again(tmp_path, mon
     reused = second["trials"][1]
     assert reused["reused"] == first["measured"] and reused["valid"] == first["trials"][0]["valid"]
     assert second["chosen"] == {"gru": {"learning_rate": 1e-2}}
+    # A search on other data (e.g. YOOCHOOSE prepared with other time features) is not reused.
+    trained.clear()
+    quality.search_dataset("tiny", ("gru",), {"learning_rate": [1e-2]}, 1, tmp_path / "work", base,
+                           earlier=[{**first, "data": {"time_features": ["hour"]}}])
+    assert trained == [1e-2]
+    # YOOCHOOSE's key names the time features its config asks for (searches before recorded {}).
+    assert quality._data_key("yoochoose") == {"time_features": ["hour", "time_since_prev"]}
 
 
 def _fake_movielens(tmp_path: Path, monkeypatch):
