@@ -726,10 +726,10 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     trials = [SearchTrial(name, model, replace(bases[model], **point), epochs, work_root / name / f"{model}-{i}",
                           ml, threads)
               for model in models for i, point in enumerate(points)]
-    refused = {id(t): why for t in trials if (why := config_refusal(t.model, t.hp))}
-    skipped = [{"model": t.model, "hyperparameters": asdict(t.hp), "why": refused[id(t)]}
-               for t in trials if id(t) in refused]  # e.g. repeat_bias and repeat_mixture both set
-    trials = [t for t in trials if id(t) not in refused]
+    refusals = [config_refusal(t.model, t.hp) for t in trials]  # e.g. repeat_bias and repeat_mixture both set
+    skipped = [{"model": t.model, "hyperparameters": asdict(t.hp), "why": why}
+               for t, why in zip(trials, refusals) if why]
+    trials = [t for t, why in zip(trials, refusals) if not why]
     data_key = _data_key(name, ml)
     done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], _recorded_data_key(e)):
             {**r, "reused": e["measured"]}
