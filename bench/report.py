@@ -419,7 +419,9 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
             body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]), score,
                          fmt(trial["train_seconds"], 0)])
         points = " x ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ds["grid"].items())
-        out += ["", f"Hyperparameter search (`bench/quality.py --search`, measured {measured_label(ds)}, "
+        data = ", ".join(f"{k} {v}" for k, v in (ds.get("data") or {}).items())
+        out += ["", f"Hyperparameter search (`bench/quality.py --search`" + (f", data: {data}" if data else "") +
+                    f", measured {measured_label(ds)}, "
                     f"{ds['seconds'] / 60:.0f} min with {ds['jobs']} trials at a time): every point of the grid "
                     f"{points} for each model, the rest fixed ({base}); each trial's epoch chosen on validation as "
                     "above, **no test set scored**; each model's best point in bold.", "",
