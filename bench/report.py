@@ -819,7 +819,8 @@ def quality_status(quality: dict[str, Any] | None, seed_runs: list[dict[str, Any
         if not s:
             out.append(f"- Quality {ds['dataset']}: no transformer ran")
             continue
-        line = (f"- Quality {ds['dataset']}: {s['best_transformer']} beats every baseline on every test metric "
+        beats = "beats" if s["beats_every_baseline"] else "does not beat"
+        line = (f"- Quality {ds['dataset']}: {s['best_transformer']} {beats} every baseline on every test metric "
                 f"(**{'met' if s['beats_every_baseline'] else 'NOT met'}**)")
         runs = seed_runs_of(ds, seed_runs)
         if len(runs) > 1:

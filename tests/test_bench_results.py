@@ -147,6 +147,9 @@ def test_report_quality_target_counts_the_seeds_that_beat_the_first_runs_baselin
         "seed": 5, "d_model": 64, "repeat_bias": False}}}}]}
     assert quality_status({"datasets": [ds]}, [seed1, biased, unbiased]) == [
         "- Quality ml-100k: xlnet-clm beats every baseline on every test metric (**met**); so do 3 of its 3 seeds"]
+    lost = {**ds, "summary": {**ds["summary"], "beats_every_baseline": False}}
+    assert quality_status({"datasets": [lost]}, []) == [
+        "- Quality ml-100k: xlnet-clm does not beat every baseline on every test metric (**NOT met**)"]
     assert quality_status(None, []) == ["- Quality: not measured."]
 
 
