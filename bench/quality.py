@@ -205,11 +205,12 @@ def evaluate(scorer, data: QualityData, which: str, by_target: bool = False) -> 
     if hasattr(scorer, "eval"):
         scorer.eval()
     for batch, history in eval_set.batches(data.spec):
+        ranks = update_next_item_metrics(metrics, scorer, batch, data.exclude_seen,
+                                         history if data.exclude_seen else None)  # [B]
         if by_target:
-            _update_by_target(metrics, kinds, scorer, batch)
-        else:
-            update_next_item_metrics(metrics, scorer, batch, data.exclude_seen,
-                                     history if data.exclude_seen else None)
+            kind = target_kinds(batch.item_ids, batch.lengths)
+            for i, m in enumerate(kinds):
+                m.update_ranks(ranks[kind == i])
     out = metrics.compute()
     result: dict[str, Any] = {k: out[k] for k in REPORTED} | {"sessions": metrics.count}
     if by_target:
@@ -223,29 +224,17 @@ def evaluate(scorer, data: QualityData, which: str, by_target: bool = False) -> 
 TARGET_KINDS = ("the last item again", "an earlier item of the session", "an item not in the session")
 
 
-def target_kinds(prefix_ids: Any, lengths: Any, targets: Any) -> Any:
-    """[B] index into TARGET_KINDS of each target, given its session's prefix [B, T] (lengths [B])."""
+def target_kinds(item_ids: Any, lengths: Any) -> Any:
+    """[B] index into TARGET_KINDS of each session's last item (its held-out target), given the
+    sessions [B, T] and their lengths [B] (>= 2)."""
     import torch
 
-    last = prefix_ids[torch.arange(prefix_ids.shape[0]), lengths - 1]
-    earlier = (prefix_ids == targets[:, None]).any(dim=1)
+    rows = torch.arange(item_ids.shape[0])
+    targets = item_ids[rows, lengths - 1]
+    last = item_ids[rows, lengths - 2]
+    before = torch.arange(item_ids.shape[1])[None, :] < (lengths - 1)[:, None]  # [B, T] the prefix
+    earlier = ((item_ids == targets[:, None]) & before).any(dim=1)
     return torch.where(last == targets, 0, torch.where(earlier, 1, 2))
-
-
-def _update_by_target(metrics: Any, kinds: list[Any], scorer, batch) -> None:
-    """`update_next_item_metrics` without exclusions, each session's rank also added to its kind's metrics."""
-    import torch
-
-    from raytr.metrics import ranks_of_targets
-    from raytr.models.masking import split_last_item
-
-    prefix, targets = split_last_item(batch)
-    with torch.no_grad():
-        ranks = ranks_of_targets(scorer.score_next(prefix).float(), targets)  # [B]
-    metrics.update_ranks(ranks)
-    kind = target_kinds(prefix.item_ids, prefix.lengths, targets)
-    for i, m in enumerate(kinds):
-        m.update_ranks(ranks[kind == i])
 
 
 # ---------------------------------------------------------------------------- datasets

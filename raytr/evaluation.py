@@ -27,8 +27,9 @@ class Scorer(Protocol):
 def update_next_item_metrics(
     metrics: RankingMetrics, scorer: Scorer, batch: SessionBatch, exclude_seen: bool = False,
     exclude: torch.Tensor | None = None,
-) -> None:
-    """Score each session's prefix and add the rank of its last item to `metrics`. `exclude_seen`
+) -> torch.Tensor:
+    """Score each session's prefix and add the rank of its last item to `metrics`; returns those
+    ranks [B] (every session has a target: `split_last_item` refuses shorter ones). `exclude_seen`
     drops the prefix's items from the ranking; `exclude` [B, V] bool drops more (e.g. a user's
     history before the window)."""
     prefix, targets = split_last_item(batch)
@@ -38,7 +39,7 @@ def update_next_item_metrics(
         mask = exclude if mask is None else mask | exclude
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
-    metrics.update(scores, targets)
+    return metrics.update(scores, targets)
 
 
 @torch.no_grad()

@@ -88,8 +88,9 @@ class RankingMetrics:
             raise ValueError(f"cannot merge metrics with top_k={other.top_k} into top_k={self.top_k}")
         self._state += other.state.to(self._state.device)
 
-    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
-        """scores [N, V], targets [N] item ids; sessions whose target is padding (0) are skipped."""
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """scores [N, V], targets [N] item ids; sessions whose target is padding (0) are skipped.
+        Returns the 1-based ranks added, one per session kept."""
         if scores.ndim != 2 or targets.shape != (scores.shape[0],):
             raise ValueError(
                 f"expected scores [N, V] and targets [N], got {tuple(scores.shape)} and {tuple(targets.shape)}"
@@ -97,7 +98,9 @@ class RankingMetrics:
         keep = targets != PAD_ID
         if bool((targets[keep] < 0).any()) or bool((targets[keep] >= scores.shape[1]).any()):
             raise ValueError(f"targets must lie in 0..{scores.shape[1] - 1} (the score columns)")
-        self.update_ranks(ranks_of_targets(scores[keep], targets[keep]))
+        ranks = ranks_of_targets(scores[keep], targets[keep])
+        self.update_ranks(ranks)
+        return ranks
 
     def update_ranks(self, ranks: torch.Tensor) -> None:
         """ranks [N]: 1-based rank of each session's target (UNRANKED: a miss at every k)."""

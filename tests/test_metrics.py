@@ -218,3 +218,10 @@ def test_models_metrics_and_baselines_never_import_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_update_returns_the_ranks_it_added_one_per_session_kept():
+    m = RankingMetrics([1, 2])
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.9, 0.5], [0.0, 0.0, 0.0, 0.9, 0.5], [0.0, 0.0, 0.0, 0.1, 0.2]])
+    ranks = m.update(scores, torch.tensor([4, 0, 3]))  # the padding target is skipped
+    assert ranks.tolist() == [2, 2] and m.count == 2

@@ -102,8 +102,8 @@ def test_the_test_split_by_target_kind_adds_up_to_the_whole():
     from raytr.features import FIRST_ITEM_ID, FeatureSpec
 
     a, b, c = FIRST_ITEM_ID, FIRST_ITEM_ID + 1, FIRST_ITEM_ID + 2
-    prefix = torch.tensor([[a, b, c, 0], [a, b, 0, 0], [a, c, 0, 0]])
-    kinds = quality.target_kinds(prefix, torch.tensor([3, 2, 2]), torch.tensor([c, a, b]))
+    sessions = torch.tensor([[a, b, c, c, 0], [a, b, a, 0, 0], [a, c, b, 0, 0]])
+    kinds = quality.target_kinds(sessions, torch.tensor([4, 3, 3]))
     assert kinds.tolist() == [0, 1, 2]  # the last item again, an earlier item, a new one
 
     class LastItemFirst:
