@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import uuid
 from dataclasses import dataclass, replace
@@ -551,6 +552,20 @@ def test_empty_eval_data_raises_value_error(prepared_dir, prepared_spec, tmp_pat
         Trainer(trainer.model, trainer.args).evaluate()
     with pytest.raises(ValueError, match=r"evaluation data .* has 0 sessions"):
         trainer.train()  # checked before any training step (the loader's own check names no evaluation data)
+
+
+def test_data_without_the_models_columns_is_refused_naming_file_and_column(prepared_dir, prepared_spec, tmp_path):
+    """train(), evaluate() and predict() read the files' footers first: no stack trace from a loader."""
+    column = prepared_spec.item_id
+    lacking = tmp_path / "lacking.parquet"
+    pq.write_table(pq.read_table(day_paths(prepared_dir, [4])[0]).drop([column]), lacking)
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), local_args(tmp_path / "out"),
+                      train_dataset_or_path=str(lacking), eval_dataset_or_path=day_paths(prepared_dir, [4]))
+    message = f"{lacking} has no column {column!r}, which the model reads"
+    for call in (trainer.train, lambda: trainer.evaluate(str(lacking)), lambda: trainer.predict(str(lacking))):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_train_without_data_raises(prepared_spec, tmp_path):

@@ -32,7 +32,7 @@ import torch
 from raytr import storage
 from raytr.data.layout import available_days, day_paths, sessions_root
 from raytr.data.loaders import DataLoader
-from raytr.evaluation import evaluate_next_item
+from raytr.evaluation import check_session_files, evaluate_next_item
 from raytr.config import ConfigError
 from raytr.features import FIRST_ITEM_ID, SessionBatch
 from raytr.models import SessionModel
@@ -189,6 +189,7 @@ class Trainer:
             resolve_paths(self.train_dataset))
         eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
             resolve_paths(self.eval_dataset))
+        check_session_files(self.model.spec, [*train_paths, *eval_paths])  # a file without the model's columns
         if eval_paths and sum(storage.parquet_file(p).metadata.num_rows for p in eval_paths) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
         check_train_output(output_dir, [*train_paths, *eval_paths])  # before anything is written
@@ -264,7 +265,9 @@ class Trainer:
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("no evaluation data: pass eval_dataset or set eval_dataset_or_path")
-        return DataLoader(self.model.spec, resolve_paths(dataset), self.args.per_device_eval_batch_size,
+        paths = resolve_paths(dataset)
+        check_session_files(self.model.spec, paths)
+        return DataLoader(self.model.spec, paths, self.args.per_device_eval_batch_size,
                           shuffle=False, engine="pyarrow" if self.args.data_loader_engine == "ray"
                           else self.args.data_loader_engine)
 
