@@ -157,3 +157,17 @@ def test_knn_settings_reach_the_baseline_and_bad_ones_fail_before_training(prepa
     with pytest.raises(ValueError, match="self_similarity=1.5"):
         run_incremental(small_config(), prepared_dir, tmp_path / "out", knn_self_similarity=1.5)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_would_lose_or_mix_data_is_refused_before_training(prepared_dir, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.csv").write_text("a,b\n")
+    for output, message in ((a_file, "is a file"), (foreign, "a directory with other contents"),
+                            (Path(prepared_dir) / "incremental", "is inside the input data")):
+        with pytest.raises(ValueError, match=message):
+            run_incremental(small_config(), prepared_dir, output)
+    assert a_file.read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["keep.csv"]
+    assert not (Path(prepared_dir) / "incremental").exists()

@@ -27,9 +27,13 @@ from raytr.data.schema import feature_spec, load_schema
 from raytr.evaluation import evaluate_next_item
 from raytr.features import FIRST_ITEM_ID
 from raytr.models import SessionModel
-from raytr.training.trainer import Trainer
+from raytr.training.trainer import Trainer, check_train_output
 
 log = logging.getLogger(__name__)
+
+# What makes a directory an earlier `run_incremental` output it may write into again: its tables,
+# or the train/ a run writes first (a crashed run).
+INCREMENTAL_OUTPUT_MARKERS = ("incremental.json", "train")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ def run_incremental(
     popularity and item-kNN fitted on the days seen so far; `knn_recency_decay` and
     `knn_self_similarity` as SessionItemKNN's recency_decay and self_similarity)."""
     output_dir = storage.normalize(output_dir)
+    # Before a day is trained: the windows write train/ and the tables into it, never into the data.
+    check_train_output(output_dir, [data_dir], markers=INCREMENTAL_OUTPUT_MARKERS)
     days = available_days(data_dir)
     if len(days) < 2:
         raise ValueError(f"{data_dir} has {len(days)} day(s) of sessions; incremental evaluation needs >= 2")

@@ -81,17 +81,18 @@ def resolve_paths(data: DatasetOrPath) -> list[str]:
 TRAIN_OUTPUT_MARKERS = ("train_result.json", "runs")
 
 
-def check_train_output(output_dir: str | Path, inputs: Sequence[str | Path] = ()) -> None:
+def check_train_output(output_dir: str | Path, inputs: Sequence[str | Path] = (),
+                       markers: Sequence[str] = TRAIN_OUTPUT_MARKERS) -> None:
     """Refuse an `output_dir` where training would destroy data: a file, a non-empty directory that
-    is not an earlier training output (its model/ would be replaced), one that is or holds an input,
-    or one inside an input directory (training would write into the data)."""
+    is not an earlier training output (none of `markers`: its model/ would be replaced), one that is
+    or holds an input, or one inside an input directory (training would write into the data)."""
     out_fs, out = storage.filesystem(output_dir)
     for path in inputs:
         in_fs, data = storage.filesystem(path)
         if type(in_fs) is type(out_fs) and out.startswith(data.rstrip("/") + "/"):
             raise ValueError(f"output {str(output_dir)!r} is inside the input data {str(path)!r}: training would "
                              "write its model, checkpoints and workflow into the data; choose a directory outside it")
-    storage.check_output(output_dir, TRAIN_OUTPUT_MARKERS, inputs)
+    storage.check_output(output_dir, markers, inputs)
 
 
 def _check_work_left(trainer_state: dict[str, Any], args: TrainingArguments, checkpoint: str) -> None:
