@@ -67,7 +67,9 @@ def resolve_admin_token(config: ServeConfig) -> str | None:
     if not token and config.admin_token_file:
         path = Path(config.admin_token_file)
         if not path.is_file():
-            raise FileNotFoundError(f"serve.admin_token_file={str(path)!r} does not exist")
+            raise FileNotFoundError(f"serve.admin_token_file={str(path)!r} "
+                                    + ("is a directory: name the file holding the token" if path.is_dir()
+                                       else "does not exist"))
         token = path.read_text().strip()
     return token or None
 

@@ -366,6 +366,28 @@ def test_standalone_server_names_a_missing_bundle(tmp_path, capsys):
     assert err.startswith("serve.standalone: error:") and "nowhere" in err and "Traceback" not in err
 
 
+def test_standalone_server_names_a_token_file_that_is_a_directory(local_bundle, tmp_path, capsys):
+    from serve.standalone import main
+
+    assert main(["--bundle", str(local_bundle), "--admin-token-file", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"serve.standalone: error: serve.admin_token_file={str(tmp_path)!r} is a directory: name the "
+                   "file holding the token\n"), err
+
+
+def test_standalone_server_names_the_path_of_an_os_error_at_startup(local_bundle, monkeypatch, capsys):
+    """E.g. a bundle file it may not read (root reads everything, so the error is raised here)."""
+    import serve.standalone as standalone
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(local_bundle / "model" / "model.pt"))
+
+    monkeypatch.setattr(standalone, "build_standalone_app", unreadable)
+    assert standalone.main(["--bundle", str(local_bundle)]) == 2
+    assert capsys.readouterr().err == (f"serve.standalone: error: {str(local_bundle / 'model' / 'model.pt')!r}: "
+                                       "Permission denied\n")
+
+
 def test_standalone_reload_needs_the_token(local_bundle, monkeypatch):
     from fastapi.testclient import TestClient
 
