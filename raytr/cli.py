@@ -272,18 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from raytr.errors import PATH_ERRORS, USER_ERRORS, path_error_message
+    from raytr.errors import user_error_message
 
     try:
         args.func(args)
-    except PATH_ERRORS as exc:  # before USER_ERRORS: FileNotFoundError is in both
-        message = path_error_message(exc)
-        if message is None and not isinstance(exc, USER_ERRORS):
-            raise  # a path error naming no path is not one the user's arguments made
-        print(f"raytr {args.command}: error: {message or exc}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as exc:
-        print(f"raytr {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"raytr {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

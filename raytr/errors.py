@@ -30,4 +30,19 @@ def path_error_message(error: BaseException) -> str | None:
     return f"{paths}: {reason}"
 
 
-__all__ = ["ConfigError", "PATH_ERRORS", "TrainingDivergedError", "USER_ERRORS", "path_error_message"]
+def user_error_message(error: BaseException) -> str | None:
+    """The one line an entry point prints for a user error (None: not one, let it be a traceback).
+    An error a Ray task raised arrives wrapped, its message holding the remote traceback: the line
+    is the task's own error's."""
+    cause = getattr(error, "cause", None)  # ray.exceptions.RayTaskError (not imported: Ray is heavy)
+    if isinstance(cause, BaseException) and cause is not error:
+        return user_error_message(cause)
+    if isinstance(error, PATH_ERRORS):  # before USER_ERRORS: FileNotFoundError is in both
+        message = path_error_message(error)
+        if message is not None:
+            return message
+    return str(error) if isinstance(error, USER_ERRORS) else None  # a path error naming no path is not the user's
+
+
+__all__ = ["ConfigError", "PATH_ERRORS", "TrainingDivergedError", "USER_ERRORS", "path_error_message",
+           "user_error_message"]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from raytr.config import ServeConfig
-from raytr.errors import PATH_ERRORS, USER_ERRORS, path_error_message
+from raytr.errors import user_error_message
 from serve.engine import LocalBackend
 from serve.routes import build_app, resolve_admin_token
 
@@ -47,14 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = ServeConfig(model_dir=args.bundle, host=args.host, port=args.port,
                              admin_token_file=args.admin_token_file)
         app = build_standalone_app(args.bundle, config, args.device)
-    except PATH_ERRORS as exc:  # e.g. a token file that is a directory; before USER_ERRORS (both hold FileNotFoundError)
-        message = path_error_message(exc)
-        if message is None and not isinstance(exc, USER_ERRORS):
-            raise  # a path error naming no path is not one the user's arguments made
-        print(f"serve.standalone: error: {message or exc}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as exc:  # a missing bundle or token file: one line, as `raytr` prints it
-        print(f"serve.standalone: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a missing bundle or token file: one line, as `raytr` prints it
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"serve.standalone: error: {message}", file=sys.stderr)
         return 2
     log.info("standalone server for %s at http://%s:%d", args.bundle, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

@@ -126,6 +126,31 @@ def test_os_path_errors_are_one_line_naming_the_path(tmp_path, capsys, monkeypat
         main(["synth", "--output", str(tmp_path / "out")])
 
 
+def test_a_user_error_raised_in_a_ray_task_is_its_own_one_line(tmp_path, raw_dir, capsys, monkeypatch):
+    """Ray hands the driver a task's error wrapped, its message the remote traceback: the line
+    printed is the task's own error's."""
+    from ray.exceptions import RayTaskError
+
+    import raytr.data.prepare as prepare_module
+    from raytr.data.events import InputError
+
+    def in_a_task(*args, **kwargs):
+        cause = InputError("day=1/part-0.parquet: column 'timestamp' has 2 null values")
+        raise RayTaskError("_sort_bucket", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
+
+    monkeypatch.setattr(prepare_module, "prepare", in_a_task)
+    assert main(["prepare", "--config", SYNTHETIC, "--input", str(raw_dir), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("raytr prepare: error: day=1/part-0.parquet: column 'timestamp' has 2 "
+                                       "null values\n")
+
+    def a_bug_in_a_task(*args, **kwargs):  # not a user error: still a traceback
+        raise RayTaskError("_sort_bucket", "Traceback ...", KeyError("bucket")).as_instanceof_cause()
+
+    monkeypatch.setattr(prepare_module, "prepare", a_bug_in_a_task)
+    with pytest.raises(KeyError):
+        main(["prepare", "--config", SYNTHETIC, "--input", str(raw_dir), "--output", str(tmp_path / "out")])
+
+
 def test_missing_required_argument_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["prepare", "--config", SYNTHETIC])
