@@ -416,16 +416,17 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
             score = f"**{score}**" if point == ds["chosen"][trial["model"]] else score
             if trial.get("reused"):
                 score += f" (the trial of {trial['reused']})"
-            body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]), score,
-                         fmt(trial["train_seconds"], 0)])
+            body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]),
+                         str(trial["choice"].get("score_temperature", "-")), score, fmt(trial["train_seconds"], 0)])
         points = " x ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ds["grid"].items())
         data = ", ".join(f"{k} {v}" for k, v in (ds.get("data") or {}).items())
         out += ["", f"Hyperparameter search (`bench/quality.py --search`" + (f", data: {data}" if data else "") +
                     f", measured {measured_label(ds)}, "
                     f"{ds['seconds'] / 60:.0f} min with {ds['jobs']} trials at a time): every point of the grid "
-                    f"{points} for each model, the rest fixed ({base}); each trial's epoch chosen on validation as "
-                    "above, **no test set scored**; each model's best point in bold.", "",
-                *table(["model", *grid, "epochs", "valid NDCG@20", "train s"], body)]
+                    f"{points} for each model, the rest fixed ({base}); each trial's epoch (and score temperature, "
+                    "with repeat scoring, from those trials that recorded it) chosen on validation as above, **no "
+                    "test set scored**; each model's best point in bold.", "",
+                *table(["model", *grid, "epochs", "score temperature", "valid NDCG@20", "train s"], body)]
         skipped = [f"{s['model']} at " + ", ".join(f"{k} {s['hyperparameters'][k]}" for k in grid)
                    for s in ds.get("skipped", [])]
         if skipped:

@@ -7,6 +7,7 @@ error that names the key; closed choices are `Literal`s checked on load.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,6 +112,13 @@ class ModelConfig:
         each position: how likely this session is to go back to an item, rather than one fixed
         bonus. Scores are then log-probabilities. CLM with the full softmax only, materialised like
         repeat_bias, which it replaces (set one of the two).
+    score_temperature: at scoring time only (training never reads it), the catalog logits are
+        divided by it before the repeat bias is added, or before the mixture's softmax. The balance
+        between the session's own items and the rest is learned on the training days, where the
+        model predicts new items more sharply than it can on later days; a temperature above 1,
+        chosen on a later day's held-out sessions, gives the session's own items back their weight.
+        With repeat_bias or repeat_mixture only (otherwise it would move no ranking).
+        `SessionModel.set_score_temperature` sets it on a trained model.
     """
 
     body: Literal["xlnet", "gpt2", "bert", "llama", "gru"] = "gpt2"
@@ -130,6 +138,7 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)
     repeat_bias: bool = False
     repeat_mixture: bool = False
+    score_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1:
@@ -153,6 +162,12 @@ class ModelConfig:
         if self.repeat_bias and self.repeat_mixture:
             raise ConfigError("model.repeat_bias and model.repeat_mixture are two ways to score the session's own "
                               "items: set one of them")
+        if not (math.isfinite(self.score_temperature) and self.score_temperature > 0):
+            raise ConfigError(f"model.score_temperature={self.score_temperature}: expected a finite number > 0")
+        if self.score_temperature != 1.0 and not self.scores_repeats:
+            raise ConfigError(f"model.score_temperature={self.score_temperature}: divides the catalog logits to "
+                              "rebalance them against the session's own items, so it needs model.repeat_bias or "
+                              "model.repeat_mixture (alone it would move no ranking)")
         if self.objective == "mlm" and self.body in ("gpt2", "llama", "gru"):
             raise ConfigError(
                 f"model.objective='mlm' needs a bidirectional body (bert, xlnet); body={self.body!r} is "

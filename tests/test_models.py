@@ -582,6 +582,48 @@ def test_repeat_mixture_mixes_the_session_items_with_the_softmax_by_a_learned_ga
 
 
 @pytest.mark.parametrize("variant", ["repeat_bias", "repeat_mixture"])
+def test_score_temperature_divides_the_catalog_logits_when_scoring_and_never_in_training(tmp_path, variant):
+    from raytr.models.export import ExportedScorer, export_scorer
+
+    model = SessionModel(tiny_spec(), tiny_config("gpt2", **{variant: True}), seed=0).eval()
+    _set_repeat_weight(model, [2.0, 1.0, 0.5])
+    if variant == "repeat_mixture":
+        with torch.no_grad():
+            model.head.repeat_gate.bias.fill_(-0.5)
+    batch = make_batch([[5, 7, 5, 9, 0, 0], [8, 0, 0, 0, 0, 0]])
+    loss, untempered = model(batch).loss.item(), model.score_next(batch)
+    model.set_score_temperature(4.0)
+    scores, hidden = model.score_next(batch), model.next_hidden(batch)
+    assert model.config.score_temperature == 4.0 and model(batch).loss.item() == loss  # training as it was
+    assert not torch.allclose(scores, untempered)
+    if variant == "repeat_bias":  # logits / 4, then the same bias as before
+        expected = (hidden @ model.head.weight.T) / 4.0
+        expected[0, 9] += 2.0
+        expected[0, 5] += 1.0 + 0.5
+        expected[0, 7] += 0.5
+        expected[1, 8] += 2.0
+        assert torch.allclose(scores[:, FIRST_ITEM_ID:], expected[:, FIRST_ITEM_ID:], atol=1e-5)
+    else:  # the mixture of the tempered logits (the gate reads the hidden state, untouched)
+        with torch.no_grad():
+            model.head.weight.div_(4.0)  # logits / 4, as far as the mixture is concerned
+            expected = [_mixture_by_hand(model, hidden[b], events) for b, events in enumerate([[5, 7, 5, 9], [8]])]
+            model.head.weight.mul_(4.0)
+        assert torch.allclose(scores[:, FIRST_ITEM_ID:], torch.stack(expected), atol=1e-5)
+    assert torch.isinf(scores[:, :FIRST_ITEM_ID]).all()
+    model.save(tmp_path / "m")  # saved with the model, and in its exported scorer
+    loaded = SessionModel.load(tmp_path / "m").eval()
+    assert loaded.config.score_temperature == 4.0 and torch.equal(loaded.score_next(batch), scores)
+    scorer = ExportedScorer.load(export_scorer(model, tmp_path / "scorer.pt2"))
+    assert torch.allclose(scorer(batch), scores, atol=1e-5)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=rf"model.score_temperature={bad}: expected a finite number > 0"):
+            model.set_score_temperature(bad)
+    assert model.config.score_temperature == 4.0 and model.head.score_temperature == 4.0  # a refusal changes nothing
+    with pytest.raises(ConfigError, match="score_temperature=2.0: .*needs model.repeat_bias or model.repeat_mixture"):
+        tiny_config("gpt2", score_temperature=2.0)
+
+
+@pytest.mark.parametrize("variant", ["repeat_bias", "repeat_mixture"])
 def test_repeat_scoring_round_trips_and_is_clm_full_only(tmp_path, variant):
     model = SessionModel(tiny_spec(), tiny_config("xlnet", **{variant: True}), seed=0).eval()
     _set_repeat_weight(model, [1.5, 0.25])

@@ -170,8 +170,9 @@ def test_a_trial_an_earlier_search_ran_is_reused_not_trained_again(tmp_path, mon
     quality.search_dataset("tiny", ("gru",), {"learning_rate": [1e-2]}, 1, tmp_path / "work", base,
                            earlier=[{**first, "data": {"time_features": ["hour"]}}])
     assert trained == [1e-2]
-    # YOOCHOOSE's key names the time features its config asks for (searches before recorded {}).
-    assert quality._data_key("yoochoose") == {"time_features": ["hour", "time_since_prev"]}
+    # YOOCHOOSE's key names the time features its config asks for (searches before recorded {}) and
+    # its validation day (searches before chose on a random 10% of days 1-5 and recorded none).
+    assert quality._data_key("yoochoose") == {"time_features": ["hour", "time_since_prev"], "validation": "day 5"}
 
 
 def _fake_movielens(tmp_path: Path, monkeypatch):
@@ -265,6 +266,49 @@ def test_a_refit_scores_the_test_with_the_model_fitted_again_at_the_epoch_chosen
     assert baselines["popularity"]["test"]["ndcg@10"] == 1.0 and baselines["popularity"]["refit"] is True
     data.refit_baseline_paths = None
     assert quality.run_baselines(data)["popularity"]["test"]["ndcg@10"] < 1.0
+
+
+def test_a_repeat_scoring_model_is_chosen_at_its_best_epoch_and_temperature_and_tested_at_both(tmp_path, monkeypatch):
+    data = _tiny_data(tmp_path)
+    data.test = quality.EvalSet("test", sessions=data.valid.sessions)
+    by_temperature = {1.0: 0.30, 1.5: 0.31, 2.0: 0.35, 3.0: 0.34, 5.0: 0.20, 8.0: 0.10}
+    scored = []
+
+    def fake_evaluate(model, data, which, by_target=False):  # epoch 2 is 0.01 better at every temperature
+        temperature = model.config.score_temperature
+        scored.append((which, temperature))
+        epoch = 1 + (len(scored) - 1) // len(quality.SCORE_TEMPERATURES)
+        return {"ndcg@20": by_temperature[temperature] + 0.01 * (epoch == 2)}
+
+    monkeypatch.setattr(quality, "evaluate", fake_evaluate)
+    hp = quality.Hyper(d_model=16, n_layers=1, n_heads=2, batch_size=64, repeat_bias=True)
+    res = quality.run_neural(data, "gru", "gru", "clm", 2, tmp_path / "work", hp)
+    assert scored == [("valid", t) for _ in range(2) for t in quality.SCORE_TEMPERATURES] + [("test", 2.0)]
+    assert res["choice"] == {"epochs": 2, "score_temperature": 2.0} and res["valid"]["ndcg@20"] == 0.36
+    assert res["validation_curve"] == {1: 0.30, 2: 0.31}  # the model as trained
+    assert res["validation_by_temperature"] == {str(t): v + 0.01 for t, v in by_temperature.items()}
+    # Without repeat scoring a temperature would move no ranking: one score per checkpoint.
+    scored.clear()
+    res = quality.run_neural(data, "gru", "gru", "clm", 2, tmp_path / "work", replace(hp, repeat_bias=False))
+    assert scored == [("valid", 1.0), ("valid", 1.0), ("test", 1.0)] and res["choice"] == {"epochs": 1}
+    assert "validation_by_temperature" not in res
+
+
+def test_a_trial_scored_without_the_temperatures_is_run_again_only_where_they_apply(tmp_path, monkeypatch):
+    data = _tiny_data(tmp_path)
+    monkeypatch.setattr(quality, "load_data", lambda *args: data)
+    trained = []
+    monkeypatch.setattr(quality, "run_search_trial", lambda trial: trained.append(trial.hp.repeat_bias) or {
+        "model": trial.model, "hyperparameters": asdict(trial.hp), "valid": {"ndcg@20": 0.5},
+        "score_temperatures": list(quality.score_temperatures(trial.hp))})
+    base = quality.Hyper()
+    grid = {"repeat_bias": [True, False]}
+    before = {"dataset": "tiny", "data": {}, "epochs_max": 1, "measured": "earlier", "grid": grid,  # no temperatures
+              "trials": [{"model": "gru", "hyperparameters": asdict(replace(base, repeat_bias=b)),
+                          "valid": {"ndcg@20": 0.4}} for b in (True, False)]}
+    res = quality.search_dataset("tiny", ("gru",), grid, 1, tmp_path / "work", base, earlier=[before])
+    assert trained == [True]  # the plain model's trial is reused: its scores cannot change
+    assert [t.get("reused") for t in res["trials"]] == [None, "earlier"]
 
 
 def _quality_run(shift: int, transformer: float, knn: float, seed: int = 0, refit: bool = True) -> dict:
@@ -395,3 +439,17 @@ def test_day_windows_train_the_chosen_model_with_every_hyperparameter(tmp_path, 
                                                                          "self_similarity": 1.0}, hp)
     assert seen["model"].repeat_bias and seen["model"].label_smoothing == 0.1 and seen["model"].dropout == 0.3
     assert seen["kwargs"]["knn_self_similarity"] == 1.0 and out["hyperparameters"]["repeat_bias"] is True
+
+
+@pytest.mark.ray
+def test_yoochoose_chooses_on_the_day_after_its_training_days_and_refits_on_all_of_them(prepared_dir, monkeypatch):
+    """Validation is a later day than any the models train on (as the test is); the refit adds it."""
+    from raytr.data.layout import day_paths
+
+    monkeypatch.setattr(quality, "yoochoose_prepared", lambda: prepared_dir)
+    monkeypatch.setattr(quality, "YOOCHOOSE_VALID_DAY", 3)  # the fixture's data has days 1-4
+    data = quality.load_yoochoose()
+    assert data.train_paths == day_paths(prepared_dir, [1, 2])
+    assert data.valid.paths == day_paths(prepared_dir, [3]) and data.test.paths == day_paths(prepared_dir, [4])
+    assert data.refit_paths == data.refit_baseline_paths == day_paths(prepared_dir, [1, 2, 3])
+    assert not data.exclude_seen and "validation day 3" in data.protocol

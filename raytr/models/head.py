@@ -518,6 +518,7 @@ class NextItemHead(nn.Module):
             self.weight = nn.Parameter(torch.randn(num_items, config.d_model) * 0.02)
         self.repeat_weight: nn.Parameter | None = None
         self.repeat_gate: nn.Linear | None = None
+        self.score_temperature = config.score_temperature  # `scores` only: training never divides
         if config.scores_repeats:
             if max_sequence_length is None or max_sequence_length < 1:
                 raise ValueError("model.repeat_bias and model.repeat_mixture need the max_sequence_length "
@@ -572,12 +573,14 @@ class NextItemHead(nn.Module):
     def scores(self, hidden: torch.Tensor, repeat: RepeatContext | None = None) -> torch.Tensor:
         """hidden [N, D] -> [N, V] float32 with reserved ids (< FIRST_ITEM_ID) at -inf; with a repeat
         bias or mixture, `repeat` says which items each row has seen (the mixture's scores are
-        log-probabilities)."""
+        log-probabilities), the catalog logits divided by `score_temperature` first."""
         scores = full_scores(hidden, self.weight)
         if self.repeat_weight is None:
             return scores
         if repeat is None:
             raise ValueError("model.repeat_bias/repeat_mixture: scoring needs the RepeatContext of each row")
+        if self.score_temperature != 1.0:
+            scores = scores / self.score_temperature
         if self.repeat_gate is None:
             return add_repeat_scores(scores, repeat, self.repeat_weight)
         mixed = self._mixture(scores[:, FIRST_ITEM_ID:], hidden, repeat)

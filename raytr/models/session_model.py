@@ -219,6 +219,12 @@ class SessionModel(nn.Module):
         exclude = seen_items(batch.item_ids, scores.shape[1]) if exclude_seen else None
         return top_k(scores, k, exclude)
 
+    def set_score_temperature(self, temperature: float) -> None:
+        """Score with `model.score_temperature` = `temperature` from now on (saved with the model);
+        the weights are unchanged. ConfigError for a value ModelConfig refuses."""
+        self.config = dataclasses.replace(self.config, score_temperature=temperature)
+        self.head.score_temperature = self.config.score_temperature
+
     # ---------------------------------------------------------------- artifacts
     def save(self, directory: str | Path) -> str:
         """Write `model.safetensors` and `config.json` into `directory` (a local path, created if
