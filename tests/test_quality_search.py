@@ -271,7 +271,7 @@ def test_a_refit_scores_the_test_with_the_model_fitted_again_at_the_epoch_chosen
 def test_a_repeat_scoring_model_is_chosen_at_its_best_epoch_and_temperature_and_tested_at_both(tmp_path, monkeypatch):
     data = _tiny_data(tmp_path)
     data.test = quality.EvalSet("test", sessions=data.valid.sessions)
-    by_temperature = {1.0: 0.30, 1.5: 0.31, 2.0: 0.35, 3.0: 0.34, 5.0: 0.20, 8.0: 0.10}
+    by_temperature = {t: 0.30 + 0.001 * i for i, t in enumerate(quality.SCORE_TEMPERATURES)} | {2.0: 0.35}
     scored = []
 
     def fake_evaluate(model, data, which, by_target=False):  # epoch 2 is 0.01 better at every temperature
@@ -285,7 +285,7 @@ def test_a_repeat_scoring_model_is_chosen_at_its_best_epoch_and_temperature_and_
     res = quality.run_neural(data, "gru", "gru", "clm", 2, tmp_path / "work", hp)
     assert scored == [("valid", t) for _ in range(2) for t in quality.SCORE_TEMPERATURES] + [("test", 2.0)]
     assert res["choice"] == {"epochs": 2, "score_temperature": 2.0} and res["valid"]["ndcg@20"] == 0.36
-    assert res["validation_curve"] == {1: 0.30, 2: 0.31}  # the model as trained
+    assert res["validation_curve"] == {1: 0.30, 2: 0.31}  # the model as trained (temperature 1)
     assert res["validation_by_temperature"] == {str(t): v + 0.01 for t, v in by_temperature.items()}
     # Without repeat scoring a temperature would move no ranking: one score per checkpoint.
     scored.clear()
