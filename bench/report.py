@@ -347,8 +347,8 @@ def section_prepare(res: dict[str, Any] | None) -> list[str]:
 
 def seed_runs_of(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chosen transformer of `ds` and its reruns with other seeds (quality-seed*.json, and
-    quality-ml-<variant>-seed*.json for a MovieLens variant): same dataset, split (holdout shift,
-    refit) and hyperparameters but the seed; [] without a chosen transformer."""
+    quality-ml-<variant>-seed*.json for a MovieLens variant): same dataset, protocol, split (holdout
+    shift, refit) and hyperparameters but the seed; [] without a chosen transformer."""
     name = (ds.get("summary") or {}).get("best_transformer")
     if not name:
         return []
@@ -358,7 +358,8 @@ def seed_runs_of(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[di
         for other in res["datasets"]:
             r = other["models"].get(name)
             same_split = all(other["stats"].get(k, 0) == ds["stats"].get(k, 0) for k in ("holdout_shift", "refit"))
-            if other["dataset"] == ds["dataset"] and same_split and r is not None and all(
+            if other["dataset"] == ds["dataset"] and other["protocol"] == ds["protocol"] and same_split and \
+                    r is not None and all(
                     hyperparameter(r, k) == hyperparameter(main, k) for k in
                     set(main["hyperparameters"]) | set(r["hyperparameters"]) if k != "seed"):
                 runs.append(r)

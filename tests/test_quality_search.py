@@ -344,6 +344,11 @@ def test_the_report_shows_movielens_variants_beside_the_standard_split_each_with
     assert "| 1 | 7 | 0.1380 | 0.1380 |" in no_refit and "0.1450" not in no_refit
     assert "| 1 | 7 | 0.1620 | 0.1620 |" in shifted and "0.1450" not in shifted
     assert (tmp_path / "quality.png").exists()
+    # a seed run under another protocol (e.g. before a split changed) is no seed of this one
+    other_protocol = _quality_run(0, 0.150, 0.143, seed=2)
+    other_protocol["datasets"][0]["protocol"] = "an older split"
+    main = _quality_run(0, 0.14, 0.143)["datasets"][0]
+    assert [r["test"]["ndcg@20"] for r in report.seed_runs_of(main, seeds + [other_protocol])] == [0.14, 0.145]
 
 
 def test_movielens_position_stats_describe_the_held_out_rating_at_each_place_from_the_end():
