@@ -358,7 +358,7 @@ def seed_runs_of(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[di
         for other in res["datasets"]:
             r = other["models"].get(name)
             same_split = all(other["stats"].get(k, 0) == ds["stats"].get(k, 0) for k in ("holdout_shift", "refit"))
-            if other["dataset"] == ds["dataset"] and other["protocol"] == ds["protocol"] and same_split and \
+            if other["dataset"] == ds["dataset"] and other.get("protocol") == ds.get("protocol") and same_split and \
                     r is not None and all(
                     hyperparameter(r, k) == hyperparameter(main, k) for k in
                     set(main["hyperparameters"]) | set(r["hyperparameters"]) if k != "seed"):
@@ -384,7 +384,11 @@ def seed_spread(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[str
     s = ds["summary"]
     name, main = s["best_transformer"], runs[0]
     metrics = QUALITY_METRICS
-    body = [[str(r["hyperparameters"]["seed"]), str(r["choice"]["epochs"]), f"{r['valid']['ndcg@20']:.4f}",
+    def chosen(r: dict[str, Any]) -> str:  # the epoch, and the score temperature where one was chosen
+        temperature = r["choice"].get("score_temperature")
+        return f"{r['choice']['epochs']}" + (f" (temperature {temperature})" if temperature is not None else "")
+
+    body = [[str(r["hyperparameters"]["seed"]), chosen(r), f"{r['valid']['ndcg@20']:.4f}",
              *[f"{r['test'][m]:.4f}" for m in metrics]] for r in runs]
     mean = {m: statistics.mean(r["test"][m] for r in runs) for m in metrics}
     std = {m: statistics.stdev(r["test"][m] for r in runs) for m in metrics}
@@ -421,7 +425,7 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
                          str(trial["choice"].get("score_temperature", "-")), score, fmt(trial["train_seconds"], 0)])
         points = " x ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ds["grid"].items())
         data = ", ".join(f"{k} {v}" for k, v in (ds.get("data") or {}).items())
-        out += ["", f"Hyperparameter search (`bench/quality.py --search`" + (f", data: {data}" if data else "") +
+        out += ["", "Hyperparameter search (`bench/quality.py --search`" + (f", data: {data}" if data else "") +
                     f", measured {measured_label(ds)}, "
                     f"{ds['seconds'] / 60:.0f} min with {ds['jobs']} trials at a time): every point of the grid "
                     f"{points} for each model, the rest fixed ({base}); each trial's epoch (and score temperature, "
