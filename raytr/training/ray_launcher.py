@@ -25,7 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytr import storage
-from raytr.errors import USER_ERRORS, path_error_message
+from raytr.errors import user_error_message
 from raytr.data.loaders import causal_target_counts, check_column_ids, gather_batches, ragged_from_arrow
 from raytr.features import SessionBatch
 from raytr.ray_runtime import ensure_ray
@@ -110,12 +110,12 @@ def _worker(config: dict[str, Any]) -> None:
 
 def user_error_of(error: BaseException) -> BaseException | None:
     """The worker exception to raise in place of Ray Train's WorkerGroupError (which wraps every
-    failed worker's exception in a traceback dump): the lowest rank's user error (`USER_ERRORS`: a
-    bad setting, bad data, a divergence; or an OS error naming a path), with its message intact;
-    None for anything else."""
+    failed worker's exception in a traceback dump): the lowest rank's user error (one that
+    `user_error_message` prints: a bad setting, bad data, a divergence; or an OS error naming a
+    path), with its message intact; None for anything else."""
     failures = getattr(error, "worker_failures", None) or {}
     for _, failure in sorted(failures.items()):
-        if isinstance(failure, USER_ERRORS) or path_error_message(failure) is not None:
+        if user_error_message(failure) is not None:
             return failure
     return None
 
