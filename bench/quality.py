@@ -300,6 +300,7 @@ def load_yoochoose() -> QualityData:
     spec = feature_spec(load_schema(directory))
     days = available_days(directory)
     test_days = [d for d in days if d > YOOCHOOSE_VALID_DAY]
+    refit_paths = day_paths(directory, [d for d in days if d <= YOOCHOOSE_VALID_DAY])  # the baselines' too
     info = load_prepare_info(directory)["summary"]
     return QualityData(
         "yoochoose", spec, day_paths(directory, [d for d in days if d < YOOCHOOSE_VALID_DAY]),
@@ -310,8 +311,7 @@ def load_yoochoose() -> QualityData:
                  f"{test_days[0]}-{test_days[-1]} (the sample's validation file); last item of each session",
         stats={"sessions": info["sessions"], "items": info["items"], "sessions_per_day": info["sessions_per_day"],
                "directory": str(directory)},
-        refit_paths=day_paths(directory, [d for d in days if d <= YOOCHOOSE_VALID_DAY]),
-        refit_baseline_paths=day_paths(directory, [d for d in days if d <= YOOCHOOSE_VALID_DAY]))
+        refit_paths=refit_paths, refit_baseline_paths=refit_paths)
 
 
 def movielens_interactions() -> Any:
