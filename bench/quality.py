@@ -736,6 +736,7 @@ def run_search_trial(trial: SearchTrial) -> dict[str, Any]:
     return {"model": trial.model, "hyperparameters": res["hyperparameters"], "valid": res["valid"],
             "choice": res["choice"], "validation_curve": res["validation_curve"],
             "score_temperatures": list(score_temperatures(trial.hp)),
+            **({"repeat_bias_form": REPEAT_BIAS_FORM} if trial.hp.repeat_bias else {}),
             **{k: res[k] for k in ("validation_by_temperature",) if k in res},
             "train_seconds": res["train_seconds"]}
 
@@ -763,7 +764,7 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     trials = [t for t, why in zip(trials, refusals) if not why]
     data_key = _data_key(name, ml)
     done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], _recorded_data_key(e),
-                       r.get("score_temperatures", (1.0,))): {**r, "reused": e["measured"]}
+                       r.get("score_temperatures", (1.0,)), r.get("repeat_bias_form", "summed")): {**r, "reused": e["measured"]}
             for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
     keys = [_trial_key(t.model, asdict(t.hp), epochs, data_key, score_temperatures(t.hp)) for t in trials]
     todo = [(t, key) for t, key in zip(trials, keys) if key not in done]
@@ -821,11 +822,18 @@ def _recorded_data_key(search: dict[str, Any]) -> dict[str, Any]:
     return search.get("data", _data_key(search["dataset"]) if search["dataset"] == "ml-100k" else {})
 
 
+# How the repeat bias scores an item seen more than once, recorded with each repeat_bias trial: trials
+# that recorded none (before 2026-11-29) summed its occurrences and are not reused.
+REPEAT_BIAS_FORM = "latest occurrence"
+
+
 def _trial_key(model: str, hyperparameters: dict[str, Any], epochs: int, data: dict[str, Any] | None,
-               temperatures: list[float] | tuple[float, ...] = (1.0,)) -> str:
+               temperatures: list[float] | tuple[float, ...] = (1.0,), repeat_bias_form: str = REPEAT_BIAS_FORM) -> str:
     """What makes two trials the same: also the score temperatures each checkpoint was scored at
-    (searches before 2026-11-29 recorded none: 1 alone)."""
-    return json.dumps([model, hyperparameters, epochs, data or {}, [float(t) for t in temperatures]], sort_keys=True)
+    (searches before 2026-11-29 recorded none: 1 alone) and, with the repeat bias, its form."""
+    form = [repeat_bias_form] if hyperparameters.get("repeat_bias") else []
+    return json.dumps([model, hyperparameters, epochs, data or {}, [float(t) for t in temperatures], *form],
+                      sort_keys=True)
 
 
 def merge_searches(old: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ save -> load, batch checks, and one small "it learns" run."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -358,6 +359,24 @@ def test_load_names_a_corrupt_config_json(tmp_path):
         SessionModel.load(saved)
 
 
+def test_load_reads_format_1_except_a_repeat_bias_it_would_score_differently(tmp_path):
+    batch = random_batch(B=4, seed=3)
+    for repeat_bias in (False, True):
+        model = SessionModel(tiny_spec(), tiny_config("gpt2", repeat_bias=repeat_bias), seed=0).eval()
+        saved = Path(model.save(tmp_path / f"bias-{repeat_bias}"))
+        meta = json.loads((saved / "config.json").read_text())
+        assert meta["format_version"] == 2
+        (saved / "config.json").write_text(json.dumps(meta | {"format_version": 1}))
+        if repeat_bias:
+            with pytest.raises(ValueError, match="format_version=1 with model.repeat_bias: .*train it again"):
+                SessionModel.load(saved)
+        else:
+            assert torch.equal(SessionModel.load(saved).score_next(batch), model.score_next(batch))
+    (saved / "config.json").write_text(json.dumps(meta | {"format_version": 3}))
+    with pytest.raises(ValueError, match="format_version=3, this raytr reads 1 and 2"):
+        SessionModel.load(saved)
+
+
 def test_recommend_contract():
     model = build("gpt2", "clm").eval()
     batch = random_batch(B=4, seed=4)
@@ -481,19 +500,21 @@ def test_repeat_bias_adds_its_weight_by_distance_to_scores_and_loss(body):
     scores, base = model.score_next(batch), plain.score_next(batch)
     expected = base.clone()
     expected[0, 9] += 2.0  # the last event (distance 0)
-    expected[0, 5] += 1.0 + 0.5  # seen 1 and 3 events before it: both count (3: the last weight)
+    expected[0, 5] += 1.0  # seen 1 and 3 events before it: its latest occurrence alone counts
     expected[0, 7] += 0.5  # 2 events before
     expected[1, 8] += 2.0
     assert torch.allclose(scores, expected, atol=1e-5)
-    # The training loss: every CLM position's logits biased by the items up to it, full softmax.
+    # The training loss: every CLM position's logits biased by the items up to it (each item by its
+    # latest occurrence up to that position), full softmax.
     loss = model(batch).loss
     ids = batch.item_ids
     hidden = model.body(model.inputs(batch), batch.mask)
     logits, targets = [], []
     for b, t in [(0, 0), (0, 1), (0, 2)]:
         row = hidden[b, t] @ model.head.weight.T
-        for s in range(t + 1):
-            row[ids[b, s]] += model.head.repeat_weight[min(t - s, T - 1)]
+        latest = {int(ids[b, s]): t - s for s in range(t + 1)}  # later events overwrite earlier ones
+        for item, d in latest.items():
+            row[item] += model.head.repeat_weight[min(d, T - 1)]
         logits.append(row[FIRST_ITEM_ID:])
         targets.append(ids[b, t + 1] - FIRST_ITEM_ID)
     assert loss.item() == pytest.approx(F.cross_entropy(torch.stack(logits), torch.stack(targets)).item(), rel=1e-5)
@@ -599,7 +620,7 @@ def test_score_temperature_divides_the_catalog_logits_when_scoring_and_never_in_
     if variant == "repeat_bias":  # logits / 4, then the same bias as before
         expected = (hidden @ model.head.weight.T) / 4.0
         expected[0, 9] += 2.0
-        expected[0, 5] += 1.0 + 0.5
+        expected[0, 5] += 1.0  # its latest occurrence
         expected[0, 7] += 0.5
         expected[1, 8] += 2.0
         assert torch.allclose(scores[:, FIRST_ITEM_ID:], expected[:, FIRST_ITEM_ID:], atol=1e-5)

@@ -311,6 +311,30 @@ def test_a_trial_scored_without_the_temperatures_is_run_again_only_where_they_ap
     assert [t.get("reused") for t in res["trials"]] == [None, "earlier"]
 
 
+def test_a_repeat_bias_trial_of_the_summed_form_is_run_again_and_one_of_the_latest_occurrence_reused(
+        tmp_path, monkeypatch):
+    data = _tiny_data(tmp_path)
+    monkeypatch.setattr(quality, "load_data", lambda *args: data)
+    trained = []
+    monkeypatch.setattr(quality, "run_search_trial", lambda trial: trained.append(trial.hp.repeat_bias) or {
+        "model": trial.model, "hyperparameters": asdict(trial.hp), "valid": {"ndcg@20": 0.5},
+        "score_temperatures": list(quality.score_temperatures(trial.hp))})
+    base, grid = quality.Hyper(), {"repeat_bias": [True, False]}
+
+    def earlier(form: dict) -> dict:
+        return {"dataset": "tiny", "data": {}, "epochs_max": 1, "measured": "earlier", "grid": grid,
+                "trials": [{"model": "gru", "hyperparameters": asdict(replace(base, repeat_bias=b)),
+                            "valid": {"ndcg@20": 0.4}, "score_temperatures": list(quality.score_temperatures(
+                                replace(base, repeat_bias=b)))} | (form if b else {}) for b in (True, False)]}
+
+    res = quality.search_dataset("tiny", ("gru",), grid, 1, tmp_path / "work", base, earlier=[earlier({})])
+    assert trained == [True]  # the summed bias is trained again; the plain model's trial is reused
+    assert [t.get("reused") for t in res["trials"]] == [None, "earlier"]
+    res = quality.search_dataset("tiny", ("gru",), grid, 1, tmp_path / "work", base,
+                                 earlier=[earlier({"repeat_bias_form": quality.REPEAT_BIAS_FORM})])
+    assert trained == [True] and [t.get("reused") for t in res["trials"]] == ["earlier", "earlier"]
+
+
 def _quality_run(shift: int, transformer: float, knn: float, seed: int = 0, refit: bool = True) -> dict:
     def scores(v: float) -> dict:
         return {m: v for m in quality.REPORTED} | {"sessions": 943}

@@ -434,22 +434,34 @@ class RepeatContext(NamedTuple):
     """The events a repeat bias looks back on, one row per scored position.
 
     items [N, T]: the session's item ids (0 = padding); distance [N, T]: events from each one to the
-    scored position (0: the scored position's own event; < 0: after it, ignored)."""
+    scored position (0: the scored position's own event; < 0: after it, ignored); until_next [N, T]:
+    events from each one to the next occurrence of its item in the session (past the session's end
+    when there is none), so an event is its item's latest at the scored position when
+    distance < until_next."""
 
     items: torch.Tensor
     distance: torch.Tensor
+    until_next: torch.Tensor
 
     @classmethod
     def at(cls, item_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> "RepeatContext":
         """Scoring position `positions[n]` of session `rows[n]` of item_ids [B, T]."""
-        steps = torch.arange(item_ids.shape[1], device=item_ids.device)
-        return cls(item_ids.index_select(0, rows), positions[:, None] - steps[None, :])
+        T = item_ids.shape[1]
+        steps = torch.arange(T, device=item_ids.device)
+        same_later = (item_ids[:, :, None] == item_ids[:, None, :]) & (steps[None, :] > steps[:, None])  # [B, T, T]
+        next_at = torch.where(same_later, steps, T).amin(dim=2)  # [B, T]; T: no later occurrence
+        return cls(item_ids.index_select(0, rows), positions[:, None] - steps[None, :],
+                   (next_at - steps).index_select(0, rows))
 
 
 def add_repeat_scores(scores: torch.Tensor, context: RepeatContext, weight: torch.Tensor) -> torch.Tensor:
-    """scores [N, V] plus weight[d] at every item seen d events before the scored position (summed
-    over the item's occurrences); weight [R], distances beyond R - 1 use its last entry."""
-    keep = (context.distance >= 0) & (context.items != PAD_ID)
+    """scores [N, V] plus weight[d] at every item whose latest occurrence up to the scored position
+    was d events before it; weight [R], distances beyond R - 1 use its last entry.
+
+    Only the latest occurrence counts: summed over occurrences (as before 2026-11-29), an item seen
+    twice a few events back outscored the one just viewed, and on YOOCHOOSE's day 5 that cost
+    xlnet-clm most of the sessions whose target repeats their last item that it ranked second."""
+    keep = (context.distance >= 0) & (context.distance < context.until_next) & (context.items != PAD_ID)
     steps = context.distance.clamp(0, weight.shape[0] - 1)
     values = weight.float()[steps] * keep  # [N, T]
     return scores.scatter_add(1, context.items, values.to(scores.dtype))

@@ -28,7 +28,9 @@ from raytr.models.masking import IGNORE_INDEX, causal_targets, mlm_inference_inp
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2 (2026-11-29): the repeat bias scores an item by its latest occurrence only (format 1 summed its
+# occurrences); format 1 still loads unless the model has a repeat bias, which it would score differently.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -264,10 +266,14 @@ class SessionModel(nn.Module):
             raise ValueError(f"{shown}/{CONFIG_FILE} has no feature_spec and model_config mappings: not a "
                              "config.json written by SessionModel.save")
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{shown}/{CONFIG_FILE}: format_version={version!r}, this raytr reads {FORMAT_VERSION}")
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(f"{shown}/{CONFIG_FILE}: format_version={version!r}, this raytr reads 1 and {FORMAT_VERSION}")
         spec = FeatureSpec.from_dict(meta["feature_spec"])
         config = from_dict(ModelConfig, meta["model_config"], where=f"{shown}/{CONFIG_FILE}:model_config")
+        if version == 1 and config.repeat_bias:
+            raise ValueError(f"{shown}/{CONFIG_FILE}: format_version=1 with model.repeat_bias: that model learned "
+                             "its repeat bias summed over an item's occurrences, this raytr scores the latest "
+                             "occurrence only; train it again")
         hf_config = None
         if meta.get("hf_config") is not None:
             hf_dict = dict(meta["hf_config"])
