@@ -565,6 +565,11 @@ def _train_checkpoints(data: QualityData, body: str, objective: str, epochs: int
 SCORE_TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 50.0)
 
 
+# How the repeat bias scores an item seen more than once, recorded with each repeat_bias trial: trials
+# that recorded none (before 2026-11-29) summed its occurrences and are not reused.
+REPEAT_BIAS_FORM = "latest occurrence"
+
+
 def score_temperatures(hp: Hyper) -> tuple[float, ...]:
     """The temperatures a model with `hp` is scored at on validation (1 alone: no repeat scoring)."""
     return SCORE_TEMPERATURES if hp.repeat_bias or hp.repeat_mixture else (1.0,)
@@ -764,8 +769,8 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     trials = [t for t, why in zip(trials, refusals) if not why]
     data_key = _data_key(name, ml)
     done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], _recorded_data_key(e),
-                       r.get("score_temperatures", (1.0,)), r.get("repeat_bias_form", "summed")): {**r, "reused": e["measured"]}
-            for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
+                       r.get("score_temperatures", (1.0,)), r.get("repeat_bias_form", "summed")):
+            {**r, "reused": e["measured"]} for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
     keys = [_trial_key(t.model, asdict(t.hp), epochs, data_key, score_temperatures(t.hp)) for t in trials]
     todo = [(t, key) for t, key in zip(trials, keys) if key not in done]
     if jobs == 1:
@@ -820,11 +825,6 @@ def _recorded_data_key(search: dict[str, Any]) -> dict[str, Any]:
     """The data key a search ran on; one that recorded none predates the keys (MovieLens's default
     split; the other datasets' {})."""
     return search.get("data", _data_key(search["dataset"]) if search["dataset"] == "ml-100k" else {})
-
-
-# How the repeat bias scores an item seen more than once, recorded with each repeat_bias trial: trials
-# that recorded none (before 2026-11-29) summed its occurrences and are not reused.
-REPEAT_BIAS_FORM = "latest occurrence"
 
 
 def _trial_key(model: str, hyperparameters: dict[str, Any], epochs: int, data: dict[str, Any] | None,

@@ -104,8 +104,9 @@ class ModelConfig:
     hf_config: extra keyword arguments for the Hugging Face config (checked against its fields).
     repeat_bias: add to each item already in the session a learned score by how many events ago
         it was last seen (one number per distance; an earlier occurrence adds nothing): a copy prior
-        for logs where users return to what they just viewed. CLM with the full softmax only; its loss materialises the [targets, catalog]
-        logits (no chunking), so it suits catalogs up to ~100k items.
+        for logs where users return to what they just viewed. CLM with the full softmax only; its
+        loss materialises the [targets, catalog] logits (no chunking), so it suits catalogs up to
+        ~100k items.
     repeat_mixture: RepeatNet-style: the next item is drawn either from the session's own items
         (a repeat distribution: attention over its events by the item's score and a learned weight
         per distance) or from the whole catalog (the softmax), mixed by a gate the model computes at
