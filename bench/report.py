@@ -421,6 +421,8 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
             score = f"**{score}**" if point == ds["chosen"][trial["model"]] else score
             if trial.get("reused"):
                 score += f" (the trial of {trial['reused']})"
+            if trial["hyperparameters"].get("repeat_bias") and "repeat_bias_form" not in trial:
+                score += " (bias summed over occurrences)"  # before 2026-11-29: not today's repeat bias
             body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]),
                          str(trial["choice"].get("score_temperature", "-")), score, fmt(trial["train_seconds"], 0)])
         points = " x ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ds["grid"].items())

@@ -482,3 +482,18 @@ def test_yoochoose_chooses_on_the_day_after_its_training_days_and_refits_on_all_
     assert data.valid.paths == day_paths(prepared_dir, [3]) and data.test.paths == day_paths(prepared_dir, [4])
     assert data.refit_paths == data.refit_baseline_paths == day_paths(prepared_dir, [1, 2, 3])
     assert not data.exclude_seen and "validation day 3" in data.protocol
+
+
+def test_the_search_table_marks_repeat_bias_trials_of_the_summed_form():
+    from bench import report
+
+    def trial(bias: bool, form: dict) -> dict:
+        return {"model": "gru", "hyperparameters": asdict(replace(quality.Hyper(), repeat_bias=bias)),
+                "valid": {"ndcg@20": 0.4}, "choice": {"epochs": 3}, "train_seconds": 1.0} | form
+
+    search = {"dataset": "tiny", "grid": {"repeat_bias": [True, False]}, "base": asdict(quality.Hyper()),
+              "chosen": {"gru": {"repeat_bias": True}}, "seconds": 60.0, "jobs": 1, "measured": "now",
+              "trials": [trial(True, {}), trial(True, {"repeat_bias_form": quality.REPEAT_BIAS_FORM}),
+                         trial(False, {})]}
+    rows = [line for line in report.search_table("tiny", {"datasets": [search]}) if line.startswith("| gru")]
+    assert ["summed over occurrences" in row for row in rows] == [True, False, False]
