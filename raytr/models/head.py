@@ -459,8 +459,8 @@ def add_repeat_scores(scores: torch.Tensor, context: RepeatContext, weight: torc
     was d events before it; weight [R], distances beyond R - 1 use its last entry.
 
     Only the latest occurrence counts: summed over occurrences (as before 2026-11-29), an item seen
-    twice a few events back outscored the one just viewed, and on YOOCHOOSE's day 5 that cost
-    xlnet-clm most of the sessions whose target repeats their last item that it ranked second."""
+    twice a few events back outscored the one just viewed: on YOOCHOOSE's day 5 that was why nearly
+    every session repeating its last item that xlnet-clm did not rank first lost it."""
     keep = (context.distance >= 0) & (context.distance < context.until_next) & (context.items != PAD_ID)
     steps = context.distance.clamp(0, weight.shape[0] - 1)
     values = weight.float()[steps] * keep  # [N, T]
