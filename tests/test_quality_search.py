@@ -294,13 +294,20 @@ def test_a_repeat_scoring_model_is_chosen_at_its_best_epoch_and_temperature_and_
     assert "validation_by_temperature" not in res
 
 
-def test_a_trial_scored_without_the_temperatures_is_run_again_only_where_they_apply(tmp_path, monkeypatch):
+def _fake_search_trials(tmp_path: Path, monkeypatch) -> list[bool]:
+    """Searches on tiny data whose trials train nothing: the returned list collects each trained
+    trial's repeat_bias."""
     data = _tiny_data(tmp_path)
     monkeypatch.setattr(quality, "load_data", lambda *args: data)
     trained = []
     monkeypatch.setattr(quality, "run_search_trial", lambda trial: trained.append(trial.hp.repeat_bias) or {
         "model": trial.model, "hyperparameters": asdict(trial.hp), "valid": {"ndcg@20": 0.5},
         "score_temperatures": list(quality.score_temperatures(trial.hp))})
+    return trained
+
+
+def test_a_trial_scored_without_the_temperatures_is_run_again_only_where_they_apply(tmp_path, monkeypatch):
+    trained = _fake_search_trials(tmp_path, monkeypatch)
     base = quality.Hyper()
     grid = {"repeat_bias": [True, False]}
     before = {"dataset": "tiny", "data": {}, "epochs_max": 1, "measured": "earlier", "grid": grid,  # no temperatures
@@ -313,12 +320,7 @@ def test_a_trial_scored_without_the_temperatures_is_run_again_only_where_they_ap
 
 def test_a_repeat_bias_trial_of_the_summed_form_is_run_again_and_one_of_the_latest_occurrence_reused(
         tmp_path, monkeypatch):
-    data = _tiny_data(tmp_path)
-    monkeypatch.setattr(quality, "load_data", lambda *args: data)
-    trained = []
-    monkeypatch.setattr(quality, "run_search_trial", lambda trial: trained.append(trial.hp.repeat_bias) or {
-        "model": trial.model, "hyperparameters": asdict(trial.hp), "valid": {"ndcg@20": 0.5},
-        "score_temperatures": list(quality.score_temperatures(trial.hp))})
+    trained = _fake_search_trials(tmp_path, monkeypatch)
     base, grid = quality.Hyper(), {"repeat_bias": [True, False]}
 
     def earlier(form: dict) -> dict:
