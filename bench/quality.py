@@ -838,11 +838,12 @@ def _trial_key(model: str, hyperparameters: dict[str, Any], epochs: int, data: d
 
 
 def merge_searches(old: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Earlier searches, each replaced by a fresh one of the same dataset over the same fields and on
-    the same data, then the fresh ones that replace nothing (searches of other fields, or of the
-    same fields on other data, accumulate)."""
-    def key(search: dict[str, Any]) -> tuple[str, tuple[str, ...], str]:
-        return search["dataset"], tuple(sorted(search["grid"])), json.dumps(search.get("data", {}), sort_keys=True)
+    """Earlier searches, each replaced by a fresh one of the same dataset over the same fields, on
+    the same data and of the same models, then the fresh ones that replace nothing (searches of other
+    fields, of the same fields on other data or of other models accumulate)."""
+    def key(search: dict[str, Any]) -> tuple[str, tuple[str, ...], str, tuple[str, ...]]:
+        return (search["dataset"], tuple(sorted(search["grid"])), json.dumps(search.get("data", {}), sort_keys=True),
+                tuple(sorted(search.get("chosen", {}))))
 
     by_key = {key(r): r for r in fresh}
     return [by_key.pop(key(r), r) for r in old] + list(by_key.values())

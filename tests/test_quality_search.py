@@ -135,6 +135,10 @@ def test_merging_searches_replaces_a_repeated_grid_and_keeps_other_fields_search
     merged = quality.merge_searches(old, fresh)
     on_other_data = {"dataset": "yoochoose", "grid": {"dropout": [0.2]}, "data": {"time_features": ["hour"]}, "run": 3}
     assert quality.merge_searches(merged, [on_other_data])[-2:] == [merged[-1], on_other_data]
+    xlnet, gpt2 = ({"dataset": "yoochoose", "grid": {"dropout": [0.2]}, "chosen": {m: {"dropout": 0.2}}, "run": 4}
+                   for m in ("xlnet-clm", "gpt2-clm"))
+    assert quality.merge_searches([xlnet], [gpt2]) == [xlnet, gpt2]  # other models: both kept
+    assert quality.merge_searches([xlnet, gpt2], [xlnet | {"run": 5}]) == [xlnet | {"run": 5}, gpt2]
     assert [(s["dataset"], sorted(s["grid"]), s["run"]) for s in merged] == [
         ("ml-100k", ["d_model", "dropout"], 2), ("yoochoose", ["dropout"], 1), ("ml-100k", ["learning_rate"], 2)]
 
