@@ -33,6 +33,17 @@ ITEM_COLUMN = "item_id-list"
 # The quality benchmark's baselines (result key -> label): every other model is a transformer.
 BASELINE_LABELS = {"popularity": "popularity", "item_knn": "item-kNN", "gru": "GRU"}
 QUALITY_METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr@20")  # what quality.json reports
+# How the repeat bias scores an item seen more than once, recorded with each search trial that has
+# one; trials that recorded none (before 2026-11-29) summed the item's occurrences.
+REPEAT_BIAS_FORM = "latest occurrence"
+SUMMED_REPEAT_BIAS = "summed over occurrences"
+
+
+def repeat_bias_form(trial: dict[str, Any]) -> str | None:
+    """The repeat bias a search trial (quality-search.json) ran with; None without one."""
+    if not trial["hyperparameters"].get("repeat_bias"):
+        return None
+    return trial.get("repeat_bias_form", SUMMED_REPEAT_BIAS)
 
 
 def setup_logging() -> None:

@@ -64,12 +64,14 @@ from bench.common import (  # noqa: E402
     DATA_DIR,
     ITEM_COLUMN,
     QUALITY_METRICS,
+    REPEAT_BIAS_FORM,
     REPO,
     code_version,
     envelope,
     load_average,
     prepared_synthetic,
     read_result,
+    repeat_bias_form,
     setup_logging,
     timestamp,
     write_result,
@@ -565,11 +567,6 @@ def _train_checkpoints(data: QualityData, body: str, objective: str, epochs: int
 SCORE_TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 50.0)
 
 
-# How the repeat bias scores an item seen more than once, recorded with each repeat_bias trial: trials
-# that recorded none (before 2026-11-29) summed its occurrences and are not reused.
-REPEAT_BIAS_FORM = "latest occurrence"
-
-
 def score_temperatures(hp: Hyper) -> tuple[float, ...]:
     """The temperatures a model with `hp` is scored at on validation (1 alone: no repeat scoring)."""
     return SCORE_TEMPERATURES if hp.repeat_bias or hp.repeat_mixture else (1.0,)
@@ -770,8 +767,8 @@ def search_dataset(name: str, models: tuple[str, ...], grid: dict[str, list[Any]
     trials = [t for t, why in zip(trials, refusals) if not why]
     data_key = _data_key(name, ml)
     done = {_trial_key(r["model"], r["hyperparameters"], e["epochs_max"], _recorded_data_key(e),
-                       r.get("score_temperatures", (1.0,)), r.get("repeat_bias_form", "summed")):
-            {**r, "reused": e["measured"]} for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
+                       r.get("score_temperatures", (1.0,)), repeat_bias_form(r)): {**r, "reused": e["measured"]}
+            for e in earlier if e["dataset"] == name for r in e["trials"] if not r.get("reused")}
     keys = [_trial_key(t.model, asdict(t.hp), epochs, data_key, score_temperatures(t.hp)) for t in trials]
     todo = [(t, key) for t, key in zip(trials, keys) if key not in done]
     if jobs == 1:
@@ -829,10 +826,10 @@ def _recorded_data_key(search: dict[str, Any]) -> dict[str, Any]:
 
 
 def _trial_key(model: str, hyperparameters: dict[str, Any], epochs: int, data: dict[str, Any] | None,
-               temperatures: list[float] | tuple[float, ...] = (1.0,), repeat_bias_form: str = REPEAT_BIAS_FORM) -> str:
+               temperatures: list[float] | tuple[float, ...] = (1.0,), bias_form: str | None = REPEAT_BIAS_FORM) -> str:
     """What makes two trials the same: also the score temperatures each checkpoint was scored at
     (searches before 2026-11-29 recorded none: 1 alone) and, with the repeat bias, its form."""
-    form = [repeat_bias_form] if hyperparameters.get("repeat_bias") else []
+    form = [bias_form] if hyperparameters.get("repeat_bias") else []
     return json.dumps([model, hyperparameters, epochs, data or {}, [float(t) for t in temperatures], *form],
                       sort_keys=True)
 

@@ -19,7 +19,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BASELINE_LABELS, QUALITY_METRICS, training_consumption  # noqa: E402
+from bench.common import (  # noqa: E402
+    BASELINE_LABELS,
+    QUALITY_METRICS,
+    SUMMED_REPEAT_BIAS,
+    repeat_bias_form,
+    training_consumption,
+)
 from bench.loader import RAYTR_ENGINES  # noqa: E402
 from bench.run_gpu import lacks_some, missing_runs  # noqa: E402
 from bench.train import IMPLS  # noqa: E402
@@ -358,8 +364,8 @@ def seed_runs_of(ds: dict[str, Any], seed_runs: list[dict[str, Any]]) -> list[di
         for other in res["datasets"]:
             r = other["models"].get(name)
             same_split = all(other["stats"].get(k, 0) == ds["stats"].get(k, 0) for k in ("holdout_shift", "refit"))
-            if other["dataset"] == ds["dataset"] and other.get("protocol") == ds.get("protocol") and same_split and \
-                    r is not None and all(
+            same_run = other["dataset"] == ds["dataset"] and other.get("protocol") == ds.get("protocol") and same_split
+            if same_run and r is not None and all(
                     hyperparameter(r, k) == hyperparameter(main, k) for k in
                     set(main["hyperparameters"]) | set(r["hyperparameters"]) if k != "seed"):
                 runs.append(r)
@@ -421,8 +427,8 @@ def search_table(ds_name: str, search: dict[str, Any] | None) -> list[str]:
             score = f"**{score}**" if point == ds["chosen"][trial["model"]] else score
             if trial.get("reused"):
                 score += f" (the trial of {trial['reused']})"
-            if trial["hyperparameters"].get("repeat_bias") and "repeat_bias_form" not in trial:
-                score += " (bias summed over occurrences)"  # before 2026-11-29: not today's repeat bias
+            if repeat_bias_form(trial) == SUMMED_REPEAT_BIAS:  # before 2026-11-29: not today's repeat bias
+                score += f" (bias {SUMMED_REPEAT_BIAS})"
             body.append([trial["model"], *[str(v) for v in point.values()], str(trial["choice"]["epochs"]),
                          str(trial["choice"].get("score_temperature", "-")), score, fmt(trial["train_seconds"], 0)])
         points = " x ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ds["grid"].items())
