@@ -8,8 +8,9 @@ Datasets and protocols (metrics: NDCG@10/20, Recall@10/20, MRR@20; full ranking 
               Train days 1-5, validation day 6, test day 7; each session's last item is predicted
               from its prefix.
   yoochoose   the YOOCHOOSE sample (../shared/data/yoochoose-rsc15-100k, configs/yoochoose.yaml).
-              Train days 1-4, validation day 5; then every model is fitted again on days 1-5 (the
-              choices kept) and scores the test, days 6-7 (the sample's validation file). Plus a
+              Train days 1-4, validation day 5 (built as the test file is: clicks on items days
+              1-4 lack dropped); then every model is fitted again on days 1-5 (the choices kept)
+              and scores the test, days 6-7 (the sample's validation file). Plus a
               day-window run (`run_incremental`, finetune: train on day t, evaluate on day t+1) of
               the transformer chosen on validation, for metrics per day.
   ml-100k     MovieLens-100k, read at run time from the recbole 1.2.1 wheel (`pip download --no-deps`
@@ -288,6 +289,43 @@ def yoochoose_prepared() -> Path:
     return out
 
 
+def day_of_seen_items(directory: Path, day: int, out: Path) -> str:
+    """Day `day` of a prepared dataset built the way a test file is: its sessions' clicks on items
+    that no earlier day's prepared session holds (items a model trained on those days never saw)
+    are dropped, then the clicks go through the saved workflow again, so the sequence cut, the
+    minimum session length and the time since the previous click see only the kept clicks. Read
+    from the raw input `raytr prepare` recorded; written to `out` once (again when the prepared
+    dataset is newer)."""
+    import pandas as pd
+
+    from raytr.config import DataConfig, from_dict
+    from raytr.data.events import find_input_files, normalize_events, read_file, sort_events
+    from raytr.data.layout import PREPARE_JSON, WORKFLOW_DIR, available_days, day_paths, load_prepare_info
+    from raytr.data.workflow import day_numbers, list_name, load_workflow, transform_frame
+    from raytr.online import Vocabulary
+
+    if out.is_file() and out.stat().st_mtime >= (directory / PREPARE_JSON).stat().st_mtime:
+        return str(out)
+    info = load_prepare_info(directory)
+    config = from_dict(DataConfig, info["data"], "prepare.json:data")
+    paths, fmt = find_input_files(info["input"], config.read_format)
+    events = pd.concat([normalize_events(read_file(p, fmt), config) for p in paths], ignore_index=True)
+    first = events.groupby(config.session_col)[config.timestamp_col].transform("min").to_numpy()
+    days = day_numbers(first, info["summary"]["origin_day"])  # a session's day, as prepare assigns it
+    item = config.item_col
+    vocabulary = Vocabulary.from_parquet(directory / WORKFLOW_DIR / "categories" / f"unique.{item}.parquet", item)
+    earlier = pd.concat([pd.read_parquet(p, columns=[list_name(item)])
+                         for p in day_paths(directory, [d for d in available_days(directory) if d < day])])
+    seen = np.isin(vocabulary.encode(events[item].to_numpy()), np.concatenate(earlier[list_name(item)].to_numpy()))
+    kept = events[(days == day) & seen]
+    sessions = transform_frame(load_workflow(directory / WORKFLOW_DIR), sort_events(kept, config))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # atomic: runs side by side share it
+    sessions.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    return str(out)
+
+
 def load_yoochoose() -> QualityData:
     """Train on days 1-4, choose on day 5, test on day 6 (and 7: the sample's validation file).
     The validation day follows every training day as the test day does, so the choices are made
@@ -303,12 +341,16 @@ def load_yoochoose() -> QualityData:
     days = available_days(directory)
     test_days = [d for d in days if d > YOOCHOOSE_VALID_DAY]
     refit_paths = day_paths(directory, [d for d in days if d <= YOOCHOOSE_VALID_DAY])  # the baselines' too
+    # The test file (the sample's valid.csv) holds only items of the training file: so does validation.
+    valid = day_of_seen_items(directory, YOOCHOOSE_VALID_DAY,
+                              DATA_DIR / "yoochoose-valid" / f"day={YOOCHOOSE_VALID_DAY}-seen-items.parquet")
     info = load_prepare_info(directory)["summary"]
     return QualityData(
         "yoochoose", spec, day_paths(directory, [d for d in days if d < YOOCHOOSE_VALID_DAY]),
-        EvalSet(f"day {YOOCHOOSE_VALID_DAY}", paths=day_paths(directory, [YOOCHOOSE_VALID_DAY])),
+        EvalSet(f"day {YOOCHOOSE_VALID_DAY}", paths=[valid]),
         EvalSet(f"days {test_days}", paths=day_paths(directory, test_days)), exclude_seen=False,
-        protocol=f"train days 1-{YOOCHOOSE_VALID_DAY - 1}, validation day {YOOCHOOSE_VALID_DAY}, then every model "
+        protocol=f"train days 1-{YOOCHOOSE_VALID_DAY - 1}, validation day {YOOCHOOSE_VALID_DAY} (its clicks on "
+                 f"items days 1-{YOOCHOOSE_VALID_DAY - 1} lack dropped, as the test file's are), then every model "
                  f"fitted again on days 1-{YOOCHOOSE_VALID_DAY} (the choices kept) for the test on days "
                  f"{test_days[0]}-{test_days[-1]} (the sample's validation file); last item of each session",
         stats={"sessions": info["sessions"], "items": info["items"], "sessions_per_day": info["sessions_per_day"],
@@ -807,7 +849,7 @@ def _data_key(name: str, ml: MovieLensSplit = MovieLensSplit()) -> dict[str, Any
     """The data options a dataset's trials depend on: MovieLens's split options; YOOCHOOSE's time
     features when they are not all three (searches before 2026-11-29 recorded {}: the sample
     prepared with all of them) and its validation day (searches that recorded none chose on a random
-    10% of days 1-5)."""
+    10% of days 1-5; those that recorded "day 5" on the whole day, its clicks on new items kept)."""
     if name == "ml-100k":
         return ml.key()
     if name == "yoochoose":
@@ -815,7 +857,7 @@ def _data_key(name: str, ml: MovieLensSplit = MovieLensSplit()) -> dict[str, Any
 
         features = load_config(REPO / "configs" / "yoochoose.yaml").data.time_features
         return ({} if features == TIME_FEATURES else {"time_features": list(features)}) | {
-            "validation": f"day {YOOCHOOSE_VALID_DAY}"}
+            "validation": f"day {YOOCHOOSE_VALID_DAY}, items of days 1-{YOOCHOOSE_VALID_DAY - 1} only"}
     return {}
 
 

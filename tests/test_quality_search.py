@@ -175,8 +175,10 @@ def test_a_trial_an_earlier_search_ran_is_reused_not_trained_again(tmp_path, mon
                            earlier=[{**first, "data": {"time_features": ["hour"]}}])
     assert trained == [1e-2]
     # YOOCHOOSE's key names the time features its config asks for (searches before recorded {}) and
-    # its validation day (searches before chose on a random 10% of days 1-5 and recorded none).
-    assert quality._data_key("yoochoose") == {"time_features": ["hour", "time_since_prev"], "validation": "day 5"}
+    # its validation day (searches before chose on a random 10% of days 1-5 and recorded none, or on
+    # the whole day 5 and recorded "day 5").
+    assert quality._data_key("yoochoose") == {"time_features": ["hour", "time_since_prev"],
+                                              "validation": "day 5, items of days 1-4 only"}
 
 
 def _fake_movielens(tmp_path: Path, monkeypatch):
@@ -477,17 +479,48 @@ def test_day_windows_train_the_chosen_model_with_every_hyperparameter(tmp_path, 
 
 
 @pytest.mark.ray
-def test_yoochoose_chooses_on_the_day_after_its_training_days_and_refits_on_all_of_them(prepared_dir, monkeypatch):
+def test_yoochoose_chooses_on_the_day_after_its_training_days_and_refits_on_all_of_them(prepared_dir, monkeypatch,
+                                                                                        tmp_path):
     """Validation is a later day than any the models train on (as the test is); the refit adds it."""
     from raytr.data.layout import day_paths
 
     monkeypatch.setattr(quality, "yoochoose_prepared", lambda: prepared_dir)
     monkeypatch.setattr(quality, "YOOCHOOSE_VALID_DAY", 3)  # the fixture's data has days 1-4
+    monkeypatch.setattr(quality, "DATA_DIR", tmp_path)  # not the real sample's validation file
     data = quality.load_yoochoose()
     assert data.train_paths == day_paths(prepared_dir, [1, 2])
-    assert data.valid.paths == day_paths(prepared_dir, [3]) and data.test.paths == day_paths(prepared_dir, [4])
+    assert data.valid.paths == [str(tmp_path / "yoochoose-valid" / "day=3-seen-items.parquet")]
+    assert data.test.paths == day_paths(prepared_dir, [4])
     assert data.refit_paths == data.refit_baseline_paths == day_paths(prepared_dir, [1, 2, 3])
-    assert not data.exclude_seen and "validation day 3" in data.protocol
+    assert not data.exclude_seen and "validation day 3 (its clicks on items days 1-2 lack dropped" in data.protocol
+
+
+@pytest.mark.ray
+def test_the_validation_day_keeps_only_items_of_earlier_days_as_a_test_file_does(prepared_dir, tmp_path):
+    """Clicks on items no earlier day holds are dropped before the workflow runs again: the sessions
+    without such clicks come out as prepared, the others shorter (or gone under 2 clicks)."""
+    import pandas as pd
+
+    from raytr.data.layout import day_paths
+
+    def sessions(paths):
+        return pd.concat([pd.read_parquet(p) for p in paths]).set_index("session_id").sort_index()
+
+    earlier = {int(i) for row in sessions(day_paths(prepared_dir, [1, 2]))["item_id-list"] for i in row}
+    prepared = sessions(day_paths(prepared_dir, [3]))
+    path = quality.day_of_seen_items(prepared_dir, 3, tmp_path / "day3.parquet")
+    filtered = sessions([path])
+    assert all(int(i) in earlier for row in filtered["item_id-list"] for i in row)
+    assert (filtered["session_length"] >= 2).all() and set(filtered.index) <= set(prepared.index)
+    whole = prepared["session_length"] == prepared["item_id-list"].map(len)  # no clicks cut off the front
+    untouched = [s for s in prepared.index[whole] if all(int(i) in earlier for i in prepared.at[s, "item_id-list"])]
+    changed = [s for s in filtered.index if s not in untouched]
+    assert untouched and changed and len(filtered) < len(prepared)  # the fixture has new items on day 3
+    pd.testing.assert_frame_equal(filtered.loc[untouched], prepared.loc[untouched])
+    for s in changed:  # the kept clicks in their order; a cut session refilled from before its cut
+        kept = [i for i in prepared.at[s, "item_id-list"] if int(i) in earlier]
+        items = list(filtered.at[s, "item_id-list"])
+        assert items == kept if whole[s] else items[len(items) - len(kept):] == kept
 
 
 def test_the_search_table_marks_repeat_bias_trials_of_the_summed_form():
