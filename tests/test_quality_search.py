@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -510,6 +511,12 @@ def test_the_validation_day_keeps_only_items_of_earlier_days_as_a_test_file_does
     prepared = sessions(day_paths(prepared_dir, [3]))
     path = quality.day_of_seen_items(prepared_dir, 3, tmp_path / "day3.parquet")
     filtered = sessions([path])
+    written = os.stat(path).st_mtime_ns
+    assert quality.day_of_seen_items(prepared_dir, 3, tmp_path / "day3.parquet") == path
+    assert os.stat(path).st_mtime_ns == written  # kept while the prepared dataset is not newer
+    os.utime(path, (0, 0))
+    quality.day_of_seen_items(prepared_dir, 3, tmp_path / "day3.parquet")
+    assert os.stat(path).st_mtime_ns > 0 and sessions([path]).equals(filtered)  # older: written again
     assert all(int(i) in earlier for row in filtered["item_id-list"] for i in row)
     assert (filtered["session_length"] >= 2).all() and set(filtered.index) <= set(prepared.index)
     whole = prepared["session_length"] == prepared["item_id-list"].map(len)  # no clicks cut off the front
