@@ -241,18 +241,24 @@ def target_kinds(item_ids: Any, lengths: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- datasets
-def _write_sessions(path: Path, sessions: list[np.ndarray]) -> str:
-    import pyarrow as pa
+def _write_parquet(path: Path, table: Any) -> str:
+    """`table` (pyarrow) to `path` atomically: runs side by side write and read the same split."""
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _write_sessions(path: Path, sessions: list[np.ndarray]) -> str:
+    import pyarrow as pa
+
     lengths = np.array([len(s) for s in sessions])
     offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
     values = pa.array(np.concatenate(sessions).astype(np.int64) if sessions else np.zeros(0, np.int64))
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: runs side by side share the split
-    pq.write_table(pa.table({ITEM_COLUMN: pa.ListArray.from_arrays(offsets, values)}), tmp)
-    os.replace(tmp, path)
-    return str(path)
+    return _write_parquet(path, pa.table({ITEM_COLUMN: pa.ListArray.from_arrays(offsets, values)}))
 
 
 def load_synthetic() -> QualityData:
@@ -297,6 +303,7 @@ def day_of_seen_items(directory: Path, day: int, out: Path) -> str:
     from the raw input `raytr prepare` recorded; written to `out` once (again when the prepared
     dataset is newer)."""
     import pandas as pd
+    import pyarrow as pa
 
     from raytr.config import DataConfig, from_dict
     from raytr.data.events import find_input_files, normalize_events, read_file, sort_events
@@ -319,11 +326,7 @@ def day_of_seen_items(directory: Path, day: int, out: Path) -> str:
     seen = np.isin(vocabulary.encode(events[item].to_numpy()), np.concatenate(earlier[list_name(item)].to_numpy()))
     kept = events[(days == day) & seen]
     sessions = transform_frame(load_workflow(directory / WORKFLOW_DIR), sort_events(kept, config))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # atomic: runs side by side share it
-    sessions.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
-    return str(out)
+    return _write_parquet(out, pa.Table.from_pandas(sessions, preserve_index=False))
 
 
 def load_yoochoose() -> QualityData:
