@@ -309,7 +309,7 @@ def day_of_seen_items(directory: Path, day: int, out: Path) -> str:
     from raytr.data.events import find_input_files, normalize_events, read_file, sort_events
     from raytr.data.layout import PREPARE_JSON, WORKFLOW_DIR, available_days, day_paths, load_prepare_info
     from raytr.data.workflow import day_numbers, list_name, load_workflow, transform_frame
-    from raytr.online import Vocabulary
+    from raytr.online import OnlinePreprocessor, compile_workflow
 
     if out.is_file() and out.stat().st_mtime >= (directory / PREPARE_JSON).stat().st_mtime:
         return str(out)
@@ -320,12 +320,13 @@ def day_of_seen_items(directory: Path, day: int, out: Path) -> str:
     first = events.groupby(config.session_col)[config.timestamp_col].transform("min").to_numpy()
     days = day_numbers(first, info["summary"]["origin_day"])  # a session's day, as prepare assigns it
     item = config.item_col
-    vocabulary = Vocabulary.from_parquet(directory / WORKFLOW_DIR / "categories" / f"unique.{item}.parquet", item)
+    workflow = load_workflow(directory / WORKFLOW_DIR)
+    vocabulary = OnlinePreprocessor(config, *compile_workflow(workflow, config)).item_vocabulary  # raw -> id
     earlier = pd.concat([pd.read_parquet(p, columns=[list_name(item)])
                          for p in day_paths(directory, [d for d in available_days(directory) if d < day])])
     seen = np.isin(vocabulary.encode(events[item].to_numpy()), np.concatenate(earlier[list_name(item)].to_numpy()))
     kept = events[(days == day) & seen]
-    sessions = transform_frame(load_workflow(directory / WORKFLOW_DIR), sort_events(kept, config))
+    sessions = transform_frame(workflow, sort_events(kept, config))
     return _write_parquet(out, pa.Table.from_pandas(sessions, preserve_index=False))
 
 
