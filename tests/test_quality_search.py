@@ -275,6 +275,41 @@ def test_a_refit_scores_the_test_with_the_model_fitted_again_at_the_epoch_chosen
     assert quality.run_baselines(data)["popularity"]["test"]["ndcg@10"] < 1.0
 
 
+def test_refit_schedule_keeps_the_steps_to_the_chosen_epoch_in_whole_epochs_of_the_larger_data():
+    assert quality.refit_schedule(30, 26, 11317, 13626) == (25, 22)  # YOOCHOOSE days 1-4 -> 1-5
+    assert quality.refit_schedule(40, 28, 9648, 9708) == (40, 28)  # MovieLens: 0.6% more windows
+    assert quality.refit_schedule(4, 3, 512, 1024) == (2, 2)
+    assert quality.refit_schedule(3, 1, 10, 100) == (1, 1)  # never less than one epoch
+    for chosen in range(1, 31):
+        epochs, stop = quality.refit_schedule(30, chosen, 11317, 13626)
+        assert 1 <= stop <= epochs and abs(stop * 13626 - chosen * 11317) <= 13626 / 2
+
+
+def test_a_refit_on_twice_the_sessions_trains_half_the_epochs(tmp_path, monkeypatch):
+    from raytr.features import FIRST_ITEM_ID
+
+    data = _tiny_data(tmp_path)  # 512 training sessions
+    data.test = quality.EvalSet("test", sessions=data.valid.sessions)
+    data.refit_paths = [quality._write_sessions(tmp_path / "refit.parquet",
+                                                [np.arange(6) % 20 + FIRST_ITEM_ID] * 1024)]
+    calls = []
+    train = quality._train_checkpoints
+
+    def recording(data, body, objective, epochs, out_dir, hp, paths, stop_after_epoch=0):
+        checkpoints, result, seconds = train(data, body, objective, epochs, out_dir, hp, paths, stop_after_epoch)
+        calls.append((paths, epochs, stop_after_epoch, sorted(checkpoints)))
+        return checkpoints, result, seconds
+
+    monkeypatch.setattr(quality, "_train_checkpoints", recording)
+    hp = quality.Hyper(d_model=16, n_layers=1, n_heads=2, batch_size=64, learning_rate=1e-2)
+    res = quality.run_neural(data, "gru", "gru", "clm", 4, tmp_path / "work", hp)
+    chosen = res["choice"]["epochs"]
+    stop = max(1, round(chosen / 2))
+    assert calls[0] == (data.train_paths, 4, 0, [1, 2, 3, 4])
+    assert calls[1] == (data.refit_paths, 2, stop, list(range(1, stop + 1)))  # 16 steps an epoch instead of 8
+    assert res["refit_epochs"] == {"schedule": 2, "stopped_after": stop} and res["test"] is not None
+
+
 def test_a_repeat_scoring_model_is_chosen_at_its_best_epoch_and_temperature_and_tested_at_both(tmp_path, monkeypatch):
     data = _tiny_data(tmp_path)
     data.test = quality.EvalSet("test", sessions=data.valid.sessions)
