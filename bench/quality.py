@@ -620,13 +620,6 @@ def score_temperatures(hp: Hyper) -> tuple[float, ...]:
     return SCORE_TEMPERATURES if hp.repeat_bias or hp.repeat_mixture else (1.0,)
 
 
-def session_count(paths: list[str]) -> int:
-    """Sessions (rows) in prepared parquet files, from their footers."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-
-
 # How a refit is stopped: after as many optimizer steps as the validation-time fit took to the
 # chosen epoch, under a schedule as many steps long as that fit's (both in whole epochs of the
 # larger refit data), not after as many epochs. Decided one level down, on validation data only
@@ -650,6 +643,7 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
     never). With `data.refit_paths`, the test is scored by a second training on them (same seed),
     as many steps long as the one here to the epoch chosen here (`refit_schedule`), at the
     temperature chosen here."""
+    from raytr.data.loaders import row_counts
     from raytr.models import SessionModel
 
     out_dir = work / name
@@ -666,8 +660,8 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
     eval_s = time.perf_counter() - t
     refit: dict[str, Any] = {}
     if score_test and data.refit_paths is not None:
-        refit_epochs, refit_stop = refit_schedule(epochs, epoch, session_count(data.train_paths),
-                                                  session_count(data.refit_paths))
+        refit_epochs, refit_stop = refit_schedule(epochs, epoch, sum(row_counts(data.train_paths)),
+                                                  sum(row_counts(data.refit_paths)))
         refit_checkpoints, _, refit_s = _train_checkpoints(data, body, objective, refit_epochs, work / f"{name}-refit",
                                                            hp, data.refit_paths, stop_after_epoch=refit_stop)
         ckpt = refit_checkpoints[refit_stop]

@@ -282,7 +282,7 @@ def test_refit_schedule_keeps_the_steps_to_the_chosen_epoch_in_whole_epochs_of_t
     assert quality.refit_schedule(3, 1, 10, 100) == (1, 1)  # never less than one epoch
     for chosen in range(1, 31):
         epochs, stop = quality.refit_schedule(30, chosen, 11317, 13626)
-        assert 1 <= stop <= epochs and abs(stop * 13626 - chosen * 11317) <= 13626 / 2
+        assert 0 < stop <= epochs and abs(stop * 13626 - chosen * 11317) <= 13626 / 2
 
 
 def test_a_refit_on_twice_the_sessions_trains_half_the_epochs(tmp_path, monkeypatch):

@@ -47,7 +47,8 @@ class RaggedColumn:
         return RaggedColumn(self.values.to(device), self.offsets.to(device))
 
 
-def _row_counts(files: Sequence[str]) -> list[int]:
+def row_counts(files: Sequence[str]) -> list[int]:
+    """Rows (sessions) of each parquet file, from its footer (local or remote storage)."""
     return [storage.parquet_file(f).metadata.num_rows for f in files]
 
 
@@ -60,7 +61,7 @@ def rank_row_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def _read_pyarrow(files: Sequence[str], columns: Sequence[str], start: int, stop: int) -> dict[str, RaggedColumn]:
     tables, seen = [], 0
-    for file, rows in zip(files, _row_counts(files)):
+    for file, rows in zip(files, row_counts(files)):
         lo, hi = max(start - seen, 0), min(stop - seen, rows)
         if lo < hi:
             tables.append(storage.read_table(file, columns).slice(lo, hi - lo))
@@ -88,7 +89,7 @@ def _read_merlin(files: Sequence[str], columns: Sequence[str], start: int, stop:
     from merlin.dataloader.torch import Loader
     from merlin.io import Dataset
 
-    counts = _row_counts(files)
+    counts = row_counts(files)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     chosen = [i for i in range(len(files)) if bounds[i] < stop and bounds[i + 1] > start]
     skip = start - int(bounds[chosen[0]])
@@ -206,7 +207,7 @@ class DataLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.epoch = 0
-        self.total_rows = sum(_row_counts(paths))
+        self.total_rows = sum(row_counts(paths))
         if self.total_rows < world_size:
             raise ValueError(f"{self.total_rows} sessions cannot feed {world_size} workers: need at least one each")
         start, stop = rank_row_range(self.total_rows, rank, world_size)

@@ -31,7 +31,7 @@ import torch
 
 from raytr import storage
 from raytr.data.layout import available_days, day_paths, sessions_root
-from raytr.data.loaders import DataLoader
+from raytr.data.loaders import DataLoader, row_counts
 from raytr.evaluation import check_session_files, evaluate_next_item
 from raytr.config import ConfigError
 from raytr.features import FIRST_ITEM_ID, SessionBatch
@@ -191,7 +191,7 @@ class Trainer:
         eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
             resolve_paths(self.eval_dataset))
         check_session_files(self.model.spec, [*train_paths, *eval_paths])  # a file without the model's columns
-        if eval_paths and sum(storage.parquet_file(p).metadata.num_rows for p in eval_paths) == 0:
+        if eval_paths and sum(row_counts(eval_paths)) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
         check_train_output(output_dir, [*train_paths, *eval_paths])  # before anything is written
         run_dir = storage.join(output_dir, "runs", run_name)
