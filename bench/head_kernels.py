@@ -93,13 +93,15 @@ def two_pass_kernel():
     stats = torch.compile(_softmax_stats, dynamic=True)
     softmax_grad = torch.compile(_softmax_grad, dynamic=True)
 
-    def chunk(hidden, weight, targets, valid, num_classes, smoothing, with_grad):
+    def chunk(hidden, weight, targets, valid, num_classes, smoothing, with_grad, bias=None):
+        if bias is not None:
+            raise ValueError("the two-pass benchmark kernel measures the plain loss: it takes no SparseBias")
         logits = hidden @ weight.T  # [c, Vp] in the compute dtype
         top, total, loss = stats(logits, targets, valid, num_classes, smoothing)
         if not with_grad:
-            return loss.sum(), None, None
+            return loss.sum(), None, None, None
         grad = softmax_grad(logits, top, total, targets, valid, num_classes, smoothing)
-        return loss.sum(), grad @ weight, grad.T @ hidden
+        return loss.sum(), grad @ weight, grad.T @ hidden, None
 
     return ChunkKernel(chunk, buffers="logits_and_grad")
 

@@ -105,14 +105,14 @@ class ModelConfig:
     repeat_bias: add to each item already in the session a learned score by how many events ago
         it was last seen (one number per distance; an earlier occurrence adds nothing): a copy prior
         for logs where users return to what they just viewed. CLM with the full softmax only; its
-        loss materialises the [targets, catalog] logits (no chunking), so it suits catalogs up to
-        ~100k items.
+        loss is the chunked one with the bias added inside each chunk (any catalog size).
     repeat_mixture: RepeatNet-style: the next item is drawn either from the session's own items
         (a repeat distribution: attention over its events by the item's score and a learned weight
         per distance) or from the whole catalog (the softmax), mixed by a gate the model computes at
         each position: how likely this session is to go back to an item, rather than one fixed
-        bonus. Scores are then log-probabilities. CLM with the full softmax only, materialised like
-        repeat_bias, which it replaces (set one of the two).
+        bonus. Scores are then log-probabilities. CLM with the full softmax only; its loss
+        materialises the [targets, catalog] logits (no chunking), so it suits catalogs up to ~100k
+        items. It replaces repeat_bias (set one of the two).
     score_temperature: at scoring time only (training never reads it), the catalog logits are
         divided by it before the repeat bias is added, or before the mixture's softmax. The balance
         between the session's own items and the rest is learned on the training days, where the

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, PAD_ID
 from raytr.models.head import (
     CLASS_ALIGNMENT,
+    SparseBias,
     chunked_cross_entropy,
     full_scores,
     log_uniform_log_prob,
@@ -73,6 +74,31 @@ def test_chunked_cross_entropy_equals_plain(chunk_size, smoothing):
     assert torch.allclose(g_hidden, r_hidden, atol=1e-6)
     assert torch.allclose(g_weight, r_weight, atol=1e-6)
     assert torch.all(g_weight[:FIRST_ITEM_ID] == 0)  # padding, null and OOV rows are not classes
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_cross_entropy_with_a_sparse_bias_equals_plain(chunk_size, smoothing):
+    """The bias goes into each chunk's logits before its softmax: the loss and the gradients of
+    hidden, weight and the bias values are those of the materialised biased logits."""
+    hidden, weight, targets = _case(N=50, V=23, D=8)
+    bias = _sparse_bias(50, 23)
+    values = bias.values.clone().requires_grad_()
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk_size, smoothing, bias=SparseBias(bias.columns, values))
+    grads = torch.autograd.grad(loss, (hidden, weight, values))
+
+    ref_values = bias.values.clone().requires_grad_()
+    logits = (hidden @ weight.T).scatter_add(1, bias.columns, ref_values)
+    ref = F.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID, label_smoothing=smoothing)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight, ref_values))
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert all(torch.allclose(g, r, atol=1e-6) for g, r in zip(grads, ref_grads))
+    plain = chunked_cross_entropy(hidden, weight, targets, chunk_size, smoothing)
+    assert abs(loss.item() - plain.item()) > 1e-3  # the bias moved the loss
+    assert grads[2][bias.columns < FIRST_ITEM_ID].abs().max() == 0  # padding, null and OOV are not classes
+    with torch.no_grad():  # the same without gradients
+        assert torch.allclose(chunked_cross_entropy(hidden, weight, targets, chunk_size, smoothing, bias=bias), ref,
+                              atol=1e-6)
 
 
 def test_chunked_cross_entropy_materialises_only_chunks():
@@ -188,6 +214,55 @@ def test_empty_targets_give_zero_loss_with_gradients_for_hidden_and_weight(loss_
     assert weight.grad is not None and not weight.grad.any() and hidden.grad is not None
 
 
+@pytest.mark.parametrize("variant", ["repeat_bias", "repeat_mixture"])
+def test_empty_targets_reach_the_repeat_parameters(variant):
+    """A batch without targets still gives the repeat bias (and the mixture's gate) a gradient, for DDP."""
+    from raytr.config import ModelConfig
+    from raytr.models.head import NextItemHead, RepeatContext
+
+    head = NextItemHead(ModelConfig(d_model=4, **{variant: True}), num_items=10, max_sequence_length=6)
+    ids = torch.zeros(0, 6, dtype=torch.long)
+    none = torch.zeros(0, dtype=torch.long)
+    loss = head(torch.zeros(0, 4, requires_grad=True), none, repeat=RepeatContext.at(ids, none, none))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in head.parameters())
+
+
+def test_repeat_bias_loss_materialises_only_chunks():
+    """The head's repeat-bias loss goes through the chunked kernel with the bias in each chunk: no
+    [N, V] logits (the mixture's loss still materialises them), and the loss and the repeat weight's
+    gradient are those of the materialised biased logits."""
+    from raytr.config import ModelConfig
+    from raytr.models.head import NextItemHead, RepeatContext, add_repeat_scores
+
+    B, T, V, D, chunk = 64, 8, 3000, 4, 32
+    head = NextItemHead(ModelConfig(d_model=D, repeat_bias=True, logits_chunk_size=chunk), num_items=V,
+                        max_sequence_length=T)
+    with torch.no_grad():
+        head.repeat_weight.copy_(torch.linspace(2.0, -0.5, T))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(FIRST_ITEM_ID, 40, (B, T), generator=gen)  # 37 items: many repeats
+    rows, positions = torch.arange(B).repeat_interleave(T - 1), torch.arange(T - 1).repeat(B)
+    context = RepeatContext.at(ids, rows, positions)
+    targets = ids[rows, positions + 1]
+    hidden = torch.randn(rows.numel(), D, generator=gen, requires_grad=True)
+    with OpRecorder() as rec:
+        loss = head(hidden, targets, repeat=context)
+        loss.backward()
+    padded = -(-V // CLASS_ALIGNMENT) * CLASS_ALIGNMENT
+    assert rec.largest <= chunk * padded, rec.largest
+    got = (loss.detach(), hidden.grad.clone(), head.repeat_weight.grad.clone())
+
+    hidden.grad = head.repeat_weight.grad = None
+    logits = add_repeat_scores(hidden @ head.weight.T, context, head.repeat_weight)
+    ref = F.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID)
+    ref.backward()
+    assert torch.allclose(got[0], ref, atol=1e-5)
+    assert torch.allclose(got[1], hidden.grad, atol=1e-6)
+    assert got[2].abs().sum() > 0 and torch.allclose(got[2], head.repeat_weight.grad, atol=1e-6)
+
+
 # The peak resident memory of the process's own address space (VmHWM). Not ru_maxrss: Linux keeps that
 # across fork and exec, so a child of a large pytest process starts with the parent's peak.
 PEAK_RSS = """
@@ -254,7 +329,7 @@ def test_chunk_kernel_holds_no_more_than_it_declares_on_the_cpu(kernel, dtype):
         small = (h[:8], w[:1024], t[:8] % 1000 + FIRST_ITEM_ID, valid[:1024], 1000 - FIRST_ITEM_ID, 0.1, True)
         kernel.fn(*small)  # compiles (dynamic shapes) and warms up without touching a c x V buffer
         base = peak_bytes()
-        loss, grad_hidden, grad_weight = kernel.fn(h, w, t, valid, V - FIRST_ITEM_ID, 0.1, True)
+        loss, grad_hidden, grad_weight, _ = kernel.fn(h, w, t, valid, V - FIRST_ITEM_ID, 0.1, True)
         extra = peak_bytes() - base
         print(extra, kernel.bytes_per_logit(dtype) * c * w.shape[0], grad_hidden.nbytes + grad_weight.nbytes)
         """
@@ -317,7 +392,7 @@ def test_chunk_kernel_holds_no_more_than_it_declares(kind, dtype):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, grad_hidden, grad_weight = kernel.fn(*args)
+    loss, grad_hidden, grad_weight, _ = kernel.fn(*args)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     outputs = grad_hidden.nbytes + grad_weight.nbytes
@@ -340,7 +415,8 @@ def test_triton_chunk_kernel_equals_the_in_place_one_on_cuda(dtype, smoothing):
     args = _cuda_chunk(dtype, smoothing)
     expected, got = _chunk_loss_and_grads(*args), triton_kernel(torch.device("cuda")).fn(*args)
     assert torch.allclose(got[0], expected[0], rtol=1e-4)
-    for g, e in zip(got[1:], expected[1:]):
+    assert got[3] is None and expected[3] is None  # no bias given, no bias gradient
+    for g, e in zip(got[1:3], expected[1:3]):
         assert g.dtype == e.dtype == dtype
         assert float((g.float() - e.float()).norm() / e.float().norm()) < 1e-2
 
@@ -481,23 +557,49 @@ def test_top_k_order_agrees_with_metric_ranks():
         assert torch.all(ranks == position + 1)
 
 
+def _sparse_bias(N: int, V: int, T: int = 5, seed: int = 0) -> SparseBias:
+    """A SparseBias like the repeat bias's: item columns (padding, null and OOV among them, and a
+    column named twice in a row) with values in -2..2, zero at padding."""
+    gen = torch.Generator().manual_seed(seed)
+    columns = torch.randint(0, V, (N, T), generator=gen)
+    columns[:, 1] = columns[:, 0]  # the same item at two events: both values add up
+    columns[::3, -1] = PAD_ID
+    columns[1::4, -2] = OOV_ID  # not a class: its bias moves nothing
+    values = (torch.rand(N, T, generator=gen) * 4 - 2) * (columns != PAD_ID)
+    return SparseBias(columns, values)
+
+
+def _assert_kernel_outputs_match(got, expected, dtype, with_grad, biased):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # Summed loss, reduced in fp32 by all; the Triton kernel adds a bias to half-precision logits
+    # in their dtype (one more rounding, ~2e-5 of the loss here), the others in fp32.
+    loss_rtol = 1e-4 if biased and dtype.itemsize < 4 else 1e-5
+    assert torch.allclose(got[0], expected[0], rtol=loss_rtol, atol=1e-4)
+    for g, e in zip(got[1:3], expected[1:3]):
+        assert (g is None) == (e is None) == (not with_grad)
+        if g is not None:
+            assert g.dtype == e.dtype == dtype and torch.allclose(g.float(), e.float(), rtol=tol, atol=tol)
+    assert (got[3] is None) == (expected[3] is None) == (not (with_grad and biased))
+    if got[3] is not None:  # d loss / d bias values, fp32 from every kernel
+        assert got[3].dtype == expected[3].dtype == torch.float32
+        assert torch.allclose(got[3], expected[3], rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("with_grad", [True, False])
-def test_fusable_chunk_kernel_equals_the_in_place_one(dtype, smoothing, with_grad):
-    """The form torch.compile gets computes what the eager in-place kernel does, padding included."""
+@pytest.mark.parametrize("biased", [False, True])
+def test_fusable_chunk_kernel_equals_the_in_place_one(dtype, smoothing, with_grad, biased):
+    """The form torch.compile gets computes what the eager in-place kernel does, padding and a
+    sparse bias included."""
     from raytr.models.head import _chunk_loss_and_grads, _fusable_chunk_loss_and_grads, _padded_weight
 
     hidden, weight, targets = _case(N=37, V=23, D=8, seed=3)
     w, valid = _padded_weight(weight.detach(), dtype)  # 64 classes: 3 reserved, 41 of padding
-    args = (hidden.detach().to(dtype), w, targets, valid, 23 - FIRST_ITEM_ID, smoothing, with_grad)
+    args = (hidden.detach().to(dtype), w, targets, valid, 23 - FIRST_ITEM_ID, smoothing, with_grad,
+            _sparse_bias(37, 23) if biased else None)
     expected, got = _chunk_loss_and_grads(*args), _fusable_chunk_loss_and_grads(*args)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert torch.allclose(got[0], expected[0], rtol=1e-5, atol=1e-4)  # summed loss, reduced in fp32 by both
-    for g, e in zip(got[1:], expected[1:]):
-        assert (g is None) == (e is None) == (not with_grad)
-        if g is not None:
-            assert g.dtype == e.dtype == dtype and torch.allclose(g.float(), e.float(), rtol=tol, atol=tol)
+    _assert_kernel_outputs_match(got, expected, dtype, with_grad, biased)
 
 
 @pytest.mark.slow
@@ -517,6 +619,17 @@ def test_compiled_chunk_kernel_gives_the_same_loss_and_gradients():
         ref_grads = torch.autograd.grad(ref, (hidden, weight))
         assert torch.allclose(loss, ref, atol=1e-5)
         assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
+        # With a sparse bias (the repeat bias's loss), the bias values' gradient too.
+        bias = _sparse_bias(n, 23, seed=n)
+        values = bias.values.clone().requires_grad_()
+        loss = chunked_cross_entropy(hidden, weight, targets, 16, 0.1, kernel=head.kernel,
+                                     bias=SparseBias(bias.columns, values))
+        grads = torch.autograd.grad(loss, (hidden, weight, values))
+        logits = (hidden @ weight.T).scatter_add(1, bias.columns, values)
+        ref = F.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID, label_smoothing=0.1)
+        ref_grads = torch.autograd.grad(ref, (hidden, weight, values))
+        assert torch.allclose(loss, ref, atol=1e-5)
+        assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
 
 
 # ------------------------------------------------------------------ the Triton chunk kernel
@@ -526,21 +639,19 @@ def test_compiled_chunk_kernel_gives_the_same_loss_and_gradients():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("with_grad", [True, False])
-def test_triton_chunk_kernel_equals_the_in_place_one(dtype, smoothing, with_grad):
-    """The Triton kernel computes what the eager kernel does, padding and reserved ids included; blocks
-    of 16 columns make each row's softmax run over four blocks (the running max changes between them)."""
+@pytest.mark.parametrize("biased", [False, True])
+def test_triton_chunk_kernel_equals_the_in_place_one(dtype, smoothing, with_grad, biased):
+    """The Triton kernel computes what the eager kernel does, padding, reserved ids and a sparse
+    bias included; blocks of 16 columns make each row's softmax run over four blocks (the running max
+    changes between them)."""
     from raytr.models.head import _chunk_loss_and_grads, _padded_weight, triton_kernel
 
     hidden, weight, targets = _case(N=37, V=23, D=8, seed=3)
     w, valid = _padded_weight(weight.detach(), dtype)  # 64 classes: 3 reserved, 41 of padding
-    args = (hidden.detach().to(dtype), w, targets, valid, 23 - FIRST_ITEM_ID, smoothing, with_grad)
+    args = (hidden.detach().to(dtype), w, targets, valid, 23 - FIRST_ITEM_ID, smoothing, with_grad,
+            _sparse_bias(37, 23) if biased else None)
     expected, got = _chunk_loss_and_grads(*args), triton_kernel(torch.device("cpu"), block=16).fn(*args)
-    assert torch.allclose(got[0], expected[0], rtol=1e-5, atol=1e-4)  # summed loss, reduced in fp32 by both
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for g, e in zip(got[1:], expected[1:]):
-        assert (g is None) == (e is None) == (not with_grad)
-        if g is not None:
-            assert g.dtype == e.dtype == dtype and torch.allclose(g.float(), e.float(), rtol=tol, atol=tol)
+    _assert_kernel_outputs_match(got, expected, dtype, with_grad, biased)
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0])

@@ -3,7 +3,8 @@
 Losses are named pure functions over (hidden, weight, targets):
 - `chunked_cross_entropy`: full softmax over the catalog in row chunks, each chunk's gradients made
   in the same pass as its loss (a fused linear + cross-entropy), so [N, V] logits never exist at
-  once and backward recomputes nothing;
+  once and backward recomputes nothing; optionally with a `SparseBias` added to a few logits of
+  each row (the repeat bias), which moves every row's normaliser, so it goes into each chunk;
 - `sampled_softmax_loss`: shared log-uniform negatives with logQ correction.
 Only ids FIRST_ITEM_ID..V-1 are classes: padding (0), null (1) and OOV (2) are never predicted.
 
@@ -66,19 +67,34 @@ CPU_MIN_CHUNK_ROWS = 64
 CLASS_ALIGNMENT = 64
 
 
+class SparseBias(NamedTuple):
+    """Scores added to a few logits of each row before the softmax: row n gets values[n, t] at
+    column columns[n, t] (item ids; a column named twice gets both values). columns [N, T] int64,
+    values [N, T] fp32. The losses return d loss / d values, so the values may be learned."""
+
+    columns: torch.Tensor
+    values: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> "SparseBias":
+        return SparseBias(self.columns[start:stop], self.values[start:stop])
+
+
 def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
-                          num_classes: int, smoothing: float, with_grad: bool):
+                          num_classes: int, smoothing: float, with_grad: bool, bias: SparseBias | None = None):
     """One chunk of the fused linear + cross-entropy.
 
     hidden [c, D] and weight [Vp, D] in the compute dtype (rows past the catalog are zero
-    padding), targets [c] item ids, valid [Vp] bool marking the `num_classes` real items. Returns
-    (summed loss, d loss/d hidden [c, D], d loss/d weight [Vp, D]), the gradients of the summed
-    loss, None without `with_grad` (no float scale argument: a compiled copy would specialise on
-    it). The logits are made once, reduced in fp32 (bf16/fp16 logsumexp over 10^5 items loses the
-    target's mass) and turned in place into their gradient softmax - (1 - s) * onehot - s / C, so a
-    chunk costs one [c, Vp] fp32 buffer.
+    padding), targets [c] item ids, valid [Vp] bool marking the `num_classes` real items, `bias`
+    the chunk's rows of a SparseBias added to the logits (or None). Returns (summed loss,
+    d loss/d hidden [c, D], d loss/d weight [Vp, D], d loss/d bias.values [c, T] fp32), the
+    gradients of the summed loss, None without `with_grad` (the last also without `bias`; no float
+    scale argument: a compiled copy would specialise on it). The logits are made once, reduced in
+    fp32 (bf16/fp16 logsumexp over 10^5 items loses the target's mass) and turned in place into
+    their gradient softmax - (1 - s) * onehot - s / C, so a chunk costs one [c, Vp] fp32 buffer.
     """
     logits = (hidden @ weight.T).float()  # [c, Vp]
+    if bias is not None:
+        logits.scatter_add_(1, bias.columns, bias.values)
     if smoothing:  # the mean logit over the classes as a matrix-vector product: no [c, Vp] temporary
         mean = logits.mv(valid.float()) / num_classes
     logits.masked_fill_(~valid, float("-inf"))
@@ -93,17 +109,19 @@ def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if smoothing:
         loss = (1.0 - smoothing) * loss + smoothing * (lse - mean)
     if not with_grad:
-        return loss.sum(), None, None
+        return loss.sum(), None, None, None
     grad = probs.mul_(total.reciprocal()[:, None])  # softmax
     if smoothing:
         grad.sub_(valid * (smoothing / num_classes))
     grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], smoothing - 1.0))
+    grad_bias = grad.gather(1, bias.columns) if bias is not None else None  # [c, T], before the cast
     grad = grad.to(hidden.dtype)  # [c, Vp], entries in [-1, 1]: safe in fp16
-    return loss.sum(), grad @ weight, grad.T @ hidden
+    return loss.sum(), grad @ weight, grad.T @ hidden, grad_bias
 
 
 def _fusable_chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                  valid: torch.Tensor, num_classes: int, smoothing: float, with_grad: bool):
+                                  valid: torch.Tensor, num_classes: int, smoothing: float, with_grad: bool,
+                                  bias: SparseBias | None = None):
     """`_chunk_loss_and_grads` written without in-place ops, for torch.compile: the compiler then
     fuses the softmax into two kernels that read the GEMM's [c, Vp] logits in the compute dtype (one
     for the row max and sum, one writing the gradient straight in that dtype) instead of keeping a
@@ -111,7 +129,10 @@ def _fusable_chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, ta
     code; compiled for the CPU, the loss at 50k items and 512-2,600-row chunks ran in 681-693 ms
     against the in-place kernel's 812-834). Eagerly it would make several fresh buffers, which is
     why the eager path keeps the in-place version; the two agree (tests/test_head.py)."""
-    logits = torch.where(valid, (hidden @ weight.T).float(), float("-inf"))  # [c, Vp]
+    raw = (hidden @ weight.T).float()  # [c, Vp]
+    if bias is not None:
+        raw = raw.scatter_add(1, bias.columns, bias.values)
+    logits = torch.where(valid, raw, float("-inf"))
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # [c]
     top = logits.amax(dim=1, keepdim=True)  # [c, 1]
     total = torch.exp(logits - top).sum(dim=1, keepdim=True)  # [c, 1]
@@ -121,11 +142,12 @@ def _fusable_chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, ta
         mean = torch.where(valid, logits, 0.0).sum(dim=1) / num_classes
         loss = (1.0 - smoothing) * loss + smoothing * (lse - mean)
     if not with_grad:
-        return loss.sum(), None, None
+        return loss.sum(), None, None, None
     onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]  # [c, Vp]
     grad = torch.exp(logits - top) / total - (1.0 - smoothing) * onehot - (smoothing / num_classes) * valid
+    grad_bias = grad.gather(1, bias.columns) if bias is not None else None  # [c, T] fp32
     grad = grad.to(hidden.dtype)  # [c, Vp], entries in [-1, 1]: safe in fp16
-    return loss.sum(), grad @ weight, grad.T @ hidden
+    return loss.sum(), grad @ weight, grad.T @ hidden, grad_bias
 
 
 # How a chunk kernel holds a [c, Vp] chunk, which sizes the chunks (`ChunkKernel.bytes_per_logit`).
@@ -137,7 +159,7 @@ class ChunkKernel:
     """A per-chunk loss-and-gradients function (signature of `_chunk_loss_and_grads`) and the
     buffers it holds per chunk, which size the chunks (`chunk_rows`)."""
 
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
     buffers: ChunkBuffers
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
@@ -176,13 +198,16 @@ def triton_kernel(device: torch.device, block: int | None = None, num_warps: int
         raise ValueError(f"the Triton loss kernel runs on CUDA GPUs, not on {device.type!r}")
     tuning = {"block": block or triton_loss.DEFAULT_BLOCK, "num_warps": num_warps or triton_loss.DEFAULT_WARPS}
 
-    def chunk(hidden, weight, targets, valid, num_classes, smoothing, with_grad):
+    def chunk(hidden, weight, targets, valid, num_classes, smoothing, with_grad, bias=None):
         logits = hidden @ weight.T  # [c, Vp] in the compute dtype; becomes the gradient
+        if bias is not None:
+            logits.scatter_add_(1, bias.columns, bias.values.to(logits.dtype))
         loss = triton_loss.cross_entropy_rows_(logits, targets, FIRST_ITEM_ID, FIRST_ITEM_ID + num_classes,
                                                smoothing, with_grad, **tuning)
         if not with_grad:
-            return loss.sum(), None, None
-        return loss.sum(), logits @ weight, logits.T @ hidden
+            return loss.sum(), None, None, None
+        grad_bias = logits.gather(1, bias.columns).float() if bias is not None else None
+        return loss.sum(), logits @ weight, logits.T @ hidden, grad_bias
 
     return ChunkKernel(chunk, buffers="in_place")
 
@@ -204,48 +229,57 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, smoothing: float,
-                  chunk_fn, dtype: torch.dtype, with_grad: bool):
+                  chunk_fn, dtype: torch.dtype, with_grad: bool, bias: SparseBias | None = None):
     """The mean loss over row chunks of `rows`, and with `with_grad` the gradients of the summed loss
-    for hidden [N, D] and weight [V, D] (None otherwise; backward scales them once, with the mean's
-    1/N, rather than passing over the [V, D] gradient twice). GEMMs in `dtype`, autocast off (the
-    casts are explicit)."""
+    for hidden [N, D], weight [V, D] and the bias values [N, T] (None otherwise, the last also
+    without `bias`; backward scales them once, with the mean's 1/N, rather than passing over the
+    [V, D] gradient twice). GEMMs in `dtype`, autocast off (the casts are explicit)."""
     with torch.autocast(hidden.device.type, enabled=False):
         h = hidden.to(dtype)
         w, valid = _padded_weight(weight, dtype)
+        if bias is not None:
+            bias = SparseBias(bias.columns, bias.values.detach().float())
         n, num_classes = h.shape[0], weight.shape[0] - FIRST_ITEM_ID
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_bias = torch.empty_like(bias.values) if with_grad and bias is not None else None
         grad_weight = None
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            loss, g_h, g_w = chunk_fn(h[start:stop], w, targets[start:stop], valid, num_classes, smoothing, with_grad)
+            loss, g_h, g_w, g_b = chunk_fn(h[start:stop], w, targets[start:stop], valid, num_classes, smoothing,
+                                           with_grad, bias.rows(start, stop) if bias is not None else None)
             total += loss
             if with_grad:
                 grad_hidden[start:stop] = g_h
                 # The first chunk's gradient starts the fp32 total: no zero-filled [Vp, D] pass.
                 grad_weight = g_w.float() if grad_weight is None else grad_weight.add_(g_w)
+                if grad_bias is not None:
+                    grad_bias[start:stop] = g_b
     if with_grad:
         grad_weight = grad_weight[: weight.shape[0]].to(weight.dtype)
-    return total / n, grad_hidden, grad_weight
+    return total / n, grad_hidden, grad_weight, grad_bias
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` over the real items, computed chunk by chunk with
-    the gradients made during forward (backward only scales them): three GEMMs per chunk, no
-    recomputation, and never more than one chunk of logits alive."""
+    """Mean cross-entropy of `hidden @ weight.T` (plus the sparse bias, if any) over the real items,
+    computed chunk by chunk with the gradients made during forward (backward only scales them):
+    three GEMMs per chunk, no recomputation, and never more than one chunk of logits alive."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, smoothing, chunk_fn, dtype):
-        loss, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, rows, smoothing, chunk_fn, dtype, True)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+    def forward(ctx, hidden, weight, targets, rows, smoothing, chunk_fn, dtype, bias_columns, bias_values):
+        bias = SparseBias(bias_columns, bias_values) if bias_columns is not None else None
+        loss, grad_hidden, grad_weight, grad_bias = _chunked_pass(hidden, weight, targets, rows, smoothing, chunk_fn,
+                                                                  dtype, True, bias)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.rows_total = hidden.shape[0]
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output / ctx.rows_total  # of the mean, one pass over each gradient
-        return grad_hidden * scale, grad_weight * scale, None, None, None, None, None
+        grad_bias = grad_bias * scale if grad_bias is not None else None
+        return grad_hidden * scale, grad_weight * scale, None, None, None, None, None, None, grad_bias
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -268,10 +302,11 @@ def chunk_rows(chunk_size: int | None, num_items: int, device: torch.device, byt
     return max(1, cap if chunk_size is None else min(chunk_size, cap))
 
 
-def _no_targets_loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A zero loss over a batch without targets that still reaches `hidden` and `weight`: under DDP
-    (find_unused_parameters=False) an untied head's weight without a gradient would fail the step."""
-    return hidden.sum() * 0.0 + weight.sum() * 0.0
+def _no_targets_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    """A zero loss over a batch without targets that still reaches each of `tensors` (hidden, the
+    weight, ...): under DDP (find_unused_parameters=False) an untied head's weight, or a repeat
+    bias, without a gradient would fail the step."""
+    return sum(t.sum() * 0.0 for t in tensors)
 
 
 def _check_targets(targets: torch.Tensor, num_items: int) -> None:
@@ -282,12 +317,14 @@ def _check_targets(targets: torch.Tensor, num_items: int) -> None:
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int | None = None, label_smoothing: float = 0.0, check_targets: bool = True,
-                          kernel: ChunkKernel = EAGER_KERNEL) -> torch.Tensor:
+                          kernel: ChunkKernel = EAGER_KERNEL, bias: SparseBias | None = None) -> torch.Tensor:
     """Mean full-softmax cross-entropy of `targets` over the classes FIRST_ITEM_ID..V-1 (3..V-1).
 
-    hidden [N, D], weight [V, D] (the item embedding table), targets [N] in FIRST_ITEM_ID..V-1.
+    hidden [N, D], weight [V, D] (the item embedding table), targets [N] in FIRST_ITEM_ID..V-1,
+    `bias` an optional SparseBias [N, T] added to the logits (its values get gradients too).
     Equal (in value and gradients) to
-    `F.cross_entropy(hidden @ weight[FIRST_ITEM_ID:].T, targets - FIRST_ITEM_ID, label_smoothing=s)`,
+    `F.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID, label_smoothing=s)` with
+    `logits = (hidden @ weight.T).scatter_add(1, bias.columns, bias.values)`,
     but rows go through in chunks (`chunk_rows`: what the memory budget allows, at most `chunk_size`),
     and each chunk's gradients are made in the same pass as its loss: [N, V] logits never exist, and nothing
     is recomputed in backward. Under autocast the GEMMs run in the autocast dtype and the softmax
@@ -295,16 +332,18 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     guarantee it; `kernel` may be `compiled_kernel()`.
     """
     if hidden.shape[0] == 0:
-        return _no_targets_loss(hidden, weight)
+        return _no_targets_loss(hidden, weight, *((bias.values,) if bias is not None else ()))
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
     if check_targets:
         _check_targets(targets, weight.shape[0])
     dtype = _compute_dtype(hidden)
     rows = chunk_rows(chunk_size, weight.shape[0], hidden.device, kernel.bytes_per_logit(dtype))
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype)
-    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype, False)[0]
+    needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.values.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return _LinearCrossEntropy.apply(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype,
+                                         *(bias if bias is not None else (None, None)))
+    return _chunked_pass(hidden, weight, targets, rows, label_smoothing, kernel.fn, dtype, False, bias)[0]
 
 
 def log_uniform_sample(num_items: int, num_samples: int, generator: torch.Generator | None = None,
@@ -454,17 +493,23 @@ class RepeatContext(NamedTuple):
                    (next_at - steps).index_select(0, rows))
 
 
-def add_repeat_scores(scores: torch.Tensor, context: RepeatContext, weight: torch.Tensor) -> torch.Tensor:
-    """scores [N, V] plus weight[d] at every item whose latest occurrence up to the scored position
-    was d events before it; weight [R], distances beyond R - 1 use its last entry.
+def repeat_bias(context: RepeatContext, weight: torch.Tensor) -> SparseBias:
+    """The repeat bias as a SparseBias over the [N, V] scores: weight[d] at every item whose latest
+    occurrence up to the scored position was d events before it; weight [R], distances beyond R - 1
+    use its last entry. Every other event (a later occurrence, padding) adds 0.
 
     Only the latest occurrence counts: summed over occurrences (as before 2026-11-29), an item seen
     twice a few events back outscored the one just viewed: on YOOCHOOSE's day 5 that was why nearly
     every session repeating its last item that xlnet-clm did not rank first lost it."""
     keep = (context.distance >= 0) & (context.distance < context.until_next) & (context.items != PAD_ID)
     steps = context.distance.clamp(0, weight.shape[0] - 1)
-    values = weight.float()[steps] * keep  # [N, T]
-    return scores.scatter_add(1, context.items, values.to(scores.dtype))
+    return SparseBias(context.items, weight.float()[steps] * keep)  # values [N, T]
+
+
+def add_repeat_scores(scores: torch.Tensor, context: RepeatContext, weight: torch.Tensor) -> torch.Tensor:
+    """scores [N, V] plus the `repeat_bias` of `context`."""
+    bias = repeat_bias(context, weight)
+    return scores.scatter_add(1, bias.columns, bias.values.to(scores.dtype))
 
 
 # A seen item's repeat probability below this counts as zero: its log stays finite (no NaN gradient
@@ -506,10 +551,12 @@ class NextItemHead(nn.Module):
     forward(hidden [N, D], targets [N], generator, repeat) -> mean loss for `config.loss`.
     With `config.repeat_bias`, `repeat_weight` [max_sequence_length] holds the learned score of an
     item seen d events ago (d = 0: the current event), added to the scores and logits of the
-    positions `repeat` (a RepeatContext) describes. With `config.repeat_mixture` it scores the
-    repeat distribution's attention by distance instead, and `repeat_gate` (D -> 1) makes the
-    mixture's gate from each position's hidden state (`repeat_explore_log_probs`); scores are then
-    log-probabilities.
+    positions `repeat` (a RepeatContext) describes; its loss is the chunked one with the bias in
+    each chunk. With `config.repeat_mixture` it scores the repeat distribution's attention by
+    distance instead, and `repeat_gate` (D -> 1) makes the mixture's gate from each position's
+    hidden state (`repeat_explore_log_probs`); scores are then log-probabilities, and its loss
+    materialises the [N, V] logits (the log of the mixture's sum is not a softmax the chunk kernels
+    take).
     """
 
     def __init__(self, config: ModelConfig, num_items: int, tied_weight: nn.Parameter | None = None,
@@ -547,34 +594,26 @@ class NextItemHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None,
                 check_targets: bool = True, repeat: RepeatContext | None = None) -> torch.Tensor:
-        if self.repeat_weight is not None:
-            if repeat is None:
-                raise ValueError("model.repeat_bias/repeat_mixture: the loss needs the RepeatContext of its targets")
-            return self._repeat_loss(hidden, targets, repeat, check_targets)
+        if self.repeat_weight is not None and repeat is None:
+            raise ValueError("model.repeat_bias/repeat_mixture: the loss needs the RepeatContext of its targets")
+        if self.repeat_gate is not None:
+            return self._mixture_loss(hidden, targets, repeat, check_targets)
         if self.loss_type == "full":
+            bias = repeat_bias(repeat, self.repeat_weight) if self.repeat_weight is not None else None
             return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_size, self.label_smoothing,
-                                         check_targets=check_targets, kernel=self.kernel)
+                                         check_targets=check_targets, kernel=self.kernel, bias=bias)
         return sampled_softmax_loss(hidden, self.weight, targets, self.num_negatives, self.label_smoothing, generator)
 
-    def _repeat_loss(self, hidden: torch.Tensor, targets: torch.Tensor, repeat: RepeatContext,
-                     check_targets: bool) -> torch.Tensor:
-        """Full-softmax cross-entropy of the biased logits, or the mixture's NLL, materialised
-        ([N, V]: the bias is sparse but moves every row's normaliser, which the chunked kernels do
-        not take)."""
+    def _mixture_loss(self, hidden: torch.Tensor, targets: torch.Tensor, repeat: RepeatContext,
+                      check_targets: bool) -> torch.Tensor:
+        """The repeat/explore mixture's NLL over materialised [N, V] logits."""
         if hidden.shape[0] == 0:
-            return _no_targets_loss(hidden, self.weight) + sum(p.sum() * 0.0 for p in self._repeat_parameters())
+            return _no_targets_loss(hidden, self.weight, self.repeat_weight, *self.repeat_gate.parameters())
         if check_targets:
             _check_targets(targets, self.weight.shape[0])
         logits = (hidden @ self.weight.T).float()  # [N, V]; the GEMM in the autocast dtype
-        if self.repeat_gate is None:
-            logits = add_repeat_scores(logits, repeat, self.repeat_weight)
-            return nn.functional.cross_entropy(logits[:, FIRST_ITEM_ID:], targets - FIRST_ITEM_ID,
-                                               label_smoothing=self.label_smoothing)
         log_probs = self._mixture(logits[:, FIRST_ITEM_ID:], hidden, repeat)
         return _smoothed_nll(log_probs, targets - FIRST_ITEM_ID, self.label_smoothing).mean()
-
-    def _repeat_parameters(self) -> list[nn.Parameter]:
-        return [self.repeat_weight, *(self.repeat_gate.parameters() if self.repeat_gate is not None else ())]
 
     def _mixture(self, logits: torch.Tensor, hidden: torch.Tensor, repeat: RepeatContext) -> torch.Tensor:
         """`repeat_explore_log_probs` of logits [N, C] with this head's weights; the gate in fp32."""
