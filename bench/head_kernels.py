@@ -28,7 +28,12 @@ chunk kernel, so the figures say what the time goes to:
   GEMM's logits read twice and overwritten by their gradient, 4,096 columns a block, 8 warps a row;
   one buffer per chunk, so chunks of twice the rows;
 - `triton-2k`, `triton-8k`, `triton-32k`: the same with blocks of 2,048 columns and 4 warps, 8,192
-  and 16, 32,768 and 32 (more programs per SM against fewer, longer loop iterations).
+  and 16, 32,768 and 32 (more programs per SM against fewer, longer loop iterations);
+- `eager-repeat-bias`, `bare-repeat-bias`, `compiled-repeat-bias`, `triton-repeat-bias`: the loss of
+  `model.repeat_bias`, a SparseBias of REPEAT_EVENTS session items per row added to the logits, through
+  each kernel; `bare-repeat-bias` is the biased cross-entropy of the whole [N, V] logits (compiled),
+  as raytr computed it until 2026-12-06. They compare with `eager-repeat-bias` (error) and
+  `bare-repeat-bias` (speed); a variant that runs out of memory is recorded as such, not as an error.
 
 Each row also says whether the variant computes eager's loss and gradients (relative error). On the
 CPU (--device cpu) it runs at a small size; the tests run it that way.
@@ -55,8 +60,24 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 
+REPEAT = "-repeat-bias"  # the suffix of the variants with the repeat bias's SparseBias
 VARIANTS = ("bare", "eager", "compiled", "triton", "triton-2k", "triton-8k", "triton-32k", "compiled-static",
-            "compiled-auto", "compiled-inplace", "compiled-no-online", "compiled-tuned", "compiled-two-pass")
+            "compiled-auto", "compiled-inplace", "compiled-no-online", "compiled-tuned", "compiled-two-pass",
+            "bare" + REPEAT, "eager" + REPEAT, "compiled" + REPEAT, "triton" + REPEAT)
+REPEAT_EVENTS = 20  # the 1M config's sequence length: the session items a row's repeat bias names
+
+
+def measurement_order(variants: list[str]) -> list[str]:
+    """Each family (plain, then with the repeat bias) in turn: its eager variant first (the others'
+    loss and gradients are compared with its; measured even when not asked for), then its bare
+    loop (the others' speed), then the rest as given."""
+    order = []
+    for suffix in ("", REPEAT):
+        members = [v for v in variants if v.endswith(REPEAT) == bool(suffix)]
+        if members:
+            firsts = ["eager" + suffix] + [v for v in ("bare" + suffix,) if v in members]
+            order += firsts + [v for v in members if v not in firsts]
+    return order
 
 
 def _softmax_stats(logits, targets, valid, num_classes: int, smoothing: float):
@@ -106,15 +127,20 @@ def two_pass_kernel():
     return ChunkKernel(chunk, buffers="logits_and_grad")
 
 
-def loss_function(variant: str, chunk_size: int | None, device) -> tuple[Callable, Any]:
-    """((hidden [N, D], weight [V, D], targets [N]) -> mean loss, the chunk kernel or None) for `variant`."""
+def loss_function(variant: str, chunk_size: int | None, device, repeat) -> tuple[Callable, Any]:
+    """((hidden [N, D], weight [V, D], targets [N]) -> mean loss, the chunk kernel or None) for `variant`;
+    `repeat` is the SparseBias the -repeat-bias variants add."""
     import torch
     import torch.nn.functional as F
 
     from raytr.models import head
 
-    if variant == "bare":
+    bias = repeat if variant.endswith(REPEAT) else None
+    variant = variant.removesuffix(REPEAT)
+    if variant == "bare" and bias is None:
         return torch.compile(lambda h, w, t: F.cross_entropy((h @ w.T).float(), t)), None
+    if variant == "bare":
+        return torch.compile(lambda h, w, t: F.cross_entropy((h @ w.T).float().scatter_add(1, *bias), t)), None
     def fused(**compile_args) -> head.ChunkKernel:
         return head.ChunkKernel(torch.compile(head._fusable_chunk_loss_and_grads, dynamic=True, **compile_args),
                                 buffers="logits_and_grad")
@@ -138,7 +164,8 @@ def loss_function(variant: str, chunk_size: int | None, device) -> tuple[Callabl
     if variant not in kernels:
         raise SystemExit(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     kernel = kernels[variant]()
-    return lambda h, w, t: head.chunked_cross_entropy(h, w, t, chunk_size, check_targets=False, kernel=kernel), kernel
+    return (lambda h, w, t: head.chunked_cross_entropy(h, w, t, chunk_size, check_targets=False, kernel=kernel,
+                                                       bias=bias)), kernel
 
 
 def measure(variant: str, inputs: tuple, args, reference: dict[str, Any] | None) -> dict[str, Any]:
@@ -147,8 +174,8 @@ def measure(variant: str, inputs: tuple, args, reference: dict[str, Any] | None)
     from bench.train import _autocast
     from raytr.models.head import chunk_rows
 
-    hidden, weight, targets = inputs
-    fn, kernel = loss_function(variant, args.chunk_size, hidden.device)
+    hidden, weight, targets, repeat = inputs
+    fn, kernel = loss_function(variant, args.chunk_size, hidden.device, repeat)
     cuda = hidden.device.type == "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]  # sizes the chunks
 
@@ -201,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     import torch
+    from raytr.models.head import SparseBias
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU here (use --device cpu)")
@@ -213,7 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     hidden = torch.randn(n, d_model, generator=gen).to(args.device).requires_grad_()
     weight = (torch.randn(items, d_model, generator=gen) * 0.02).to(args.device).requires_grad_()
     targets = torch.randint(3, items, (n,), generator=gen).to(args.device)
+    # A repeat bias over REPEAT_EVENTS events per row: each item seen at two of them, scores of 0-3.
+    columns = torch.randint(3, items, (n, REPEAT_EVENTS // 2), generator=gen).repeat(1, 2)
+    repeat = SparseBias(columns.to(args.device), (torch.rand(n, REPEAT_EVENTS, generator=gen) * 3).to(args.device))
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.variants is None:
         from raytr.models.head import triton_kernel
 
@@ -222,27 +256,32 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # e.g. the CPU without Triton's interpreter
             print(f"leaving out the triton variants: {err}", flush=True)
             variants = [v for v in variants if not v.startswith("triton")]
-    # eager first (every other variant's loss and gradients are compared with its), then the bare loop
-    order = ["eager"] + [v for v in ("bare",) if v in variants] + [v for v in variants if v not in ("eager", "bare")]
     stamp = {"measured": timestamp(started), "code": args.code or code_version(), "gpu": gpu_name()}
-    reference, bare, results = None, None, []
-    for variant in order:
+    references, bares, results = {}, {}, []
+    for variant in measurement_order(variants):
+        family = REPEAT if variant.endswith(REPEAT) else ""
         torch._dynamo.reset()
         try:
-            row = measure(variant, (hidden, weight, targets), args, reference)
+            row = measure(variant, (hidden, weight, targets, repeat), args, references.get(family))
+        except torch.OutOfMemoryError as err:  # a finding (the materialised loss at 10^6 items), not a failure
+            row = {"variant": variant, "out_of_memory": str(err).split("\n")[0][:200]}
+            torch.cuda.empty_cache()  # give the next variant back what the failed one held
         except Exception as err:  # one failing variant must not lose the others' figures
             row = {"variant": variant, "error": repr(err)[:400]}
-        if variant == "eager" and "error" not in row:
-            reference = row
-        if variant == "bare" and "error" not in row:
-            bare = row
-            for earlier in results:  # eager, measured before it
-                if "ms_per_step" in earlier:
-                    earlier["speed_vs_bare"] = bare["ms_per_step"] / earlier["ms_per_step"]
+        hidden.grad = weight.grad = None  # what a failed step left
+        measured = "ms_per_step" in row
+        if variant == "eager" + family and measured:
+            references[family] = row
+        if variant == "bare" + family and measured:
+            bares[family] = row
+            for earlier in results:  # its family's eager, measured before it
+                if "ms_per_step" in earlier and earlier["variant"] == "eager" + family:
+                    earlier["speed_vs_bare"] = row["ms_per_step"] / earlier["ms_per_step"]
         out = {k: v for k, v in row.items() if not k.startswith("grad_") or k.endswith("_rel_error")}
-        if bare is not None and "error" not in row:
-            out["speed_vs_bare"] = bare["ms_per_step"] / row["ms_per_step"]
-        print(f"{variant:18} " + (f"ERROR {row['error']}" if "error" in row else
+        if family in bares and measured:
+            out["speed_vs_bare"] = bares[family]["ms_per_step"] / row["ms_per_step"]
+        print(f"{variant:20} " + (f"ERROR {row['error']}" if "error" in row else
+                                  f"OUT OF MEMORY {row['out_of_memory']}" if not measured else
               f"{row['ms_per_step']:9.2f} ms/step  speed/bare {out.get('speed_vs_bare', float('nan')):5.2f}  "
               f"peak {row['peak_mem_gb'] or float('nan'):6.2f} GB  chunk rows {row.get('chunk_rows', '-')}  "
               f"rel. error vs eager: loss {row.get('loss_rel_error', 0):.1e}, "

@@ -748,11 +748,14 @@ def section_head_kernels(res: dict[str, Any] | None) -> list[str]:
            f"{res['targets']:,} target rows, {res['items']:,} items, D={res['d_model']}, {res['precision']}, forward "
            f"and backward, {res['steps']} timed steps after {res['warmup']}. *speed ÷ bare*: the bare loop's ms ÷ the "
            "variant's (above 1 is faster); *error*: relative to the eager kernel's loss and gradients (the bare "
-           "loop's softmax also counts the three reserved ids).", ""]
+           "loop's softmax also counts the three reserved ids). The `-repeat-bias` rows add the repeat bias "
+           "(a SparseBias of 20 session items per row) and compare with `eager-repeat-bias` and `bare-repeat-bias`, "
+           "the materialised biased loss raytr ran until 2026-12-06.", ""]
     body = []
     for r in res["results"]:
-        if "error" in r:
-            body.append([r["variant"], "error: " + r["error"][:60], "", "", "", ""])
+        if "error" in r or "out_of_memory" in r:
+            what = "error: " + r["error"][:60] if "error" in r else "out of memory"
+            body.append([r["variant"], what, "", "", "", ""])
             continue
         errors = (" / ".join(f"{r[k]:.0e}" for k in ("loss_rel_error", "grad_hidden_rel_error", "grad_weight_rel_error"))
                   if "loss_rel_error" in r else "(reference)")

@@ -155,23 +155,29 @@ def test_report_quality_target_counts_the_seeds_that_beat_the_first_runs_baselin
 
 def test_head_kernels_variants_compute_eagers_loss_and_gradients(tmp_path, monkeypatch):
     """bench/head_kernels.py on the CPU: every variant runs, in several chunks with a partial last one,
-    and gives eager's loss and gradients (fp32: the compiled kernels to rounding; the bare loop's
-    softmax also counts the three reserved ids, a 1e-4-sized difference)."""
+    and gives its family's eager loss and gradients (fp32: the compiled kernels to rounding; the bare
+    loop's softmax also counts the three reserved ids, a 1e-4-sized difference); the -repeat-bias
+    family adds the repeat bias to each kernel and to the materialised bare loss alike."""
     import json
 
     import bench.common
-    from bench.head_kernels import VARIANTS, main
+    from bench.head_kernels import REPEAT, VARIANTS, main
 
     monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
     assert main(["--device", "cpu", "--items", "500", "--d-model", "16", "--targets", "200", "--chunk-size", "64",
                  "--precision", "fp32", "--warmup", "1", "--steps", "1", "--output", "head"]) == 0
     result = json.loads((tmp_path / "head.json").read_text())
     rows = {r["variant"]: r for r in result["results"]}
-    assert list(rows) == ["eager", *[v for v in VARIANTS if v != "eager"]]
-    assert all(r["chunk_rows"] == 64 for v, r in rows.items() if v != "bare")
-    assert rows["eager"]["speed_vs_bare"] > 0 and "loss_rel_error" not in rows["eager"]  # the reference
-    for variant, row in [(v, r) for v, r in rows.items() if v != "eager"]:
-        bound = 1e-2 if variant == "bare" else 1e-5
+    plain = [v for v in VARIANTS if not v.endswith(REPEAT)]
+    assert list(rows) == ["eager", "bare", *[v for v in plain if v not in ("eager", "bare")],
+                          "eager-repeat-bias", "bare-repeat-bias", "compiled-repeat-bias", "triton-repeat-bias"]
+    assert all(r["chunk_rows"] == 64 for v, r in rows.items() if not v.startswith("bare"))
+    for reference in ("eager", "eager-repeat-bias"):  # each family's reference, and timed against its bare loop
+        assert rows[reference]["speed_vs_bare"] > 0 and "loss_rel_error" not in rows[reference]
+    # The biased losses are the plain ones plus the bias: compared with the plain eager they would differ.
+    assert abs(rows["eager-repeat-bias"]["loss"] - rows["eager"]["loss"]) > 1e-3 * rows["eager"]["loss"]
+    for variant, row in [(v, r) for v, r in rows.items() if not v.startswith("eager")]:
+        bound = 1e-2 if variant.startswith("bare") else 1e-5
         assert row["loss_rel_error"] <= bound and row["grad_hidden_rel_error"] <= bound, (variant, row)
         assert row["grad_weight_rel_error"] <= bound, (variant, row)
         assert row["ms_per_step"] > 0 and row["speed_vs_bare"] > 0
