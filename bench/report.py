@@ -686,7 +686,7 @@ def gpu_not_measured(train_gpu: dict[str, Any] | None, loader_gpu: dict[str, Any
         elif label == "loader":
             gaps += [f"loader {e}" for e in lacking]
         else:
-            gaps.append("the loss kernels (head_kernels.py)")
+            gaps.append("the loss kernels (head_kernels.py)" + (f" {'/'.join(lacking)}" if lacks_some(label, lacking) else ""))
     return gaps
 
 

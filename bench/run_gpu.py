@@ -14,7 +14,7 @@ process and adds to the JSON already there (`--merge`): a session cut short keep
 and the next one carries on with `--skip`, or with `--missing`: the steps whose results are not all in
 bench/results/ (`missing_runs`; REPORT.md lists the same), the ones measured not at all first, then
 those that lack some implementation (their whole config and precision runs again, since a re-measured
-group replaces its rows). The profile is a diagnosis, not a result: `--missing` leaves it out.
+group replaces its rows) or some loss-kernel variant (head_kernels.py runs whole and rewrites its file). The profile is a diagnosis, not a result: `--missing` leaves it out.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_code_argument, read_result, run_benchmarks  # noqa: E402
+from bench.head_kernels import VARIANTS as HEAD_KERNEL_VARIANTS  # noqa: E402
 from bench.loader import ENGINES as LOADER_ENGINES  # noqa: E402
 
 # The Trainer with CUDA graphs against the bare loop, then what could cut the host time left outside
@@ -62,8 +63,9 @@ def gpu_steps(configs: list[str], precisions: list[str], code: str | None = None
 def missing_runs(train: dict[str, Any] | None, loader: dict[str, Any] | None,
                  head_kernels: dict[str, Any] | None) -> dict[str, list[str]]:
     """The steps of the full set whose results are not all there (results that carry an `error`
-    count as missing): {step label: the implementations or loader engines it lacks, all of them
-    when it was never measured}; the loss kernels' step is all or nothing ([])."""
+    count as missing; a loss kernel that ran out of memory was measured): {step label: the
+    implementations, loss kernel variants or loader engines it lacks, all of them when it was never
+    measured}."""
     missing: dict[str, list[str]] = {}
     have = {(r["config"], r["precision"], r["impl"]) for r in (train or {}).get("results", []) if "error" not in r}
     for cfg in TRAIN_ORDER:
@@ -71,8 +73,10 @@ def missing_runs(train: dict[str, Any] | None, loader: dict[str, Any] | None,
             lacking = [i for i in TRAIN_IMPLS[cfg].split(",") if (cfg, precision, i) not in have]
             if lacking:
                 missing[f"train-{cfg}-{precision}"] = lacking
-    if not any("error" not in r for r in (head_kernels or {}).get("results", [])):
-        missing["head-kernels"] = []
+    measured = {r["variant"] for r in (head_kernels or {}).get("results", []) if "error" not in r}
+    lacking = [v for v in HEAD_KERNEL_VARIANTS if v not in measured]
+    if lacking:
+        missing["head-kernels"] = lacking
     ok = {r["engine"] for r in (loader or {}).get("results", []) if "error" not in r}
     lacking = [e for e in LOADER_ENGINES if e not in ok]
     if lacking:
@@ -81,7 +85,10 @@ def missing_runs(train: dict[str, Any] | None, loader: dict[str, Any] | None,
 
 
 def lacks_some(label: str, lacking: list[str]) -> bool:
-    """Whether a missing train step (`missing_runs`) was measured in part: some implementations are there."""
+    """Whether a missing train or loss-kernel step (`missing_runs`) was measured in part: some
+    implementations or variants are there (it runs whole again, after the steps never measured)."""
+    if label == "head-kernels":
+        return len(lacking) < len(HEAD_KERNEL_VARIANTS)
     return label.startswith("train-") and len(lacking) < len(TRAIN_IMPLS[label.split("-")[1]].split(","))
 
 

@@ -91,6 +91,7 @@ def test_report_names_each_gpu_target_lines_gpu():
 
 
 def test_report_lists_every_gpu_run_missing_from_run_gpus_full_set():
+    from bench.head_kernels import VARIANTS
     from bench.loader import ENGINES
     from bench.report import gpu_not_measured
     from bench.run_gpu import TRAIN_IMPLS, TRAIN_ORDER
@@ -99,17 +100,22 @@ def test_report_lists_every_gpu_run_missing_from_run_gpus_full_set():
             for impl in TRAIN_IMPLS[cfg].split(",")]
     complete = {"results": rows}
     loaders = {"results": [{"engine": e} for e in ENGINES]}
-    assert gpu_not_measured(complete, loaders, {"results": [{"variant": "bare"}]}) == []
+    every_kernel = {"results": [{"variant": v} for v in VARIANTS]}
+    assert gpu_not_measured(complete, loaders, every_kernel) == []
     partial = {"results": [r for r in rows if not (r["config"] == "300k" or (r["config"], r["precision"], r["impl"])
                                                    == ("5k", "bf16", "raytr-ray-cudagraphs"))]}
     loaders["results"][0]["error"] = "failed"
     assert gpu_not_measured(partial, loaders, {"results": [{"variant": "bare", "error": "failed"}]}) == [
         "training 5k bf16 raytr-ray-cudagraphs", "training 300k fp16", "training 300k bf16",
         "the loss kernels (head_kernels.py)", f"loader {ENGINES[0]}"]
+    some_kernels = {"results": [{"variant": v} for v in VARIANTS if not v.endswith("-repeat-bias")]}
+    assert gpu_not_measured(complete, {"results": [{"engine": e} for e in ENGINES]}, some_kernels) == [
+        "the loss kernels (head_kernels.py) bare-repeat-bias/eager-repeat-bias/compiled-repeat-bias/triton-repeat-bias"]
 
 
 def test_run_gpu_missing_runs_whole_gaps_first_then_regroups_partial_ones():
     from bench.loader import ENGINES
+    from bench.head_kernels import VARIANTS
     from bench.run_gpu import TRAIN_IMPLS, TRAIN_ORDER, gpu_steps, missing_runs, missing_steps
 
     rows = [_row(cfg, precision, impl, 1.0, "day1") for cfg in TRAIN_ORDER for precision in ("fp16", "bf16")
@@ -118,9 +124,19 @@ def test_run_gpu_missing_runs_whole_gaps_first_then_regroups_partial_ones():
     rows.append({**_row("300k", "bf16", "bare-compiled", 0.0, "day1"), "error": "out of memory"})  # counts as missing
     missing = missing_runs({"results": rows}, {"results": [{"engine": e} for e in ENGINES]}, None)
     assert missing == {"train-5k-fp16": ["raytr-ray-cudagraphs"], "train-1M-bf16": TRAIN_IMPLS["1M"].split(","),
-                       "train-300k-bf16": TRAIN_IMPLS["300k"].split(","), "head-kernels": []}
+                       "train-300k-bf16": TRAIN_IMPLS["300k"].split(","), "head-kernels": list(VARIANTS)}
     labels = [label for label, _ in missing_steps(gpu_steps(list(TRAIN_ORDER), ["fp16", "bf16"]), missing)]
     assert labels == ["head-kernels", "train-1M-bf16", "train-300k-bf16", "train-5k-fp16"]  # no profile
+
+    # The loss kernels measured in part (a variant out of memory counts as measured, an error does not):
+    # their step runs again whole, after the steps never measured.
+    kernels = {"results": [{"variant": v} for v in VARIANTS if v not in ("compiled-tuned", "eager-repeat-bias")]}
+    kernels["results"] += [{"variant": "compiled-tuned", "error": "RuntimeError()"},
+                           {"variant": "bare-repeat-bias", "out_of_memory": "CUDA out of memory"}]
+    missing = missing_runs({"results": rows}, {"results": [{"engine": e} for e in ENGINES]}, kernels)
+    assert missing["head-kernels"] == ["compiled-tuned", "eager-repeat-bias"]
+    labels = [label for label, _ in missing_steps(gpu_steps(list(TRAIN_ORDER), ["fp16", "bf16"]), missing)]
+    assert labels == ["train-1M-bf16", "train-300k-bf16", "head-kernels", "train-5k-fp16"]
 
 
 def test_report_quality_target_counts_the_seeds_that_beat_the_first_runs_baselines():
