@@ -265,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(variant, (hidden, weight, targets, repeat), args, references.get(family))
         except torch.OutOfMemoryError as err:  # a finding (the materialised loss at 10^6 items), not a failure
             row = {"variant": variant, "out_of_memory": str(err).split("\n")[0][:200]}
-            torch.cuda.empty_cache()  # give the next variant back what the failed one held
+            hidden.grad = weight.grad = None  # what the failed step left, then the cache: the next variant gets both back
+            torch.cuda.empty_cache()
         except Exception as err:  # one failing variant must not lose the others' figures
             row = {"variant": variant, "error": repr(err)[:400]}
-        hidden.grad = weight.grad = None  # what a failed step left
         measured = "ms_per_step" in row
         if variant == "eager" + family and measured:
             references[family] = row
