@@ -110,9 +110,9 @@ class ModelConfig:
         (a repeat distribution: attention over its events by the item's score and a learned weight
         per distance) or from the whole catalog (the softmax), mixed by a gate the model computes at
         each position: how likely this session is to go back to an item, rather than one fixed
-        bonus. Scores are then log-probabilities. CLM with the full softmax only; its loss
-        materialises the [targets, catalog] logits (no chunking), so it suits catalogs up to ~100k
-        items. It replaces repeat_bias (set one of the two).
+        bonus. Scores are then log-probabilities. CLM with the full softmax only; its loss needs the
+        catalog only through each position's logsumexp, taken in chunks (any catalog size). It
+        replaces repeat_bias (set one of the two).
     score_temperature: at scoring time only (training never reads it), the catalog logits are
         divided by it before the repeat bias is added, or before the mixture's softmax. The balance
         between the session's own items and the rest is learned on the training days, where the

@@ -231,7 +231,7 @@ def test_empty_targets_reach_the_repeat_parameters(variant):
 
 def test_repeat_bias_loss_materialises_only_chunks():
     """The head's repeat-bias loss goes through the chunked kernel with the bias in each chunk: no
-    [N, V] logits (the mixture's loss still materialises them), and the loss and the repeat weight's
+    [N, V] logits, and the loss and the repeat weight's
     gradient are those of the materialised biased logits."""
     from raytr.config import ModelConfig
     from raytr.models.head import NextItemHead, RepeatContext, add_repeat_scores
@@ -261,6 +261,108 @@ def test_repeat_bias_loss_materialises_only_chunks():
     assert torch.allclose(got[0], ref, atol=1e-5)
     assert torch.allclose(got[1], hidden.grad, atol=1e-6)
     assert got[2].abs().sum() > 0 and torch.allclose(got[2], head.repeat_weight.grad, atol=1e-6)
+
+
+def _mixture_case(chunk: int | None = None, V: int = 23, D: int = 8, seed: int = 0):
+    """Six sessions of eight events (repeats, padding, OOV and null events, a session of OOV only)
+    scored at every position; returns the context, targets, hidden, weight, repeat weight and gate."""
+    from raytr.models.head import RepeatContext
+
+    gen = torch.Generator().manual_seed(seed)
+    T = 8
+    ids = torch.randint(FIRST_ITEM_ID, min(V, FIRST_ITEM_ID + 6), (6, T), generator=gen)  # few items: repeats
+    ids[1, 5:] = PAD_ID
+    ids[2, 2] = OOV_ID
+    ids[2, 4] = NULL_ID
+    ids[3] = OOV_ID  # nothing to repeat
+    rows, positions = torch.arange(6).repeat_interleave(T), torch.arange(T).repeat(6)
+    context = RepeatContext.at(ids, rows, positions)
+    # Half the targets an item of the session (the next event's, where it is a real item), half any.
+    session_item = ids[rows, (positions + 1) % T]
+    anything = torch.randint(FIRST_ITEM_ID, V, (rows.numel(),), generator=gen)
+    targets = torch.where((session_item >= FIRST_ITEM_ID) & (positions % 2 == 0), session_item, anything)
+    hidden = torch.randn(rows.numel(), D, generator=gen, requires_grad=True)
+    weight = torch.randn(V, D, generator=gen, requires_grad=True)
+    repeat_weight = torch.linspace(1.5, -0.5, T).requires_grad_()
+    gate = torch.randn(rows.numel(), generator=gen).requires_grad_()
+    return context, targets, hidden, weight, repeat_weight, gate
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_repeat_explore_loss_equals_the_materialised_mixture(chunk_size, smoothing):
+    """The mixture's loss without [N, V] logits equals the label-smoothed NLL of the mixture's
+    materialised log-probabilities (`repeat_explore_log_probs`, what scoring returns), in value and
+    in the gradients of hidden, the item table, the repeat weight and the gate."""
+    from raytr.models.head import repeat_explore_log_probs, repeat_explore_loss
+
+    context, targets, hidden, weight, repeat_weight, gate = _mixture_case()
+    leaves = (hidden, weight, repeat_weight, gate)
+    loss = repeat_explore_loss(hidden, weight, targets, context, repeat_weight, gate, chunk_size, smoothing)
+    grads = torch.autograd.grad(loss, leaves)
+
+    log_p = repeat_explore_log_probs((hidden @ weight.T)[:, FIRST_ITEM_ID:], context, repeat_weight, gate)
+    nll = -log_p.gather(1, (targets - FIRST_ITEM_ID)[:, None]).squeeze(1)
+    ref = ((1 - smoothing) * nll - smoothing * log_p.mean(dim=1)).mean()
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert torch.allclose(loss, ref, atol=1e-5), (loss, ref)
+    for name, g, r in zip(("hidden", "weight", "repeat_weight", "gate"), grads, ref_grads):
+        assert r.abs().sum() > 0 and torch.allclose(g, r, atol=1e-5), name
+    assert not grads[1][:FIRST_ITEM_ID].any()  # padding, null and OOV rows are not classes
+    # The rows of the OOV-only session (3) are the plain softmax: no gradient reaches their gate.
+    assert not grads[3][context.items[:, 0] == OOV_ID].any()
+
+
+def test_chunked_logsumexp_equals_torch_and_keeps_fp32_reductions_under_autocast():
+    from raytr.models.head import chunked_logsumexp
+
+    hidden, weight, _ = _case(N=40, V=50, D=8)
+    upstream = torch.rand(40)
+    lse = chunked_logsumexp(hidden, weight, chunk_size=16)
+    grads = torch.autograd.grad((lse * upstream).sum(), (hidden, weight))
+    ref = (hidden @ weight[FIRST_ITEM_ID:].T).logsumexp(dim=1)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
+    assert torch.allclose(lse, ref, atol=1e-5)
+    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
+    assert not grads[1][:FIRST_ITEM_ID].any()
+    with OpRecorder() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        low = chunked_logsumexp(hidden, weight, chunk_size=16)
+        torch.autograd.grad(low.sum(), (hidden, weight))
+    assert low.dtype == torch.float32 and torch.allclose(low, ref, atol=0.05 * ref.abs().max().item())
+    assert rec.softmax_dtypes and all(d == torch.float32 for d in rec.softmax_dtypes)
+    # One GEMM per chunk forward, three per chunk backward (the softmax made again), all in bf16.
+    assert len(rec.matmul_dtypes) == 4 * 3 and all(d == torch.bfloat16 for d in rec.matmul_dtypes)
+
+
+def test_repeat_mixture_loss_materialises_only_chunks():
+    """The head's mixture loss holds one chunk of logits at most, and equals the materialised one."""
+    from raytr.config import ModelConfig
+    from raytr.models.head import NextItemHead, repeat_explore_log_probs
+
+    V, D, chunk = 3000, 8, 32
+    context, targets, hidden, _, _, _ = _mixture_case(V=V, D=D)
+    T = context.items.shape[1]
+    head = NextItemHead(ModelConfig(d_model=D, repeat_mixture=True, logits_chunk_size=chunk), num_items=V,
+                        max_sequence_length=T)
+    with torch.no_grad():
+        head.repeat_weight.copy_(torch.linspace(2.0, -0.5, T))
+        head.repeat_gate.bias.fill_(0.5)
+    with OpRecorder() as rec:
+        loss = head(hidden, targets, repeat=context)
+        loss.backward()
+    padded = -(-V // CLASS_ALIGNMENT) * CLASS_ALIGNMENT
+    assert rec.largest <= chunk * padded < hidden.shape[0] * V, rec.largest
+    got = (loss.detach(), hidden.grad.clone(), head.repeat_weight.grad.clone(), head.weight.grad.clone())
+
+    head.zero_grad()
+    hidden.grad = None
+    log_p = repeat_explore_log_probs((hidden @ head.weight.T)[:, FIRST_ITEM_ID:], context, head.repeat_weight,
+                                     head.repeat_gate(hidden).squeeze(1))
+    ref = -log_p.gather(1, (targets - FIRST_ITEM_ID)[:, None]).mean()
+    ref.backward()
+    assert torch.allclose(got[0], ref, atol=1e-5)
+    for g, r in zip(got[1:], (hidden.grad, head.repeat_weight.grad, head.weight.grad)):
+        assert r.abs().sum() > 0 and torch.allclose(g, r, atol=1e-6)
 
 
 # The peak resident memory of the process's own address space (VmHWM). Not ru_maxrss: Linux keeps that

@@ -5,6 +5,8 @@ Losses are named pure functions over (hidden, weight, targets):
   in the same pass as its loss (a fused linear + cross-entropy), so [N, V] logits never exist at
   once and backward recomputes nothing; optionally with a `SparseBias` added to a few logits of
   each row (the repeat bias), which moves every row's normaliser, so it goes into each chunk;
+- `repeat_explore_loss`: the repeat/explore mixture's NLL, the catalog reached only through each
+  row's chunked logsumexp (`chunked_logsumexp`);
 - `sampled_softmax_loss`: shared log-uniform negatives with logQ correction.
 Only ids FIRST_ITEM_ID..V-1 are classes: padding (0), null (1) and OOV (2) are never predicted.
 
@@ -517,6 +519,36 @@ def add_repeat_scores(scores: torch.Tensor, context: RepeatContext, weight: torc
 REPEAT_PROB_FLOOR = 1e-30
 
 
+def _repeat_attention(event_logits: torch.Tensor, context: RepeatContext,
+                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The repeat distribution's attention over each row's events: (probs [N, T], has_repeat [N]).
+
+    event_logits [N, T] fp32: the catalog logit of each event's item; an event counts when it is a
+    real item at or before the scored position (distance >= 0), with score event_logits + weight[d]
+    (beyond R - 1 the last entry). probs are 0 at every other event, and everywhere in a row
+    without one (has_repeat False)."""
+    keep = (context.distance >= 0) & (context.items >= FIRST_ITEM_ID)  # [N, T]
+    steps = context.distance.clamp(0, weight.shape[0] - 1)
+    attention = (event_logits + weight.float()[steps]).masked_fill(~keep, float("-inf"))  # [N, T]
+    has_repeat = keep.any(dim=1)  # [N]
+    # A row with no event is normalised over zeros instead: its logsumexp of -inf would put NaN into
+    # the gradients, though its repeat mass is gated off.
+    norm = torch.where(has_repeat[:, None], attention, 0.0).logsumexp(dim=1, keepdim=True)  # [N, 1]
+    return (attention - norm).exp(), has_repeat
+
+
+def _gate_logs(gate_logit: torch.Tensor, has_repeat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log g, log(1 - g)) [N] of g = sigmoid(gate_logit): (-inf, 0) in a row with nothing to repeat."""
+    gate = gate_logit.float()
+    return (torch.where(has_repeat, nn.functional.logsigmoid(gate), float("-inf")),
+            torch.where(has_repeat, nn.functional.logsigmoid(-gate), 0.0))
+
+
+def _log_mass(p: torch.Tensor) -> torch.Tensor:
+    """log p, -inf where p is 0, and no NaN gradient there."""
+    return torch.where(p > 0, p.clamp_min(REPEAT_PROB_FLOOR).log(), float("-inf"))
+
+
 def repeat_explore_log_probs(logits: torch.Tensor, context: RepeatContext, weight: torch.Tensor,
                              gate_logit: torch.Tensor) -> torch.Tensor:
     """log p(item) of the repeat/explore mixture, over the classes FIRST_ITEM_ID..V-1.
@@ -527,22 +559,98 @@ def repeat_explore_log_probs(logits: torch.Tensor, context: RepeatContext, weigh
     attends over the row's events (distance >= 0, real items) with score logits[item] + weight[d]
     and gives each item the attention of its occurrences. A row without such an event is the
     softmax alone. Returns [N, C]; exactly -inf nowhere (the softmax is never 0 in fp32 logs).
+    Scoring only: `repeat_explore_loss` is the same model's loss without the [N, C] logits.
     """
+    columns = (context.items - FIRST_ITEM_ID).clamp_min(0)  # [N, T]; masked events: column 0, no mass
+    probs, has_repeat = _repeat_attention(logits.gather(1, columns), context, weight)
+    repeat = torch.zeros_like(logits).scatter_add(1, columns, probs)  # [N, C] P_repeat
+    log_gate, log_explore_gate = _gate_logs(gate_logit, has_repeat)
+    return torch.logaddexp(log_gate[:, None] + _log_mass(repeat),
+                           log_explore_gate[:, None] + logits.log_softmax(dim=1))
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """logsumexp [N] over the real classes of `hidden @ weight.T`, in row chunks: GEMMs in `dtype`,
+    the reduction in fp32. Backward makes each chunk's softmax again: its gradient is the softmax
+    weighted by a per-row upstream gradient forward cannot know, so it cannot be made in advance
+    as `_LinearCrossEntropy`'s is (one more GEMM per chunk than that loss)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            w, valid = _padded_weight(weight, dtype)
+            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+            for start in range(0, h.shape[0], rows):
+                logits = (h[start:start + rows] @ w.T).float().masked_fill_(~valid, float("-inf"))
+                lse[start:start + rows] = logits.logsumexp(dim=1)
+        ctx.save_for_backward(hidden, weight, lse)
+        ctx.rows, ctx.dtype = rows, dtype
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        hidden, weight, lse = ctx.saved_tensors
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(ctx.dtype)
+            w, valid = _padded_weight(weight, ctx.dtype)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = None
+            for start in range(0, h.shape[0], ctx.rows):
+                stop = min(start + ctx.rows, h.shape[0])
+                logits = (h[start:stop] @ w.T).float().masked_fill_(~valid, float("-inf"))
+                grad = logits.sub_(lse[start:stop, None]).exp_().mul_(grad_lse[start:stop, None]).to(ctx.dtype)
+                grad_hidden[start:stop] = grad @ w
+                g_w = grad.T @ h[start:stop]
+                grad_weight = g_w.float() if grad_weight is None else grad_weight.add_(g_w)
+        return grad_hidden, grad_weight[: weight.shape[0]].to(weight.dtype), None, None
+
+
+def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """logsumexp [N] fp32 over the classes FIRST_ITEM_ID..V-1 of `hidden @ weight.T`, never holding
+    more than one chunk of logits (`chunk_rows`, as `chunked_cross_entropy` with the eager kernel).
+    hidden [N, D] (N >= 1), weight [V, D]; under autocast the GEMMs run in its dtype."""
+    dtype = _compute_dtype(hidden)
+    rows = chunk_rows(chunk_size, weight.shape[0], hidden.device, EAGER_KERNEL.bytes_per_logit(dtype))
+    return _ChunkedLogSumExp.apply(hidden, weight, rows, dtype)
+
+
+def repeat_explore_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, context: RepeatContext,
+                        repeat_weight: torch.Tensor, gate_logit: torch.Tensor, chunk_size: int | None = None,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean label-smoothed NLL of `targets` under the repeat/explore mixture (`repeat_explore_log_probs`
+    of `hidden @ weight.T`), without [N, V] logits: the mixture needs the catalog only through each
+    row's logsumexp (`chunked_logsumexp`) and, with smoothing, the sum of its logits (one
+    matrix-vector product); the rest are the logits of the target and of the row's T events.
+
+    With z the logits, L their logsumexp and a(i) = log g + log P_repeat(i), b(i) = log(1 - g) + z(i) - L,
+    log p(i) = logaddexp(a(i), b(i)), and a(i) = -inf for every item not in the row's session, so the
+    mean over the C classes is (sum_i b(i) + sum over the session's items of (log p(i) - b(i))) / C.
+    hidden [N, D] (N >= 1), weight [V, D], targets [N] in FIRST_ITEM_ID..V-1, gate_logit [N].
+    """
+    dtype = _compute_dtype(hidden)
     items = context.items
-    keep = (context.distance >= 0) & (items >= FIRST_ITEM_ID)  # [N, T]
-    columns = (items - FIRST_ITEM_ID).clamp_min(0)  # [N, T]; masked events point at column 0, with 0 mass
-    steps = context.distance.clamp(0, weight.shape[0] - 1)
-    attention = (logits.gather(1, columns) + weight.float()[steps]).masked_fill(~keep, float("-inf"))  # [N, T]
-    has_repeat = keep.any(dim=1)  # [N]
-    # A row with no event is normalised over zeros instead: its logsumexp of -inf would put NaN into
-    # the gradients, though its repeat mass is gated off below.
-    norm = torch.where(has_repeat[:, None], attention, 0.0).logsumexp(dim=1, keepdim=True)  # [N, 1]
-    repeat = torch.zeros_like(logits).scatter_add(1, columns, (attention - norm).exp())  # [N, C] P_repeat
-    log_repeat = torch.where(repeat > 0, repeat.clamp_min(REPEAT_PROB_FLOOR).log(), float("-inf"))
-    gate = gate_logit.float()
-    log_gate = torch.where(has_repeat, nn.functional.logsigmoid(gate), float("-inf"))[:, None]  # [N, 1]
-    log_explore_gate = torch.where(has_repeat, nn.functional.logsigmoid(-gate), 0.0)[:, None]
-    return torch.logaddexp(log_gate + log_repeat, log_explore_gate + logits.log_softmax(dim=1))
+    with torch.autocast(hidden.device.type, enabled=False):
+        # The target's and the events' logits by one batched product, in the GEMMs' dtype.
+        columns = torch.cat([targets[:, None], items], dim=1)  # [N, 1 + T]
+        picked = (weight[columns].to(dtype) @ hidden.to(dtype)[:, :, None]).squeeze(2).float()
+    target_logit, event_logits = picked[:, 0], picked[:, 1:]
+    lse = chunked_logsumexp(hidden, weight, chunk_size)
+    probs, has_repeat = _repeat_attention(event_logits, context, repeat_weight)
+    log_gate, log_explore_gate = _gate_logs(gate_logit, has_repeat)
+    repeat_target = (probs * (items == targets[:, None])).sum(dim=1)  # [N] P_repeat(target)
+    nll = -torch.logaddexp(log_gate + _log_mass(repeat_target), log_explore_gate + target_logit - lse)
+    if not label_smoothing:
+        return nll.mean()
+    num_classes = weight.shape[0] - FIRST_ITEM_ID
+    logit_sum = hidden.float() @ weight[FIRST_ITEM_ID:].float().sum(dim=0)  # [N] sum_i z(i)
+    explore = log_explore_gate[:, None] + event_logits - lse[:, None]  # [N, T] b(item) of each event
+    repeat = (probs[:, None, :] * (items[:, :, None] == items[:, None, :])).sum(dim=2)  # [N, T] P_repeat(item)
+    # Each of the session's items once: at its latest event up to the row's position.
+    latest = (context.distance >= 0) & (context.distance < context.until_next) & (repeat > 0)
+    lift = torch.logaddexp(log_gate[:, None] + _log_mass(repeat), explore) - explore
+    log_p_sum = num_classes * (log_explore_gate - lse) + logit_sum + torch.where(latest, lift, 0.0).sum(dim=1)
+    return ((1.0 - label_smoothing) * nll - label_smoothing * log_p_sum / num_classes).mean()
 
 
 class NextItemHead(nn.Module):
@@ -554,9 +662,9 @@ class NextItemHead(nn.Module):
     positions `repeat` (a RepeatContext) describes; its loss is the chunked one with the bias in
     each chunk. With `config.repeat_mixture` it scores the repeat distribution's attention by
     distance instead, and `repeat_gate` (D -> 1) makes the mixture's gate from each position's
-    hidden state (`repeat_explore_log_probs`); scores are then log-probabilities, and its loss
-    materialises the [N, V] logits (the log of the mixture's sum is not a softmax the chunk kernels
-    take).
+    hidden state (`repeat_explore_log_probs`); scores are then log-probabilities, and its loss is
+    `repeat_explore_loss`, which holds no more than one chunk of logits either (with its own eager
+    logsumexp: `kernel` serves the plain and biased softmax only).
     """
 
     def __init__(self, config: ModelConfig, num_items: int, tied_weight: nn.Parameter | None = None,
@@ -606,20 +714,17 @@ class NextItemHead(nn.Module):
 
     def _mixture_loss(self, hidden: torch.Tensor, targets: torch.Tensor, repeat: RepeatContext,
                       check_targets: bool) -> torch.Tensor:
-        """The repeat/explore mixture's NLL over materialised [N, V] logits."""
         if hidden.shape[0] == 0:
             return _no_targets_loss(hidden, self.weight, self.repeat_weight, *self.repeat_gate.parameters())
         if check_targets:
             _check_targets(targets, self.weight.shape[0])
-        logits = (hidden @ self.weight.T).float()  # [N, V]; the GEMM in the autocast dtype
-        log_probs = self._mixture(logits[:, FIRST_ITEM_ID:], hidden, repeat)
-        return _smoothed_nll(log_probs, targets - FIRST_ITEM_ID, self.label_smoothing).mean()
+        return repeat_explore_loss(hidden, self.weight, targets, repeat, self.repeat_weight, self._gate_logit(hidden),
+                                   self.chunk_size, self.label_smoothing)
 
-    def _mixture(self, logits: torch.Tensor, hidden: torch.Tensor, repeat: RepeatContext) -> torch.Tensor:
-        """`repeat_explore_log_probs` of logits [N, C] with this head's weights; the gate in fp32."""
+    def _gate_logit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The mixture's gate logit [N] of each position, in fp32."""
         with torch.autocast(hidden.device.type, enabled=False):
-            gate = self.repeat_gate(hidden.float()).squeeze(1)  # [N]
-        return repeat_explore_log_probs(logits, repeat, self.repeat_weight, gate)
+            return self.repeat_gate(hidden.float()).squeeze(1)
 
     def scores(self, hidden: torch.Tensor, repeat: RepeatContext | None = None) -> torch.Tensor:
         """hidden [N, D] -> [N, V] float32 with reserved ids (< FIRST_ITEM_ID) at -inf; with a repeat
@@ -634,5 +739,5 @@ class NextItemHead(nn.Module):
             scores = scores / self.score_temperature
         if self.repeat_gate is None:
             return add_repeat_scores(scores, repeat, self.repeat_weight)
-        mixed = self._mixture(scores[:, FIRST_ITEM_ID:], hidden, repeat)
+        mixed = repeat_explore_log_probs(scores[:, FIRST_ITEM_ID:], repeat, self.repeat_weight, self._gate_logit(hidden))
         return torch.cat([scores[:, :FIRST_ITEM_ID], mixed], dim=1)
