@@ -443,6 +443,43 @@ def test_chunk_kernel_holds_no_more_than_it_declares_on_the_cpu(kernel, dtype):
     assert extra > declared / 2, (extra, declared)  # the measurement sees the chunk at all
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc/self/status (VmHWM)")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_chunked_logsumexp_holds_no_more_than_the_eager_kernel_declares(dtype):
+    """The mixture's logsumexp is sized by the eager kernel's bytes_per_logit: one chunk's real peak
+    resident memory, forward and backward (which makes the softmax again), stays within it."""
+    script = PEAK_RSS + textwrap.dedent(
+        f"""
+        import torch
+        from raytr.models import head
+        from raytr.models.head import EAGER_KERNEL, chunked_logsumexp
+        torch.set_num_threads(2)
+        head.CPU_CHUNK_LOGITS = 2**30  # the GPU's budget in rows: one chunk of c rows
+        dtype = torch.{dtype}
+        c, V, D = 512, 100_000, 32  # one chunk of 51M logits
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(c, D, generator=g).requires_grad_()
+        w = (torch.randn(V, D, generator=g) * 0.05).requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            chunked_logsumexp(h[:8], w[:1024], chunk_size=8).sum().backward()  # warms up
+            h.grad = w.grad = None
+            base = peak_bytes()
+            lse = chunked_logsumexp(h, w, chunk_size=c)
+            forward = peak_bytes() - base
+            lse.sum().backward()
+        # Beside the chunk: the padded weight in the GEMMs' dtype, its fp32 gradient and one chunk's.
+        beside = V * D * (dtype.itemsize + 4 + dtype.itemsize) + h.nbytes * 2
+        print(forward, peak_bytes() - base, EAGER_KERNEL.bytes_per_logit(dtype) * c * V, beside)
+        """
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed buffers go back to the OS (see above)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    forward, both, declared, beside = map(int, out.stdout.split())
+    assert both <= declared + beside + 2**23, (forward, both, declared, beside)
+    assert forward > declared / 2, (forward, declared)  # the measurement sees the chunk at all
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to read the allocator's peak")
 def test_chunked_cross_entropy_cuda_peak_memory():

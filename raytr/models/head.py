@@ -583,7 +583,8 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
             for start in range(0, h.shape[0], rows):
                 logits = (h[start:start + rows] @ w.T).float().masked_fill_(~valid, float("-inf"))
-                lse[start:start + rows] = logits.logsumexp(dim=1)
+                top = logits.amax(dim=1)  # logsumexp in place: no second [c, Vp] buffer
+                lse[start:start + rows] = top + logits.sub_(top[:, None]).exp_().sum(dim=1).log()
         ctx.save_for_backward(hidden, weight, lse)
         ctx.rows, ctx.dtype = rows, dtype
         return lse
