@@ -111,7 +111,7 @@ class ModelConfig:
         per distance) or from the whole catalog (the softmax), mixed by a gate the model computes at
         each position: how likely this session is to go back to an item, rather than one fixed
         bonus. Scores are then log-probabilities. CLM with the full softmax only; its loss needs the
-        catalog only through each position's logsumexp, taken in chunks (any catalog size). It
+        catalog only through a summary of each position's logits, taken in chunks (any catalog size). It
         replaces repeat_bias (set one of the two).
     score_temperature: at scoring time only (training never reads it), the catalog logits are
         divided by it before the repeat bias is added, or before the mixture's softmax. The balance

@@ -263,13 +263,12 @@ def test_repeat_bias_loss_materialises_only_chunks():
     assert got[2].abs().sum() > 0 and torch.allclose(got[2], head.repeat_weight.grad, atol=1e-6)
 
 
-def _mixture_case(chunk: int | None = None, V: int = 23, D: int = 8, seed: int = 0):
-    """Six sessions of eight events (repeats, padding, OOV and null events, a session of OOV only)
+def _mixture_case(V: int = 23, D: int = 8, T: int = 8, seed: int = 0):
+    """Six sessions of T events (repeats, padding, OOV and null events, a session of OOV only)
     scored at every position; returns the context, targets, hidden, weight, repeat weight and gate."""
     from raytr.models.head import RepeatContext
 
     gen = torch.Generator().manual_seed(seed)
-    T = 8
     ids = torch.randint(FIRST_ITEM_ID, min(V, FIRST_ITEM_ID + 6), (6, T), generator=gen)  # few items: repeats
     ids[1, 5:] = PAD_ID
     ids[2, 2] = OOV_ID
@@ -313,37 +312,69 @@ def test_repeat_explore_loss_equals_the_materialised_mixture(chunk_size, smoothi
     assert not grads[3][context.items[:, 0] == OOV_ID].any()
 
 
-def test_chunked_logsumexp_equals_torch_and_keeps_fp32_reductions_under_autocast():
-    from raytr.models.head import chunked_logsumexp
+def test_summarise_logits_equals_torch_and_keeps_fp32_reductions_under_autocast():
+    """logsumexp, picked logits (padding, OOV and repeated columns too) and their sum, each with its
+    own upstream gradient, against the materialised logits; GEMMs in the autocast dtype."""
+    from raytr.models.head import summarise_logits
 
-    hidden, weight, _ = _case(N=40, V=50, D=8)
-    upstream = torch.rand(40)
-    lse = chunked_logsumexp(hidden, weight, chunk_size=16)
-    grads = torch.autograd.grad((lse * upstream).sum(), (hidden, weight))
-    ref = (hidden @ weight[FIRST_ITEM_ID:].T).logsumexp(dim=1)
-    ref_grads = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
-    assert torch.allclose(lse, ref, atol=1e-5)
+    hidden, weight, targets = _case(N=40, V=50, D=8)
+    columns = torch.cat([targets[:, None], torch.randint(0, 50, (40, 5)), targets[:, None]], dim=1)
+    upstream = (torch.rand(40), torch.randn(40, 7), torch.randn(40))
+    got = summarise_logits(hidden, weight, columns, chunk_size=16, with_total=True)
+    grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(got, upstream)), (hidden, weight))
+    logits = hidden @ weight.T
+    ref = (logits[:, FIRST_ITEM_ID:].logsumexp(dim=1), logits.gather(1, columns), logits[:, FIRST_ITEM_ID:].sum(dim=1))
+    ref_grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(ref, upstream)), (hidden, weight))
+    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(got, ref))
     assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
-    assert not grads[1][:FIRST_ITEM_ID].any()
+    without = summarise_logits(hidden, weight, columns, chunk_size=16)
+    assert without.total is None and torch.equal(without.lse, got.lse) and torch.equal(without.picked, got.picked)
     with OpRecorder() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
-        low = chunked_logsumexp(hidden, weight, chunk_size=16)
-        torch.autograd.grad(low.sum(), (hidden, weight))
-    assert low.dtype == torch.float32 and torch.allclose(low, ref, atol=0.05 * ref.abs().max().item())
+        low = summarise_logits(hidden, weight, columns, chunk_size=16, with_total=True)
+        torch.autograd.grad(low.lse.sum() + low.picked.sum() + low.total.sum(), (hidden, weight))
+    assert all(t.dtype == torch.float32 for t in low)
+    assert all(torch.allclose(g, r, atol=0.05 * r.abs().max().item()) for g, r in zip(low, ref))
     assert rec.softmax_dtypes and all(d == torch.float32 for d in rec.softmax_dtypes)
-    # One GEMM per chunk forward, three per chunk backward (the softmax made again), all in bf16.
+    # One GEMM per chunk forward, three per chunk backward (the logits made again), all in bf16.
     assert len(rec.matmul_dtypes) == 4 * 3 and all(d == torch.bfloat16 for d in rec.matmul_dtypes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_repeat_explore_loss_under_autocast_follows_the_materialised_mixture(dtype):
+    """Under autocast every logit the loss reads comes from its chunk GEMMs, reduced in fp32: with
+    label smoothing and logits whose sum over 20,000 items lies far outside fp16's range, the loss
+    and gradients are those of the materialised mixture on the same half-precision logits."""
+    from raytr.models.head import repeat_explore_log_probs, repeat_explore_loss
+
+    context, targets, hidden, weight, repeat_weight, gate = _mixture_case(V=20_000, D=8)
+    with torch.no_grad():
+        weight.mul_(0.3).add_(-1.0)  # logits around -3 x D: sums near -5e5
+    leaves = (hidden, weight, repeat_weight, gate)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = repeat_explore_loss(hidden, weight, targets, context, repeat_weight, gate, 64, 0.1)
+        logits = (hidden @ weight.T).float()  # the same half-precision GEMM, materialised
+    grads = torch.autograd.grad(loss, leaves)
+    log_p = repeat_explore_log_probs(logits[:, FIRST_ITEM_ID:], context, repeat_weight, gate)
+    nll = -log_p.gather(1, (targets - FIRST_ITEM_ID)[:, None]).squeeze(1)
+    ref = (0.9 * nll - 0.1 * log_p.mean(dim=1)).mean()
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert logits.sum(dim=1).abs().max() > 65504 and torch.isfinite(loss)
+    assert torch.allclose(loss, ref, rtol=1e-4), (loss, ref)
+    for name, g, r in zip(("hidden", "weight", "repeat_weight", "gate"), grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-2, atol=1e-2 * r.abs().max().item()), name
+
+
 def test_repeat_mixture_loss_materialises_only_chunks():
-    """The head's mixture loss holds one chunk of logits at most, and equals the materialised one."""
+    """The head's mixture loss (with label smoothing) holds one chunk of logits at most, and beside it
+    [N, T] buffers, nothing of [N, T, T] or [N, T, D]; and it equals the materialised one."""
     from raytr.config import ModelConfig
     from raytr.models.head import NextItemHead, repeat_explore_log_probs
 
-    V, D, chunk = 3000, 8, 32
-    context, targets, hidden, _, _, _ = _mixture_case(V=V, D=D)
+    V, D, chunk = 3000, 16, 32
+    context, targets, hidden, _, _, _ = _mixture_case(V=V, D=D, T=64)
     T = context.items.shape[1]
-    head = NextItemHead(ModelConfig(d_model=D, repeat_mixture=True, logits_chunk_size=chunk), num_items=V,
-                        max_sequence_length=T)
+    head = NextItemHead(ModelConfig(d_model=D, repeat_mixture=True, logits_chunk_size=chunk, label_smoothing=0.1),
+                        num_items=V, max_sequence_length=T)
     with torch.no_grad():
         head.repeat_weight.copy_(torch.linspace(2.0, -0.5, T))
         head.repeat_gate.bias.fill_(0.5)
@@ -351,14 +382,16 @@ def test_repeat_mixture_loss_materialises_only_chunks():
         loss = head(hidden, targets, repeat=context)
         loss.backward()
     padded = -(-V // CLASS_ALIGNMENT) * CLASS_ALIGNMENT
-    assert rec.largest <= chunk * padded < hidden.shape[0] * V, rec.largest
+    N = hidden.shape[0]
+    assert rec.largest <= chunk * padded < min(N * V, N * T * T, N * T * D), rec.largest
     got = (loss.detach(), hidden.grad.clone(), head.repeat_weight.grad.clone(), head.weight.grad.clone())
 
     head.zero_grad()
     hidden.grad = None
     log_p = repeat_explore_log_probs((hidden @ head.weight.T)[:, FIRST_ITEM_ID:], context, head.repeat_weight,
                                      head.repeat_gate(hidden).squeeze(1))
-    ref = -log_p.gather(1, (targets - FIRST_ITEM_ID)[:, None]).mean()
+    nll = -log_p.gather(1, (targets - FIRST_ITEM_ID)[:, None]).squeeze(1)
+    ref = (0.9 * nll - 0.1 * log_p.mean(dim=1)).mean()
     ref.backward()
     assert torch.allclose(got[0], ref, atol=1e-5)
     for g, r in zip(got[1:], (hidden.grad, head.repeat_weight.grad, head.weight.grad)):
@@ -446,14 +479,14 @@ def test_chunk_kernel_holds_no_more_than_it_declares_on_the_cpu(kernel, dtype):
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc/self/status (VmHWM)")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_chunked_logsumexp_holds_no_more_than_the_eager_kernel_declares(dtype):
-    """The mixture's logsumexp is sized by the eager kernel's bytes_per_logit: one chunk's real peak
+def test_summarise_logits_holds_no_more_than_the_eager_kernel_declares(dtype):
+    """The mixture's logit summary is sized by the eager kernel's bytes_per_logit: one chunk's real peak
     resident memory, forward and backward (which makes the softmax again), stays within it."""
     script = PEAK_RSS + textwrap.dedent(
         f"""
         import torch
         from raytr.models import head
-        from raytr.models.head import EAGER_KERNEL, chunked_logsumexp
+        from raytr.models.head import EAGER_KERNEL, summarise_logits
         torch.set_num_threads(2)
         head.CPU_CHUNK_LOGITS = 2**30  # the GPU's budget in rows: one chunk of c rows
         dtype = torch.{dtype}
@@ -462,12 +495,13 @@ def test_chunked_logsumexp_holds_no_more_than_the_eager_kernel_declares(dtype):
         h = torch.randn(c, D, generator=g).requires_grad_()
         w = (torch.randn(V, D, generator=g) * 0.05).requires_grad_()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            chunked_logsumexp(h[:8], w[:1024], chunk_size=8).sum().backward()  # warms up
+            columns = torch.randint(0, V, (c, 21), generator=g)
+            summarise_logits(h[:8], w[:1024], columns[:8] % 1024, 8, True).lse.sum().backward()  # warms up
             h.grad = w.grad = None
             base = peak_bytes()
-            lse = chunked_logsumexp(h, w, chunk_size=c)
+            out = summarise_logits(h, w, columns, chunk_size=c, with_total=True)
             forward = peak_bytes() - base
-            lse.sum().backward()
+            (out.lse.sum() + out.picked.sum() + out.total.sum()).backward()
         # Beside the chunk: the padded weight in the GEMMs' dtype, its fp32 gradient and one chunk's.
         beside = V * D * (dtype.itemsize + 4 + dtype.itemsize) + h.nbytes * 2
         print(forward, peak_bytes() - base, EAGER_KERNEL.bytes_per_logit(dtype) * c * V, beside)

@@ -5,8 +5,8 @@ Losses are named pure functions over (hidden, weight, targets):
   in the same pass as its loss (a fused linear + cross-entropy), so [N, V] logits never exist at
   once and backward recomputes nothing; optionally with a `SparseBias` added to a few logits of
   each row (the repeat bias), which moves every row's normaliser, so it goes into each chunk;
-- `repeat_explore_loss`: the repeat/explore mixture's NLL, the catalog reached only through each
-  row's chunked logsumexp (`chunked_logsumexp`);
+- `repeat_explore_loss`: the repeat/explore mixture's NLL, the catalog reached only through a
+  chunked summary of each row's logits (`summarise_logits`: logsumexp, a few picked, their sum);
 - `sampled_softmax_loss`: shared log-uniform negatives with logQ correction.
 Only ids FIRST_ITEM_ID..V-1 are classes: padding (0), null (1) and OOV (2) are never predicted.
 
@@ -569,29 +569,47 @@ def repeat_explore_log_probs(logits: torch.Tensor, context: RepeatContext, weigh
                            log_explore_gate[:, None] + logits.log_softmax(dim=1))
 
 
-class _ChunkedLogSumExp(torch.autograd.Function):
-    """logsumexp [N] over the real classes of `hidden @ weight.T`, in row chunks: GEMMs in `dtype`,
-    the reduction in fp32. Backward makes each chunk's softmax again: its gradient is the softmax
-    weighted by a per-row upstream gradient forward cannot know, so it cannot be made in advance
-    as `_LinearCrossEntropy`'s is (one more GEMM per chunk than that loss)."""
+class LogitSummary(NamedTuple):
+    """What a loss needs of each row's [V] logits besides their softmax's gradient: lse [N] their
+    logsumexp over the classes, picked [N, K] those at the asked item columns, total [N] their sum
+    over the classes (None unless asked). All fp32."""
+
+    lse: torch.Tensor
+    picked: torch.Tensor
+    total: torch.Tensor | None
+
+
+class _ChunkedLogitSummary(torch.autograd.Function):
+    """`summarise_logits` chunk by chunk: GEMMs in `dtype`, reductions in fp32. Backward makes each
+    chunk's logits again: their gradient (the softmax weighted by each row's upstream gradient, plus
+    the picked and summed logits' own) depends on upstream gradients forward cannot know, so it
+    cannot be made in advance as `_LinearCrossEntropy`'s is (one more GEMM per chunk than that loss)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, dtype):
+    def forward(ctx, hidden, weight, columns, rows, dtype, with_total):
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden.to(dtype)
             w, valid = _padded_weight(weight, dtype)
-            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-            for start in range(0, h.shape[0], rows):
-                logits = (h[start:start + rows] @ w.T).float().masked_fill_(~valid, float("-inf"))
+            n = h.shape[0]
+            lse = torch.empty(n, dtype=torch.float32, device=h.device)
+            picked = torch.empty(columns.shape, dtype=torch.float32, device=h.device)
+            total = torch.empty(n, dtype=torch.float32, device=h.device) if with_total else None
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                logits = (h[start:stop] @ w.T).float()  # [c, Vp]
+                picked[start:stop] = logits.gather(1, columns[start:stop])
+                if with_total:
+                    total[start:stop] = logits.mv(valid.float())
+                logits.masked_fill_(~valid, float("-inf"))
                 top = logits.amax(dim=1)  # logsumexp in place: no second [c, Vp] buffer
-                lse[start:start + rows] = top + logits.sub_(top[:, None]).exp_().sum(dim=1).log()
-        ctx.save_for_backward(hidden, weight, lse)
+                lse[start:stop] = top + logits.sub_(top[:, None]).exp_().sum(dim=1).log()
+        ctx.save_for_backward(hidden, weight, columns, lse)
         ctx.rows, ctx.dtype = rows, dtype
-        return lse
+        return lse, picked, total
 
     @staticmethod
-    def backward(ctx, grad_lse):
-        hidden, weight, lse = ctx.saved_tensors
+    def backward(ctx, grad_lse, grad_picked, grad_total):
+        hidden, weight, columns, lse = ctx.saved_tensors
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden.to(ctx.dtype)
             w, valid = _padded_weight(weight, ctx.dtype)
@@ -600,20 +618,36 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             for start in range(0, h.shape[0], ctx.rows):
                 stop = min(start + ctx.rows, h.shape[0])
                 logits = (h[start:stop] @ w.T).float().masked_fill_(~valid, float("-inf"))
-                grad = logits.sub_(lse[start:stop, None]).exp_().mul_(grad_lse[start:stop, None]).to(ctx.dtype)
+                grad = logits.sub_(lse[start:stop, None]).exp_().mul_(grad_lse[start:stop, None])  # 0 off the classes
+                if grad_total is not None:
+                    grad.addcmul_(grad_total[start:stop, None], valid[None, :])
+                grad = grad.scatter_add_(1, columns[start:stop], grad_picked[start:stop]).to(ctx.dtype)
                 grad_hidden[start:stop] = grad @ w
                 g_w = grad.T @ h[start:stop]
                 grad_weight = g_w.float() if grad_weight is None else grad_weight.add_(g_w)
-        return grad_hidden, grad_weight[: weight.shape[0]].to(weight.dtype), None, None
+        return grad_hidden, grad_weight[: weight.shape[0]].to(weight.dtype), None, None, None, None
 
 
-def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """logsumexp [N] fp32 over the classes FIRST_ITEM_ID..V-1 of `hidden @ weight.T`, never holding
-    more than one chunk of logits (`chunk_rows`, as `chunked_cross_entropy` with the eager kernel).
-    hidden [N, D] (N >= 1), weight [V, D]; under autocast the GEMMs run in its dtype."""
+def summarise_logits(hidden: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, chunk_size: int | None = None,
+                     with_total: bool = False) -> LogitSummary:
+    """The `LogitSummary` of `hidden @ weight.T` (classes FIRST_ITEM_ID..V-1; columns [N, K] item ids
+    < V, any), never holding more than one chunk of logits (`chunk_rows`, as `chunked_cross_entropy`
+    with the eager kernel). hidden [N, D] (N >= 1), weight [V, D]; under autocast the GEMMs run in its
+    dtype, and everything returned comes from the same GEMMs (the picked logits are those the
+    logsumexp saw)."""
     dtype = _compute_dtype(hidden)
     rows = chunk_rows(chunk_size, weight.shape[0], hidden.device, EAGER_KERNEL.bytes_per_logit(dtype))
-    return _ChunkedLogSumExp.apply(hidden, weight, rows, dtype)
+    return LogitSummary(*_ChunkedLogitSummary.apply(hidden, weight, columns, rows, dtype, with_total))
+
+
+def _item_mass(probs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """[N, T]: at each event, the sum of `probs` over the row's events of the same item. Through a
+    sort of each row's items, so [N, T] buffers, not the [N, T, T] of comparing every pair."""
+    ordered, order = items.sort(dim=1)
+    new_run = torch.ones_like(ordered, dtype=torch.bool)
+    new_run[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run = torch.empty_like(order).scatter_(1, order, new_run.long().cumsum(dim=1) - 1)  # [N, T] each event's item
+    return torch.zeros_like(probs).scatter_add(1, run, probs).gather(1, run)
 
 
 def repeat_explore_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, context: RepeatContext,
@@ -621,22 +655,18 @@ def repeat_explore_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
                         label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean label-smoothed NLL of `targets` under the repeat/explore mixture (`repeat_explore_log_probs`
     of `hidden @ weight.T`), without [N, V] logits: the mixture needs the catalog only through each
-    row's logsumexp (`chunked_logsumexp`) and, with smoothing, the sum of its logits (one
-    matrix-vector product); the rest are the logits of the target and of the row's T events.
+    row's logsumexp, the logits of its target and its T events, and with smoothing the sum of its
+    logits (`summarise_logits`, one chunk at a time). Beside the chunk, [N, T] buffers only.
 
     With z the logits, L their logsumexp and a(i) = log g + log P_repeat(i), b(i) = log(1 - g) + z(i) - L,
     log p(i) = logaddexp(a(i), b(i)), and a(i) = -inf for every item not in the row's session, so the
     mean over the C classes is (sum_i b(i) + sum over the session's items of (log p(i) - b(i))) / C.
     hidden [N, D] (N >= 1), weight [V, D], targets [N] in FIRST_ITEM_ID..V-1, gate_logit [N].
     """
-    dtype = _compute_dtype(hidden)
     items = context.items
-    with torch.autocast(hidden.device.type, enabled=False):
-        # The target's and the events' logits by one batched product, in the GEMMs' dtype.
-        columns = torch.cat([targets[:, None], items], dim=1)  # [N, 1 + T]
-        picked = (weight[columns].to(dtype) @ hidden.to(dtype)[:, :, None]).squeeze(2).float()
-    target_logit, event_logits = picked[:, 0], picked[:, 1:]
-    lse = chunked_logsumexp(hidden, weight, chunk_size)
+    summary = summarise_logits(hidden, weight, torch.cat([targets[:, None], items], dim=1), chunk_size,
+                               with_total=bool(label_smoothing))
+    lse, target_logit, event_logits = summary.lse, summary.picked[:, 0], summary.picked[:, 1:]
     probs, has_repeat = _repeat_attention(event_logits, context, repeat_weight)
     log_gate, log_explore_gate = _gate_logs(gate_logit, has_repeat)
     repeat_target = (probs * (items == targets[:, None])).sum(dim=1)  # [N] P_repeat(target)
@@ -644,13 +674,12 @@ def repeat_explore_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if not label_smoothing:
         return nll.mean()
     num_classes = weight.shape[0] - FIRST_ITEM_ID
-    logit_sum = hidden.float() @ weight[FIRST_ITEM_ID:].float().sum(dim=0)  # [N] sum_i z(i)
     explore = log_explore_gate[:, None] + event_logits - lse[:, None]  # [N, T] b(item) of each event
-    repeat = (probs[:, None, :] * (items[:, :, None] == items[:, None, :])).sum(dim=2)  # [N, T] P_repeat(item)
+    repeat = _item_mass(probs, items)  # [N, T] P_repeat(item) of each event
     # Each of the session's items once: at its latest event up to the row's position.
     latest = (context.distance >= 0) & (context.distance < context.until_next) & (repeat > 0)
     lift = torch.logaddexp(log_gate[:, None] + _log_mass(repeat), explore) - explore
-    log_p_sum = num_classes * (log_explore_gate - lse) + logit_sum + torch.where(latest, lift, 0.0).sum(dim=1)
+    log_p_sum = num_classes * (log_explore_gate - lse) + summary.total + torch.where(latest, lift, 0.0).sum(dim=1)
     return ((1.0 - label_smoothing) * nll - label_smoothing * log_p_sum / num_classes).mean()
 
 
