@@ -110,7 +110,20 @@ def _model_dir(path: str) -> str:
     return nested if storage.is_file(storage.join(nested, "config.json")) else path
 
 
+def _check_same_workflow(bundle: str, data: str) -> None:
+    """Refuse prepared data whose workflow is not the model's: its ids would stand for other items,
+    and the metrics would be wrong without any error. Either side without a workflow is not checked."""
+    from raytr.data.layout import categories_digest
+
+    theirs, ours = categories_digest(data), categories_digest(bundle)
+    if theirs is not None and ours is not None and theirs != ours:
+        raise ValueError(f"{data} was prepared by another `raytr prepare` run than the model in {bundle} was "
+                         "trained on: its item ids stand for other items. Evaluate on days of the data the model "
+                         "was trained with (prepare every day together, then choose them with --days)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from raytr import storage
     from raytr.data.loaders import DataLoader
     from raytr.data.layout import day_paths
     from raytr.evaluation import check_session_files, evaluate_next_item
@@ -118,7 +131,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from raytr.models import SessionModel
     from raytr.training.trainer import resolve_paths
 
-    model = SessionModel.load(_model_dir(args.model))
+    model_dir = _model_dir(args.model)
+    model = SessionModel.load(model_dir)
+    _check_same_workflow(args.model if model_dir != args.model else storage.parent(model_dir), args.data)
     catalog = model.spec.item_cardinality - FIRST_ITEM_ID  # the ids top_k can recommend
     out_of_range = [k for k in args.top_k if not 1 <= k <= catalog]
     if out_of_range:
@@ -164,7 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     config = _load(args).serve  # the defaults without --config
     model = args.model or config.model_dir
-    url = start_local(model, host=args.host or config.host, port=args.port or config.port, **app_options(config))
+    url = start_local(model, host=args.host or config.host, port=args.port if args.port is not None else config.port, **app_options(config))
     print(f"serving {model} at {url} (docs at {url}/docs); Ctrl-C stops")
     try:
         while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -144,6 +145,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1:
             raise ConfigError("model.d_model, model.n_layers and model.n_heads must be >= 1")
+        if self.categorical_dim < 1:  # 0 would silently drop every categorical and continuous feature
+            raise ConfigError(f"model.categorical_dim={self.categorical_dim}: expected >= 1")
         if self.body != "gru" and self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -210,6 +213,8 @@ class ServeConfig:
         for name in ("default_k", "max_events_per_session", "max_sessions_per_batch", "max_body_bytes", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve.{name}={getattr(self, name)}: expected >= 1")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"serve.port={self.port}: expected a TCP port, 1 to 65535")
         if self.batch_wait_timeout_s < 0 or self.reload_poll_s <= 0:
             raise ConfigError(
                 f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0 and "
@@ -298,7 +303,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last one)."""
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last one), and
+    reading `1e-3` as a number, as YAML 1.2 does (1.1's rule wants `1.0e-3`: `learning_rate: 1e-3`
+    was a string)."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -314,6 +321,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the base class reports it
                     continue
         return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 class _DuplicateKey(Exception):
@@ -348,6 +360,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; name a YAML file (e.g. configs/synthetic.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:

@@ -38,10 +38,17 @@ class DemoReport:
         return "\n\n".join(f"== {title}\n{text}" for title, text in self.sections)
 
 
+# The test runs 1,500 sessions; far fewer leave days whose sessions hold fewer than 20 items.
+MIN_SESSIONS = 1_000
+
+
 def run_demo(output: str | Path, sessions: int = 20_000, epochs: int = 3, serve: bool = True,
              config_path: str | Path = DEFAULT_CONFIG) -> DemoReport:
     if storage.is_url(output):
         raise ValueError(f"demo output {str(output)!r}: the demo writes a local directory; the jobs take URLs")
+    if sessions < MIN_SESSIONS:
+        raise ValueError(f"demo --sessions {sessions}: expected >= {MIN_SESSIONS:,} (a week of days to train on and "
+                         "evaluate, each with enough items for the top-20 metrics)")
     output = Path(output).resolve()  # Ray workers do not run in this directory
     report = DemoReport()
     raw, prepared, trained = output / "raw", output / "prepared", output / "model"

@@ -172,3 +172,30 @@ def test_evaluate_names_a_bad_data_file_a_missing_column_a_top_k_beyond_the_cata
     config = model_dir / "model" / "config.json"
     config.write_text(config.read_text()[:40])
     assert f"{config} is not valid JSON" in error("--data", str(prepared_dir))
+
+
+def test_evaluate_refuses_data_prepared_by_another_run_than_the_model(prepared_dir, prepared_spec, tmp_path, capsys):
+    """Another `raytr prepare` run maps item ids to other items: scoring it would give wrong metrics
+    without any error, so evaluate compares the workflows' category files first."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from raytr.cli import main
+    from raytr.config import ModelConfig
+    from raytr.models import SessionModel
+
+    bundle = tmp_path / "bundle"
+    SessionModel(prepared_spec, ModelConfig(d_model=16, n_layers=1, n_heads=2, categorical_dim=4), seed=0).save(
+        bundle / "model")
+    shutil.copytree(prepared_dir / "workflow", bundle / "workflow")
+    for model in (bundle, bundle / "model"):  # the bundle or its model directory
+        assert main(["evaluate", "--model", str(model), "--data", str(prepared_dir), "--days", "4"]) == 0
+        assert '"ndcg@10"' in capsys.readouterr().out
+    items = bundle / "workflow" / "categories" / "unique.item_id.parquet"
+    table = pq.read_table(items)
+    pq.write_table(table.take(list(reversed(range(table.num_rows)))), items)  # the same items, other ids
+    for model in (bundle, bundle / "model"):
+        assert main(["evaluate", "--model", str(model), "--data", str(prepared_dir), "--days", "4"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "was prepared by another `raytr prepare` run than the model" in err, err

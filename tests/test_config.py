@@ -126,6 +126,27 @@ def test_int_accepted_for_float(tmp_path):
     assert cfg.training.learning_rate == 1.0 and isinstance(cfg.training.learning_rate, float)
 
 
+def test_exponent_numbers_are_numbers_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); a learning rate is written so."""
+    from raytr.cli import parse_overrides
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 1e-3\n  weight_decay: 5E-2\n"
+                    "model:\n  hf_config: {layer_norm_epsilon: 1e-6}\n")
+    cfg = load_config(path)
+    assert cfg.training.learning_rate == 0.001 and cfg.training.weight_decay == 0.05
+    assert cfg.model.hf_config == {"layer_norm_epsilon": 1e-6}
+    assert load_config(overrides=parse_overrides(["training.learning_rate=2e-3"])).training.learning_rate == 0.002
+    assert yaml_value("-1.5e+3") == -1500.0 and yaml_value(".5e2") == 50.0
+    assert yaml_value("1e") == "1e" and yaml_value("e5") == "e5" and yaml_value("10") == 10  # not numbers, ints
+
+
+def yaml_value(text: str):
+    from raytr.config import load_yaml
+
+    return load_yaml(f"v: {text}", "test")["v"]
+
+
 def test_optional_field_accepts_null_and_value(tmp_path):
     assert load_config(write_yaml(tmp_path, {"data": {"user_col": None}})).data.user_col is None
     assert load_config(write_yaml(tmp_path, {"data": {"user_col": "user_id"}})).data.user_col == "user_id"
@@ -192,6 +213,11 @@ def test_model_post_init_checks():
         load_config(overrides={"model": {"body": "gpt2", "objective": "mlm"}})
     with pytest.raises(ConfigError, match=r"model\.logits_chunk_size"):
         load_config(overrides={"model": {"logits_chunk_size": 0}})
+    with pytest.raises(ConfigError, match=r"model\.categorical_dim=0: expected >= 1"):  # would drop every feature
+        load_config(overrides={"model": {"categorical_dim": 0}})
+    for port in (0, 70000):
+        with pytest.raises(ConfigError, match=rf"serve\.port={port}: expected a TCP port"):
+            load_config(overrides={"serve": {"port": port}})
     # Unset, the full softmax's chunks are as large as the head's memory budget allows.
     assert load_config().model.logits_chunk_size is None
     assert load_config(overrides={"model": {"logits_chunk_size": 512}}).model.logits_chunk_size == 512
@@ -202,6 +228,8 @@ def test_missing_file_names_it(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(missing)
+    with pytest.raises(ConfigError, match="is a directory; name a YAML file"):
+        load_config(tmp_path)
 
 
 def test_non_mapping_yaml(tmp_path):

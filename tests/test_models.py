@@ -275,6 +275,8 @@ def test_hf_extras_are_validated_by_name():
         hf_config_for(ModelConfig(body="gpt2", hf_config={"hidden_size": 8}), 8)
     with pytest.raises(ConfigError, match="not a Hugging Face body"):
         build_body(ModelConfig(body="gru", hf_config={"n_inner": 8}), 8)
+    with pytest.raises(ConfigError, match=r"model.hf_config=\{'n_inner': 'abc'\}: Hugging Face's GPT2Config refuses it"):
+        hf_config_for(ModelConfig(body="gpt2", hf_config={"n_inner": "abc"}), 8)
     hf = hf_config_for(ModelConfig(body="gpt2", hf_config={"layer_norm_epsilon": 1e-6, "n_inner": 32}), 8)
     assert hf.layer_norm_epsilon == 1e-6 and hf.n_inner == 32
     hf = hf_config_for(ModelConfig(body="llama", hf_config={"num_key_value_heads": 2, "rms_norm_eps": 1e-5}), 8)

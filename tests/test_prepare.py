@@ -225,6 +225,8 @@ def _run_bad(config, tmp_path: Path, write, match: str) -> None:
         ("string price", lambda f: f.assign(price=f["price"].astype(str)), r"'price' \(continuous feature\)"),
         ("float item id", lambda f: f.assign(item_id=f["item_id"] + 0.5), r"'item_id' \(item id\)"),
         ("no rows", lambda f: f.head(0), "has no rows"),
+        ("milliseconds read as seconds", lambda f: f.assign(timestamp=f["timestamp"] * 1000),
+         r"'timestamp' reaches 1.7\d+e\+12, after the year 5000 as unix seconds.*set data.timestamp_unit: ms"),
     ],
 )
 def test_bad_parquet_input(no_ray, tmp_path, raw_events, data_config, case, change, match):
@@ -548,3 +550,39 @@ def test_prepare_yoochoose_sample(shared_data, tmp_path, ray_cluster):
         "session_id", "timestamp-first", "timestamp-last", "item_id-list", "hour-list",
         "time_since_prev-list", SESSION_LENGTH, "day",
     ])
+
+
+def test_header_only_csv_has_no_rows(no_ray, tmp_path, data_config):
+    _run_bad(data_config, tmp_path,
+             lambda d: (d / "a.csv").write_text("session_id,item_id,timestamp,category,price\n"), "has no rows")
+
+
+def test_microseconds_read_as_milliseconds_are_refused(no_ray, tmp_path, raw_events, data_config):
+    config = dataclasses.replace(data_config, timestamp_unit="ms")
+    _run_bad(config, tmp_path, lambda d: _small(raw_events).assign(
+        timestamp=(raw_events["timestamp"].head(300) * 1e6).astype("int64")).to_parquet(d / "a.parquet"),
+        "after the year 5000 as unix milliseconds; the values look like microseconds or finer")
+
+
+def test_dictionary_encoded_ids_are_their_values(tmp_path, raw_events, data_config):
+    """pandas' category dtype is written as a dictionary column: checked and prepared as its values."""
+    import pyarrow as pa
+
+    from raytr.data.events import decode_dictionaries, validate_input
+
+    frame = _small(raw_events).assign(item_id=lambda f: ("i" + f["item_id"].astype(str)).astype("category"))
+    source = tmp_path / "in"
+    source.mkdir()
+    frame.to_parquet(source / "a.parquet")
+    assert validate_input(data_config, source).num_rows == 300
+    table = decode_dictionaries(pa.Table.from_pandas(frame))
+    assert table.schema.field("item_id").type == pa.string()
+    assert table.column("item_id").to_pylist() == list(frame["item_id"].astype(str))
+
+
+@pytest.mark.ray
+def test_a_freq_threshold_no_item_reaches_is_named(tmp_path, raw_events, data_config, ray_cluster):
+    config = dataclasses.replace(data_config, freq_threshold=10**6)
+    _run_bad(config, tmp_path, lambda d: _small(raw_events).to_parquet(d / "a.parquet"),
+             r"data.freq_threshold=1000000: no item of .* occurs that often, so every item would be out of "
+             "vocabulary")

@@ -159,6 +159,7 @@ def test_write_refuses_a_directory_it_did_not_write(tmp_path):
         ({"items": 3, "successors": 3}, "items"),
         ({"follow_probability": 1.5}, "follow_probability"),
         ({"mean_session_length": 1.0}, "mean_session_length"),
+        ({"users": -5}, "users"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, name):

@@ -88,6 +88,20 @@ def read_file(path: str, fmt: str, columns: list[str] | None = None) -> pd.DataF
     return (table.select(columns) if columns else table).to_pandas()
 
 
+def value_type(t: pa.DataType) -> pa.DataType:
+    """The type of a column's values: a dictionary-encoded column's (pandas' `category` dtype is
+    written so) is its dictionary's; prepare decodes such columns (`decode_dictionaries`)."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def decode_dictionaries(table: pa.Table) -> pa.Table:
+    """`table` with every dictionary-encoded column replaced by its plain values."""
+    for i, column in enumerate(table.schema):
+        if pa.types.is_dictionary(column.type):
+            table = table.set_column(i, column.name, pc.cast(table.column(i), column.type.value_type))
+    return table
+
+
 def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -134,12 +148,14 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
                 f"{file}: column(s) {missing} named in the config are missing; the file has {schema.names}. "
                 "Fix the column names in the config's data section."
             )
+        if table is not None and table.num_rows == 0:
+            continue  # a header-only CSV: its columns have no type to check, and it adds no events
         for name, (role, ok) in expected.items():
-            dtype = schema.field(name).type
+            dtype = value_type(schema.field(name).type)
             if not ok(dtype):
                 raise InputError(f"{file}: column {name!r} ({role}) has type {dtype}, which cannot be used as a {role}")
         for name in ids:
-            kind = "string" if _is_string(schema.field(name).type) else "number"
+            kind = "string" if _is_string(value_type(schema.field(name).type)) else "number"
             seen, where = first_kind.setdefault(name, (kind, file))
             if kind != seen:
                 raise InputError(
@@ -148,7 +164,8 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
                 )
         # Values checked beyond nulls: a float timestamp's NaN/inf, and continuous features' inf.
         valued = [name for name in (config.timestamp_col, *config.continuous)
-                  if pa.types.is_floating(schema.field(name).type) or name in config.log_transform]
+                  if pa.types.is_floating(schema.field(name).type) or name in config.log_transform
+                  or (name == config.timestamp_col and pa.types.is_integer(schema.field(name).type))]
         if fmt == "parquet":
             meta = storage.parquet_file(file).metadata
             total_rows += meta.num_rows
@@ -189,6 +206,8 @@ def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
         count = bad.as_py() or 0
         if count:
             raise InputError(f"{file}: column {name!r} has {count} {what} value(s); {fix} before preparing")
+        if name == config.timestamp_col:
+            _check_timestamp_unit(file, config, column)
         if name in config.log_transform:
             low = pc.sum(pc.less_equal(column, -1.0)).as_py() or 0
             if low:
@@ -196,6 +215,23 @@ def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
                     f"{file}: column {name!r} has {low} value(s) <= -1 (in float32), where data.log_transform's "
                     "log(1 + x) is undefined; shift the feature or leave it out of log_transform"
                 )
+
+
+# Unix seconds beyond this are after the year 5000: such timestamps are milliseconds (or finer) read
+# as seconds, which would scatter one day's sessions over centuries of day partitions.
+MAX_UNIX_SECONDS = 1e11
+
+
+def _check_timestamp_unit(file: str, config: DataConfig, seconds_or_ms: pa.ChunkedArray) -> None:
+    largest = pc.max(seconds_or_ms).as_py()
+    if largest is None:
+        return
+    seconds = largest / 1000.0 if config.timestamp_unit == "ms" else largest
+    if seconds > MAX_UNIX_SECONDS:
+        finer = "milliseconds: set data.timestamp_unit: ms" if config.timestamp_unit == "s" else "microseconds or finer"
+        raise InputError(f"{file}: column {config.timestamp_col!r} reaches {largest:.6g}, after the year 5000 as "
+                         f"unix {'seconds' if config.timestamp_unit == 's' else 'milliseconds'}; the values look "
+                         f"like {finer} (or convert them to unix seconds)")
 
 
 def _parquet_null_count(file: str, meta: pq.FileMetaData, column: str) -> int:

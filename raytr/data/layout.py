@@ -14,6 +14,7 @@ Every path may be local or an fsspec URL (raytr.storage).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +31,22 @@ def load_prepare_info(directory: str | Path) -> dict:
     if not storage.is_file(path):
         raise FileNotFoundError(f"{directory} is not a prepared dataset (no {PREPARE_JSON}): run `raytr prepare`")
     return json.loads(storage.read_text(path))
+
+
+def categories_digest(directory: str | Path) -> str | None:
+    """A digest of the category files of the fitted workflow in `directory` (a prepared dataset, or
+    a model bundle, which holds a byte copy of its data's): equal digests mean every id stands for
+    the same item or value. None where `directory` holds no workflow."""
+    root = storage.join(directory, WORKFLOW_DIR, "categories")
+    files = storage.list_files(root) if storage.is_dir(root) else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        fs, path = storage.filesystem(file)
+        with fs.open(path, "rb") as f:
+            digest.update(storage.name(file).encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
 
 
 def sessions_root(directory: str | Path) -> str:

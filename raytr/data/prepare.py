@@ -33,9 +33,10 @@ import ray
 
 from raytr import storage
 from raytr.config import DataConfig
-from raytr.data.events import InputError, normalize_events, sort_events, validate_input
+from raytr.data.events import InputError, decode_dictionaries, normalize_events, sort_events, validate_input
 from raytr.data.layout import DAY, PREPARE_JSON, SESSIONS_DIR, WORKFLOW_DIR
 from raytr.data.schema import save_schema
+from raytr.features import FIRST_ITEM_ID
 from raytr.ray_runtime import ensure_ray
 from raytr.data.workflow import (
     SESSION_LENGTH,
@@ -109,6 +110,7 @@ def prepare(
             workflow = fit_workflow(config, sorted_files, Path(local) / "fit")
             save_workflow(workflow, Path(local) / "artifacts" / WORKFLOW_DIR)
             schema = output_schema(workflow, config)
+            _check_items_kept(schema, config, input_path)
             save_schema(schema, Path(local) / "artifacts")
             storage.put_dir(Path(local) / "artifacts", staging)
 
@@ -142,6 +144,15 @@ def prepare(
     return summary
 
 
+def _check_items_kept(schema, config: DataConfig, input_path) -> None:
+    """Refuse a fit that left no real item (every one seen fewer than data.freq_threshold times is
+    OOV): no model could be trained on it, and `raytr train` would only say the catalog is empty."""
+    cardinality = int(schema[f"{config.item_col}-list"].properties["embedding_sizes"]["cardinality"])
+    if cardinality <= FIRST_ITEM_ID:
+        raise InputError(f"data.freq_threshold={config.freq_threshold}: no item of {str(input_path)!r} occurs that "
+                         "often, so every item would be out of vocabulary; lower it")
+
+
 def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: str, buckets: int) -> None:
     """Ray Data: read raw files, normalise types, and write rows partitioned by session bucket."""
     columns = config.raw_columns
@@ -157,7 +168,7 @@ def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: st
     def to_buckets(batch: pa.Table) -> pd.DataFrame:
         # Numpy dtypes, not the arrow-backed ones Ray's pandas batches carry (ray >= 2.56): pandas
         # sees an arrow timestamp as a datetime only then, and NVTabular's ops take no arrow column.
-        frame = normalize_events(batch.to_pandas(ignore_metadata=True), config)
+        frame = normalize_events(decode_dictionaries(batch).to_pandas(ignore_metadata=True), config)
         hashed = pd.util.hash_pandas_object(frame[config.session_col], index=False).to_numpy()
         frame[BUCKET] = (hashed % np.uint64(buckets)).astype(np.int64)
         return frame

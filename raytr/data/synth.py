@@ -55,6 +55,8 @@ class SynthConfig:
             raise ValueError(f"synth follow_probability={self.follow_probability}: expected 0..1")
         if self.mean_session_length < 2:
             raise ValueError(f"synth mean_session_length={self.mean_session_length}: expected >= 2")
+        if self.users < 0:
+            raise ValueError(f"synth users={self.users}: expected >= 0 (0: no user id column)")
 
 
 def _zipf_weights(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:

@@ -133,7 +133,13 @@ def hf_config_for(config: ModelConfig, max_length: int) -> PretrainedConfig:
         raise ConfigError(
             f"model.body={config.body!r} has no Hugging Face config; expected one of {sorted(HF_CONFIG_CLASSES)}"
         )
-    return HF_CONFIG_CLASSES[config.body](**{**no_tokens, **defaults, **config.hf_config, **owned})
+    try:
+        return HF_CONFIG_CLASSES[config.body](**{**no_tokens, **defaults, **config.hf_config, **owned})
+    except Exception as error:  # transformers' validation raises its own types (strict dataclass errors)
+        if not config.hf_config:
+            raise
+        raise ConfigError(f"model.hf_config={config.hf_config!r}: Hugging Face's "
+                          f"{HF_CONFIG_CLASSES[config.body].__name__} refuses it: {error}") from None
 
 
 def model_config_values(hf_config: PretrainedConfig) -> dict[str, Any]:
