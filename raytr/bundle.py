@@ -31,19 +31,33 @@ COPIED_FROM_PREPARE = ("workflow", "schema.json", "schema.pbtxt", "prepare.json"
 
 def attach_preprocessing(prepared_dir: str | Path, output_dir: str | Path) -> None:
     """Copy the fitted workflow, schema and data config of `prepared_dir` next to the model (either
-    may be a local path or a URL)."""
+    may be a local path or a URL), replacing earlier copies of them only: every source is checked
+    before anything is replaced, and no replaced entry may hold `prepared_dir`."""
     if storage.normalize(prepared_dir) == storage.normalize(output_dir):  # each copy would delete its source
         raise ValueError(f"output {str(output_dir)!r} is the prepared data directory itself: choose another output")
-    for name in COPIED_FROM_PREPARE:
-        src, dst = storage.join(prepared_dir, name), storage.join(output_dir, name)
-        if not storage.exists(src):
-            raise FileNotFoundError(f"{src} is missing: {prepared_dir} is not a `raytr prepare` output")
-        storage.remove(dst)
+    copies = [(storage.join(prepared_dir, name), storage.join(output_dir, name)) for name in COPIED_FROM_PREPARE]
+    for _, dst in copies:
+        if _within(prepared_dir, dst):  # replacing dst would delete the source
+            raise ValueError(f"output {str(output_dir)!r}: its {storage.name(dst)} would replace the prepared data "
+                             f"directory {str(prepared_dir)!r} itself: choose another output")
+    missing = [src for src, _ in copies if not storage.exists(src)]
+    if missing:  # before any copy: a half-replaced bundle would pair a new workflow with an old schema
+        raise FileNotFoundError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: "
+                                f"{prepared_dir} is not a `raytr prepare` output")
+    for src, dst in copies:
+        storage.remove(dst)  # a link itself, not what it names
         if storage.is_dir(src):
             with storage.local_copy(src) as local:
                 storage.put_dir(local, dst)
         else:
             storage.copy_file(src, dst)
+
+
+def _within(path: str | Path, outer: str) -> bool:
+    """True when `path` (its links resolved) is `outer` (a `storage.join` result: its last name not
+    resolved, as `storage.remove` removes a link itself) or inside it."""
+    path = storage.normalize(path)
+    return path == outer or path.startswith(outer.rstrip("/") + "/")
 
 
 def read_data_config(bundle_dir: str | Path) -> DataConfig:

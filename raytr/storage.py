@@ -154,7 +154,12 @@ def list_files(path: PathLike, suffixes: Sequence[str] = (".parquet",)) -> list[
 
 
 def remove(path: PathLike) -> None:
-    """Remove a file or a directory tree; nothing happens when it does not exist."""
+    """Remove a file or a directory tree; nothing happens when it does not exist. A local symbolic
+    link is removed itself, never what it points to (`normalize` resolves links)."""
+    text = str(path).removeprefix("file://")
+    if not is_url(text) and os.path.islink(text):
+        os.unlink(text)
+        return
     fs, p = filesystem(path)
     if fs.exists(p):
         fs.rm(p, recursive=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import socket
 import time
@@ -352,6 +353,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line naming it, an address Serve's HTTP proxy could not listen on here: a port
+    out of range, taken by another server, or privileged; a host that is not this machine's."""
+    if not 1 <= port <= 65_535:
+        raise ValueError(f"port {port}: expected a TCP port from 1 to 65535; choose one with --port")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise ValueError(f"host {host!r}: {error.strerror}; expected an address of this machine "
+                         "(--host, e.g. 127.0.0.1 or 0.0.0.0)") from None
+    with socket.socket(family, kind, proto) as probe:
+        # As the proxy's server does: connections closed lately (TIME_WAIT) do not block the port,
+        # a server listening on it does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            hint = {errno.EADDRINUSE: "another server is listening on it; choose another port with --port",
+                    errno.EACCES: "ports below 1024 need privileges; choose another port with --port",
+                    errno.EADDRNOTAVAIL: "not an address of this machine; choose another host with --host"}
+            raise ValueError(f"cannot serve on {host}:{port}: {error.strerror}; "
+                             f"{hint.get(error.errno, 'check --host and --port')}") from None
+
+
 def wait_until_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
     """Poll GET {url}/healthz until 200 (right after `serve.run` routes can 404 for a while)."""
     deadline = time.monotonic() + timeout_s
@@ -375,13 +401,27 @@ def start_local(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000, time
     from raytr.ray_runtime import ensure_ray
 
     application = app_builder({"bundle_dir": str(bundle_dir), **opts})
+    if not _serve_running():  # a running Serve keeps its proxy (and port): nothing is bound again
+        check_port(host, port)  # before Ray starts: the proxy's bind failure would be a remote traceback
     ensure_ray()
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+    except RayError as error:  # taken between the check and the proxy's bind
+        if "Failed to bind" not in str(error):
+            raise
+        stop_local()  # the Serve instance this call started, left without its proxy
+        raise ValueError(f"cannot serve on {host}:{port}: the address is already in use; choose another "
+                         "port with --port") from None
     url = f"http://{host}:{port}"
     wait_until_healthy(url, timeout_s)
     log.info("serving %s at %s", bundle_dir, url)
     return url
+
+
+def _serve_running() -> bool:
+    """Whether this process's Ray runs Serve's HTTP proxies already (`serve.start` then keeps them)."""
+    return ray.is_initialized() and bool(serve.status().proxies)
 
 
 def stop_local() -> None:
@@ -390,6 +430,6 @@ def stop_local() -> None:
         serve.shutdown()
 
 
-__all__ = ["APP_NAME", "AppArgs", "app_builder", "app_options", "start_local", "stop_local", "wait_until_healthy",
-           "free_port"]
+__all__ = ["APP_NAME", "AppArgs", "app_builder", "app_options", "check_port", "start_local", "stop_local",
+           "wait_until_healthy", "free_port"]
 

@@ -96,3 +96,43 @@ def test_exported_scorer_keeps_the_repeat_scoring(tmp_path, variant):
         assert torch.allclose(scorer(batch), model.score_next(batch), atol=1e-5)
         last = batch.item_ids[torch.arange(B), batch.lengths - 1]
         assert torch.equal(scorer(batch).argmax(dim=1), last)  # a weight of 3 on the last item wins here
+
+
+def test_raytr_export_never_overwrites_the_models_own_files(tmp_path, capsys):
+    """--output naming the weights was taken, the weights replaced by the program and the model lost;
+    now any output not ending in .pt2 is refused, in one line naming it, with the model untouched."""
+    from raytr.cli import main
+
+    model = SessionModel(tiny_spec(), tiny_config(), seed=0).eval()
+    model.save(tmp_path / "run" / "model")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "model").iterdir()}
+    for target in ("model/model.safetensors", "model/config.json", "model", "."):
+        output = tmp_path / "run" / target
+        assert main(["export", "--model", str(tmp_path / "run"), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"raytr export: error: export output {str(output)!r}: expected a file name ending "
+                              "in .pt2") and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "model").iterdir()} == before
+    batch = random_batch(3)
+    assert torch.equal(SessionModel.load(tmp_path / "run" / "model").score_next(batch), model.score_next(batch))
+
+
+def test_export_replaces_an_earlier_export_only(tmp_path):
+    from raytr.models.export import is_export
+
+    first, second = (SessionModel(tiny_spec(), tiny_config(), seed=s).eval() for s in (0, 1))
+    path = tmp_path / "scorer.pt2"
+    export_scorer(first, path)
+    assert is_export(path)
+    export_scorer(second, path)  # an earlier export: replaced
+    batch = random_batch(4)
+    assert torch.allclose(ExportedScorer.load(path)(batch), second.score_next(batch), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scorer.pt2"]  # no partial file left beside it
+    other = tmp_path / "notes.pt2"
+    other.write_bytes(b"someone else's file")
+    (tmp_path / "dir.pt2").mkdir()
+    for taken in (other, tmp_path / "dir.pt2"):
+        assert not is_export(taken)
+        with pytest.raises(ValueError, match=f"export output {str(taken)!r} exists and is not an earlier export"):
+            export_scorer(first, taken)
+    assert other.read_bytes() == b"someone else's file" and not any((tmp_path / "dir.pt2").iterdir())

@@ -328,6 +328,41 @@ def test_serve_names_a_missing_model_file_before_starting_ray(local_bundle, tmp_
     assert err.startswith("raytr serve: error:") and named in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("port", ["taken", 70000, -1, 0])
+def test_serve_names_a_port_it_cannot_listen_on_before_starting_ray(local_bundle, monkeypatch, capsys, port):
+    """A taken port was a proxy actor's `RayTaskError(RuntimeError): Failed to bind ...`, 70000 an
+    OverflowError from bind(): both tracebacks after Ray had started."""
+    import socket
+
+    import raytr.cli
+    import raytr.ray_runtime
+
+    def no_ray() -> None:
+        raise AssertionError("Ray started for a port that cannot be served on")
+
+    monkeypatch.setattr(raytr.ray_runtime, "ensure_ray", no_ray)
+    taken = port == "taken"
+    with socket.socket() as holder:
+        if taken:  # a server listening, as another `raytr serve` would be
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+        code = raytr.cli.main(["serve", "--model", str(local_bundle), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--port" in err, err
+    expected = (f"cannot serve on 127.0.0.1:{port}: Address already in use" if taken
+                else f"port {port}: expected a TCP port from 1 to 65535")
+    assert err.startswith(f"raytr serve: error: {expected}"), err
+
+
+def test_check_port_takes_a_free_port_and_names_a_host_that_is_not_this_machines():
+    from serve.app import check_port, free_port
+
+    check_port("127.0.0.1", free_port())  # nothing listens: no error
+    with pytest.raises(ValueError, match=r"host 'no-such-host\.invalid': .*\(--host"):
+        check_port("no-such-host.invalid", 8000)
+
+
 def test_items_the_model_scores_minus_inf_or_nan_are_never_recommended(local_bundle, raw_items):
     """Such items are unrecommendable (the metrics count them as misses): a session gets fewer than
     k items rather than one of them, and the answer stays well-formed JSON (finite scores)."""

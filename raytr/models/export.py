@@ -13,6 +13,9 @@ not checked inside (a check is a data-dependent branch, which export cannot trac
 
 from __future__ import annotations
 
+import os
+import uuid
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,6 +25,7 @@ from raytr import storage
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 
 MAX_BATCH = 65_536
+EXPORT_SUFFIX = ".pt2"  # what torch.export.load expects
 
 
 class _ScoreNext(nn.Module):
@@ -65,12 +69,49 @@ def export_program(model: nn.Module) -> torch.export.ExportedProgram:
 
 def export_scorer(model: nn.Module, path: str | Path) -> str:
     """Export `model` (a SessionModel, put in eval mode) as a scoring program saved at `path` (.pt2,
-    a local path or an fsspec URL); returns the path as `ExportedScorer.load` takes it."""
+    a local path or an fsspec URL); returns the path as `ExportedScorer.load` takes it. `path` may
+    replace an earlier export only (`check_export_path`)."""
+    check_export_path(path)
     program = export_program(model)
+    extra = {"feature_spec.json": _spec_json(model.spec), "objective": model.config.objective}
     with storage.writable_dir(storage.parent(path)) as local:
-        torch.export.save(program, str(local / storage.name(path)),
-                          extra_files={"feature_spec.json": _spec_json(model.spec), "objective": model.config.objective})
+        target = local / storage.name(path)
+        # Written beside the target and renamed: a failed save leaves an earlier export whole.
+        partial = local / f".{target.stem}.{uuid.uuid4().hex[:8]}.partial{EXPORT_SUFFIX}"
+        try:
+            torch.export.save(program, str(partial), extra_files=extra)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
     return storage.normalize(path)
+
+
+def check_export_path(path: str | Path) -> None:
+    """Refuse a `path` whose writing would lose data: one not ending in .pt2 (so never a model's
+    model.safetensors or config.json, nor a bundle's directory), or an existing entry that is not an
+    earlier export (`is_export`)."""
+    shown = str(path)
+    if not storage.name(path).endswith(EXPORT_SUFFIX) or storage.name(path) == EXPORT_SUFFIX:
+        raise ValueError(f"export output {shown!r}: expected a file name ending in {EXPORT_SUFFIX} "
+                         "(e.g. scorer.pt2), so that no model or bundle file is overwritten")
+    if storage.exists(path) and not is_export(path):
+        raise ValueError(f"export output {shown!r} exists and is not an earlier export (a {EXPORT_SUFFIX} archive "
+                         "written by raytr export): choose another output, or move that file away first")
+
+
+def is_export(path: str | Path) -> bool:
+    """True when `path` is a file holding a torch.export archive with the feature spec this module
+    saves in it: what `ExportedScorer.load` reads, so replacing it loses nothing raytr cannot rewrite."""
+    fs, p = storage.filesystem(path)
+    if not fs.isfile(p):
+        return False
+    try:
+        with fs.open(p, "rb") as f, zipfile.ZipFile(f) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/archive_format") for n in names) and any(n.endswith("/extra/feature_spec.json")
+                                                                     for n in names)
 
 
 def _spec_json(spec: FeatureSpec) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
@@ -280,7 +281,17 @@ class SessionModel(nn.Module):
             hf_config = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
         model = cls(spec, config, hf_config=hf_config)
         model.to(map_location)
-        missing, unexpected = load_model(model, str(weights_path), strict=True, device=str(map_location))
+        try:
+            missing, unexpected = load_model(model, str(weights_path), strict=True, device=str(map_location))
+        except SafetensorError as error:  # not a safetensors file: truncated, overwritten, not ours
+            raise ValueError(f"{shown}/{WEIGHTS_FILE} cannot be read ({error}): the model directory is damaged; "
+                             "save the model again (or train it again)") from None
+        except RuntimeError as error:
+            if not str(error).startswith("Error(s) in loading state_dict"):
+                raise  # a device error, say: not the file's fault
+            detail = " ".join(str(error).split())[:300]  # one line; the list of missing keys can be long
+            raise ValueError(f"{shown}/{WEIGHTS_FILE} does not hold the weights {shown}/{CONFIG_FILE} describes "
+                             f"({detail}): save the model again (or train it again)") from None
         if missing or unexpected:  # strict=True raises first; kept for clarity of intent
             raise ValueError(f"{shown}/{WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
         return model.eval()
