@@ -20,3 +20,26 @@ def ensure_ray() -> None:
     ray.init(address=address, include_dashboard=False if not address else None,
              runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
     log.info("ray: %s", "connected to " + address if address else "started a local cluster")
+
+
+def cluster_limit() -> tuple[dict[str, float], str] | None:
+    """The most resources the connected cluster can ever hold, and why it cannot grow past them;
+    None where it may grow by an amount not known here (an autoscaler with no limits in the GCS,
+    or nodes that a person starts and joins).
+
+    A cluster this process started (`ray.init()` without an address, as `ensure_ray` does without
+    RAY_ADDRESS, or a test or notebook does) runs no autoscaler: it holds what it has now. An
+    autoscaling one (`ray up cluster.yaml`, KubeRay) that publishes its node groups' limits in the
+    GCS holds at most those (the limits Ray Train V2 checks its worker group against)."""
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's own handle; None under Ray Client
+    if node is not None and node.is_head():
+        totals = {k: float(v) for k, v in ray.cluster_resources().items()}
+        return totals, "a local Ray cluster that this process started, which adds no nodes"
+    try:
+        limits = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception as error:  # noqa: BLE001 - a private API: not knowing the limit only loses the check
+        log.debug("ray: no cluster limits from the GCS: %s", error)
+        return None
+    if not limits:
+        return None
+    return {k: float(v) for k, v in limits.items()}, "the most that its autoscaler's node groups allow"

@@ -127,7 +127,8 @@ def test_train_refuses_an_output_that_would_destroy_data(prepared_dir, tmp_path,
 
 def test_train_again_into_its_own_output_replaces_the_model(cli_trained, prepared_dir, tmp_path):
     """An earlier `raytr train` output is written again (its model/ replaced, nothing left beside it);
-    so is one whose run crashed before train_result.json (it has runs/, which a set run_name resumes)."""
+    so is one whose run crashed before train_result.json (it has runs/<run>/init/config.json, written
+    first, which a set run_name resumes)."""
     out, _ = cli_trained
     again = tmp_path / "again"
     shutil.copytree(out, again)

@@ -578,7 +578,7 @@ def test_train_without_data_raises(prepared_spec, tmp_path):
 
 def test_train_refuses_an_output_dir_holding_other_data_before_writing(prepared_dir, prepared_spec, tmp_path):
     """Trainer.train() replaced <output_dir>/model/ of any directory; now only an earlier training
-    output's (train_result.json or runs/), and never one holding its data."""
+    output's (train_result.json or runs/<run>/init/config.json), and never one holding its data."""
     theirs = tmp_path / "theirs"
     (theirs / "model").mkdir(parents=True)
     (theirs / "model" / "config.json").write_text("{}")

@@ -10,6 +10,8 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 COMPILE_MODES = get_args(CompileMode)
 LossKernel = Literal["auto", "torch", "triton"]  # training.loss_kernel: see TrainingArguments
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay their graphs as CUDA graphs on a GPU
+# training.report_to: the integrations the loop writes to (loop._tensorboard); "none" (or []) writes none.
+REPORT_TO = ("tensorboard", "none")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,9 @@ class TrainingArguments:
             `max_steps`) schedule, which the learning rate still follows (0: train it all). Refits
             an epoch chosen on validation, on more data, along the same trajectory: `max_steps`
             would squeeze the schedule into the shorter run instead.
-        metrics_top_k: cut-offs for Precision/Recall/NDCG/MAP/MRR@k.
+        metrics_top_k: cut-offs for Precision/Recall/NDCG/MAP/MRR@k (distinct integers >= 1).
+        report_to: ["tensorboard"] (scalars under output_dir/tensorboard/<run>), or [] / ["none"]
+            for no logging; other Hugging Face integrations (wandb, mlflow, ...) are not supported.
         predict_top_k: how many items `predict()` returns per session.
     Ray Train:
         launcher: "ray" runs the loop on Ray Train's TorchTrainer (DDP over `num_workers`);
@@ -126,8 +130,8 @@ class TrainingArguments:
                 raise ConfigError(f"training.{key}={getattr(self, key)}: expected >= 0 (0: off)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"training.warmup_ratio={self.warmup_ratio}: expected 0 <= r < 1")
-        if not self.metrics_top_k or min(self.metrics_top_k) < 1:
-            raise ConfigError(f"training.metrics_top_k={list(self.metrics_top_k)}: expected cut-offs >= 1")
+        self._check_metrics_top_k()
+        self._check_report_to()
         from raytr.metrics import METRIC_NAMES
 
         reported = [f"{name}@{k}" for k in self.metrics_top_k for name in METRIC_NAMES]
@@ -145,6 +149,37 @@ class TrainingArguments:
             raise ConfigError(f"training.launcher='local' runs one worker; num_workers={self.num_workers} needs 'ray'")
         if self.max_failures < 0:
             raise ConfigError(f"training.max_failures={self.max_failures}: expected >= 0")
+        bad = {k: v for k, v in self.resources_per_worker.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0}  # NaN fails too
+        if bad:  # else Ray Train fails on them after the run started
+            raise ConfigError(f"training.resources_per_worker={dict(self.resources_per_worker)}: expected a number >= 0 "
+                              f"for each resource, got {bad}; e.g. {{CPU: 2, GPU: 1}} (YAML needs a space after "
+                              "each colon)")
+        if self.launcher == "local" and self.data_loader_engine == "ray":  # Ray Data shards come from Ray Train
+            raise ConfigError("training.data_loader_engine='ray' needs training.launcher='ray' (Ray Data feeds Ray "
+                              "Train's workers); with training.launcher='local' use data_loader_engine 'merlin' or "
+                              "'pyarrow'")
+
+    def _check_metrics_top_k(self) -> None:
+        from raytr.config import ConfigError
+
+        top_k = list(self.metrics_top_k)
+        # Metrics are keyed by cut-off: a repeated one would be computed twice under one name.
+        if (not top_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in top_k)
+                or len(set(top_k)) != len(top_k)):
+            raise ConfigError(f"training.metrics_top_k={top_k}: expected a non-empty list of distinct integers "
+                              ">= 1, e.g. [5, 10, 20]")
+
+    def _check_report_to(self) -> None:
+        from raytr.config import ConfigError
+
+        if isinstance(self.report_to, str):  # Hugging Face also takes one name: "none", "tensorboard"
+            object.__setattr__(self, "report_to", (self.report_to,))
+        names = list(self.report_to)
+        unknown = [name for name in names if name not in REPORT_TO]
+        if unknown or ("none" in names and len(names) > 1):
+            raise ConfigError(f"training.report_to={names}: supported are ['tensorboard'] and [] or ['none'] "
+                              f"(no logging){f'; {unknown} not supported' if unknown else ''}")
 
     @property
     def uses_cuda_graphs(self) -> bool:

@@ -32,8 +32,8 @@ from raytr.training.trainer import Trainer, check_train_output
 log = logging.getLogger(__name__)
 
 # What makes a directory an earlier `run_incremental` output it may write into again: its tables,
-# or the train/ a run writes first (a crashed run).
-INCREMENTAL_OUTPUT_MARKERS = ("incremental.json", "train")
+# or what its train/ Trainer writes first (a crashed run); a bare train/ folder is anybody's.
+INCREMENTAL_OUTPUT_MARKERS = ("incremental.json", "train/train_result.json", "train/runs/*/init/config.json")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ A checkpoint is a directory of plain files:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -196,6 +197,30 @@ def read_trainer_state(directory: str | Path) -> dict[str, Any]:
     return json.loads(storage.read_text(storage.join(directory, TRAINER_STATE)))
 
 
+def model_differences(saved: SessionModel, configured: SessionModel) -> list[str]:
+    """The model settings and data facts (feature spec) in which `saved` differs from `configured`,
+    as "model.body='gpt2' (configured 'xlnet')"."""
+    pairs = [("model", dataclasses.asdict(saved.config), dataclasses.asdict(configured.config)),
+             ("feature_spec", saved.spec.to_dict(), configured.spec.to_dict())]
+    return [f"{section}.{key}={was!r} (configured {now.get(key)!r})"
+            for section, old, now in pairs for key, was in old.items() if now.get(key) != was]
+
+
+def check_checkpoint_model(saved: SessionModel, configured: SessionModel, checkpoint: str | Path) -> None:
+    """Refuse to resume from a checkpoint whose weights do not fit the configured model (another
+    body, width, depth or catalog): one line naming the checkpoint and what differs, not
+    load_state_dict's list of every mismatched tensor. Settings that leave the weights' shapes alone
+    (dropout, say) may change on resume."""
+    mine = configured.state_dict()
+    theirs = saved.state_dict()
+    if mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine):
+        return
+    differences = model_differences(saved, configured)
+    raise ValueError(f"training.resume_from_checkpoint {str(checkpoint)!r}: the checkpoint's model does not match "
+                     f"the configured one ({', '.join(differences) or 'other weights'}): resume with the settings it "
+                     "was trained with, or train without resume_from_checkpoint")
+
+
 def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     """Train for `args.num_train_epochs` (or `max_steps`). Every epoch ends with evaluation and a
     checkpoint; `eval_steps` adds evaluations inside epochs. Returns the last reported metrics."""
@@ -224,9 +249,12 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     restored_state = None  # (model state, training state, trainer state) of the checkpoint resumed
     if ctx.restored_checkpoint is not None:
         with storage.local_copy(ctx.restored_checkpoint) as local:  # one copy of a URL checkpoint for its parts
-            restored_state = (SessionModel.load(local, map_location=device).state_dict(),
+            restored = SessionModel.load(local, map_location=device)
+            check_checkpoint_model(restored, model, ctx.restored_checkpoint)
+            restored_state = (restored.state_dict(),
                               torch.load(local / TRAINING_STATE, map_location=device, weights_only=True),
                               read_trainer_state(local))
+            del restored
     saved = None  # the previous train() call's optimizer and scheduler state; a resumed checkpoint holds its own
     if cfg.init_training_state and restored_state is None:
         with storage.local_copy(cfg.init_training_state) as path:

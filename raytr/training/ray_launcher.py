@@ -28,7 +28,9 @@ from raytr import storage
 from raytr.errors import user_error_message
 from raytr.data.loaders import causal_target_counts, check_column_ids, gather_batches, ragged_from_arrow
 from raytr.features import SessionBatch
-from raytr.ray_runtime import ensure_ray
+from raytr.config import ConfigError
+from raytr.ray_runtime import cluster_limit, ensure_ray
+from raytr.training.arguments import TrainingArguments
 from raytr.training.loop import LoopConfig, WorkerContext, train_loop
 
 log = logging.getLogger(__name__)
@@ -120,11 +122,56 @@ def user_error_of(error: BaseException) -> BaseException | None:
     return None
 
 
+def resource_shortfall(needed: dict[str, float], limit: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """{resource: (needed, limit)} for each resource that `needed` asks more of than `limit` holds
+    (a resource missing from `limit`: 0 of it)."""
+    return {name: (amount, limit.get(name, 0.0)) for name, amount in sorted(needed.items())
+            if amount > limit.get(name, 0.0) + 1e-9}
+
+
+def _amount(value: float) -> str:
+    return f"{value:g}" if value < 1e6 else f"{value / 2 ** 30:.1f} GiB"  # memory resources are in bytes
+
+
+def check_cluster_fits(args: TrainingArguments, scaling: ScalingConfig) -> None:
+    """Refuse a worker group that the cluster can never place (more CPUs or GPUs than it can ever
+    hold): Ray Train would wait for it forever, logging "No available node types can fulfill
+    resource request" every minute. Where the cluster may still grow, only a warning that the run
+    waits for nodes."""
+    needed = {name: float(amount) for name, amount in scaling.total_resources.items() if amount}
+    bounded = cluster_limit()
+    limit, why = bounded if bounded is not None else ({k: float(v) for k, v in ray.cluster_resources().items()},
+                                                      None)
+    short = resource_shortfall(needed, limit)
+    if not short:
+        return
+    text = ", ".join(f"{_amount(need)} {name} (the cluster {'holds at most' if why else 'has'} {_amount(has)})"
+                     for name, (need, has) in short.items())
+    if why is None:
+        log.warning("the worker group needs %s now: the run waits until the cluster adds nodes (with no "
+                    "autoscaler it waits forever: stop it and lower training.num_workers)", text)
+        return
+    # What Ray reserves for each worker (a GPU with use_gpu, 1 CPU by default).
+    per_worker = getattr(scaling, "_resources_per_worker_not_none", None) or args.resources_per_worker
+    fixes = ["lower training.num_workers"] if args.num_workers > 1 else []
+    if "GPU" in short and args.use_gpu:
+        fixes.append("set training.use_gpu=false")
+    if args.resources_per_worker:
+        fixes.append("lower training.resources_per_worker")
+    raise ConfigError(f"training.num_workers={args.num_workers} x {dict(per_worker)} per worker (training.use_gpu="
+                      f"{str(args.use_gpu).lower()}, training.resources_per_worker={dict(args.resources_per_worker)}) "
+                      f"needs {text}; the cluster is {why}: {', or '.join(fixes)}, or run on a larger cluster "
+                      "(RAY_ADDRESS)")
+
+
 def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any = None
                ) -> tuple[dict[str, float], str, str | None]:
     """Run the loop on a TorchTrainer; returns (final metrics, latest checkpoint dir, best one)."""
     ensure_ray()
     args = cfg.args
+    scaling = ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                            resources_per_worker=args.resources_per_worker or None)
+    check_cluster_fits(args, scaling)  # before Ray Data reads the data and Ray Train waits for workers
     datasets, rows_per_worker = None, 0
     if args.data_loader_engine == "ray":
         given = train_dataset if train_dataset is not None and not isinstance(train_dataset, (str, Path, list, tuple)) \
@@ -143,8 +190,7 @@ def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any 
         _worker,
         train_loop_config={"loop": cfg, "rows_per_worker": rows_per_worker},
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                     resources_per_worker=args.resources_per_worker or None),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=run_name,
             storage_path=results_path,

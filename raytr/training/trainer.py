@@ -76,9 +76,26 @@ def resolve_paths(data: DatasetOrPath) -> list[str]:
 
 
 # What makes a directory an earlier training output that `train()` may write into again (replacing
-# its model/): the result of a finished call, or the runs/ that a call writes first (a crashed run,
-# which the same run_name resumes).
-TRAIN_OUTPUT_MARKERS = ("train_result.json", "runs")
+# its model/): the result of a finished call, or the starting weights that a call writes first
+# (runs/<run>/init/config.json: a crashed run, which the same run_name resumes). A bare runs/ is
+# not one: TensorBoard's SummaryWriter writes runs/ into whatever directory it runs in. A marker
+# may hold `*` for one path component.
+TRAIN_OUTPUT_MARKERS = ("train_result.json", "runs/*/init/config.json")
+
+
+def _present_markers(output_dir: str | Path, markers: Sequence[str]) -> list[str]:
+    """The paths under `output_dir` (relative to it) that `markers` (`*`: one component) match."""
+    fs, root = storage.filesystem(output_dir)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        return []
+    found = []
+    for marker in markers:
+        if "*" in marker:
+            found += [path[len(root) + 1:] for path in fs.glob(f"{root}/{marker}")]
+        elif fs.exists(f"{root}/{marker}"):
+            found.append(marker)
+    return found
 
 
 def check_train_output(output_dir: str | Path, inputs: Sequence[str | Path] = (),
@@ -92,7 +109,9 @@ def check_train_output(output_dir: str | Path, inputs: Sequence[str | Path] = ()
         if type(in_fs) is type(out_fs) and out.startswith(data.rstrip("/") + "/"):
             raise ValueError(f"output {str(output_dir)!r} is inside the input data {str(path)!r}: training would "
                              "write its model, checkpoints and workflow into the data; choose a directory outside it")
-    storage.check_output(output_dir, markers, inputs)
+    # storage.check_output tests its markers with exists(): give it the paths the patterns matched
+    # (none: the patterns, which no path matches literally and its message then names).
+    storage.check_output(output_dir, _present_markers(output_dir, markers) or list(markers), inputs)
 
 
 def _check_work_left(trainer_state: dict[str, Any], args: TrainingArguments, checkpoint: str) -> None:

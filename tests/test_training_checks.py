@@ -1,0 +1,184 @@
+"""Training settings refused up front, one line naming the key: config combinations, the cut-offs,
+report_to, a checkpoint of another model, an output directory that is not a training output, and a
+worker group the Ray cluster can never hold (its limits faked here: the live cluster's checks are
+in test_distributed.py). No Ray cluster and no training data: a tiny model built in code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import ray
+from ray.train import ScalingConfig
+
+from raytr import ray_runtime
+from raytr.config import ConfigError, ModelConfig, load_config
+from raytr.features import FeatureSpec
+from raytr.models import SessionModel
+from raytr.training import ray_launcher
+from raytr.training.arguments import TrainingArguments
+from raytr.training.loop import LoopConfig, WorkerContext, _tensorboard, train_loop
+from raytr.training.trainer import check_train_output
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
+SPEC = FeatureSpec(item_id="item_id", item_cardinality=40, max_sequence_length=8, categorical={"category": 6})
+
+
+def tiny(body: str = "gpt2", **overrides) -> ModelConfig:
+    return ModelConfig(**{"body": body, "d_model": 16, "n_layers": 1, "n_heads": 2, "categorical_dim": 4,
+                          **overrides})
+
+
+# --------------------------------------------------------------------------- TrainingArguments
+def test_ray_data_engine_with_the_local_launcher_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"training.data_loader_engine='ray' needs training.launcher='ray'"):
+        TrainingArguments(launcher="local", data_loader_engine="ray")
+    assert TrainingArguments(launcher="ray", data_loader_engine="ray").data_loader_engine == "ray"
+
+
+def test_the_yaml_config_refuses_it_before_training():
+    with pytest.raises(ConfigError, match=r"data_loader_engine='ray'.*launcher='local'"):
+        load_config(CONFIG, {"training": {"launcher": "local", "data_loader_engine": "ray"}})
+
+
+@pytest.mark.parametrize("top_k", [[10, 10], [5, 0], [], [2.5, 10], [True, 10]])
+def test_metrics_top_k_must_be_distinct_positive_integers(top_k):
+    with pytest.raises(ConfigError, match=r"training.metrics_top_k=.*distinct integers >= 1"):
+        TrainingArguments(metrics_top_k=tuple(top_k), metric_for_best_model="ndcg@10")
+
+
+def test_repeated_cut_offs_are_refused_when_the_yaml_is_loaded():
+    with pytest.raises(ConfigError, match=r"training.metrics_top_k=\[10, 10\]"):
+        load_config(CONFIG, {"training": {"metrics_top_k": [10, 10]}})
+
+
+@pytest.mark.parametrize("report_to", [["wandb"], ["tensorboard", "mlflow"], ["none", "tensorboard"]])
+def test_report_to_refuses_what_the_loop_does_not_write(report_to):
+    with pytest.raises(ConfigError, match=r"training.report_to=.*supported are \['tensorboard'\] and \[\] or "
+                                          r"\['none'\]"):
+        TrainingArguments(report_to=tuple(report_to))
+
+
+@pytest.mark.parametrize("report_to, writes", [(("tensorboard",), True), ((), False), (("none",), False),
+                                               ("none", False), ("tensorboard", True)])
+def test_report_to_none_or_empty_writes_no_tensorboard_events(report_to, writes, tmp_path):
+    args = TrainingArguments(report_to=report_to, output_dir=str(tmp_path), run_name="r")
+    assert all(isinstance(name, str) for name in args.report_to) and not isinstance(args.report_to, str)
+    scalars = _tensorboard(args)
+    assert (scalars is not None) == writes
+    if scalars is not None:
+        scalars.close()
+    assert (tmp_path / "tensorboard" / "r").is_dir() == writes
+
+
+@pytest.mark.parametrize("resources", [{"CPU:1.5": None}, {"CPU": -1}, {"GPU": "one"}, {"CPU": float("nan")}])
+def test_resources_per_worker_must_be_numbers(resources):
+    with pytest.raises(ConfigError, match=r"training.resources_per_worker=.*expected a number >= 0"):
+        TrainingArguments(resources_per_worker=resources)
+
+
+# --------------------------------------------------------------------------- resuming another model
+def _resume(tmp_path: Path, saved: ModelConfig, configured: ModelConfig) -> None:
+    """Resume `configured` from a checkpoint of `saved` through the training loop."""
+    checkpoint = SessionModel(SPEC, saved, seed=0).save(tmp_path / "checkpoint")
+    init = SessionModel(SPEC, configured, seed=1).save(tmp_path / "init")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), launcher="local", data_loader_engine="pyarrow",
+                             report_to=(), disable_tqdm=True, metrics_top_k=(5, 10))
+    cfg = LoopConfig(spec=SPEC, model_config=configured, args=args, init_model_dir=str(init), train_paths=())
+    train_loop(cfg, WorkerContext(restored_checkpoint=checkpoint, train_batches=lambda epoch: [], steps_per_epoch=1))
+
+
+def test_resuming_a_checkpoint_of_another_body_names_the_checkpoint_and_the_difference(tmp_path):
+    with pytest.raises(ValueError) as caught:
+        _resume(tmp_path, tiny("gpt2"), tiny("xlnet"))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"training.resume_from_checkpoint {str(tmp_path / 'checkpoint')!r}" in message
+    assert "the checkpoint's model does not match the configured one (model.body='gpt2' (configured 'xlnet'))" \
+        in message
+
+
+def test_resuming_a_checkpoint_of_another_width_names_d_model(tmp_path):
+    with pytest.raises(ValueError, match=r"model.d_model=16 \(configured 32\)"):
+        _resume(tmp_path, tiny(), tiny(d_model=32))
+
+
+def test_settings_that_keep_the_weights_shapes_may_change_on_resume(tmp_path):
+    """Past the model check, the loop reads the checkpoint's training state (this one has none)."""
+    with pytest.raises(FileNotFoundError, match="training_state.pt"):
+        _resume(tmp_path, tiny(), tiny(dropout=0.3))
+
+
+# --------------------------------------------------------------------------- the output directory
+def test_a_tensorboard_runs_folder_does_not_make_a_training_output(tmp_path):
+    project = tmp_path / "project"
+    (project / "runs" / "Dec06_host").mkdir(parents=True)
+    (project / "runs" / "Dec06_host" / "events.out.tfevents.1").write_bytes(b"x")
+    (project / "prepare.json").write_text("{}")  # what a bundle's attach step would replace
+    with pytest.raises(ValueError, match=r"is a directory with other contents \(no train_result.json or "
+                                         r"runs/\*/init/config.json"):
+        check_train_output(project)
+    assert sorted(p.relative_to(project).as_posix() for p in project.rglob("*")) == [
+        "prepare.json", "runs", "runs/Dec06_host", "runs/Dec06_host/events.out.tfevents.1"]
+
+
+def test_earlier_training_outputs_are_accepted(tmp_path):
+    finished, crashed, empty = tmp_path / "finished", tmp_path / "crashed", tmp_path / "empty"
+    finished.mkdir()
+    (finished / "train_result.json").write_text("{}")
+    SessionModel(SPEC, tiny(), seed=0).save(crashed / "runs" / "run-1" / "init")  # what train() writes first
+    empty.mkdir()
+    for output in (finished, crashed, empty, tmp_path / "new"):
+        check_train_output(output)
+
+
+def test_incremental_outputs_are_told_by_what_their_trainer_writes(tmp_path):
+    """`raytr incremental` trains into <output>/train: a bare train/ folder is anybody's."""
+    from raytr.training.incremental import INCREMENTAL_OUTPUT_MARKERS
+
+    foreign, crashed = tmp_path / "foreign", tmp_path / "crashed"
+    (foreign / "train").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is a directory with other contents"):
+        check_train_output(foreign, markers=INCREMENTAL_OUTPUT_MARKERS)
+    SessionModel(SPEC, tiny(), seed=0).save(crashed / "train" / "runs" / "day-1" / "init")
+    check_train_output(crashed, markers=INCREMENTAL_OUTPUT_MARKERS)
+
+
+# --------------------------------------------------------------------------- the Ray cluster's limits
+def _fake_cluster(monkeypatch, limits: dict[str, float] | None) -> None:
+    """A connected (not started here) cluster whose autoscaler publishes `limits` (None: none)."""
+    monkeypatch.setattr(ray._private.worker, "_global_node", None)
+    monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", lambda: limits)
+
+
+def test_a_worker_group_beyond_the_autoscalers_limits_is_refused_naming_the_keys(monkeypatch):
+    _fake_cluster(monkeypatch, {"CPU": 16, "GPU": 4})
+    assert ray_runtime.cluster_limit() == ({"CPU": 16.0, "GPU": 4.0}, "the most that its autoscaler's node "
+                                                                      "groups allow")
+    args = TrainingArguments(num_workers=5, use_gpu=True)
+    scaling = ScalingConfig(num_workers=5, use_gpu=True)
+    with pytest.raises(ConfigError) as caught:
+        ray_launcher.check_cluster_fits(args, scaling)
+    assert str(caught.value).startswith("training.num_workers=5 x {'GPU': 1} per worker (training.use_gpu=true, "
+                                        "training.resources_per_worker={}) needs 5 GPU (the cluster holds at most 4)")
+    assert "lower training.num_workers, or set training.use_gpu=false" in str(caught.value)
+    ray_launcher.check_cluster_fits(replace(args, num_workers=4), ScalingConfig(num_workers=4, use_gpu=True))
+
+
+def test_a_cluster_that_may_grow_only_warns_that_the_run_waits(monkeypatch, caplog):
+    _fake_cluster(monkeypatch, None)
+    assert ray_runtime.cluster_limit() is None
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    args = TrainingArguments(num_workers=3)
+    with caplog.at_level(logging.WARNING, logger="raytr.training.ray_launcher"):
+        ray_launcher.check_cluster_fits(args, ScalingConfig(num_workers=3))
+    assert "needs 3 CPU (the cluster has 2) now: the run waits until the cluster adds nodes" in caplog.text
+
+
+def test_resource_shortfall_counts_a_missing_resource_as_none():
+    assert ray_launcher.resource_shortfall({"CPU": 3.0, "GPU": 1.0}, {"CPU": 4.0}) == {"GPU": (1.0, 0.0)}
+    assert ray_launcher.resource_shortfall({"CPU": 0.5}, {"CPU": 0.5}) == {}
