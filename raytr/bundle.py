@@ -37,7 +37,8 @@ def attach_preprocessing(prepared_dir: str | Path, output_dir: str | Path) -> No
         raise ValueError(f"output {str(output_dir)!r} is the prepared data directory itself: choose another output")
     copies = [(storage.join(prepared_dir, name), storage.join(output_dir, name)) for name in COPIED_FROM_PREPARE]
     for _, dst in copies:
-        if _within(prepared_dir, dst):  # replacing dst would delete the source
+        # dst unresolved (storage.remove deletes a link itself), the source with its links resolved
+        if storage.is_within(storage.normalize(prepared_dir), dst):  # replacing dst would delete the source
             raise ValueError(f"output {str(output_dir)!r}: its {storage.name(dst)} would replace the prepared data "
                              f"directory {str(prepared_dir)!r} itself: choose another output")
     missing = [src for src, _ in copies if not storage.exists(src)]
@@ -51,13 +52,6 @@ def attach_preprocessing(prepared_dir: str | Path, output_dir: str | Path) -> No
                 storage.put_dir(local, dst)
         else:
             storage.copy_file(src, dst)
-
-
-def _within(path: str | Path, outer: str) -> bool:
-    """True when `path` (its links resolved) is `outer` (a `storage.join` result: its last name not
-    resolved, as `storage.remove` removes a link itself) or inside it."""
-    path = storage.normalize(path)
-    return path == outer or path.startswith(outer.rstrip("/") + "/")
 
 
 def read_data_config(bundle_dir: str | Path) -> DataConfig:

@@ -133,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     model_dir = _model_dir(args.model)
     model = SessionModel.load(model_dir)
-    _check_same_workflow(args.model if model_dir != args.model else storage.parent(model_dir), args.data)
+    _check_same_workflow(storage.parent(model_dir), args.data)  # the bundle: model/ and workflow/
     catalog = model.spec.item_cardinality - FIRST_ITEM_ID  # the ids top_k can recommend
     out_of_range = [k for k in args.top_k if not 1 <= k <= catalog]
     if out_of_range:
@@ -152,10 +152,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from raytr import storage
     from raytr.models import SessionModel
-    from raytr.models.export import export_scorer
+    from raytr.models.export import check_export_path, export_scorer
 
     model_dir = _model_dir(args.model)
-    path = export_scorer(SessionModel.load(model_dir), args.output or storage.join(model_dir, "scorer.pt2"))
+    output = args.output or storage.join(model_dir, "scorer.pt2")
+    check_export_path(output)  # before the weights are loaded
+    path = export_scorer(SessionModel.load(model_dir), output)
     print(f"exported the next-item scorer to {path} (load with raytr.models.export.ExportedScorer.load)")
 
 

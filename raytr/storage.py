@@ -18,6 +18,7 @@ The backend package must be installed (s3fs for s3://, gcsfs for gs://, adlfs fo
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -236,23 +237,34 @@ def writable_dir(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def is_within(path: str, outer: str) -> bool:
+    """Whether `path` is `outer` or lies below it (both as `normalize` or `filesystem` give them)."""
+    return path == outer or path.startswith(outer.rstrip("/") + "/")
+
+
+def _has_marker(fs: fsspec.AbstractFileSystem, directory: str, marker: str) -> bool:
+    """Whether `directory` holds `marker`, a relative path whose components may be `*` patterns."""
+    if "*" in marker:
+        return bool(fs.glob(f"{glob.escape(directory.rstrip('/'))}/{marker}"))
+    return fs.exists(f"{directory.rstrip('/')}/{marker}")
+
+
 def check_output(output: PathLike, marker: str | Sequence[str], inputs: Sequence[PathLike] = ()) -> None:
     """Refuse an `output` whose replacement would lose data: a file, a non-empty directory that is
-    not an earlier output of the same command (it has no `marker`, or none of several), or one that
-    holds an input."""
+    not an earlier output of the same command (it has no `marker`, or none of several; a marker may
+    hold `*` patterns, e.g. runs/*/init), or one that holds an input."""
     markers = (marker,) if isinstance(marker, str) else tuple(marker)
     fs, dst = filesystem(output)
-    root = dst.rstrip("/") + "/"
     for path in inputs:
         in_fs, p = filesystem(path)
-        if type(in_fs) is type(fs) and (p == dst or p.startswith(root)):
+        if type(in_fs) is type(fs) and is_within(p, dst):
             raise ValueError(f"output {str(output)!r} holds the input {str(path)!r}, which replacing it would "
                              "delete: choose another output")
     if not fs.exists(dst):
         return
     if not fs.isdir(dst):
         raise ValueError(f"output {str(output)!r} is a file: choose a directory")
-    if not any(fs.exists(f"{dst}/{m}") for m in markers) and fs.ls(dst):
+    if not any(_has_marker(fs, dst, m) for m in markers) and fs.ls(dst):
         raise ValueError(f"output {str(output)!r} is a directory with other contents (no {' or '.join(markers)}, "
                          "so not an "
                          "earlier output of this command, or one whose commit failed): choose another output "

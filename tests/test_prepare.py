@@ -498,7 +498,8 @@ def test_datetime_timestamps_and_string_ids_give_what_seconds_and_numbers_give(t
                                                                               ray_cluster):
     """Ray Data hands out arrow-backed pandas columns: a datetime timestamp (naive or in any time
     zone) was read as nanoseconds taken for seconds, and a string session id broke the workflow's
-    time features. Each gives the sessions, days and features plain seconds and numbers give."""
+    time features; a pandas category column is written dictionary-encoded. Each gives the sessions,
+    days and features plain seconds and numbers give."""
     frame = raw_events.head(600).copy()
     stamps = pd.to_datetime(frame["timestamp"], unit="s")
     variants = {
@@ -506,6 +507,7 @@ def test_datetime_timestamps_and_string_ids_give_what_seconds_and_numbers_give(t
         "naive": frame.assign(timestamp=stamps),
         "tokyo": frame.assign(timestamp=stamps.dt.tz_localize("UTC").dt.tz_convert("Asia/Tokyo")),
         "string-ids": frame.assign(session_id="s-" + frame["session_id"].astype(str)),
+        "category-ids": frame.assign(item_id=frame["item_id"].astype("category")),  # dictionary-encoded
     }
     got = {}
     for name, variant in variants.items():
@@ -517,7 +519,7 @@ def test_datetime_timestamps_and_string_ids_give_what_seconds_and_numbers_give(t
         if name == "string-ids":
             sessions["session_id"] = sessions["session_id"].str.removeprefix("s-").astype(np.int64)
         got[name] = summary.sessions_per_day, sessions.sort_values("session_id").reset_index(drop=True)
-    for name in ("naive", "tokyo", "string-ids"):
+    for name in ("naive", "tokyo", "string-ids", "category-ids"):
         assert got[name][0] == got["seconds"][0], name
         pd.testing.assert_frame_equal(got[name][1], got["seconds"][1], check_dtype=name != "string-ids",
                                       obj=name)

@@ -7,7 +7,6 @@ in test_distributed.py). No Ray cluster and no training data: a tiny model built
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ from raytr.features import FeatureSpec
 from raytr.models import SessionModel
 from raytr.training import ray_launcher
 from raytr.training.arguments import TrainingArguments
-from raytr.training.loop import LoopConfig, WorkerContext, _tensorboard, train_loop
-from raytr.training.trainer import check_train_output
+from raytr.training.loop import TRAINER_STATE, _tensorboard
+from raytr.training.trainer import Trainer, check_train_output
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
 SPEC = FeatureSpec(item_id="item_id", item_cardinality=40, max_sequence_length=8, categorical={"category": 6})
@@ -82,13 +81,18 @@ def test_resources_per_worker_must_be_numbers(resources):
 
 # --------------------------------------------------------------------------- resuming another model
 def _resume(tmp_path: Path, saved: ModelConfig, configured: ModelConfig) -> None:
-    """Resume `configured` from a checkpoint of `saved` through the training loop."""
-    checkpoint = SessionModel(SPEC, saved, seed=0).save(tmp_path / "checkpoint")
-    init = SessionModel(SPEC, configured, seed=1).save(tmp_path / "init")
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), launcher="local", data_loader_engine="pyarrow",
-                             report_to=(), disable_tqdm=True, metrics_top_k=(5, 10))
-    cfg = LoopConfig(spec=SPEC, model_config=configured, args=args, init_model_dir=str(init), train_paths=())
-    train_loop(cfg, WorkerContext(restored_checkpoint=checkpoint, train_batches=lambda epoch: [], steps_per_epoch=1))
+    """Resume a Trainer of `configured` from a checkpoint of `saved` (at step 0 of epoch 0)."""
+    checkpoint = tmp_path / "checkpoint"
+    SessionModel(SPEC, saved, seed=0).save(checkpoint)
+    (checkpoint / TRAINER_STATE).write_text('{"global_step": 0, "epoch": 0}')
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), launcher="local", data_loader_engine="pyarrow", report_to=(),
+                             disable_tqdm=True, metrics_top_k=(5, 10), predict_top_k=5,
+                             resume_from_checkpoint=str(checkpoint))
+    try:
+        Trainer(SessionModel(SPEC, configured, seed=1), args, train_dataset_or_path=str(tmp_path / "no-data")).train()
+    finally:
+        assert not out.exists()  # refused (or stopped by the missing data) before anything was written
 
 
 def test_resuming_a_checkpoint_of_another_body_names_the_checkpoint_and_the_difference(tmp_path):
@@ -107,9 +111,10 @@ def test_resuming_a_checkpoint_of_another_width_names_d_model(tmp_path):
 
 
 def test_settings_that_keep_the_weights_shapes_may_change_on_resume(tmp_path):
-    """Past the model check, the loop reads the checkpoint's training state (this one has none)."""
-    with pytest.raises(FileNotFoundError, match="training_state.pt"):
+    """Past the model check, the Trainer looks for its training data (there is none here)."""
+    with pytest.raises(FileNotFoundError, match="no parquet files at .*no-data") as caught:
         _resume(tmp_path, tiny(), tiny(dropout=0.3))
+    assert "resume_from_checkpoint" not in str(caught.value)
 
 
 # --------------------------------------------------------------------------- the output directory
@@ -159,23 +164,26 @@ def test_a_worker_group_beyond_the_autoscalers_limits_is_refused_naming_the_keys
     _fake_cluster(monkeypatch, {"CPU": 16, "GPU": 4})
     assert ray_runtime.cluster_limit() == ({"CPU": 16.0, "GPU": 4.0}, "the most that its autoscaler's node "
                                                                       "groups allow")
-    args = TrainingArguments(num_workers=5, use_gpu=True)
-    scaling = ScalingConfig(num_workers=5, use_gpu=True)
     with pytest.raises(ConfigError) as caught:
-        ray_launcher.check_cluster_fits(args, scaling)
+        ray_launcher.check_cluster_fits(ScalingConfig(num_workers=5, use_gpu=True))
     assert str(caught.value).startswith("training.num_workers=5 x {'GPU': 1} per worker (training.use_gpu=true, "
                                         "training.resources_per_worker={}) needs 5 GPU (the cluster holds at most 4)")
-    assert "lower training.num_workers, or set training.use_gpu=false" in str(caught.value)
-    ray_launcher.check_cluster_fits(replace(args, num_workers=4), ScalingConfig(num_workers=4, use_gpu=True))
+    assert str(caught.value).endswith("lower training.num_workers, or set training.use_gpu=false, or run on a "
+                                      "larger cluster (RAY_ADDRESS)")
+    ray_launcher.check_cluster_fits(ScalingConfig(num_workers=4, use_gpu=True))
+    # One worker asking for nothing in particular: only a larger cluster helps.
+    _fake_cluster(monkeypatch, {"GPU": 4})
+    with pytest.raises(ConfigError, match=r"needs 1 CPU \(the cluster holds at most 0\); the cluster is the most "
+                                          r"that its autoscaler's node groups allow: run on a larger cluster"):
+        ray_launcher.check_cluster_fits(ScalingConfig(num_workers=1))
 
 
 def test_a_cluster_that_may_grow_only_warns_that_the_run_waits(monkeypatch, caplog):
     _fake_cluster(monkeypatch, None)
     assert ray_runtime.cluster_limit() is None
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
-    args = TrainingArguments(num_workers=3)
     with caplog.at_level(logging.WARNING, logger="raytr.training.ray_launcher"):
-        ray_launcher.check_cluster_fits(args, ScalingConfig(num_workers=3))
+        ray_launcher.check_cluster_fits(ScalingConfig(num_workers=3))
     assert "needs 3 CPU (the cluster has 2) now: the run waits until the cluster adds nodes" in caplog.text
 
 

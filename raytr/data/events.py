@@ -150,12 +150,13 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
             )
         if table is not None and table.num_rows == 0:
             continue  # a header-only CSV: its columns have no type to check, and it adds no events
+        types = {name: value_type(schema.field(name).type) for name in expected}
         for name, (role, ok) in expected.items():
-            dtype = value_type(schema.field(name).type)
-            if not ok(dtype):
-                raise InputError(f"{file}: column {name!r} ({role}) has type {dtype}, which cannot be used as a {role}")
+            if not ok(types[name]):
+                raise InputError(f"{file}: column {name!r} ({role}) has type {types[name]}, which cannot be used as "
+                                 f"a {role}")
         for name in ids:
-            kind = "string" if _is_string(value_type(schema.field(name).type)) else "number"
+            kind = "string" if _is_string(types[name]) else "number"
             seen, where = first_kind.setdefault(name, (kind, file))
             if kind != seen:
                 raise InputError(
@@ -164,17 +165,19 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
                 )
         # Values checked beyond nulls: a float timestamp's NaN/inf, and continuous features' inf.
         valued = [name for name in (config.timestamp_col, *config.continuous)
-                  if pa.types.is_floating(schema.field(name).type) or name in config.log_transform
-                  or (name == config.timestamp_col and pa.types.is_integer(schema.field(name).type))]
+                  if pa.types.is_floating(types[name]) or name in config.log_transform]
+        numeric_time = not pa.types.is_timestamp(types[config.timestamp_col])
         if fmt == "parquet":
             meta = storage.parquet_file(file).metadata
             total_rows += meta.num_rows
             nulls = {name: _parquet_null_count(file, meta, name) for name in required}
             values = storage.read_table(file, valued) if valued else None
+            latest = _parquet_max(file, meta, config.timestamp_col) if numeric_time else None
         else:
             total_rows += table.num_rows
             nulls = {name: table.column(name).null_count for name in required}
             values = table.select(valued)
+            latest = pc.max(table.column(config.timestamp_col)).as_py() if numeric_time else None
         for name, count in nulls.items():
             if count:
                 raise InputError(
@@ -183,6 +186,8 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
                 )
         if values is not None:
             _check_values(file, config, values)
+        if latest is not None:
+            _check_timestamp_unit(file, config, latest)
     if total_rows == 0:
         raise InputError(f"input {str(path)!r} has no rows")
     return InputFiles(paths=tuple(files), format=fmt, num_rows=total_rows)
@@ -206,8 +211,6 @@ def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
         count = bad.as_py() or 0
         if count:
             raise InputError(f"{file}: column {name!r} has {count} {what} value(s); {fix} before preparing")
-        if name == config.timestamp_col:
-            _check_timestamp_unit(file, config, column)
         if name in config.log_transform:
             low = pc.sum(pc.less_equal(column, -1.0)).as_py() or 0
             if low:
@@ -222,16 +225,27 @@ def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
 MAX_UNIX_SECONDS = 1e11
 
 
-def _check_timestamp_unit(file: str, config: DataConfig, seconds_or_ms: pa.ChunkedArray) -> None:
-    largest = pc.max(seconds_or_ms).as_py()
-    if largest is None:
-        return
+def _check_timestamp_unit(file: str, config: DataConfig, largest: float) -> None:
+    """Refuse numeric timestamps whose largest value, in the configured unit, lies after the year 5000."""
     seconds = largest / 1000.0 if config.timestamp_unit == "ms" else largest
     if seconds > MAX_UNIX_SECONDS:
         finer = "milliseconds: set data.timestamp_unit: ms" if config.timestamp_unit == "s" else "microseconds or finer"
         raise InputError(f"{file}: column {config.timestamp_col!r} reaches {largest:.6g}, after the year 5000 as "
                          f"unix {'seconds' if config.timestamp_unit == 's' else 'milliseconds'}; the values look "
                          f"like {finer} (or convert them to unix seconds)")
+
+
+def _parquet_max(file: str, meta: pq.FileMetaData, column: str) -> float | None:
+    """A numeric column's largest value, from the row groups' statistics where each has them (the
+    column is read otherwise)."""
+    index = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == column)
+    maxima = []
+    for rg in range(meta.num_row_groups):
+        stats = meta.row_group(rg).column(index).statistics
+        if stats is None or not stats.has_min_max:
+            return pc.max(storage.read_table(file, [column]).column(0)).as_py()
+        maxima.append(stats.max)
+    return max(maxima) if maxima else None
 
 
 def _parquet_null_count(file: str, meta: pq.FileMetaData, column: str) -> int:

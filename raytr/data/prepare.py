@@ -110,7 +110,8 @@ def prepare(
             workflow = fit_workflow(config, sorted_files, Path(local) / "fit")
             save_workflow(workflow, Path(local) / "artifacts" / WORKFLOW_DIR)
             schema = output_schema(workflow, config)
-            _check_items_kept(schema, config, input_path)
+            items = int(schema[f"{config.item_col}-list"].properties["embedding_sizes"]["cardinality"])
+            _check_items_kept(items, config, input_path)
             save_schema(schema, Path(local) / "artifacts")
             storage.put_dir(Path(local) / "artifacts", staging)
 
@@ -126,12 +127,11 @@ def prepare(
         for s in stats:
             for day, n in s["per_day"].items():
                 per_day[int(day)] = per_day.get(int(day), 0) + n
-        item_col = schema[f"{config.item_col}-list"]
         summary = PrepareSummary(
             output=output,
             events=files.num_rows,
             sessions=sessions,
-            items=int(item_col.properties["embedding_sizes"]["cardinality"]),
+            items=items,
             mean_session_length=sum(s["length_sum"] for s in stats) / sessions,
             sessions_per_day=dict(sorted(per_day.items())),
             origin_day=origin_day,
@@ -144,10 +144,9 @@ def prepare(
     return summary
 
 
-def _check_items_kept(schema, config: DataConfig, input_path) -> None:
+def _check_items_kept(cardinality: int, config: DataConfig, input_path) -> None:
     """Refuse a fit that left no real item (every one seen fewer than data.freq_threshold times is
     OOV): no model could be trained on it, and `raytr train` would only say the catalog is empty."""
-    cardinality = int(schema[f"{config.item_col}-list"].properties["embedding_sizes"]["cardinality"])
     if cardinality <= FIRST_ITEM_ID:
         raise InputError(f"data.freq_threshold={config.freq_threshold}: no item of {str(input_path)!r} occurs that "
                          "often, so every item would be out of vocabulary; lower it")

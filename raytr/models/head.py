@@ -81,6 +81,16 @@ class SparseBias(NamedTuple):
         return SparseBias(self.columns[start:stop], self.values[start:stop])
 
 
+def _logsumexp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row logsumexp of fp32 logits [c, Vp] (-inf off the classes) by hand, turning `logits` in place
+    into their unnormalised softmax: one exp pass and no second [c, Vp] buffer (torch.logsumexp makes
+    one). Returns (lse [c], the unnormalised softmax (`logits` itself), its row sums [c])."""
+    top = logits.amax(dim=1)
+    probs = logits.sub_(top[:, None]).exp_()  # 0 where not a class
+    total = probs.sum(dim=1)
+    return top + total.log(), probs, total
+
+
 def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                           num_classes: int, smoothing: float, with_grad: bool, bias: SparseBias | None = None):
     """One chunk of the fused linear + cross-entropy.
@@ -101,12 +111,7 @@ def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         mean = logits.mv(valid.float()) / num_classes
     logits.masked_fill_(~valid, float("-inf"))
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # [c]
-    # logsumexp by hand, so that its exponentials become the softmax in place: one exp pass over the
-    # chunk instead of two (what an eager step, e.g. on the CPU, pays for).
-    top = logits.amax(dim=1)  # [c]
-    probs = logits.sub_(top[:, None]).exp_()  # unnormalised softmax, 0 where not a class
-    total = probs.sum(dim=1)  # [c]
-    lse = top + total.log()
+    lse, probs, total = _logsumexp_(logits)
     loss = lse - target_logit  # [c] -log p(target)
     if smoothing:
         loss = (1.0 - smoothing) * loss + smoothing * (lse - mean)
@@ -594,15 +599,14 @@ class _ChunkedLogitSummary(torch.autograd.Function):
             lse = torch.empty(n, dtype=torch.float32, device=h.device)
             picked = torch.empty(columns.shape, dtype=torch.float32, device=h.device)
             total = torch.empty(n, dtype=torch.float32, device=h.device) if with_total else None
+            classes = valid.float()
             for start in range(0, n, rows):
                 stop = min(start + rows, n)
                 logits = (h[start:stop] @ w.T).float()  # [c, Vp]
                 picked[start:stop] = logits.gather(1, columns[start:stop])
                 if with_total:
-                    total[start:stop] = logits.mv(valid.float())
-                logits.masked_fill_(~valid, float("-inf"))
-                top = logits.amax(dim=1)  # logsumexp in place: no second [c, Vp] buffer
-                lse[start:stop] = top + logits.sub_(top[:, None]).exp_().sum(dim=1).log()
+                    total[start:stop] = logits.mv(classes)
+                lse[start:stop] = _logsumexp_(logits.masked_fill_(~valid, float("-inf")))[0]
         ctx.save_for_backward(hidden, weight, columns, lse)
         ctx.rows, ctx.dtype = rows, dtype
         return lse, picked, total

@@ -27,13 +27,13 @@ from raytr.data.schema import feature_spec, load_schema
 from raytr.evaluation import evaluate_next_item
 from raytr.features import FIRST_ITEM_ID
 from raytr.models import SessionModel
-from raytr.training.trainer import Trainer, check_train_output
+from raytr.training.trainer import TRAIN_OUTPUT_MARKERS, Trainer, check_train_output
 
 log = logging.getLogger(__name__)
 
 # What makes a directory an earlier `run_incremental` output it may write into again: its tables,
 # or what its train/ Trainer writes first (a crashed run); a bare train/ folder is anybody's.
-INCREMENTAL_OUTPUT_MARKERS = ("incremental.json", "train/train_result.json", "train/runs/*/init/config.json")
+INCREMENTAL_OUTPUT_MARKERS = ("incremental.json", *(f"train/{marker}" for marker in TRAIN_OUTPUT_MARKERS))
 
 
 @dataclass(frozen=True)

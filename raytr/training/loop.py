@@ -249,12 +249,9 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     restored_state = None  # (model state, training state, trainer state) of the checkpoint resumed
     if ctx.restored_checkpoint is not None:
         with storage.local_copy(ctx.restored_checkpoint) as local:  # one copy of a URL checkpoint for its parts
-            restored = SessionModel.load(local, map_location=device)
-            check_checkpoint_model(restored, model, ctx.restored_checkpoint)
-            restored_state = (restored.state_dict(),
+            restored_state = (SessionModel.load(local, map_location=device).state_dict(),
                               torch.load(local / TRAINING_STATE, map_location=device, weights_only=True),
                               read_trainer_state(local))
-            del restored
     saved = None  # the previous train() call's optimizer and scheduler state; a resumed checkpoint holds its own
     if cfg.init_training_state and restored_state is None:
         with storage.local_copy(cfg.init_training_state) as path:

@@ -30,7 +30,6 @@ from raytr.data.loaders import causal_target_counts, check_column_ids, gather_ba
 from raytr.features import SessionBatch
 from raytr.config import ConfigError
 from raytr.ray_runtime import cluster_limit, ensure_ray
-from raytr.training.arguments import TrainingArguments
 from raytr.training.loop import LoopConfig, WorkerContext, train_loop
 
 log = logging.getLogger(__name__)
@@ -133,11 +132,11 @@ def _amount(value: float) -> str:
     return f"{value:g}" if value < 1e6 else f"{value / 2 ** 30:.1f} GiB"  # memory resources are in bytes
 
 
-def check_cluster_fits(args: TrainingArguments, scaling: ScalingConfig) -> None:
-    """Refuse a worker group that the cluster can never place (more CPUs or GPUs than it can ever
-    hold): Ray Train would wait for it forever, logging "No available node types can fulfill
-    resource request" every minute. Where the cluster may still grow, only a warning that the run
-    waits for nodes."""
+def check_cluster_fits(scaling: ScalingConfig) -> None:
+    """Refuse a worker group (`scaling`, made from training.num_workers, use_gpu and
+    resources_per_worker) that the cluster can never place: Ray Train would wait for it forever,
+    logging "No available node types can fulfill resource request" every minute. Where the cluster
+    may still grow, only a warning that the run waits for nodes."""
     needed = {name: float(amount) for name, amount in scaling.total_resources.items() if amount}
     bounded = cluster_limit()
     limit, why = bounded if bounded is not None else ({k: float(v) for k, v in ray.cluster_resources().items()},
@@ -151,17 +150,17 @@ def check_cluster_fits(args: TrainingArguments, scaling: ScalingConfig) -> None:
         log.warning("the worker group needs %s now: the run waits until the cluster adds nodes (with no "
                     "autoscaler it waits forever: stop it and lower training.num_workers)", text)
         return
-    # What Ray reserves for each worker (a GPU with use_gpu, 1 CPU by default).
-    per_worker = getattr(scaling, "_resources_per_worker_not_none", None) or args.resources_per_worker
-    fixes = ["lower training.num_workers"] if args.num_workers > 1 else []
-    if "GPU" in short and args.use_gpu:
+    asked = dict(scaling.resources_per_worker or {})
+    # What Ray reserves for each worker: resources_per_worker, else 1 GPU with use_gpu, else 1 CPU.
+    per_worker = asked or ({"GPU": 1} if scaling.use_gpu else {"CPU": 1})
+    fixes = ["lower training.num_workers"] if scaling.num_workers > 1 else []
+    if "GPU" in short and scaling.use_gpu:
         fixes.append("set training.use_gpu=false")
-    if args.resources_per_worker:
+    if asked:
         fixes.append("lower training.resources_per_worker")
-    raise ConfigError(f"training.num_workers={args.num_workers} x {dict(per_worker)} per worker (training.use_gpu="
-                      f"{str(args.use_gpu).lower()}, training.resources_per_worker={dict(args.resources_per_worker)}) "
-                      f"needs {text}; the cluster is {why}: {', or '.join(fixes)}, or run on a larger cluster "
-                      "(RAY_ADDRESS)")
+    raise ConfigError(f"training.num_workers={scaling.num_workers} x {per_worker} per worker (training.use_gpu="
+                      f"{str(scaling.use_gpu).lower()}, training.resources_per_worker={asked}) needs {text}; the "
+                      f"cluster is {why}: {', or '.join([*fixes, 'run on a larger cluster (RAY_ADDRESS)'])}")
 
 
 def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any = None
@@ -171,7 +170,7 @@ def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any 
     args = cfg.args
     scaling = ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                             resources_per_worker=args.resources_per_worker or None)
-    check_cluster_fits(args, scaling)  # before Ray Data reads the data and Ray Train waits for workers
+    check_cluster_fits(scaling)  # before Ray Data reads the data and Ray Train waits for workers
     datasets, rows_per_worker = None, 0
     if args.data_loader_engine == "ray":
         given = train_dataset if train_dataset is not None and not isinstance(train_dataset, (str, Path, list, tuple)) \

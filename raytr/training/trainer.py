@@ -38,7 +38,14 @@ from raytr.features import FIRST_ITEM_ID, SessionBatch
 from raytr.models import SessionModel
 from raytr.models.masking import split_last_item
 from raytr.training.arguments import TrainingArguments
-from raytr.training.loop import TRAINING_STATE, LoopConfig, local_context, read_trainer_state, train_loop
+from raytr.training.loop import (
+    TRAINING_STATE,
+    LoopConfig,
+    check_checkpoint_model,
+    local_context,
+    read_trainer_state,
+    train_loop,
+)
 
 if TYPE_CHECKING:
     from raytr.config import RaytrConfig
@@ -78,24 +85,8 @@ def resolve_paths(data: DatasetOrPath) -> list[str]:
 # What makes a directory an earlier training output that `train()` may write into again (replacing
 # its model/): the result of a finished call, or the starting weights that a call writes first
 # (runs/<run>/init/config.json: a crashed run, which the same run_name resumes). A bare runs/ is
-# not one: TensorBoard's SummaryWriter writes runs/ into whatever directory it runs in. A marker
-# may hold `*` for one path component.
+# not one: TensorBoard's SummaryWriter writes runs/ into whatever directory it runs in.
 TRAIN_OUTPUT_MARKERS = ("train_result.json", "runs/*/init/config.json")
-
-
-def _present_markers(output_dir: str | Path, markers: Sequence[str]) -> list[str]:
-    """The paths under `output_dir` (relative to it) that `markers` (`*`: one component) match."""
-    fs, root = storage.filesystem(output_dir)
-    root = root.rstrip("/")
-    if not fs.isdir(root):
-        return []
-    found = []
-    for marker in markers:
-        if "*" in marker:
-            found += [path[len(root) + 1:] for path in fs.glob(f"{root}/{marker}")]
-        elif fs.exists(f"{root}/{marker}"):
-            found.append(marker)
-    return found
 
 
 def check_train_output(output_dir: str | Path, inputs: Sequence[str | Path] = (),
@@ -106,12 +97,10 @@ def check_train_output(output_dir: str | Path, inputs: Sequence[str | Path] = ()
     out_fs, out = storage.filesystem(output_dir)
     for path in inputs:
         in_fs, data = storage.filesystem(path)
-        if type(in_fs) is type(out_fs) and out.startswith(data.rstrip("/") + "/"):
+        if type(in_fs) is type(out_fs) and out != data and storage.is_within(out, data):
             raise ValueError(f"output {str(output_dir)!r} is inside the input data {str(path)!r}: training would "
                              "write its model, checkpoints and workflow into the data; choose a directory outside it")
-    # storage.check_output tests its markers with exists(): give it the paths the patterns matched
-    # (none: the patterns, which no path matches literally and its message then names).
-    storage.check_output(output_dir, _present_markers(output_dir, markers) or list(markers), inputs)
+    storage.check_output(output_dir, markers, inputs)
 
 
 def _check_work_left(trainer_state: dict[str, Any], args: TrainingArguments, checkpoint: str) -> None:
@@ -197,8 +186,9 @@ class Trainer:
         calls = len(self.state["runs"])
         # resume_from_checkpoint continues the first train() call; later calls continue from the previous one.
         resume = storage.normalize(args.resume_from_checkpoint) if args.resume_from_checkpoint and not calls else None
-        if resume:
+        if resume:  # settings errors before anything is written or started
             _check_work_left(read_trainer_state(resume), args, resume)
+            check_checkpoint_model(SessionModel.load(resume, map_location="cpu"), self.model, resume)
         # A set run_name names the first train() call's run (run again, e.g. after a driver crash, Ray
         # Train resumes it); later calls of this Trainer add their number, so they never resume it.
         if args.run_name:
