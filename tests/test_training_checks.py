@@ -136,7 +136,9 @@ def test_earlier_training_outputs_are_accepted(tmp_path):
     (finished / "train_result.json").write_text("{}")
     SessionModel(SPEC, tiny(), seed=0).save(crashed / "runs" / "run-1" / "init")  # what train() writes first
     empty.mkdir()
-    for output in (finished, crashed, empty, tmp_path / "new"):
+    bracketed = tmp_path / "run[1]?"  # glob characters in the output's own name match themselves
+    SessionModel(SPEC, tiny(), seed=0).save(bracketed / "runs" / "run-1" / "init")
+    for output in (finished, crashed, empty, bracketed, tmp_path / "new"):
         check_train_output(output)
 
 
