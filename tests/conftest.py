@@ -25,7 +25,6 @@ Tests marked `gpu` are skipped when torch sees no CUDA device.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from pathlib import Path
 
@@ -47,17 +46,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# The local S3 server of `s3_bucket`: its address is fixed before Ray starts, so every Ray worker
-# (tasks, Ray Data, Ray Train workers) reaches it as a real deployment would, through AWS_* variables.
-S3_PORT = _free_port()
-S3_ENV = {
-    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+# The local S3 server of `s3_bucket` credentials; its address comes from the server itself.
+S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "raytr-test",
     "AWS_SECRET_ACCESS_KEY": "raytr-test",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -87,7 +77,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def _s3_env():
+    """The test session's local S3 server (moto), started before Ray so that every Ray worker (tasks,
+    Ray Data, Ray Train workers) reaches it as a real deployment would, through AWS_* variables:
+    {variable: value}. It listens on a port it binds itself (0): a port picked free and bound later
+    had been taken meanwhile by one of Ray's processes, and every S3 test then hung."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {"AWS_ENDPOINT_URL": f"http://{host}:{port}", **S3_CREDENTIALS}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(_s3_env):
     """The one Ray cluster of the test session; shut down at the end.
 
     num_cpus=4 on 2 real cores: Ray Train's workers plus Ray Data's read tasks need more logical
@@ -97,7 +107,7 @@ def ray_cluster():
     if ray.is_initialized():  # a caller (e.g. a notebook running pytest) already connected
         yield ray.get_runtime_context()
         return
-    context = ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": S3_ENV})
+    context = ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": _s3_env})
     try:
         yield context
     finally:
@@ -183,20 +193,13 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def _s3_server():
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
-    server.start()
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
+def _s3_server(_s3_env):
+    """The AWS_* variables of the local S3 server in this process's environment, for the session."""
+    saved = {k: os.environ.get(k) for k in _s3_env}
+    os.environ.update(_s3_env)
     try:
         yield
     finally:
-        server.stop()
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
