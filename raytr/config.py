@@ -355,8 +355,23 @@ def load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: invalid YAML: {error}") from None
 
 
+def _check_override(section: str, values: dict[str, Any]) -> None:
+    """Unknown keys and wrong types of `--set section.key=value` overrides, named as given: merged
+    into the file's section first, they would be reported as the file's."""
+    sections = {f.name: f.type for f in dataclasses.fields(RaytrConfig)}
+    if section not in sections:
+        raise ConfigError(f"--set {section}.*: unknown section {section!r}; known sections: {sorted(sections)}")
+    cls = typing.get_type_hints(RaytrConfig)[section]
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"--set {section}.{key}: unknown key; known keys of {section}: {sorted(hints)}")
+        _coerce(hints[key], value, f"--set {section}.{key}")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RaytrConfig:
-    """Read a YAML config (defaults when `path` is None); `overrides` maps section -> {key: value}."""
+    """Read a YAML config (defaults when `path` is None); `overrides` maps section -> {key: value}
+    (the CLI's `--set` and options; their unknown keys and wrong types are named as `--set`s)."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -374,6 +389,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, training, serve)")
     for section, values in (overrides or {}).items():
+        _check_override(section, values)
         current = raw.get(section) or {}
         if not isinstance(current, dict):
             raise ConfigError(f"{path or 'config'}: section {section!r} must be a mapping, got {current!r}")

@@ -136,3 +136,7 @@ def test_export_replaces_an_earlier_export_only(tmp_path):
         with pytest.raises(ValueError, match=f"export output {str(taken)!r} exists and is not an earlier export"):
             export_scorer(first, taken)
     assert other.read_bytes() == b"someone else's file" and not any((tmp_path / "dir.pt2").iterdir())
+    with pytest.raises(ValueError, match=f"{other} is not a scorer written by export_scorer"):
+        ExportedScorer.load(other)  # one line, not torch.export's reader traceback
+    with pytest.raises(FileNotFoundError, match="missing.pt2 does not exist"):
+        ExportedScorer.load(tmp_path / "missing.pt2")

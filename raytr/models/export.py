@@ -137,6 +137,11 @@ class ExportedScorer:
     def load(cls, path: str | Path) -> "ExportedScorer":
         import json
 
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: write it with `raytr export`")
+        if not is_export(path):  # torch.export.load's own error is a traceback from deep in its reader
+            raise ValueError(f"{path} is not a scorer written by export_scorer (`raytr export`): export the model "
+                             "again")
         extra = {"feature_spec.json": "", "objective": ""}
         with storage.local_copy(path) as local:
             program = torch.export.load(str(local), extra_files=extra)
