@@ -110,30 +110,18 @@ def _model_dir(path: str) -> str:
     return nested if storage.is_file(storage.join(nested, "config.json")) else path
 
 
-def _check_same_workflow(bundle: str, data: str) -> None:
-    """Refuse prepared data whose workflow is not the model's: its ids would stand for other items,
-    and the metrics would be wrong without any error. Either side without a workflow is not checked."""
-    from raytr.data.layout import categories_digest
-
-    theirs, ours = categories_digest(data), categories_digest(bundle)
-    if theirs is not None and ours is not None and theirs != ours:
-        raise ValueError(f"{data} was prepared by another `raytr prepare` run than the model in {bundle} was "
-                         "trained on: its item ids stand for other items. Evaluate on days of the data the model "
-                         "was trained with (prepare every day together, then choose them with --days)")
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from raytr import storage
     from raytr.data.loaders import DataLoader
     from raytr.data.layout import day_paths
-    from raytr.evaluation import check_session_files, evaluate_next_item
+    from raytr.evaluation import check_same_workflow, check_session_files, evaluate_next_item
     from raytr.features import FIRST_ITEM_ID
     from raytr.models import SessionModel
     from raytr.training.trainer import resolve_paths
 
     model_dir = _model_dir(args.model)
     model = SessionModel.load(model_dir)
-    _check_same_workflow(storage.parent(model_dir), args.data)  # the bundle: model/ and workflow/
+    check_same_workflow(storage.parent(model_dir), args.data)  # the bundle: model/ and workflow/
     catalog = model.spec.item_cardinality - FIRST_ITEM_ID  # the ids top_k can recommend
     out_of_range = [k for k in args.top_k if not 1 <= k <= catalog]
     if out_of_range:
