@@ -401,9 +401,16 @@ def start_local(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000, time
     from raytr.ray_runtime import ensure_ray
 
     application = app_builder({"bundle_dir": str(bundle_dir), **opts})
-    if not _serve_running():  # a running Serve keeps its proxy (and port): nothing is bound again
+    if _serve_address() is None:  # a running Serve keeps its proxy (and port): nothing is bound again
         check_port(host, port)  # before Ray starts: the proxy's bind failure would be a remote traceback
     ensure_ray()
+    running = _serve_address()  # this process's, or the cluster's in RAY_ADDRESS
+    if running is not None and running != (host, port):
+        # serve.start would keep the running proxy's address (with a warning), and /healthz on the
+        # address asked for would never answer.
+        raise ValueError(f"Ray Serve already runs in this Ray cluster with its HTTP proxy on {running[0]}:"
+                         f"{running[1]}, which is fixed while it runs; serve there (--host {running[0]} --port "
+                         f"{running[1]}) or shut it down first (`serve shutdown`)")
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
@@ -419,9 +426,15 @@ def start_local(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000, time
     return url
 
 
-def _serve_running() -> bool:
-    """Whether this process's Ray runs Serve's HTTP proxies already (`serve.start` then keeps them)."""
-    return ray.is_initialized() and bool(serve.status().proxies)
+def _serve_address() -> tuple[str, int] | None:
+    """The host and port of the HTTP proxies Serve runs already in this process's Ray cluster
+    (`serve.start` then keeps them, whatever it is asked), or None."""
+    if not (ray.is_initialized() and serve.status().proxies):
+        return None
+    from ray.serve.context import _get_global_client  # Ray's own: the running controller's HTTP options
+
+    options = _get_global_client().http_config
+    return options.host, int(options.port)
 
 
 def stop_local() -> None:

@@ -628,6 +628,22 @@ def test_model_info_and_docs(client, bundle_dir):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_serving_again_on_another_port_names_the_running_proxys_address(url, bundle_dir):
+    """Serve keeps its running proxy's address whatever serve.start is asked: waiting for /healthz on
+    another port would time out (after 180 s) instead of saying so."""
+    from serve.app import free_port, start_local
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=rf"Ray Serve already runs in this Ray cluster with its HTTP proxy on "
+                                         rf"{host}:{port}, .* \(--host {host} --port {port}\)"):
+        start_local(str(bundle_dir), host=host, port=free_port())
+    assert time.monotonic() - started < 30
+    assert httpx.get(f"{url}/healthz", timeout=10.0).status_code == 200  # the running app is untouched
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_every_bad_input_is_a_4xx_naming_the_field(client, session_events):
     _assert_bad_inputs_rejected(client.post)
     _assert_lone_surrogates_rejected(client.post)
