@@ -119,21 +119,31 @@ def ray_head(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                RAY_USAGE_STATS_ENABLED="0")
-    gcs, dashboard, agent, client = _free_ports(4)
-    url = f"http://127.0.0.1:{dashboard}"
-    with open(log_path, "w") as log:
-        head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
-             f"--ray-client-server-port={client}", "--num-cpus=2", "--include-dashboard=true",
-             f"--temp-dir={temp_dir}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # The ports are free when chosen and bound by `ray start` later; another process (the session's
+    # Ray cluster starts workers all the time) may take one in between: start again on new ones.
+    for attempt in range(3):
+        gcs, dashboard, agent, client = _free_ports(4)
+        url = f"http://127.0.0.1:{dashboard}"
+        with open(log_path, "a") as log:
+            head = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+                 f"--ray-client-server-port={client}", "--num-cpus=2", "--include-dashboard=true",
+                 f"--temp-dir={temp_dir}"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_dashboard(url, head, timeout=90)
-            yield url, env
-        finally:
+            break
+        except (RuntimeError, TimeoutError):
             _stop_head(head, temp_dir)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            if attempt == 2:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise
+    try:
+        yield url, env
+    finally:
+        _stop_head(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def ray_cli(*args: str, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
