@@ -156,28 +156,70 @@ def test_incremental_outputs_are_told_by_what_their_trainer_writes(tmp_path):
 
 
 # --------------------------------------------------------------------------- the Ray cluster's limits
-def _fake_cluster(monkeypatch, limits: dict[str, float] | None) -> None:
-    """A connected (not started here) cluster whose autoscaler publishes `limits` (None: none)."""
+def _fake_cluster(monkeypatch, limits: dict[str, float] | None, groups: list[dict[str, float]] = (),
+                  live: list[dict[str, float]] = ()) -> None:
+    """A connected (not started here) cluster with `live` nodes whose autoscaler publishes `limits`
+    (None: none) for node `groups` (the resources of one node of each)."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(node_group_configs=[SimpleNamespace(resources=g, max_count=2) for g in groups])
     monkeypatch.setattr(ray._private.worker, "_global_node", None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node} for node in live])
     monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", lambda: limits)
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: config)
 
 
 def test_a_worker_group_beyond_the_autoscalers_limits_is_refused_naming_the_keys(monkeypatch):
-    _fake_cluster(monkeypatch, {"CPU": 16, "GPU": 4})
-    assert ray_runtime.cluster_limit() == ({"CPU": 16.0, "GPU": 4.0}, "the most that its autoscaler's node "
-                                                                      "groups allow")
+    _fake_cluster(monkeypatch, {"CPU": 16, "GPU": 4}, groups=[{"CPU": 8, "GPU": 2}])
+    assert ray_runtime.cluster_limit() == ray_runtime.ClusterLimit(
+        {"CPU": 16.0, "GPU": 4.0}, [{"CPU": 8.0, "GPU": 2.0}], "the most that its autoscaler's node groups allow")
     with pytest.raises(ConfigError) as caught:
         ray_launcher.check_cluster_fits(ScalingConfig(num_workers=5, use_gpu=True))
-    assert str(caught.value).startswith("training.num_workers=5 x {'GPU': 1} per worker (training.use_gpu=true, "
+    assert str(caught.value).startswith("training.num_workers=5 x {'GPU': 1.0} per worker (training.use_gpu=true, "
                                         "training.resources_per_worker={}) needs 5 GPU (the cluster holds at most 4)")
     assert str(caught.value).endswith("lower training.num_workers, or set training.use_gpu=false, or run on a "
                                       "larger cluster (RAY_ADDRESS)")
     ray_launcher.check_cluster_fits(ScalingConfig(num_workers=4, use_gpu=True))
     # One worker asking for nothing in particular: only a larger cluster helps.
-    _fake_cluster(monkeypatch, {"GPU": 4})
+    _fake_cluster(monkeypatch, {"GPU": 4}, groups=[{"GPU": 4}])
     with pytest.raises(ConfigError, match=r"needs 1 CPU \(the cluster holds at most 0\); the cluster is the most "
                                           r"that its autoscaler's node groups allow: run on a larger cluster"):
         ray_launcher.check_cluster_fits(ScalingConfig(num_workers=1))
+
+
+def test_a_worker_larger_than_every_node_is_refused_though_the_cluster_holds_it_in_all(monkeypatch):
+    """Ray places each worker's resources on one node: 12 CPUs fit in two 8-CPU nodes' 16, one
+    12-CPU worker never does."""
+    _fake_cluster(monkeypatch, {"CPU": 16, "GPU": 2}, groups=[{"CPU": 8, "GPU": 1}], live=[{"CPU": 2, "memory": 4e9}])
+    scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": 12})
+    with pytest.raises(ConfigError) as caught:
+        ray_launcher.check_cluster_fits(scaling)
+    assert str(caught.value) == (
+        "one worker needs {'CPU': 12.0} on one node (training.use_gpu=false, training.resources_per_worker="
+        "{'CPU': 12}) and no node of the cluster holds that (its nodes hold: 2 CPU; 8 CPU); the cluster is the "
+        "most that its autoscaler's node groups allow: lower training.resources_per_worker, or run on a "
+        "cluster with larger nodes (RAY_ADDRESS)")
+    # Two GPUs in all, one a node: a worker asking for two with use_gpu is never placed either.
+    with pytest.raises(ConfigError, match=r"one worker needs \{'CPU': 2.0, 'GPU': 2.0\} on one node .*its nodes "
+                                          r"hold: 2 CPU; 8 CPU, 1 GPU\).*: set training.use_gpu=false, or lower "):
+        ray_launcher.check_cluster_fits(ScalingConfig(num_workers=1, use_gpu=True,
+                                                      resources_per_worker={"CPU": 2, "GPU": 2}))
+    with pytest.raises(ConfigError, match=r"\(its nodes hold: 2 CPU; 8 CPU, 1 GPU\); .*: lower training.resources_"
+                                          r"per_worker, or run on a cluster with larger nodes"):  # GPUs are not short
+        ray_launcher.check_cluster_fits(ScalingConfig(num_workers=1, use_gpu=True, resources_per_worker={"CPU": 9}))
+    ray_launcher.check_cluster_fits(ScalingConfig(num_workers=2, resources_per_worker={"CPU": 8}))
+    ray_launcher.check_cluster_fits(ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={"CPU": 4}))
+
+
+def test_worker_resources_are_what_ray_reserves_for_each_worker():
+    assert ray_launcher.worker_resources(ScalingConfig(num_workers=2)) == {"CPU": 1.0}
+    assert ray_launcher.worker_resources(ScalingConfig(num_workers=2, use_gpu=True)) == {"GPU": 1.0}
+    assert ray_launcher.worker_resources(ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={
+        "CPU": 3, "memory": 0})) == {"CPU": 3.0, "GPU": 1.0}
+    for scaling in (ScalingConfig(num_workers=3, use_gpu=True, resources_per_worker={"CPU": 2, "GPU": 0.5}),
+                    ScalingConfig(num_workers=1)):
+        assert ray_launcher.worker_resources(scaling) == {k: float(v) for k, v in
+                                                          scaling._resources_per_worker_not_none.items()}
 
 
 def test_a_cluster_that_may_grow_only_warns_that_the_run_waits(monkeypatch, caplog):

@@ -132,35 +132,58 @@ def _amount(value: float) -> str:
     return f"{value:g}" if value < 1e6 else f"{value / 2 ** 30:.1f} GiB"  # memory resources are in bytes
 
 
+def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
+    """What Ray reserves for each worker, all on one node: resources_per_worker (1 GPU added with
+    use_gpu), else 1 GPU with use_gpu, else 1 CPU."""
+    if scaling.resources_per_worker is None:
+        per_worker = {"GPU": 1.0} if scaling.use_gpu else {"CPU": 1.0}
+    else:
+        per_worker = {name: float(amount) for name, amount in scaling.resources_per_worker.items() if amount}
+    if scaling.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    return per_worker
+
+
 def check_cluster_fits(scaling: ScalingConfig) -> None:
     """Refuse a worker group (`scaling`, made from training.num_workers, use_gpu and
-    resources_per_worker) that the cluster can never place: Ray Train would wait for it forever,
-    logging "No available node types can fulfill resource request" every minute. Where the cluster
-    may still grow, only a warning that the run waits for nodes."""
+    resources_per_worker) that the cluster can never place, in all or one worker on one node: Ray
+    Train would wait for it forever, logging "No available node types can fulfill resource request"
+    every minute. Where the cluster may still grow, only a warning that the run waits for nodes."""
     needed = {name: float(amount) for name, amount in scaling.total_resources.items() if amount}
-    bounded = cluster_limit()
-    limit, why = bounded if bounded is not None else ({k: float(v) for k, v in ray.cluster_resources().items()},
-                                                      None)
+    per_worker = worker_resources(scaling)
+    bound = cluster_limit()
+    limit = bound.total if bound is not None else {k: float(v) for k, v in ray.cluster_resources().items()}
     short = resource_shortfall(needed, limit)
-    if not short:
+    settings = (f"training.use_gpu={str(scaling.use_gpu).lower()}, "
+                f"training.resources_per_worker={dict(scaling.resources_per_worker or {})}")
+    if bound is None:
+        if short:
+            text = ", ".join(f"{_amount(need)} {name} (the cluster has {_amount(has)})"
+                             for name, (need, has) in short.items())
+            log.warning("the worker group needs %s now: the run waits until the cluster adds nodes (with no "
+                        "autoscaler it waits forever: stop it and lower training.num_workers)", text)
         return
-    text = ", ".join(f"{_amount(need)} {name} (the cluster {'holds at most' if why else 'has'} {_amount(has)})"
-                     for name, (need, has) in short.items())
-    if why is None:
-        log.warning("the worker group needs %s now: the run waits until the cluster adds nodes (with no "
-                    "autoscaler it waits forever: stop it and lower training.num_workers)", text)
-        return
-    asked = dict(scaling.resources_per_worker or {})
-    # What Ray reserves for each worker: resources_per_worker, else 1 GPU with use_gpu, else 1 CPU.
-    per_worker = asked or ({"GPU": 1} if scaling.use_gpu else {"CPU": 1})
     fixes = ["lower training.num_workers"] if scaling.num_workers > 1 else []
     if "GPU" in short and scaling.use_gpu:
         fixes.append("set training.use_gpu=false")
-    if asked:
+    if scaling.resources_per_worker:
         fixes.append("lower training.resources_per_worker")
-    raise ConfigError(f"training.num_workers={scaling.num_workers} x {per_worker} per worker (training.use_gpu="
-                      f"{str(scaling.use_gpu).lower()}, training.resources_per_worker={asked}) needs {text}; the "
-                      f"cluster is {why}: {', or '.join([*fixes, 'run on a larger cluster (RAY_ADDRESS)'])}")
+    advice = ", or ".join([*fixes, "run on a larger cluster (RAY_ADDRESS)"])
+    if short:
+        text = ", ".join(f"{_amount(need)} {name} (the cluster holds at most {_amount(has)})"
+                         for name, (need, has) in short.items())
+        raise ConfigError(f"training.num_workers={scaling.num_workers} x {per_worker} per worker ({settings}) "
+                          f"needs {text}; the cluster is {bound.why}: {advice}")
+    if bound.nodes and all(resource_shortfall(per_worker, node) for node in bound.nodes):
+        # Enough in all, but a worker's resources must come from one node.
+        shapes = "; ".join(sorted({", ".join(f"{_amount(v)} {k}" for k, v in sorted(node.items())
+                                             if k in per_worker) or "none of it" for node in bound.nodes}))
+        gpu_short = scaling.use_gpu and all("GPU" in resource_shortfall(per_worker, node) for node in bound.nodes)
+        advice = ", or ".join([*(["set training.use_gpu=false"] if gpu_short else []),
+                               *(["lower training.resources_per_worker"] if scaling.resources_per_worker else []),
+                               "run on a cluster with larger nodes (RAY_ADDRESS)"])
+        raise ConfigError(f"one worker needs {per_worker} on one node ({settings}) and no node of the cluster "
+                          f"holds that (its nodes hold: {shapes}); the cluster is {bound.why}: {advice}")
 
 
 def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any = None
