@@ -588,3 +588,139 @@ def test_a_freq_threshold_no_item_reaches_is_named(tmp_path, raw_events, data_co
     _run_bad(config, tmp_path, lambda d: _small(raw_events).to_parquet(d / "a.parquet"),
              r"data.freq_threshold=1000000: no item of .* occurs that often, so every item would be out of "
              "vocabulary")
+
+
+# --- input files that differ from each other ----------------------------------------------------
+
+
+def _prepared(config, source: Path, out: Path) -> tuple[dict, pd.DataFrame]:
+    summary = prepare(config, source, out, num_buckets=2)
+    return summary.sessions_per_day, pd.read_parquet(out / "sessions").sort_values("session_id").reset_index(drop=True)
+
+
+@pytest.mark.ray
+def test_files_that_store_the_same_events_differently_give_the_same_sessions(tmp_path, raw_events, data_config,
+                                                                            ray_cluster):
+    """Each raw file is read with its own schema: Ray's parquet reader merged every file's whole
+    schema first and failed on a column the config does not name (int in one file, string in
+    another), on a zoned timestamp beside a naive one, a datetime beside seconds and a pandas
+    category column beside a plain one. An empty parquet file adds nothing; CSV files give the
+    same sessions as parquet."""
+    frame = raw_events.head(600).copy()
+    a, b = frame.iloc[:300], frame.iloc[300:]
+    stamps = lambda f: pd.to_datetime(f["timestamp"], unit="s")  # noqa: E731
+    variants = {
+        "unused column": (a.assign(referrer=1), b.assign(referrer="search")),
+        "zoned and naive": (a.assign(timestamp=stamps(a).dt.tz_localize("UTC").dt.tz_convert("Asia/Tokyo")),
+                            b.assign(timestamp=stamps(b))),
+        "datetime and seconds": (a.assign(timestamp=stamps(a)), b),
+        "category and plain": (a.assign(item_id=a["item_id"].astype("category")), b.astype({"item_id": "int32"})),
+        "empty file": (frame, frame.head(0).astype(object)),
+    }
+    baseline = tmp_path / "in-baseline"
+    baseline.mkdir()
+    a.to_parquet(baseline / "a.parquet")
+    b.to_parquet(baseline / "b.parquet")
+    want = _prepared(data_config, baseline, tmp_path / "out-baseline")
+    for n, (name, (first, second)) in enumerate(variants.items()):
+        source = tmp_path / f"in-{n}"
+        source.mkdir()
+        first.to_parquet(source / "a.parquet")
+        second.to_parquet(source / "b.parquet")
+        got = _prepared(data_config, source, tmp_path / f"out-{n}")
+        assert got[0] == want[0], name
+        pd.testing.assert_frame_equal(got[1], want[1], obj=name)
+    source = tmp_path / "in-csv"
+    source.mkdir()
+    a.to_csv(source / "a.csv", index=False)
+    b.to_csv(source / "b.csv", index=False)
+    got = _prepared(data_config, source, tmp_path / "out-csv")
+    assert got[0] == want[0]
+    pd.testing.assert_frame_equal(got[1], want[1], check_exact=False, rtol=1e-6)  # prices through text
+
+
+@pytest.mark.ray
+def test_csv_ids_keep_their_spelling_and_equal_timestamps_keep_the_logs_order(tmp_path, data_config, ray_cluster):
+    """CSV ids are text: "007" and "7" are two items and "01"/"1" two sessions (inferred as numbers
+    they were one); ids written plainly stay numbers. Events of one session at one timestamp, spread
+    over files, come out in the log's order: files by name, rows in file order (Ray had merged the
+    files' rows in any order)."""
+    rows = [("01", "007", 100.0), ("01", "7", 100.0), ("1", "0007", 100.0), ("1", "7", 100.0), ("2", "5", 50.0),
+            ("2", "6", 50.0)]
+    source = tmp_path / "in-text"
+    source.mkdir()
+    frame = pd.DataFrame(rows, columns=["session_id", "item_id", "timestamp"]).assign(category=3, price=1.0)
+    for i in range(len(frame)):  # one event a file: their order is the files' names
+        frame.iloc[[i]].to_csv(source / f"part-{i:02d}.csv", index=False)
+    files = validate_input(data_config, source)
+    assert files.column_types["session_id"] == pa.string() and files.column_types["item_id"] == pa.string()
+    assert files.rows == (1,) * 6
+    _, sessions = _prepared(data_config, source, tmp_path / "out-text")
+    items = pd.read_parquet(tmp_path / "out-text" / "workflow" / "categories" / "unique.item_id.parquet")["item_id"]
+    decoded = {s: [items[i] for i in ids] for s, ids in zip(sessions["session_id"], sessions["item_id-list"])}
+    assert decoded == {"01": ["007", "7"], "1": ["0007", "7"], "2": ["5", "6"]}
+
+    plain = tmp_path / "in-plain"
+    plain.mkdir()
+    frame.assign(session_id=[10, 10, 11, 11, 12, 12], item_id=[9, 7, 8, 7, 5, 6]).iloc[::-1].to_csv(
+        plain / "a.csv", index=False)  # one file, reversed: ties in that file's order
+    files = validate_input(data_config, plain)
+    assert files.column_types["session_id"] == pa.int64() and files.column_types["item_id"] == pa.int64()
+    _, sessions = _prepared(data_config, plain, tmp_path / "out-plain")
+    items = pd.read_parquet(tmp_path / "out-plain" / "workflow" / "categories" / "unique.item_id.parquet")["item_id"]
+    assert {s: [items[i] for i in ids] for s, ids in zip(sessions["session_id"], sessions["item_id-list"])} == {
+        10: [7, 9], 11: [7, 8], 12: [6, 5]}
+
+
+def test_csv_ids_with_a_fraction_are_refused(no_ray, tmp_path, raw_events, data_config):
+    _run_bad(data_config, tmp_path, lambda d: _small(raw_events).assign(item_id=lambda f: f["item_id"] + 0.5).to_csv(
+        d / "a.csv", index=False), r"a\.csv: column 'item_id' \(item id\) holds numbers with a fraction or exponent "
+                                   r"\(e\.g\. '\d+\.5'\)")
+
+
+def test_csv_column_types_come_from_every_row_and_every_file(no_ray, tmp_path, data_config):
+    """Prices that are whole numbers for the first blocks of a CSV (over 1 MiB) and fractions later
+    are floats (the streaming reader had typed the column from its first block and refused the
+    fractions); a category that is int in one file and float in another is read as float."""
+    rows = 3000
+    frame = pd.DataFrame({
+        "session_id": np.arange(rows) // 3, "item_id": np.arange(rows) % 50 + 1,
+        "timestamp": 1_700_000_000 + np.arange(rows), "category": np.arange(rows) % 7,
+        "price": np.arange(rows).astype(object), "note": "x" * 600,
+    })
+    frame.loc[2500:, "price"] = frame.loc[2500:, "price"] + 0.5
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    assert (tmp_path / "a.csv").stat().st_size > 1 << 20
+    frame.head(10).assign(category=1.5).to_csv(tmp_path / "b.csv", index=False)
+    files = validate_input(dataclasses.replace(data_config, log_transform=()), tmp_path)
+    assert files.num_rows == rows + 10 and files.rows == (rows, 10)
+    assert files.column_types["price"] == pa.float64() and files.column_types["category"] == pa.float64()
+
+
+def test_datetimes_beyond_2262_are_read_and_placeholders_after_5000_refused(no_ray, tmp_path, raw_events,
+                                                                           data_config):
+    """pandas' nanoseconds end in 2262: a datetime column is converted in its own unit; a year-9999
+    placeholder is refused as the year-5000 check refuses numbers."""
+    from raytr.data.events import normalize_events as normalize
+
+    late = pd.DataFrame({"session_id": [1, 1], "item_id": [2, 3], "category": [1, 1], "price": [1.0, 1.0],
+                         "timestamp": np.array(["2300-01-01T00:00:00", "2300-01-01T00:00:01.5"],
+                                               dtype="datetime64[us]")})
+    assert normalize(late, data_config)["timestamp"].tolist() == [10_413_792_000.0, 10_413_792_001.5]
+    frame = _small(raw_events).assign(timestamp=lambda f: pd.to_datetime(f["timestamp"], unit="s").astype(
+        "datetime64[us]"))
+    frame.loc[frame.index[5], "timestamp"] = np.datetime64("9999-12-31", "us")
+    _run_bad(data_config, tmp_path, lambda d: frame.to_parquet(d / "a.parquet"),
+             r"a\.parquet: column 'timestamp' reaches 9999-12-31 00:00:00, after the year 5000; drop those events")
+
+
+@pytest.mark.ray
+def test_an_output_inside_the_input_directory_is_not_read_as_input(tmp_path, raw_events, data_config, ray_cluster):
+    """The second run of `prepare --input D --output D/prepared` read the first one's sessions as raw
+    events (and refused them as missing columns)."""
+    source = tmp_path / "in"
+    source.mkdir()
+    _small(raw_events).to_parquet(source / "a.parquet")
+    first = prepare(data_config, source, source / "prepared", num_buckets=2)
+    second = prepare(data_config, source, source / "prepared", num_buckets=2)
+    assert second.events == first.events == 300 and second.sessions == first.sessions

@@ -6,7 +6,8 @@ the online path (one request), so both feed the workflow identical rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,10 @@ class InputFiles:
     paths: tuple[str, ...]
     format: str  # "parquet", "csv" or "tsv"
     num_rows: int
+    rows: tuple[int, ...] = ()  # per file, in the order of `paths`: the log's order
+    # The type every configured column but the timestamp is read as, the same in every file (files
+    # may differ: int32 and int64 ids, int and float categories, a pandas category column).
+    column_types: dict[str, pa.DataType] = field(default_factory=dict)
 
 
 def find_input_files(path: str | Path, read_format: str = "auto") -> tuple[list[str], str]:
@@ -66,10 +71,15 @@ def _sniff_tab(path: str) -> bool:
     return "\t" in header and "," not in header
 
 
-def _open_csv(path: str, fmt: str) -> pacsv.CSVStreamingReader:
+def read_csv(path: str, fmt: str, column_types: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """A whole CSV/TSV file: each column's type is inferred from all of its rows (a streaming read
+    infers it from the first block, and refuses a float that comes later in an int column). Empty
+    and "NA"-like fields are nulls in string columns too, so an empty id is refused as null."""
     fs, p = storage.filesystem(path)
-    return pacsv.open_csv(fs.open(p, "rb"),
-                          parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
+    with fs.open(p, "rb") as stream:
+        return pacsv.read_csv(stream, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                              convert_options=pacsv.ConvertOptions(column_types=column_types or {},
+                                                                   strings_can_be_null=True))
 
 
 def _readable(path: str, fmt: str, read):
@@ -84,8 +94,28 @@ def read_file(path: str, fmt: str, columns: list[str] | None = None) -> pd.DataF
     """Read one raw file into pandas (for tests and tools; Ray Data reads in prepare)."""
     if fmt == "parquet":
         return storage.read_table(path, columns).to_pandas()
-    table = _open_csv(path, fmt).read_all()
+    table = read_csv(path, fmt)
     return (table.select(columns) if columns else table).to_pandas()
+
+
+def read_events(path: str, files: InputFiles, columns: list[str], row_groups: list[int] | None = None) -> pa.Table:
+    """The configured `columns` of one raw file (of a parquet file: only `row_groups`), each of its
+    `files.column_types`; the timestamp as the file has it (`normalize_events` reads any kind)."""
+    if files.format == "parquet":
+        parquet = storage.parquet_file(path)
+        table = (parquet.read_row_groups(row_groups, columns=columns) if row_groups is not None
+                 else parquet.read(columns=columns))
+    else:
+        table = read_csv(path, files.format, files.column_types).select(columns)
+    table = decode_dictionaries(table)
+    for name, kind in files.column_types.items():
+        if name in table.column_names and table.schema.field(name).type != kind:
+            try:
+                table = table.set_column(table.schema.get_field_index(name), name, pc.cast(table.column(name), kind))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+                raise InputError(f"{path}: column {name!r} cannot be read as {kind}, its type in the other input "
+                                 f"files: {error}") from None
+    return table
 
 
 def value_type(t: pa.DataType) -> pa.DataType:
@@ -110,20 +140,65 @@ def _is_id(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or _is_string(t)
 
 
-def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
+# A CSV id column is read as text first: inferred as numbers, "007" and "7" would be one item.
+# It is read as integers only where every value is an integer's one spelling.
+_CANONICAL_INT = r"^(0|-?[1-9][0-9]*)$"
+_FRACTION = r"^[+-]?([0-9]+[.][0-9]*|[.][0-9]+|[0-9]+)([eE][+-]?[0-9]+)?$"
+
+
+def _csv_id_kind(file: str, name: str, role: str, column: pa.ChunkedArray) -> str:
+    """"int" where every value of a text id column is an integer written plainly, "string" where
+    some is not (leading zeros, letters); a number with a fraction or exponent is refused."""
+    values = pc.drop_null(column)
+    if pc.all(pc.match_substring_regex(values, _CANONICAL_INT)).as_py() is not False:
+        try:
+            pc.cast(values, pa.int64())
+            return "int"
+        except pa.ArrowInvalid:  # beyond int64
+            return "string"
+    if pc.all(pc.match_substring_regex(values, _FRACTION)).as_py() and not pc.all(
+            pc.match_substring_regex(values, r"^[+-]?[0-9]+$")).as_py():
+        example = pc.filter(values, pc.invert(pc.match_substring_regex(values, r"^[+-]?[0-9]+$")))[0].as_py()
+        raise InputError(f"{file}: column {name!r} ({role}) holds numbers with a fraction or exponent (e.g. "
+                         f"{example!r}), which cannot be used as a {role}: write whole numbers or strings")
+    return "string"
+
+
+def _unified_type(name: str, kinds: list[tuple[str, pa.DataType]]) -> pa.DataType:
+    """The one type the files' types of column `name` promote to (int32 and int64: int64; int and
+    float: float), or an InputError naming two files whose types do not meet."""
+    unified = kinds[0][1]
+    for file, kind in kinds[1:]:
+        try:
+            unified = pa.unify_schemas([pa.schema([(name, unified)]), pa.schema([(name, kind)])],
+                                       promote_options="permissive").field(name).type
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            raise InputError(f"column {name!r} is {kinds[0][1]} in {kinds[0][0]} but {kind} in {file}: give it one "
+                             "type in every input file") from None
+    return unified
+
+
+def validate_input(config: DataConfig, path: str | Path, exclude: str | None = None) -> InputFiles:
     """Check raw input before any work: files exist, columns exist with usable types, rows exist,
-    and no item id is null. Raises `InputError` naming the problem."""
+    and no id or timestamp is null; decide the type each column is read as. Files inside `exclude`
+    (the output) are not input. Raises `InputError` naming the problem."""
     files, fmt = find_input_files(path, config.read_format)
+    if exclude is not None:
+        files = [f for f in files if not storage.is_within(f, exclude)]
+        if not files:
+            raise InputError(f"input {str(path)!r} has no files outside the output {exclude!r}")
     expected = {
         config.session_col: ("session id", _is_id),
         config.item_col: ("item id", _is_id),
         config.timestamp_col: ("timestamp", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
                                or pa.types.is_timestamp(t)),
     }
+    # A feature may be null in every row of a file (type null): it is read as the other files' type.
     for name in config.categorical:
-        expected[name] = ("categorical feature", lambda t: _is_id(t) or pa.types.is_floating(t))
+        expected[name] = ("categorical feature", lambda t: _is_id(t) or pa.types.is_floating(t) or pa.types.is_null(t))
     for name in config.continuous:
-        expected[name] = ("continuous feature", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))
+        expected[name] = ("continuous feature", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
+                          or pa.types.is_null(t))
     if config.user_col:
         expected[config.user_col] = ("user id", _is_id)
 
@@ -132,7 +207,11 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
     # An id that is a number in one file and a string in another: 5 and "5" would be two sessions
     # (or items), and the files' rows cannot be merged.
     ids = [config.session_col, config.item_col, *config.categorical, *([config.user_col] if config.user_col else [])]
+    text_ids = [name for name in (config.session_col, config.item_col, config.user_col) if name]
     first_kind: dict[str, tuple[str, str]] = {}  # id column -> (kind, the file that set it)
+    kinds: dict[str, list[tuple[str, pa.DataType]]] = {name: [] for name in expected if name != config.timestamp_col}
+    csv_ints = dict.fromkeys(text_ids, True)
+    rows: list[int] = []
     total_rows = 0
     for file in files:
         # A CSV column's type is inferred from the rows read, so a CSV is read whole once and its
@@ -140,7 +219,7 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
         if fmt == "parquet":
             table, schema = None, _readable(file, fmt, lambda: storage.parquet_file(file).schema_arrow)
         else:
-            table = _readable(file, fmt, lambda: _open_csv(file, fmt).read_all())
+            table = _readable(file, fmt, lambda: read_csv(file, fmt, dict.fromkeys(text_ids, pa.string())))
             schema = table.schema
         missing = [c for c in expected if c not in schema.names]
         if missing:
@@ -148,36 +227,44 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
                 f"{file}: column(s) {missing} named in the config are missing; the file has {schema.names}. "
                 "Fix the column names in the config's data section."
             )
-        if table is not None and table.num_rows == 0:
-            continue  # a header-only CSV: its columns have no type to check, and it adds no events
+        num_rows = storage.parquet_file(file).metadata.num_rows if table is None else table.num_rows
+        rows.append(num_rows)
+        if num_rows == 0:
+            continue  # a header-only CSV or an empty parquet file: no types to check, and no events
+        total_rows += num_rows
         types = {name: value_type(schema.field(name).type) for name in expected}
         for name, (role, ok) in expected.items():
             if not ok(types[name]):
                 raise InputError(f"{file}: column {name!r} ({role}) has type {types[name]}, which cannot be used as "
                                  f"a {role}")
         for name in ids:
+            if table is not None and name in text_ids:
+                csv_ints[name] &= _csv_id_kind(file, name, expected[name][0], table.column(name)) == "int"
+                continue  # a CSV's ids are text: read as numbers only if every file's are
+            if pa.types.is_null(types[name]):
+                continue
             kind = "string" if _is_string(types[name]) else "number"
             seen, where = first_kind.setdefault(name, (kind, file))
             if kind != seen:
                 raise InputError(
                     f"column {name!r} holds {seen}s in {where} but {kind}s in {file}: give it one type in "
-                    "every input file (a CSV column's type comes from its values)"
+                    "every input file"
                 )
+        for name in kinds:
+            if not pa.types.is_null(types[name]):
+                kinds[name].append((file, types[name]))
         # Values checked beyond nulls: a float timestamp's NaN/inf, and continuous features' inf.
         valued = [name for name in (config.timestamp_col, *config.continuous)
                   if pa.types.is_floating(types[name]) or name in config.log_transform]
-        numeric_time = not pa.types.is_timestamp(types[config.timestamp_col])
         if fmt == "parquet":
             meta = storage.parquet_file(file).metadata
-            total_rows += meta.num_rows
             nulls = {name: _parquet_null_count(file, meta, name) for name in required}
             values = storage.read_table(file, valued) if valued else None
-            latest = _parquet_max(file, meta, config.timestamp_col) if numeric_time else None
+            latest = _parquet_max(file, meta, config.timestamp_col)
         else:
-            total_rows += table.num_rows
             nulls = {name: table.column(name).null_count for name in required}
             values = table.select(valued)
-            latest = pc.max(table.column(config.timestamp_col)).as_py() if numeric_time else None
+            latest = pc.max(table.column(config.timestamp_col)).as_py()
         for name, count in nulls.items():
             if count:
                 raise InputError(
@@ -190,7 +277,16 @@ def validate_input(config: DataConfig, path: str | Path) -> InputFiles:
             _check_timestamp_unit(file, config, latest)
     if total_rows == 0:
         raise InputError(f"input {str(path)!r} has no rows")
-    return InputFiles(paths=tuple(files), format=fmt, num_rows=total_rows)
+    column_types = {}
+    for name, found in kinds.items():
+        if fmt != "parquet" and name in text_ids:
+            column_types[name] = pa.int64() if csv_ints[name] else pa.string()
+        elif found:
+            column_types[name] = _unified_type(name, found)
+        else:
+            raise InputError(f"column {name!r} ({expected[name][0]}) has no value in any input file: fill it or "
+                             "leave it out of the config")
+    return InputFiles(paths=tuple(files), format=fmt, num_rows=total_rows, rows=tuple(rows), column_types=column_types)
 
 
 def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
@@ -225,8 +321,15 @@ def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:
 MAX_UNIX_SECONDS = 1e11
 
 
-def _check_timestamp_unit(file: str, config: DataConfig, largest: float) -> None:
-    """Refuse numeric timestamps whose largest value, in the configured unit, lies after the year 5000."""
+def _check_timestamp_unit(file: str, config: DataConfig, largest: float | datetime) -> None:
+    """Refuse timestamps whose largest value (a number in the configured unit, or a datetime) lies
+    after the year 5000."""
+    if isinstance(largest, datetime):
+        moment = largest if largest.tzinfo is not None else largest.replace(tzinfo=timezone.utc)
+        if moment.timestamp() > MAX_UNIX_SECONDS:
+            raise InputError(f"{file}: column {config.timestamp_col!r} reaches {largest}, after the year 5000; drop "
+                             "those events (a placeholder date?) before preparing")
+        return
     seconds = largest / 1000.0 if config.timestamp_unit == "ms" else largest
     if seconds > MAX_UNIX_SECONDS:
         finer = "milliseconds: set data.timestamp_unit: ms" if config.timestamp_unit == "s" else "microseconds or finer"
@@ -235,8 +338,8 @@ def _check_timestamp_unit(file: str, config: DataConfig, largest: float) -> None
                          f"like {finer} (or convert them to unix seconds)")
 
 
-def _parquet_max(file: str, meta: pq.FileMetaData, column: str) -> float | None:
-    """A numeric column's largest value, from the row groups' statistics where each has them (the
+def _parquet_max(file: str, meta: pq.FileMetaData, column: str) -> float | datetime | None:
+    """A numeric or timestamp column's largest value, from the row groups' statistics where each has them (the
     column is read otherwise)."""
     index = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == column)
     maxima = []
@@ -267,8 +370,10 @@ def normalize_events(frame: pd.DataFrame, config: DataConfig) -> pd.DataFrame:
     ts = frame[config.timestamp_col]
     if pd.api.types.is_datetime64_any_dtype(ts):
         if getattr(ts.dt, "tz", None) is not None:
-            ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
-        seconds = ts.astype("datetime64[ns]").astype(np.int64) / 1e9
+            ts = ts.dt.tz_convert(None)  # UTC, in the same unit
+        # In the column's own unit: a date after 2262 (or before 1677) has no nanoseconds in int64.
+        unit = np.datetime_data(ts.dtype)[0]
+        seconds = ts.astype(np.int64) / {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[unit]
     else:
         seconds = ts.astype(np.float64)
         if config.timestamp_unit == "ms":

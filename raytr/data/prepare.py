@@ -33,7 +33,7 @@ import ray
 
 from raytr import storage
 from raytr.config import DataConfig
-from raytr.data.events import InputError, decode_dictionaries, normalize_events, sort_events, validate_input
+from raytr.data.events import InputError, InputFiles, normalize_events, read_events, sort_events, validate_input
 from raytr.data.layout import DAY, PREPARE_JSON, SESSIONS_DIR, WORKFLOW_DIR
 from raytr.data.schema import save_schema
 from raytr.features import FIRST_ITEM_ID
@@ -52,6 +52,7 @@ from raytr.data.workflow import (
 log = logging.getLogger(__name__)
 
 BUCKET = "__bucket"
+LOG_ORDER = "__log_order"  # a row's place in the input (files in path order, rows in file order)
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,18 @@ def prepare(
     if num_buckets is not None and num_buckets < 1:
         raise InputError(f"partitions={num_buckets}: expected >= 1 session buckets")
     check_generated_names(config)
-    files = validate_input(config, input_path)
     output = storage.normalize(output)
+    source = storage.normalize(input_path)
+    # An output inside the input directory is not input (a second run would read the first's
+    # sessions as raw events); one that holds the input is refused when staged.
+    inside = output != source and storage.is_within(output, source)
+    files = validate_input(config, input_path, exclude=output if inside else None)
     with storage.staged_output(output, marker=PREPARE_JSON, inputs=files.paths) as staging:
         ensure_ray()
         buckets = num_buckets or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
         log.info("prepare: %d %s file(s), %d rows, %d session buckets", len(files.paths), files.format,
                  files.num_rows, buckets)
-        _bucket_events(config, files.paths, files.format, storage.join(staging, "buckets"), buckets)
+        _bucket_events(config, files, storage.join(staging, "buckets"), buckets)
         sorted_files, origin_day = _sort_buckets(config, storage.join(staging, "buckets"),
                                                  storage.join(staging, "sorted"))
         if not sorted_files:
@@ -152,29 +157,62 @@ def _check_items_kept(cardinality: int, config: DataConfig, input_path) -> None:
                          "often, so every item would be out of vocabulary; lower it")
 
 
-def _bucket_events(config: DataConfig, paths: tuple[str, ...], fmt: str, out: str, buckets: int) -> None:
-    """Ray Data: read raw files, normalise types, and write rows partitioned by session bucket."""
-    columns = config.raw_columns
-    paths_in, fs_in = storage.pyarrow_location(paths)
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(paths_in, filesystem=fs_in).select_columns(columns)
-    else:
-        import pyarrow.csv as pacsv
+# Rows one read task takes from a parquet file (its row groups are grouped up to this many).
+ROWS_PER_READ = 1 << 18
 
-        parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
-        ds = ray.data.read_csv(paths_in, filesystem=fs_in, parse_options=parse)
 
-    def to_buckets(batch: pa.Table) -> pd.DataFrame:
-        # Numpy dtypes, not the arrow-backed ones Ray's pandas batches carry (ray >= 2.56): pandas
-        # sees an arrow timestamp as a datetime only then, and NVTabular's ops take no arrow column.
-        frame = normalize_events(decode_dictionaries(batch).to_pandas(ignore_metadata=True), config)
+def _read_units(files: InputFiles) -> list[tuple[str, list[int] | None, int]]:
+    """(file, row groups or None for all, the first row's place in the log) per read task: a parquet
+    file by groups of row groups, a CSV whole (its types are inferred from all of its rows)."""
+    units, first = [], 0
+    for path, rows in zip(files.paths, files.rows):
+        if rows and files.format == "parquet":
+            meta = storage.parquet_file(path).metadata
+            groups, taken, start = [], 0, first
+            for group in range(meta.num_row_groups):
+                groups.append(group)
+                taken += meta.row_group(group).num_rows
+                if taken >= ROWS_PER_READ or group == meta.num_row_groups - 1:
+                    units.append((path, groups, start))
+                    groups, start, taken = [], start + taken, 0
+        elif rows:
+            units.append((path, None, first))
+        first += rows
+    return units
+
+
+def _bucket_events(config: DataConfig, files: InputFiles, out: str, buckets: int) -> None:
+    """Ray Data: read the raw files, normalise types, and write rows partitioned by session bucket.
+    Each file is read with its own schema and cast to `files.column_types` (Ray's readers merge every
+    file's whole schema first and fail on any difference, even in a column the config does not
+    name); each row carries its place in the log, which orders equal timestamps."""
+    units = _read_units(files)
+
+    def to_buckets(batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        frames = []
+        for unit in batch["id"]:
+            path, row_groups, first = units[int(unit)]
+            table = read_events(path, files, config.raw_columns, row_groups)
+            # Numpy dtypes (NVTabular's ops take no arrow column) and datetimes in their own unit.
+            frame = normalize_events(table.to_pandas(ignore_metadata=True, coerce_temporal_nanoseconds=False),
+                                     config)
+            frame[LOG_ORDER] = np.arange(first, first + len(frame), dtype=np.int64)
+            frames.append(frame)
+        frame = pd.concat(frames, ignore_index=True)
         hashed = pd.util.hash_pandas_object(frame[config.session_col], index=False).to_numpy()
         frame[BUCKET] = (hashed % np.uint64(buckets)).astype(np.int64)
-        return frame
+        # One schema for every task's rows: pandas makes an int column with nulls float in some
+        # tasks only, and a bucket's files must be read back as one table.
+        return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+
+    types = {**files.column_types, config.timestamp_col: pa.float64(), **dict.fromkeys(config.continuous, pa.float64())}
+    schema = pa.schema([(name, types[name]) for name in config.raw_columns]
+                       + [(LOG_ORDER, pa.int64()), (BUCKET, pa.int64())])
 
     [path_out], fs_out = storage.pyarrow_location([out])
-    ds.map_batches(to_buckets, batch_format="pyarrow").write_parquet(path_out, filesystem=fs_out,
-                                                                    partition_cols=[BUCKET])
+    (ray.data.range(len(units), override_num_blocks=len(units))
+     .map_batches(to_buckets, batch_size=1, batch_format="numpy")
+     .write_parquet(path_out, filesystem=fs_out, partition_cols=[BUCKET]))
 
 
 @ray.remote
@@ -182,9 +220,11 @@ def _sort_bucket(config: DataConfig, bucket_dir: str, out_file: str) -> float | 
     # ignore_metadata: Ray Data's pandas metadata would bring back pyarrow-backed dtypes, which
     # NVTabular's ops do not support; plain numpy dtypes are what the workflow is fitted on.
     # The rows were normalised while bucketing (timestamps already in seconds): only sorted here.
-    frame = storage.read_table(bucket_dir).to_pandas(ignore_metadata=True)[config.raw_columns]
+    frame = storage.read_table(bucket_dir).to_pandas(ignore_metadata=True)[[*config.raw_columns, LOG_ORDER]]
     if frame.empty:
         return None
+    # In the log's order first: sort_events keeps it among equal timestamps.
+    frame = frame.sort_values(LOG_ORDER).drop(columns=LOG_ORDER).reset_index(drop=True)
     _write_parquet(sort_events(frame, config), out_file)
     return float(frame[config.timestamp_col].min())
 
