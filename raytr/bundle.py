@@ -81,6 +81,22 @@ class Bundle:
     def workflow_dir(self) -> Path:
         return self.root / WORKFLOW_DIR
 
+    @property
+    def catalog_size(self) -> int:
+        """Recommendable items (the largest k), from the model's config.json without loading the model."""
+        from raytr.features import FIRST_ITEM_ID  # imports torch: only where this is asked
+
+        path = self.model_dir / "config.json"
+        try:
+            spec = json.loads(path.read_text()).get("feature_spec")
+            cardinality = spec["item_cardinality"]
+        except (ValueError, AttributeError, TypeError, KeyError):
+            cardinality = None
+        if not isinstance(cardinality, int) or isinstance(cardinality, bool):
+            raise ValueError(f"{path}: feature_spec.item_cardinality is missing or not an integer "
+                             "(expected the file `raytr train` writes)")
+        return cardinality - FIRST_ITEM_ID
+
     @classmethod
     def load(cls, root: str | Path) -> "Bundle":
         """Read a bundle; from a URL, its files are first copied to a new local directory that
@@ -104,12 +120,30 @@ class Bundle:
                 raise FileNotFoundError(f"{storage.join(source, MODEL_DIR, name)} is missing: {source} is not a "
                                         "complete model bundle (train again with `raytr train`)")
         result_path = root / "train_result.json"
-        train_result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        train_result = (_read_train_result(result_path, storage.join(source, "train_result.json"))
+                        if result_path.is_file() else {})
         digest = hashlib.sha256((root / MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()[:12]
         version = f"{train_result.get('run_name', 'model')}-{digest}"
         if storage.is_url(source):
             root = _keep_copy(root, source, version)
         return cls(root=root, data=data, version=version, train_result=train_result)
+
+
+def _read_train_result(path: Path, shown: str) -> dict[str, Any]:
+    """train_result.json, checked where the service reads it (run_name, metrics): a malformed file is
+    a ValueError naming it and the key, so a reload is refused rather than serving errors later."""
+    try:
+        result = json.loads(path.read_text())
+    except ValueError as error:  # invalid JSON or UTF-8
+        raise ValueError(f"{shown} is not valid JSON ({error}): expected the file `raytr train` writes") from None
+    if not isinstance(result, dict):
+        raise ValueError(f"{shown} holds {json.dumps(result)[:80]}, expected a JSON object (the file `raytr train` "
+                         "writes)")
+    expected = {"run_name": (str, "a string"), "metrics": (dict, "an object of metric name -> number")}
+    for key, (kind, what) in expected.items():
+        if key in result and not isinstance(result[key], kind):
+            raise ValueError(f"{shown}: {key!r} is {json.dumps(result[key])[:80]}, expected {what}")
+    return result
 
 
 def _keep_copy(fresh: Path, source: str, version: str) -> Path:

@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from raytr.config import DataConfig
-from raytr.data.events import EVENT_ORDER
+from raytr.data.events import EVENT_ORDER, MAX_UNIX_SECONDS
 from raytr.data.workflow import list_name, sequence_features
 from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, FeatureSpec, SessionBatch
 
@@ -62,11 +62,13 @@ VocabularyKind = Literal["int", "float", "str"]
 
 class OnlineInputError(ValueError):
     """A request value the client must fix. `loc` locates it: (event, field) for `encode`,
-    (session, event, field) for `encode_sessions`, with fields named as the raw columns."""
+    (session, event, field) for `encode_sessions`, with fields named as the raw columns; `value`
+    is the offending value where there is one (None otherwise)."""
 
-    def __init__(self, message: str, loc: Loc = ()) -> None:
+    def __init__(self, message: str, loc: Loc = (), value: Any = None) -> None:
         super().__init__(message)
         self.loc = loc
+        self.value = value.item() if isinstance(value, np.generic) else value
 
 
 class WorkflowCompileError(ValueError):
@@ -561,9 +563,9 @@ class OnlinePreprocessor:
         c = self.config
         if len(codes) == 0:
             raise OnlineInputError("no events", ())
-        ts = _float_column(columns[c.timestamp_col], c.timestamp_col, where, allow_null=False)
-        if unit == "ms":
-            ts = ts / 1000.0
+        raw_ts = _float_column(columns[c.timestamp_col], c.timestamp_col, where, allow_null=False)
+        ts = raw_ts / 1000.0 if unit == "ms" else raw_ts
+        _check_unix_seconds(ts, raw_ts, c.timestamp_col, unit, where)
         for i, value in enumerate(columns[c.item_col]):
             if _is_null(value):
                 raise OnlineInputError(f"{c.item_col!r} is missing or null", (*where[i], c.item_col))
@@ -579,10 +581,11 @@ class OnlinePreprocessor:
         ctx = _Context(first=first, sources={k: _take(v, order) for k, v in sources.items()})
         with np.errstate(all="ignore"):  # overflows become non-finite values, rejected just below
             outputs = {p.name: p.apply(ctx.sources[p.source], ctx) for p in self.plans}
-        self._check_finite(outputs, order, where)
+        self._check_finite(outputs, ctx, order, where)
         return self._assemble(outputs, sorted_codes, first, session_ids)
 
-    def _check_finite(self, outputs: Mapping[str, np.ndarray], order: np.ndarray, where: Sequence[Loc]) -> None:
+    def _check_finite(self, outputs: Mapping[str, np.ndarray], ctx: _Context, order: np.ndarray,
+                      where: Sequence[Loc]) -> None:
         """Continuous model inputs must be finite (e.g. a log-transformed value <= -1 is not)."""
         for plan in self.plans:
             if plan.categorical:
@@ -593,7 +596,7 @@ class OnlinePreprocessor:
                 raise OnlineInputError(
                     f"{plan.source!r}: this value gives a non-finite {plan.name!r} after the fitted transforms "
                     "(e.g. the log of a value <= -1); send a value in the training data's range",
-                    (*where[int(order[pos])], plan.source),
+                    (*where[int(order[pos])], plan.source), ctx.sources[plan.source][pos],
                 )
 
     def _assemble(self, outputs: Mapping[str, np.ndarray], sorted_codes: np.ndarray, first: np.ndarray,
@@ -651,10 +654,24 @@ def _float_column(values: Any, name: str, where: Sequence[Loc], allow_null: bool
             try:
                 float(value if value is not None else "nan")
             except (TypeError, ValueError):
-                raise OnlineInputError(f"{name!r} must be a number, got {value!r}", (*where[i], name)) from None
+                raise OnlineInputError(f"{name!r} must be a number, got {value!r}", (*where[i], name),
+                                       value) from None
         raise
     bad = np.isinf(out) if allow_null else ~np.isfinite(out)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise OnlineInputError(f"{name!r} must be a finite number, got {values[i]!r}", (*where[i], name))
+        raise OnlineInputError(f"{name!r} must be a finite number, got {values[i]!r}", (*where[i], name), values[i])
     return out
+
+
+def _check_unix_seconds(seconds: np.ndarray, raw: np.ndarray, name: str, unit: str, where: Sequence[Loc]) -> None:
+    """Refuse timestamps beyond the year 5000 (either side of 1970), as `raytr prepare` refuses them:
+    they are in a finer unit than `unit`, and would silently turn into other time features."""
+    bad = np.abs(seconds) > MAX_UNIX_SECONDS
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        expected, finer = ("seconds", "milliseconds") if unit == "s" else ("milliseconds", "microseconds or finer")
+        raise OnlineInputError(
+            f"{name!r} is {raw[i]:.6g}, more than {MAX_UNIX_SECONDS:.0e} s from 1970 (beyond the year 5000): "
+            f"timestamps are unix {expected}, and this looks like {finer}", (*where[i], name), raw[i],
+        )

@@ -3,7 +3,7 @@
 An event carries the item and time, plus the item features the bundle's data config names:
 
     item_id        int | str      the item as the client knows it (the raw id of the training data)
-    timestamp      number         unix time in seconds
+    timestamp      number         unix time in seconds (beyond the year 5000, e.g. milliseconds: a 422)
     <categorical>  int | str | null   one field per `data.categorical` (e.g. "category")
     <continuous>   number | null      one field per `data.continuous` (e.g. "price")
 
@@ -151,7 +151,8 @@ def build_api_models(data: DataConfig, serve: ServeConfig) -> ApiModels:
         )
     fields: dict[str, Any] = {
         ITEM_FIELD: (RawId, Field(description=f"the item (raw {data.item_col!r} of the training data)")),
-        TIMESTAMP_FIELD: (float, Field(description="unix time in seconds")),
+        TIMESTAMP_FIELD: (float, Field(description="unix time in seconds (not milliseconds: a time beyond the year "
+                                                   "5000 is refused, as `raytr prepare` refuses it)")),
     }
     for name in data.categorical:
         fields[name] = (RawId | None, Field(None, description="categorical feature; null = unknown"))

@@ -56,6 +56,7 @@ from serve.core import (
     VersionedStates,
     VersionUnavailable,
     cannot_reload,
+    check_default_k,
     load_compatible,
     reload_response,
 )
@@ -94,8 +95,8 @@ async def call(method: Any, *args: Any, what: str) -> Any:
 class BundleRegistry:
     """The bundle version the service should serve: set at start, changed by /admin/reload."""
 
-    async def __init__(self, bundle_dir: str, data: DataConfig) -> None:
-        self._bundle_dir, self._data = bundle_dir, data
+    async def __init__(self, bundle_dir: str, data: DataConfig, default_k: int) -> None:
+        self._bundle_dir, self._data, self._default_k = bundle_dir, data, default_k
         self._version = (await asyncio.to_thread(load_compatible, bundle_dir, data)).version
         self._lock = asyncio.Lock()
 
@@ -118,7 +119,9 @@ class BundleRegistry:
         from serve.engine import Encoder
 
         bundle = load_compatible(self._bundle_dir, self._data)
-        Encoder(bundle)  # what each Preprocessor does with it: compiles the workflow, checks the model's spec
+        # What each Preprocessor does with it: compiles the workflow, checks the model's spec and that
+        # the catalog holds serve.default_k items.
+        Encoder(bundle, self._default_k)
         SessionModel.load(bundle.model_dir)  # and each Recommender: the weights load into the model's config
         return bundle
 
@@ -196,7 +199,8 @@ class Preprocessor:
 
         self._config = config
         self._recommender = recommender
-        self._states: VersionedStates[Encoder] = VersionedStates(bundle_dir, Encoder, keep=1, data=data)
+        self._states: VersionedStates[Encoder] = VersionedStates(bundle_dir, Encoder.loader(config.default_k),
+                                                                 keep=1, data=data)
         await self._states.sync_to_disk()
         self._follow = asyncio.create_task(
             self._states.follow(lambda: registry.current.remote(), config.reload_poll_s))
@@ -327,12 +331,17 @@ def _replicas(count: int | None) -> dict[str, Any]:
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """The Serve application for `args` (see `AppArgs`); validates them before anything starts."""
     opts = AppArgs.model_validate(args)
-    # Load the bundle here, as the registry and the standalone server do: a missing file (say
-    # model/model.safetensors) is one error naming it, not a deployment failing in a replica. Every
-    # replica serves this data config, whatever the directory holds when autoscaling starts one later.
-    data = Bundle.load(opts.bundle_dir).data
     config = opts.serve_config()
-    registry = BundleRegistry.bind(opts.bundle_dir, data)
+    # Check here what the replicas will, as the standalone server does: a missing token file or
+    # bundle file (say model/model.safetensors), or a default_k above the catalog, is one error naming
+    # it, not a deployment failing in a replica. The token itself is read again in each Ingress
+    # replica (it never travels in the app's arguments).
+    resolve_admin_token(config)
+    bundle = Bundle.load(opts.bundle_dir)
+    check_default_k(config.default_k, bundle.catalog_size, opts.bundle_dir)
+    # Every replica serves this data config, whatever the directory holds when autoscaling starts one later.
+    data = bundle.data
+    registry = BundleRegistry.bind(opts.bundle_dir, data, config.default_k)
     recommender = Recommender.options(
         **_replicas(opts.recommender_replicas),
         max_ongoing_requests=max(64, 2 * opts.max_batch_size),  # >= max_batch_size or batches never fill

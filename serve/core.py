@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ class Recommendations:
 
 
 def unprocessable(loc: Sequence[str | int], message: str, kind: str = "value_error", value: Any = None) -> Rejection:
+    if isinstance(value, float) and not math.isfinite(value):
+        value = str(value)  # JSON has no NaN/inf: echoing one would turn the 422 into a 500
     return Rejection(422, [{"loc": list(loc), "msg": message, "type": kind, "input": value}])
 
 
@@ -111,6 +114,14 @@ def load_compatible(bundle_dir: str, data: DataConfig) -> Bundle:
         raise BundleRefused(f"the bundle in {bundle_dir} has a different data config (event fields) than the "
                             "running service: deploy it as a new application (`serve deploy` / `serve run`)")
     return bundle
+
+
+def check_default_k(default_k: int, catalog_size: int, bundle_dir: str | Path) -> None:
+    """Refuse a bundle with fewer items than serve.default_k: every request without k would be a 422."""
+    if default_k > catalog_size:
+        raise BundleRefused(f"serve.default_k={default_k} is larger than the catalog of {bundle_dir} ({catalog_size} "
+                            f"items), so every request without k would be refused: set serve.default_k to at most "
+                            f"{catalog_size}")
 
 
 def cannot_reload(bundle_dir: str, error: Exception) -> Rejection:

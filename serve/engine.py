@@ -43,6 +43,7 @@ from serve.core import (
     ScoringResult,
     VersionedStates,
     cannot_reload,
+    check_default_k,
     reload_response,
     unprocessable,
 )
@@ -52,12 +53,20 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ encoder
 class Encoder:
-    """One bundle's preprocessing: queries -> `ScoringRequest`, encoded ids -> raw ids."""
+    """One bundle's preprocessing: queries -> `ScoringRequest`, encoded ids -> raw ids. With
+    `default_k`, a bundle with fewer items is refused (`BundleRefused`): every request without k
+    would be a 422."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, default_k: int | None = None) -> None:
         self.bundle = bundle
         self.version = bundle.version
         self.online = OnlinePreprocessor.from_bundle(bundle)  # checks the workflow against the model's spec
+        if default_k is not None:
+            check_default_k(default_k, self.online.catalog_size, bundle.root)
+
+    @classmethod
+    def loader(cls, default_k: int) -> Callable[[Bundle], "Encoder"]:
+        return lambda bundle: cls(bundle, default_k)
 
     def encode(self, queries: Sequence[Query]) -> ScoringRequest | Rejection:
         catalog = self.online.catalog_size
@@ -68,7 +77,7 @@ class Encoder:
         try:
             encoded = self.online.encode_sessions([q.events for q in queries], timestamp_unit="s")
         except OnlineInputError as exc:
-            return unprocessable(self._error_loc(queries, exc.loc), str(exc))
+            return unprocessable(self._error_loc(queries, exc.loc), str(exc), value=exc.value)
         return ScoringRequest(
             version=self.version,
             batch=encoded.batch,
@@ -183,8 +192,8 @@ class _Pair:
         return self.encoder.version
 
 
-def _load_pair(bundle: Bundle, device: str, kind: str) -> _Pair:
-    return _Pair(Encoder(bundle), Scorer(bundle, device, kind))
+def _load_pair(bundle: Bundle, config: ServeConfig, device: str) -> _Pair:
+    return _Pair(Encoder(bundle, config.default_k), Scorer(bundle, device, config.scorer))
 
 
 @dataclass
@@ -202,7 +211,7 @@ class LocalBackend:
     def __post_init__(self) -> None:
         self.data = read_data_config(self.bundle_dir)
         self._states: VersionedStates[_Pair] = VersionedStates(
-            self.bundle_dir, lambda b: _load_pair(b, self.device, self.serve_config.scorer), keep=1, data=self.data)
+            self.bundle_dir, lambda b: _load_pair(b, self.serve_config, self.device), keep=1, data=self.data)
         self._states.load_sync()
 
     def recommend_sync(self, queries: Sequence[Query]) -> Recommendations | Rejection:

@@ -10,8 +10,10 @@ Routes:
     GET  /docs             OpenAPI
 Errors: 413 body over max_body_bytes (checked before parsing); 422 with FastAPI's
 `detail: [{"loc": [...], "msg": ..., "type": ...}]` for every invalid field, including those found
-after parsing (k above the catalog, a price whose log is not finite); 401/403 admin token;
-409 reload of a bundle with other event fields; 503 backend unavailable (replica restarting).
+after parsing (k above the catalog, a price whose log is not finite, a timestamp beyond the year
+5000), with the value in `input`; 401/403 admin token; 409 reload of a bundle the service cannot
+serve (other event fields, files that do not load, fewer items than default_k); 503 backend
+unavailable (replica restarting).
 The response header X-Raytr-Batch-Size says how many requests shared the model call.
 """
 

@@ -250,3 +250,27 @@ def test_encode_sessions_equals_encode_with_session_ids(fitted_ints: Fitted):
         assert by_list.batch.categorical[name].equal(values)
     for name, values in encode.batch.continuous.items():
         assert by_list.batch.continuous[name].equal(values)
+
+
+@pytest.mark.parametrize("name", ["ints", "strings"])
+def test_timestamps_beyond_the_year_5000_in_the_configured_unit_are_refused(request, name):
+    """As `raytr prepare` refuses them: a finer unit than data.timestamp_unit (milliseconds as
+    seconds, microseconds as milliseconds) would silently change the time features."""
+    from raytr.data.events import MAX_UNIX_SECONDS
+
+    fitted: Fitted = request.getfixturevalue(f"fitted_{name}")
+    c, online = fitted.config, fitted.online
+    scale = 1000.0 if c.timestamp_unit == "ms" else 1.0
+    event = {c.item_col: fitted.events[c.item_col].iloc[0], "category": None, "price": 1.0,
+             c.timestamp_col: 1_714_550_000.0 * scale}
+    online.encode_sessions([[event, {**event, c.timestamp_col: MAX_UNIX_SECONDS * scale}]])  # the bound itself
+    for value in (1_714_550_000.0 * scale * 1000, -2 * MAX_UNIX_SECONDS * scale, 1e300):
+        with pytest.raises(OnlineInputError) as info:
+            online.encode_sessions([[event, {**event, c.timestamp_col: value}]])
+        assert info.value.loc == (0, 1, c.timestamp_col) and info.value.value == value, info.value.loc
+        unit, finer = ("seconds", "milliseconds") if c.timestamp_unit == "s" else ("milliseconds", "microseconds")
+        assert f"timestamps are unix {unit}, and this looks like {finer}" in str(info.value), info.value
+    frame = pd.DataFrame([{c.session_col: 1, **event}, {c.session_col: 1, **event, c.timestamp_col: 1e20}])
+    with pytest.raises(OnlineInputError, match="beyond the year 5000") as info:
+        online.encode(frame)
+    assert info.value.loc == (1, c.timestamp_col)

@@ -116,11 +116,15 @@ BAD_BODIES = [
     ({"events": {"item_id": 1}}, "events"),
     ({"events": [EVENT] * 1001}, "events"),  # max_events_per_session, under max_body_bytes
     ({"session_id": 1.5, "events": [EVENT]}, "session_id"),
+    ({"events": [EVENT, {**EVENT, "timestamp": 1_714_550_000_000.0}]}, ["body", "events", 1, "timestamp"]),  # ms
+    ({"events": [{**EVENT, "timestamp": -1e300}]}, ["body", "events", 0, "timestamp"]),
 ]
 BAD_BATCHES = [
     ({"requests": []}, "requests"),
     ({"requests": [{"events": [EVENT]}, {"events": [{**EVENT, "price": float("-1e9")}]}]},
      ["body", "requests", 1, "events", 0, "price"]),
+    ({"requests": [{"events": [EVENT]}, {"events": [EVENT, {**EVENT, "timestamp": 1e20}]}]},
+     ["body", "requests", 1, "events", 1, "timestamp"]),
 ]
 # Lone surrogates: JSON escapes Python decodes but UTF-8 cannot encode, in a value, an id, a key.
 # (a /recommend body, the field its 422 names, the error type, the input echoed escaped or None)
@@ -499,6 +503,136 @@ def test_standalone_reload_takes_a_bundle_prepared_with_other_settings_but_the_s
     assert answer.status_code == 200 and answer.json()["changed"], answer.text
     served = client.post("/recommend", json={"events": [{"item_id": raw_items[0], "timestamp": 1_714_550_000.0}]})
     assert served.status_code == 200 and served.json()["model_version"].startswith("retrained")
+
+
+def test_timestamps_beyond_the_year_5000_are_a_422_naming_the_field(local_bundle, raw_items, monkeypatch):
+    """Milliseconds (or 1e20, +-1e300) sent as unix seconds changed the answer silently: refused as
+    `raytr prepare` refuses them (beyond MAX_UNIX_SECONDS), with the value echoed."""
+    from fastapi.testclient import TestClient
+
+    from raytr.data.events import MAX_UNIX_SECONDS
+    from serve.standalone import build_standalone_app
+
+    monkeypatch.delenv("RAYTR_ADMIN_TOKEN", raising=False)
+    client = TestClient(build_standalone_app(str(local_bundle)))
+    first = {"item_id": raw_items[0], "timestamp": 1_714_550_000.0}
+    for ts in (1_714_550_060_000.0, 1e20, 1e300, -1e300, -1.5 * MAX_UNIX_SECONDS):
+        later = {"item_id": raw_items[1], "timestamp": ts}
+        for path, body, loc in (("/recommend", {"events": [first, later]}, ["body", "events", 1, "timestamp"]),
+                                ("/recommend/batch", {"requests": [{"events": [first]}, {"events": [later]}]},
+                                 ["body", "requests", 1, "events", 0, "timestamp"])):
+            answer = client.post(path, json=body)
+            assert answer.status_code == 422, (ts, path, answer.text)
+            [error] = answer.json()["detail"]
+            assert error["loc"] == loc and error["input"] == ts, error
+            assert "unix seconds" in error["msg"] and "looks like milliseconds" in error["msg"], error
+    edge = client.post("/recommend", json={"events": [first, {**first, "timestamp": MAX_UNIX_SECONDS}]})
+    assert edge.status_code == 200, edge.text  # the bound itself is a time prepare accepts too
+    price = client.post("/recommend", json={"events": [{**first, "price": -5.0}]})  # found after parsing too
+    assert price.status_code == 422 and price.json()["detail"][0]["input"] == -5.0, price.text
+
+
+def test_serve_names_a_missing_admin_token_file_before_starting_ray(local_bundle, tmp_path, monkeypatch, capsys):
+    """It was read in each Ingress replica only: 23 s of deploying, then ServeController tracebacks."""
+    import raytr.cli
+    import raytr.ray_runtime
+
+    def no_ray() -> None:
+        raise AssertionError("Ray started for a token file that does not exist")
+
+    monkeypatch.delenv("RAYTR_ADMIN_TOKEN", raising=False)
+    monkeypatch.setattr(raytr.ray_runtime, "ensure_ray", no_ray)
+    missing = tmp_path / "nope"
+    code = raytr.cli.main(["serve", "--model", str(local_bundle), "--set", f"serve.admin_token_file={missing}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"raytr serve: error: serve.admin_token_file={str(missing)!r} does not exist\n", err
+
+
+@pytest.mark.parametrize("content, named", [('{"run_name": "x", "metrics": [1]}', "'metrics' is [1], expected an object"),
+                                            ("[]", "holds [], expected a JSON object"),
+                                            ('{"run_name": 5, "metrics": {}}', "'run_name' is 5, expected a string"),
+                                            ('{"run_name": "x", ', "is not valid JSON")])
+def test_a_malformed_train_result_is_refused_at_load_reload_and_startup(local_bundle, tmp_path, monkeypatch, capsys,
+                                                                        raw_items, content, named):
+    """A reload answered 200 (or 500) and GET /model failed after: now 409 naming the file and key,
+    the loaded bundle keeps serving, and the server refuses to start in one line."""
+    from fastapi.testclient import TestClient
+
+    from raytr.bundle import Bundle
+    from serve.core import BUNDLE_LOAD_ERRORS
+    from serve.standalone import build_standalone_app, main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    monkeypatch.setenv("RAYTR_ADMIN_TOKEN", TOKEN)
+    client = TestClient(build_standalone_app(str(bundle)))
+    before = client.get("/model").json()["model_version"]
+    (bundle / "train_result.json").write_text(content)
+    with pytest.raises(BUNDLE_LOAD_ERRORS) as error:
+        Bundle.load(bundle)
+    assert f"{bundle}/train_result.json" in str(error.value) and named in str(error.value), error.value
+    answer = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
+    assert answer.status_code == 409 and named in answer.json()["detail"], answer.text
+    info = client.get("/model")
+    assert info.status_code == 200 and info.json()["model_version"] == before, info.text
+    served = client.post("/recommend", json={"events": [{"item_id": raw_items[0], "timestamp": 1_714_550_000.0}]})
+    assert served.status_code == 200 and served.json()["model_version"] == before
+    assert main(["--bundle", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve.standalone: error:") and named in err and err.count("\n") == 1, err
+
+
+def test_a_default_k_above_the_catalog_is_refused_at_startup_and_on_reload(local_bundle, raw_items, tmp_path,
+                                                                           monkeypatch, capsys):
+    """Every request without k was a 422 blaming `k`: the service refuses such a default_k when it
+    starts (before Ray), and a reload to a bundle with fewer items than it (409, still serving)."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    import raytr.cli
+    import raytr.ray_runtime
+    from raytr.bundle import Bundle
+    from raytr.config import ServeConfig
+    from serve.app import BundleRegistry
+    from serve.core import Rejection
+    from serve.standalone import build_standalone_app
+
+    catalog = len(raw_items)
+    refusal = f"serve.default_k={catalog + 1} is larger than the catalog of {local_bundle} ({catalog} items)"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        build_standalone_app(str(local_bundle), ServeConfig(model_dir=str(local_bundle), default_k=catalog + 1))
+
+    def no_ray() -> None:
+        raise AssertionError("Ray started for a default_k it cannot serve")
+
+    monkeypatch.delenv("RAYTR_ADMIN_TOKEN", raising=False)
+    monkeypatch.setattr(raytr.ray_runtime, "ensure_ray", no_ray)
+    assert raytr.cli.main(["serve", "--model", str(local_bundle), "--set", f"serve.default_k={catalog + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raytr serve: error: {refusal}") and err.count("\n") == 1, err
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    monkeypatch.setenv("RAYTR_ADMIN_TOKEN", TOKEN)
+    client = TestClient(build_standalone_app(str(bundle), ServeConfig(model_dir=str(bundle), default_k=catalog)))
+    registry = object.__new__(BundleRegistry.func_or_class)  # the Serve app's reload, without Ray
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(registry.__init__(str(bundle), Bundle.load(bundle).data, catalog))
+        small = _build_local_bundle(tmp_path / "small" / "bundle", lambda item: item % 5)
+        assert Bundle.load(small).catalog_size < catalog
+        shutil.rmtree(bundle)
+        shutil.copytree(small, bundle)
+        refused = loop.run_until_complete(registry.reload())
+    finally:
+        loop.close()
+    assert isinstance(refused, Rejection) and refused.status == 409, refused
+    assert f"serve.default_k={catalog} is larger" in refused.detail, refused
+    answer = client.post("/admin/reload", headers={"X-Admin-Token": TOKEN})
+    assert answer.status_code == 409 and f"serve.default_k={catalog} is larger" in answer.json()["detail"], answer.text
+    served = client.post("/recommend", json={"events": [{"item_id": raw_items[0], "timestamp": 1_714_550_000.0}]})
+    assert served.status_code == 200 and len(served.json()["items"]) == catalog - 1, served.text[:300]
 
 
 # ------------------------------------------------------------------------------------ Ray Serve (slow)
