@@ -171,3 +171,25 @@ def test_an_output_that_would_lose_or_mix_data_is_refused_before_training(prepar
             run_incremental(small_config(), prepared_dir, output)
     assert a_file.read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["keep.csv"]
     assert not (Path(prepared_dir) / "incremental").exists()
+
+
+def test_a_day_without_a_next_day_is_trained_on_so_the_model_sees_what_the_baselines_see(
+        prepared_dir, prepared_spec, tmp_path, caplog):
+    """Days 1, 3, 4 (day 2 has no sessions): day 1 cannot be evaluated on, but the model trains on
+    it before day 3 (it was skipped, while the baselines of day 4 were fitted on days 1 and 3)."""
+    from raytr.data.layout import categories_digest
+
+    gap = tmp_path / "gap"
+    shutil.copytree(prepared_dir, gap, ignore=lambda d, names: ["day=2"] if Path(d).name == "sessions" else [])
+    with caplog.at_level("WARNING", logger="raytr.training.incremental"):
+        result = run_incremental(small_config(), gap, tmp_path / "out")
+    assert "no sessions on day(s) [2]: day(s) [1] are trained on, not evaluated" in caplog.text
+    assert list(zip(result.table["day"], result.table["model"])) == [(4, m) for m in MODELS]
+    runs = run_names(tmp_path / "out")
+    assert len(runs) == 2 and same(init_weights(tmp_path / "out", runs[1]), final_weights(tmp_path / "out", runs[0]))
+    expected = evaluate_baselines(prepared_spec, day_paths(gap, [1, 3]), day_paths(gap, [4]),
+                                  small_config().training.metrics_top_k, False)
+    row = result.table[result.table["model"] == "popularity"].iloc[0]
+    assert row["ndcg@20"] == pytest.approx(expected["popularity"]["ndcg@20"], abs=1e-12)
+    # train/ is a model bundle: `raytr evaluate` can tell data of another prepare run from its own.
+    assert categories_digest(tmp_path / "out" / "train") == categories_digest(prepared_dir) is not None

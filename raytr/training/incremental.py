@@ -1,11 +1,13 @@
 """Incremental (time-window) evaluation: train on day t, evaluate on day t+1, for a range of days.
 
 mode "finetune": the model trained up to day t-1 continues on day t (one model, a fresh LR
-schedule per window); the baselines are fitted on the days start_day..t, the data the model has seen.
+schedule per window); the baselines are fitted on the days start_day..t, the data the model has seen
+(a day whose next day has no sessions is trained on, not evaluated).
 mode "retrain": a new model per window, trained on day t only; baselines fitted on day t only.
 
 Writes to the output directory: incremental.csv and incremental.json (metrics per evaluated day,
-for the model and each baseline, and their averages) and incremental.png (a plot per metric).
+for the model and each baseline, and their averages), incremental.png (a plot per metric) and
+train/, the last window's model with the data's workflow beside it (a model bundle).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 
 from raytr import storage
 from raytr.baselines import Popularity, SessionItemKNN
+from raytr.bundle import attach_preprocessing
 from raytr.config import RaytrConfig
 from raytr.data.loaders import DataLoader
 from raytr.data.layout import available_days, day_paths
@@ -86,6 +89,16 @@ def run_incremental(
     windows = [d for d in days if start <= d < end and d + 1 in days]
     if not windows:
         raise ValueError(f"no day t with t and t+1 both in {days} between start_day={start} and end_day={end}")
+    # finetune: the model trains on every day of the range, also one whose next day has no sessions
+    # (it is not evaluated then), so that it has seen what the baselines are fitted on.
+    trained = [d for d in days if start <= d < end] if mode == "finetune" else windows
+    skipped = [d for d in trained if d not in windows]
+    log.info("incremental (%s): train on days %s, evaluate on days %s", mode, trained, [d + 1 for d in windows])
+    if skipped or (end_day is not None and end_day > days[-1]):
+        log.warning("incremental: %s%s", f"no sessions on day(s) {[d + 1 for d in skipped]}: day(s) {skipped} are "
+                    "trained on, not evaluated. " if skipped else "",
+                    f"end_day={end_day} is after the last day with sessions ({days[-1]})"
+                    if end_day is not None and end_day > days[-1] else "")
     if baselines:  # a bad kNN setting fails now, not after the first day's training
         SessionItemKNN(FIRST_ITEM_ID + 1, recency_decay=knn_recency_decay, self_similarity=knn_self_similarity)
     spec = feature_spec(load_schema(data_dir), config.training.max_sequence_length)
@@ -93,7 +106,7 @@ def run_incremental(
     rows = []
     model = SessionModel(spec, config.model, seed=args.seed)
     trainer = Trainer(model, replace(args, output_dir=storage.join(output_dir, "train")))
-    for day in windows:
+    for day in trained:
         if mode == "retrain":  # a new Trainer a window, so its own run name (one run per Trainer call else)
             window_args = replace(trainer.args, run_name=args.run_name and f"{args.run_name}-day{day}")
             trainer = Trainer(SessionModel(spec, config.model, seed=args.seed), window_args)
@@ -101,10 +114,12 @@ def run_incremental(
             trainer.reset_lr_scheduler()
         train_days = [day] if mode == "retrain" else [d for d in days if start <= d <= day]
         trainer.train_dataset = day_paths(data_dir, [day])
-        trainer.eval_dataset = day_paths(data_dir, [day + 1])
-        log.info("incremental: train on day %d, evaluate on day %d", day, day + 1)
+        trainer.eval_dataset = day_paths(data_dir, [day + 1]) if day in windows else None
+        log.info("incremental: train on day %d%s", day, f", evaluate on day {day + 1}" if day in windows else "")
         trainer.train()
         trainer.wipe_memory()
+        if day not in windows:
+            continue
         metrics = trainer.evaluate(metric_key_prefix="eval")
         rows.append({"day": day + 1, "model": config.model.body,
                      **{k.removeprefix("eval_"): v for k, v in metrics.items()}})
@@ -115,6 +130,9 @@ def run_incremental(
                                                    knn_recency_decay=knn_recency_decay,
                                                    knn_self_similarity=knn_self_similarity).items():
                 rows.append({"day": day + 1, "model": name, **values})
+    # train/ holds the last window's model: with the workflow beside it, it is a model bundle that
+    # `raytr evaluate` can check data against and `raytr serve` can serve.
+    attach_preprocessing(data_dir, storage.join(output_dir, "train"))
     table = pd.DataFrame(rows)
     averages = table.drop(columns=["day"]).groupby("model", sort=False).mean().reset_index()
     with storage.writable_dir(output_dir) as local:
