@@ -57,7 +57,7 @@ def test_synth_in_process(tmp_path, capsys):
     out = tmp_path / "raw"
     code = main(["synth", "--output", str(out), "--sessions", "120", "--items", "40", "--days", "2", "--seed", "5"])
     assert code == 0
-    assert "of 120 sessions over 2 days" in capsys.readouterr().out
+    assert "of 120 sessions starting over 2 days" in capsys.readouterr().out
     written = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("day=*/*.parquet"))])
     expected = generate_events(SynthConfig(sessions=120, items=40, days=2, seed=5))
     assert len(written) == len(expected)

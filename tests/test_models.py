@@ -283,6 +283,18 @@ def test_hf_extras_are_validated_by_name():
     assert hf.num_key_value_heads == 2 and hf.rms_norm_eps == 1e-5
 
 
+def test_hf_extras_the_config_takes_but_the_model_cannot_build_or_run_are_config_errors():
+    """GPT2Config takes any activation name and a negative FFN width; the model fails on them."""
+    cases = [("gpt2", {"activation_function": "nope"}), ("gpt2", {"n_inner": -4}),
+             ("llama", {"rope_parameters": {"rope_type": "bogus"}})]
+    for body, extras in cases:
+        with pytest.raises(ConfigError, match=rf"model.hf_config=\{{'{next(iter(extras))}': .*: the {body} body cannot "
+                                              r"be built or run with it: \w+(Error|Exception)"):
+            build_body(ModelConfig(body=body, d_model=16, n_heads=2, hf_config=extras), 8)
+    body = build_body(ModelConfig(body="gpt2", d_model=16, n_heads=2, hf_config={"activation_function": "relu"}), 8)
+    assert body.model.config.activation_function == "relu"
+
+
 def test_objective_body_compatibility_errors():
     for body in ("gpt2", "llama", "gru"):
         with pytest.raises(ConfigError, match="bidirectional"):

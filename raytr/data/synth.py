@@ -160,6 +160,6 @@ def synthesize(config: SynthConfig, output: str | Path) -> pd.DataFrame:
     """Generate events and write them to `output` (a local path or a URL); returns the events."""
     frame = generate_events(config)
     files = write_events(frame, output)
-    log.info("wrote %d events of %d sessions to %s (%d day partitions)", len(frame),
-             frame["session_id"].nunique(), output, len(files))
+    log.info("wrote %d events of %d sessions to %s (%d day partitions by the events' day: the last day's "
+             "sessions can run past midnight)", len(frame), frame["session_id"].nunique(), output, len(files))
     return frame

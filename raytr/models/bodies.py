@@ -339,18 +339,19 @@ def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig
             raise ConfigError("model.body='gru' is causal; it supports objective='clm' only")
         return GRUBody(config.d_model, config.n_layers, config.dropout)
     hf = hf_config_for(config, max_length)
-    if config.body == "xlnet":
-        model: nn.Module = XLNetModel(hf)
-    elif config.body == "gpt2":
-        if not causal:
-            raise ConfigError("model.body='gpt2' is causal; it supports objective='clm' only")
-        model = GPT2Model(hf)
-    elif config.body == "bert":
-        model = BertModel(hf, add_pooling_layer=False)  # the pooler would be an unused parameter
-    elif config.body == "llama":
-        if not causal:
-            raise ConfigError("model.body='llama' is causal; it supports objective='clm' only")
-        model = LlamaModel(hf)
-    else:
+    if config.body in ("gpt2", "llama") and not causal:
+        raise ConfigError(f"model.body={config.body!r} is causal; it supports objective='clm' only")
+    build = {"xlnet": XLNetModel, "gpt2": GPT2Model, "llama": LlamaModel,
+             "bert": lambda hf: BertModel(hf, add_pooling_layer=False)}  # the pooler would be an unused parameter
+    if config.body not in build:
         raise ConfigError(f"model.body={config.body!r}: expected one of xlnet, gpt2, bert, llama, gru")
-    return HFBody(model, is_causal=causal)
+    try:
+        body = HFBody(build[config.body](hf), is_causal=causal)
+        if config.hf_config:  # values the config class takes may still fail in the model or its forward
+            probe_is_causal(body, config.d_model)
+    except Exception as error:
+        if not config.hf_config:
+            raise
+        raise ConfigError(f"model.hf_config={config.hf_config!r}: the {config.body} body cannot be built or run "
+                          f"with it: {type(error).__name__}: {error}") from None
+    return body
