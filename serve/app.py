@@ -414,7 +414,7 @@ def start_local(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000, time
         check_port(host, port)  # before Ray starts: the proxy's bind failure would be a remote traceback
     ensure_ray()
     running = _serve_address()  # this process's, or the cluster's in RAY_ADDRESS
-    if running is not None and running != (host, port):
+    if running is not None and not same_address(running, (host, port)):
         # serve.start would keep the running proxy's address (with a warning), and /healthz on the
         # address asked for would never answer.
         raise ValueError(f"Ray Serve already runs in this Ray cluster with its HTTP proxy on {running[0]}:"
@@ -435,6 +435,20 @@ def start_local(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000, time
     return url
 
 
+def same_address(listening: tuple[str, int], asked: tuple[str, int]) -> bool:
+    """Whether a proxy listening on `listening` answers at `asked`: the same port, and a wildcard
+    host (0.0.0.0, ::) or one naming the same address (localhost and 127.0.0.1)."""
+    (listen_host, listen_port), (host, port) = listening, asked
+    if listen_port != port:
+        return False
+    if listen_host in ("0.0.0.0", "::") or listen_host == host:
+        return True
+    try:
+        return socket.gethostbyname(listen_host) == socket.gethostbyname(host)
+    except OSError:
+        return False
+
+
 def _serve_address() -> tuple[str, int] | None:
     """The host and port of the HTTP proxies Serve runs already in this process's Ray cluster
     (`serve.start` then keeps them, whatever it is asked), or None."""
@@ -452,6 +466,6 @@ def stop_local() -> None:
         serve.shutdown()
 
 
-__all__ = ["APP_NAME", "AppArgs", "app_builder", "app_options", "check_port", "start_local", "stop_local",
+__all__ = ["APP_NAME", "AppArgs", "app_builder", "app_options", "check_port", "same_address", "start_local", "stop_local",
            "wait_until_healthy", "free_port"]
 

@@ -193,3 +193,8 @@ def test_a_day_without_a_next_day_is_trained_on_so_the_model_sees_what_the_basel
     assert row["ndcg@20"] == pytest.approx(expected["popularity"]["ndcg@20"], abs=1e-12)
     # train/ is a model bundle: `raytr evaluate` can tell data of another prepare run from its own.
     assert categories_digest(tmp_path / "out" / "train") == categories_digest(prepared_dir) is not None
+    # Days 1, 2, 4: only day 1 has a next day; day 2, after the last window, is not trained on.
+    tail = tmp_path / "tail"
+    shutil.copytree(prepared_dir, tail, ignore=lambda d, names: ["day=3"] if Path(d).name == "sessions" else [])
+    result = run_incremental(small_config(), tail, tmp_path / "out-tail", baselines=False)
+    assert list(result.table["day"]) == [2] and len(run_names(tmp_path / "out-tail")) == 1

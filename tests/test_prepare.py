@@ -209,7 +209,7 @@ def _small(raw_events: pd.DataFrame) -> pd.DataFrame:
 
 def _run_bad(config, tmp_path: Path, write, match: str) -> None:
     source = tmp_path / "in"
-    source.mkdir()
+    source.mkdir(parents=True)
     write(source)
     out = tmp_path / "out"
     with pytest.raises(InputError, match=match):
@@ -724,3 +724,47 @@ def test_an_output_inside_the_input_directory_is_not_read_as_input(tmp_path, raw
     first = prepare(data_config, source, source / "prepared", num_buckets=2)
     second = prepare(data_config, source, source / "prepared", num_buckets=2)
     assert second.events == first.events == 300 and second.sessions == first.sessions
+
+
+def test_unsigned_ids_beyond_int64_beside_signed_ones_and_dates_after_9999_are_named(no_ray, tmp_path, raw_events,
+                                                                                    data_config):
+    """uint64 and int64 files unify to int64, which cannot hold 2^63 + 5: refused before Ray, naming
+    the file (the cast failed inside a Ray task); a date after 9999 has no Python datetime."""
+    def write_ids(d: Path) -> None:
+        frame = _small(raw_events)
+        frame.iloc[:150].astype({"session_id": "uint64"}).assign(
+            session_id=lambda f: f["session_id"] + np.uint64(2**63)).to_parquet(d / "a.parquet")
+        frame.iloc[150:].to_parquet(d / "b.parquet")
+
+    _run_bad(data_config, tmp_path / "ids", write_ids,
+             r"a\.parquet: column 'session_id' holds 92233720\d+, beyond int64, while other input files store it as "
+             "signed integers")
+
+    def write_dates(d: Path) -> None:
+        table = pa.Table.from_pandas(_small(raw_events).drop(columns=["timestamp"]), preserve_index=False)
+        stamps = pa.array(np.full(table.num_rows, 10**13), pa.timestamp("s"))
+        pq.write_table(table.append_column("timestamp", stamps), d / "a.parquet")
+
+    _run_bad(data_config, tmp_path / "dates", write_dates,
+             r"a\.parquet: column 'timestamp' holds a date after the year 9999; drop those events")
+
+
+@pytest.mark.ray
+def test_an_input_error_in_a_read_task_reaches_the_caller_as_itself(tmp_path, raw_events, data_config, ray_cluster,
+                                                                    monkeypatch):
+    """A file that no longer reads as validate_input decided (changed in between): the read task's
+    InputError names it, and it is raised as itself, not as Ray Data's UDF failure."""
+    import ray
+
+    real = prepare_module.validate_input
+
+    def stale(config, path, exclude=None):  # as if a.parquet had held numbers when it was checked
+        files = real(config, path, exclude)
+        return dataclasses.replace(files, column_types={**files.column_types, "item_id": pa.int64()})
+
+    monkeypatch.setattr(prepare_module, "validate_input", stale)
+    before = ray.data.DataContext.get_current().raise_original_map_exception
+    _run_bad(data_config, tmp_path, lambda d: _small(raw_events).assign(
+        item_id=lambda f: "i" + f["item_id"].astype(str)).to_parquet(d / "a.parquet"),
+        r"a\.parquet: column 'item_id' cannot be read as int64")
+    assert ray.data.DataContext.get_current().raise_original_map_exception == before

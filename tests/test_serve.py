@@ -760,6 +760,18 @@ def test_model_info_and_docs(client, bundle_dir):
     assert "price" in json.dumps(schema["components"]["schemas"]["Event"])
 
 
+def test_a_running_proxy_answers_at_its_port_on_any_name_of_its_host():
+    """A proxy on 0.0.0.0:8000 (serve/config.yaml's host) answers raytr serve's default
+    127.0.0.1:8000, and one on 127.0.0.1 answers localhost: only another port or host is refused."""
+    from serve.app import same_address
+
+    assert same_address(("0.0.0.0", 8000), ("127.0.0.1", 8000))
+    assert same_address(("::", 8000), ("localhost", 8000))
+    assert same_address(("127.0.0.1", 8000), ("localhost", 8000))
+    assert not same_address(("0.0.0.0", 8000), ("127.0.0.1", 8001))
+    assert not same_address(("127.0.0.1", 8000), ("no-such-host.invalid", 8000))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_serving_again_on_another_port_names_the_running_proxys_address(url, bundle_dir):

@@ -6,6 +6,7 @@ the online path (one request), so both feed the workflow identical rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +32,7 @@ class InputFiles:
     format: str  # "parquet", "csv" or "tsv"
     num_rows: int
     rows: tuple[int, ...] = ()  # per file, in the order of `paths`: the log's order
+    row_groups: tuple[tuple[int, ...], ...] = ()  # per parquet file: the rows of each row group
     # The type every configured column but the timestamp is read as, the same in every file (files
     # may differ: int32 and int64 ids, int and float categories, a pandas category column).
     column_types: dict[str, pa.DataType] = field(default_factory=dict)
@@ -98,17 +100,19 @@ def read_file(path: str, fmt: str, columns: list[str] | None = None) -> pd.DataF
     return (table.select(columns) if columns else table).to_pandas()
 
 
-def read_events(path: str, files: InputFiles, columns: list[str], row_groups: list[int] | None = None) -> pa.Table:
-    """The configured `columns` of one raw file (of a parquet file: only `row_groups`), each of its
-    `files.column_types`; the timestamp as the file has it (`normalize_events` reads any kind)."""
-    if files.format == "parquet":
+def read_events(path: str, fmt: str, column_types: dict[str, pa.DataType], columns: list[str],
+                row_groups: list[int] | None = None) -> pa.Table:
+    """The `columns` of one raw file (of a parquet file: only `row_groups`, or all), each of its type
+    in `column_types` (`InputFiles.column_types`); the timestamp as the file has it
+    (`normalize_events` reads any kind)."""
+    if fmt == "parquet":
         parquet = storage.parquet_file(path)
         table = (parquet.read_row_groups(row_groups, columns=columns) if row_groups is not None
                  else parquet.read(columns=columns))
     else:
-        table = read_csv(path, files.format, files.column_types).select(columns)
+        table = read_csv(path, fmt, column_types).select(columns)
     table = decode_dictionaries(table)
-    for name, kind in files.column_types.items():
+    for name, kind in column_types.items():
         if name in table.column_names and table.schema.field(name).type != kind:
             try:
                 table = table.set_column(table.schema.get_field_index(name), name, pc.cast(table.column(name), kind))
@@ -183,8 +187,8 @@ def validate_input(config: DataConfig, path: str | Path, exclude: str | None = N
     and no id or timestamp is null; decide the type each column is read as. Files inside `exclude`
     (the output) are not input. Raises `InputError` naming the problem."""
     files, fmt = find_input_files(path, config.read_format)
-    if exclude is not None:
-        files = [f for f in files if not storage.is_within(f, exclude)]
+    if exclude is not None:  # compared as the filesystem names them (s3a:// and s3:// are one place)
+        files = [f for f in files if not storage.is_within(storage.filesystem(f)[1], storage.filesystem(exclude)[1])]
         if not files:
             raise InputError(f"input {str(path)!r} has no files outside the output {exclude!r}")
     expected = {
@@ -211,13 +215,17 @@ def validate_input(config: DataConfig, path: str | Path, exclude: str | None = N
     first_kind: dict[str, tuple[str, str]] = {}  # id column -> (kind, the file that set it)
     kinds: dict[str, list[tuple[str, pa.DataType]]] = {name: [] for name in expected if name != config.timestamp_col}
     csv_ints = dict.fromkeys(text_ids, True)
+    largest: dict[str, list[tuple[str, int | None]]] = {name: [] for name in kinds}  # of unsigned columns
     rows: list[int] = []
+    groups: list[tuple[int, ...]] = []
     total_rows = 0
     for file in files:
         # A CSV column's type is inferred from the rows read, so a CSV is read whole once and its
         # checks use that table's schema (a prefix's schema could call a column int that is float).
         if fmt == "parquet":
-            table, schema = None, _readable(file, fmt, lambda: storage.parquet_file(file).schema_arrow)
+            table, parquet = None, _readable(file, fmt, lambda: storage.parquet_file(file))
+            schema, meta = parquet.schema_arrow, parquet.metadata
+            groups.append(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)))
         else:
             table = _readable(file, fmt, lambda: read_csv(file, fmt, dict.fromkeys(text_ids, pa.string())))
             schema = table.schema
@@ -227,7 +235,7 @@ def validate_input(config: DataConfig, path: str | Path, exclude: str | None = N
                 f"{file}: column(s) {missing} named in the config are missing; the file has {schema.names}. "
                 "Fix the column names in the config's data section."
             )
-        num_rows = storage.parquet_file(file).metadata.num_rows if table is None else table.num_rows
+        num_rows = meta.num_rows if table is None else table.num_rows
         rows.append(num_rows)
         if num_rows == 0:
             continue  # a header-only CSV or an empty parquet file: no types to check, and no events
@@ -253,18 +261,20 @@ def validate_input(config: DataConfig, path: str | Path, exclude: str | None = N
         for name in kinds:
             if not pa.types.is_null(types[name]):
                 kinds[name].append((file, types[name]))
+            if pa.types.is_unsigned_integer(types[name]):  # int64 beside it cannot hold its largest values
+                largest[name].append((file, _parquet_max(file, meta, name) if table is None
+                                      else pc.max(table.column(name)).as_py()))
         # Values checked beyond nulls: a float timestamp's NaN/inf, and continuous features' inf.
         valued = [name for name in (config.timestamp_col, *config.continuous)
                   if pa.types.is_floating(types[name]) or name in config.log_transform]
         if fmt == "parquet":
-            meta = storage.parquet_file(file).metadata
             nulls = {name: _parquet_null_count(file, meta, name) for name in required}
             values = storage.read_table(file, valued) if valued else None
-            latest = _parquet_max(file, meta, config.timestamp_col)
+            latest = _timestamp_max(file, config, lambda: _parquet_max(file, meta, config.timestamp_col))
         else:
             nulls = {name: table.column(name).null_count for name in required}
             values = table.select(valued)
-            latest = pc.max(table.column(config.timestamp_col)).as_py()
+            latest = _timestamp_max(file, config, lambda: pc.max(table.column(config.timestamp_col)).as_py())
         for name, count in nulls.items():
             if count:
                 raise InputError(
@@ -283,10 +293,27 @@ def validate_input(config: DataConfig, path: str | Path, exclude: str | None = N
             column_types[name] = pa.int64() if csv_ints[name] else pa.string()
         elif found:
             column_types[name] = _unified_type(name, found)
+            signed = pa.types.is_signed_integer(column_types[name])
+            for file, value in largest[name]:
+                if signed and value is not None and value > np.iinfo(np.int64).max:
+                    raise InputError(f"{file}: column {name!r} holds {value}, beyond int64, while other input files "
+                                     "store it as signed integers: give it one type in every input file")
         else:
             raise InputError(f"column {name!r} ({expected[name][0]}) has no value in any input file: fill it or "
                              "leave it out of the config")
-    return InputFiles(paths=tuple(files), format=fmt, num_rows=total_rows, rows=tuple(rows), column_types=column_types)
+    return InputFiles(paths=tuple(files), format=fmt, num_rows=total_rows, rows=tuple(rows),
+                      row_groups=tuple(groups), column_types=column_types)
+
+
+def _timestamp_max(file: str, config: DataConfig, largest: Callable[[], float | datetime | None]
+                   ) -> float | datetime | None:
+    """`largest()`, a timestamp column's largest value; one beyond Python's datetimes (after the year
+    9999) is refused here, as the check that follows refuses one after 5000."""
+    try:
+        return largest()
+    except (OverflowError, ValueError):
+        raise InputError(f"{file}: column {config.timestamp_col!r} holds a date after the year 9999; drop those "
+                         "events before preparing") from None
 
 
 def _check_values(file: str, config: DataConfig, values: pa.Table) -> None:

@@ -92,10 +92,10 @@ def prepare(
         raise InputError(f"partitions={num_buckets}: expected >= 1 session buckets")
     check_generated_names(config)
     output = storage.normalize(output)
-    source = storage.normalize(input_path)
     # An output inside the input directory is not input (a second run would read the first's
     # sessions as raw events); one that holds the input is refused when staged.
-    inside = output != source and storage.is_within(output, source)
+    source, inside_path = storage.filesystem(input_path)[1], storage.filesystem(output)[1]
+    inside = inside_path != source and storage.is_within(inside_path, source)
     files = validate_input(config, input_path, exclude=output if inside else None)
     with storage.staged_output(output, marker=PREPARE_JSON, inputs=files.paths) as staging:
         ensure_ray()
@@ -161,22 +161,21 @@ def _check_items_kept(cardinality: int, config: DataConfig, input_path) -> None:
 ROWS_PER_READ = 1 << 18
 
 
-def _read_units(files: InputFiles) -> list[tuple[str, list[int] | None, int]]:
-    """(file, row groups or None for all, the first row's place in the log) per read task: a parquet
-    file by groups of row groups, a CSV whole (its types are inferred from all of its rows)."""
+def _read_units(files: InputFiles) -> list[dict]:
+    """One read task's share: a file, its row groups ([] for all) and its first row's place in the
+    log; a parquet file by groups of row groups, a CSV whole (its types come from all of its rows)."""
     units, first = [], 0
-    for path, rows in zip(files.paths, files.rows):
+    for i, (path, rows) in enumerate(zip(files.paths, files.rows)):
         if rows and files.format == "parquet":
-            meta = storage.parquet_file(path).metadata
             groups, taken, start = [], 0, first
-            for group in range(meta.num_row_groups):
+            for group, size in enumerate(files.row_groups[i]):
                 groups.append(group)
-                taken += meta.row_group(group).num_rows
-                if taken >= ROWS_PER_READ or group == meta.num_row_groups - 1:
-                    units.append((path, groups, start))
+                taken += size
+                if taken >= ROWS_PER_READ or group == len(files.row_groups[i]) - 1:
+                    units.append({"path": path, "row_groups": groups, "first": start})
                     groups, start, taken = [], start + taken, 0
         elif rows:
-            units.append((path, None, first))
+            units.append({"path": path, "row_groups": [], "first": first})
         first += rows
     return units
 
@@ -185,18 +184,19 @@ def _bucket_events(config: DataConfig, files: InputFiles, out: str, buckets: int
     """Ray Data: read the raw files, normalise types, and write rows partitioned by session bucket.
     Each file is read with its own schema and cast to `files.column_types` (Ray's readers merge every
     file's whole schema first and fail on any difference, even in a column the config does not
-    name); each row carries its place in the log, which orders equal timestamps."""
-    units = _read_units(files)
+    name); each row carries its place in the log, which orders equal timestamps. A task gets its
+    unit as its row, not the list of all of them."""
+    fmt, column_types = files.format, files.column_types
 
-    def to_buckets(batch: dict[str, np.ndarray]) -> pd.DataFrame:
+    def to_buckets(batch: dict[str, np.ndarray]) -> pa.Table:
         frames = []
-        for unit in batch["id"]:
-            path, row_groups, first = units[int(unit)]
-            table = read_events(path, files, config.raw_columns, row_groups)
+        for path, row_groups, first in zip(batch["path"], batch["row_groups"], batch["first"]):
+            groups = [int(g) for g in row_groups] or None
+            table = read_events(str(path), fmt, column_types, config.raw_columns, groups)
             # Numpy dtypes (NVTabular's ops take no arrow column) and datetimes in their own unit.
             frame = normalize_events(table.to_pandas(ignore_metadata=True, coerce_temporal_nanoseconds=False),
                                      config)
-            frame[LOG_ORDER] = np.arange(first, first + len(frame), dtype=np.int64)
+            frame[LOG_ORDER] = np.arange(int(first), int(first) + len(frame), dtype=np.int64)
             frames.append(frame)
         frame = pd.concat(frames, ignore_index=True)
         hashed = pd.util.hash_pandas_object(frame[config.session_col], index=False).to_numpy()
@@ -205,14 +205,21 @@ def _bucket_events(config: DataConfig, files: InputFiles, out: str, buckets: int
         # tasks only, and a bucket's files must be read back as one table.
         return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
 
-    types = {**files.column_types, config.timestamp_col: pa.float64(), **dict.fromkeys(config.continuous, pa.float64())}
+    types = {**column_types, config.timestamp_col: pa.float64(), **dict.fromkeys(config.continuous, pa.float64())}
     schema = pa.schema([(name, types[name]) for name in config.raw_columns]
                        + [(LOG_ORDER, pa.int64()), (BUCKET, pa.int64())])
-
+    units = _read_units(files)
     [path_out], fs_out = storage.pyarrow_location([out])
-    (ray.data.range(len(units), override_num_blocks=len(units))
-     .map_batches(to_buckets, batch_size=1, batch_format="numpy")
-     .write_parquet(path_out, filesystem=fs_out, partition_cols=[BUCKET]))
+    # A read task's InputError (naming the file) reaches the caller as itself, not as Ray Data's
+    # "UDF failed to process a data block"; the setting is put back for the caller's own pipelines.
+    context = ray.data.DataContext.get_current()
+    original, context.raise_original_map_exception = context.raise_original_map_exception, True
+    try:
+        (ray.data.from_items(units, override_num_blocks=len(units))
+         .map_batches(to_buckets, batch_size=1, batch_format="numpy")
+         .write_parquet(path_out, filesystem=fs_out, partition_cols=[BUCKET]))
+    finally:
+        context.raise_original_map_exception = original
 
 
 @ray.remote

@@ -89,9 +89,10 @@ def run_incremental(
     windows = [d for d in days if start <= d < end and d + 1 in days]
     if not windows:
         raise ValueError(f"no day t with t and t+1 both in {days} between start_day={start} and end_day={end}")
-    # finetune: the model trains on every day of the range, also one whose next day has no sessions
-    # (it is not evaluated then), so that it has seen what the baselines are fitted on.
-    trained = [d for d in days if start <= d < end] if mode == "finetune" else windows
+    # finetune: the model trains on every day of the range up to the last window, also one whose
+    # next day has no sessions (it is not evaluated then), so that it has seen what the baselines
+    # are fitted on.
+    trained = [d for d in days if start <= d <= windows[-1]] if mode == "finetune" else windows
     skipped = [d for d in trained if d not in windows]
     log.info("incremental (%s): train on days %s, evaluate on days %s", mode, trained, [d + 1 for d in windows])
     if skipped or (end_day is not None and end_day > days[-1]):
