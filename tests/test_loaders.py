@@ -428,3 +428,23 @@ def test_batches_carry_the_spec_their_ids_were_checked_against(files):
     batch = next(iter(DataLoader(SPEC, files, 4)))
     assert batch.ids_checked == SPEC
     assert batch.select(slice(0, 2)).ids_checked == SPEC and batch.to("cpu").ids_checked == SPEC
+
+
+def test_without_equal_steps_each_rank_runs_its_own_share_even_an_empty_one(prepared_dir, prepared_spec):
+    """Evaluation meets the other ranks only to reduce its metrics: 3 sessions over 4 ranks, or
+    batches of 1 over uneven shares, are fine there (training refuses both)."""
+    paths = sorted(str(p) for p in (Path(prepared_dir) / "sessions" / "day=1").glob("*.parquet"))
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    seen = 0
+    for rank in range(total + 1):  # one rank more than sessions: the last one holds none
+        loader = DataLoader(prepared_spec, paths, 1, shuffle=False, engine="pyarrow", rank=rank,
+                            world_size=total + 1, equal_steps=False)
+        batches = list(loader)
+        assert len(batches) == len(loader) == (0 if rank == total else 1)
+        seen += sum(len(b.item_ids) for b in batches)
+    assert seen == total
+    with pytest.raises(ValueError, match=f"{total} sessions cannot feed {total + 1} workers"):
+        DataLoader(prepared_spec, paths, 1, shuffle=False, engine="pyarrow", rank=0, world_size=total + 1)
+    uneven = [len(list(DataLoader(prepared_spec, paths, 1, shuffle=False, engine="merlin", rank=r, world_size=2,
+                                  equal_steps=False))) for r in range(2)]
+    assert sum(uneven) == total and sorted(uneven) == [total // 2, total - total // 2]

@@ -673,3 +673,26 @@ def test_loss_kernel_auto_takes_triton_on_cuda_only(prepared_spec, monkeypatch, 
     assert "training.loss_kernel='auto' keeps the torch loss kernel" in caplog.text
     with pytest.raises(ValueError, match="training.loss_kernel='triton': .*needs the triton package"):
         kernel_after("triton", "cuda")
+
+
+def test_resuming_a_run_of_another_epoch_length_is_refused_and_a_limit_of_one_names_no_best(prepared_dir,
+                                                                                            prepared_spec, tmp_path):
+    """A checkpoint of 64-session batches resumed with batches of 32 (as with another num_workers):
+    its step count would end the run inside its last epoch; refused naming the settings. With
+    save_total_limit 1 only the latest checkpoint is kept, so none is called the best."""
+    paths, evals = day_paths(prepared_dir, [1]), day_paths(prepared_dir, [2])
+    first = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                    local_args(tmp_path / "a", num_train_epochs=2, save_total_limit=1),
+                    train_dataset_or_path=paths, eval_dataset_or_path=evals)
+    out = first.train()
+    assert out.best_checkpoint is None and "eval_ndcg@10" in out.metrics
+    assert [c.name for c in (tmp_path / "a" / "runs" / out.run_name / "checkpoints").iterdir()] == [
+        Path(out.checkpoint).name]
+    spe = steps_per_epoch(prepared_spec, paths, 64)
+    assert read_trainer_state(out.checkpoint)["steps_per_epoch"] == spe
+    resumed = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0),
+                      local_args(tmp_path / "b", num_train_epochs=3, per_device_train_batch_size=32,
+                                 resume_from_checkpoint=out.checkpoint), train_dataset_or_path=paths)
+    with pytest.raises(ValueError, match=rf"was written by a run of {spe} steps an epoch, and this one takes "
+                                         rf"{steps_per_epoch(prepared_spec, paths, 32)} \(another training.num_workers"):
+        resumed.train()

@@ -193,7 +193,11 @@ class DataLoader:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
+        equal_steps: bool = True,
     ) -> None:
+        """`equal_steps`: every rank runs `steps_per_epoch` steps, as DDP training needs; False gives
+        each rank the steps of its own share, none for an empty one (evaluation, which meets the
+        other ranks only once, to reduce its metrics)."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected >= 1")
         if engine not in ("merlin", "pyarrow"):
@@ -208,21 +212,26 @@ class DataLoader:
         self.device = torch.device(device)
         self.epoch = 0
         self.total_rows = sum(row_counts(paths))
-        if self.total_rows < world_size:
+        if self.total_rows < world_size and equal_steps:
             raise ValueError(f"{self.total_rows} sessions cannot feed {world_size} workers: need at least one each")
         start, stop = rank_row_range(self.total_rows, rank, world_size)
-        reader = _read_merlin if engine == "merlin" else _read_pyarrow
-        columns = reader(paths, spec.columns, start, stop)
-        # Per session, on the host: each batch's CLM target count without reading the GPU.
-        self.causal_targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
-        self.columns = {name: col.to(self.device) for name, col in columns.items()}
-        # Checked once here, on the resident columns, so that batches skip the per-step check.
-        try:
-            check_column_ids(spec, self.columns)
-        except ValueError as err:
-            more = f" and {len(paths) - 1} more files" if len(paths) > 1 else ""
-            raise ValueError(f"{err} (in {paths[0]}{more})") from None
         self.num_rows = stop - start
+        self.columns: dict[str, RaggedColumn] = {}
+        if self.num_rows:
+            reader = _read_merlin if engine == "merlin" else _read_pyarrow
+            columns = reader(paths, spec.columns, start, stop)
+            # Per session, on the host: each batch's CLM target count without reading the GPU.
+            self.causal_targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
+            self.columns = {name: col.to(self.device) for name, col in columns.items()}
+            # Checked once here, on the resident columns, so that batches skip the per-step check.
+            try:
+                check_column_ids(spec, self.columns)
+            except ValueError as err:
+                more = f" and {len(paths) - 1} more files" if len(paths) > 1 else ""
+                raise ValueError(f"{err} (in {paths[0]}{more})") from None
+        if not equal_steps:
+            self.steps_per_epoch = self.num_rows // batch_size if drop_last else math.ceil(self.num_rows / batch_size)
+            return
         per_rank = math.ceil(self.total_rows / world_size)  # the largest share
         if drop_last:
             self.steps_per_epoch = (self.total_rows // world_size) // batch_size
@@ -267,6 +276,8 @@ class DataLoader:
         order = self._order()
         if self.shuffle:
             self.epoch += 1
+        if self.steps_per_epoch == 0:  # an empty share (equal_steps=False)
+            return
         # Near-equal batches: every rank gets exactly steps_per_epoch non-empty batches.
         sizes = [len(rows) for rows in torch.tensor_split(order, self.steps_per_epoch)]
         yield from gather_batches(self.spec, self.columns, self.causal_targets, order, sizes)

@@ -169,7 +169,7 @@ def evaluate_paths(model: SessionModel, cfg: LoopConfig, ctx: WorkerContext) -> 
     args = cfg.args
     loader = DataLoader(cfg.spec, cfg.eval_paths, args.per_device_eval_batch_size, shuffle=False,
                         engine="pyarrow" if args.data_loader_engine == "ray" else args.data_loader_engine,
-                        rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+                        rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, equal_steps=False)
     metrics = RankingMetrics(args.metrics_top_k)
     mark_step = _step_marker(args, ctx.device)
     model.eval()
@@ -183,14 +183,29 @@ def evaluate_paths(model: SessionModel, cfg: LoopConfig, ctx: WorkerContext) -> 
 
 
 def _write_checkpoint(model: SessionModel, optimizer, scheduler, scaler, epoch: int, step: int,
-                      metrics: dict[str, float], directory: Path, steps_into_epoch: int = 0) -> Path:
-    """`steps_into_epoch`: the steps `epoch` had taken when max_steps cut it short (0: it ended)."""
+                      metrics: dict[str, float], directory: Path, steps_into_epoch: int = 0,
+                      steps_per_epoch: int | None = None) -> Path:
+    """`steps_into_epoch`: the steps `epoch` had taken when max_steps cut it short (0: it ended);
+    `steps_per_epoch`: the run's, which a resumed run must share."""
     model.save(directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict()}, directory / TRAINING_STATE)
     (directory / TRAINER_STATE).write_text(json.dumps({"epoch": epoch, "global_step": step, "metrics": metrics,
-                                                       "steps_into_epoch": steps_into_epoch}))
+                                                       "steps_into_epoch": steps_into_epoch,
+                                                       "steps_per_epoch": steps_per_epoch}))
     return directory
+
+
+def _check_same_epochs(trainer_state: dict[str, Any], steps_per_epoch: int, checkpoint: str | None) -> None:
+    """Refuse to resume a checkpoint whose run took another number of steps an epoch: its step count
+    (where the schedule and the epochs stand) and its batch order do not carry over, and the run
+    would stop inside its last epoch. (Checkpoints written before the count was kept pass.)"""
+    saved = trainer_state.get("steps_per_epoch")
+    if saved is not None and int(saved) != steps_per_epoch:
+        raise ValueError(f"training.resume_from_checkpoint {checkpoint!r} was written by a run of {saved} steps an "
+                         f"epoch, and this one takes {steps_per_epoch} (another training.num_workers, "
+                         "per_device_train_batch_size, dataloader_drop_last or data): resume with the settings that "
+                         "wrote it, or start a new run")
 
 
 def read_trainer_state(directory: str | Path) -> dict[str, Any]:
@@ -263,6 +278,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     # knows its own run's steps that came before it: its schedule step less its run's global step.
     if restored_state is not None:
         _, state, trainer_state = restored_state
+        _check_same_epochs(trainer_state, steps_per_epoch, ctx.restored_checkpoint)
         prior_steps = int(state["scheduler"]["last_epoch"]) - int(trainer_state["global_step"])
     else:
         prior_steps = int(saved["scheduler"]["last_epoch"]) if continued else 0
@@ -347,7 +363,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         if checkpoint_epoch is not None and ctx.is_main:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytr-ckpt-"))
             _write_checkpoint(model, optimizer, scheduler, scaler, checkpoint_epoch, global_step, metrics,
-                              checkpoint_dir, steps_into_epoch)
+                              checkpoint_dir, steps_into_epoch, steps_per_epoch)
         try:
             ctx.report(metrics, checkpoint_dir)  # a barrier on Ray: every rank calls it
         finally:

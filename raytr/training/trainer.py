@@ -223,6 +223,8 @@ class Trainer:
             from raytr.training.ray_launcher import fit_on_ray
 
             metrics, checkpoint, best = fit_on_ray(cfg, run_dir, run_name, self.train_dataset)
+        if args.save_total_limit < 2:  # only the latest is kept (for resuming): none can be called the best
+            best = None
         final = SessionModel.load(checkpoint, map_location="cpu")
         self.model.load_state_dict(final.state_dict())
         self._training_state = storage.join(checkpoint, TRAINING_STATE)
