@@ -59,7 +59,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     config = SynthConfig(sessions=args.sessions, items=args.items, days=args.days, seed=args.seed, users=args.users)
     frame = synthesize(config, args.output)
-    print(f"wrote {len(frame):,} events of {frame['session_id'].nunique():,} sessions starting over {args.days} days to {args.output}")
+    print(f"wrote {len(frame):,} events of {frame['session_id'].nunique():,} sessions starting over {args.days} days "
+          f"to {args.output}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

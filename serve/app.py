@@ -466,6 +466,6 @@ def stop_local() -> None:
         serve.shutdown()
 
 
-__all__ = ["APP_NAME", "AppArgs", "app_builder", "app_options", "check_port", "same_address", "start_local", "stop_local",
-           "wait_until_healthy", "free_port"]
+__all__ = ["APP_NAME", "AppArgs", "app_builder", "app_options", "check_port", "free_port", "same_address", "start_local",
+           "stop_local", "wait_until_healthy"]
 
