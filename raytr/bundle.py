@@ -19,10 +19,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raytr import storage
 from raytr.config import DataConfig, from_dict
+
+if TYPE_CHECKING:
+    from raytr.features import FeatureSpec
 
 MODEL_DIR = "model"
 WORKFLOW_DIR = "workflow"
@@ -82,20 +85,23 @@ class Bundle:
         return self.root / WORKFLOW_DIR
 
     @property
-    def catalog_size(self) -> int:
-        """Recommendable items (the largest k), from the model's config.json without loading the model."""
-        from raytr.features import FIRST_ITEM_ID  # imports torch: only where this is asked
+    def feature_spec(self) -> FeatureSpec:
+        """The model's FeatureSpec, from its config.json without loading the model."""
+        from raytr.features import FeatureSpec  # imports torch: only where this is asked
 
         path = self.model_dir / "config.json"
         try:
-            spec = json.loads(path.read_text()).get("feature_spec")
-            cardinality = spec["item_cardinality"]
+            return FeatureSpec.from_dict(json.loads(path.read_text())["feature_spec"])
         except (ValueError, AttributeError, TypeError, KeyError):
-            cardinality = None
-        if not isinstance(cardinality, int) or isinstance(cardinality, bool):
-            raise ValueError(f"{path}: feature_spec.item_cardinality is missing or not an integer "
-                             "(expected the file `raytr train` writes)")
-        return cardinality - FIRST_ITEM_ID
+            raise ValueError(f"{path}: its feature_spec is missing or malformed (expected the file `raytr train` "
+                             "writes)") from None
+
+    @property
+    def catalog_size(self) -> int:
+        """Recommendable items (the largest k)."""
+        from raytr.features import FIRST_ITEM_ID
+
+        return self.feature_spec.item_cardinality - FIRST_ITEM_ID
 
     @classmethod
     def load(cls, root: str | Path) -> "Bundle":

@@ -34,7 +34,6 @@ Shapes: B = sessions in the request, T = max_sequence_length, N = events in the 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -449,9 +448,7 @@ class OnlinePreprocessor:
 
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
-        meta = json.loads((bundle.model_dir / "config.json").read_text())
-        spec = FeatureSpec.from_dict(meta["feature_spec"])
-        return cls.from_workflow_dir(bundle.workflow_dir, bundle.data, spec)
+        return cls.from_workflow_dir(bundle.workflow_dir, bundle.data, bundle.feature_spec)
 
     def _spec_from_plans(self) -> FeatureSpec:
         cats = {list_name(p.name): _cardinality(p) for p in self.plans[1:] if p.categorical}
