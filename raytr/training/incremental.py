@@ -95,11 +95,11 @@ def run_incremental(
     trained = [d for d in days if start <= d <= windows[-1]] if mode == "finetune" else windows
     skipped = [d for d in trained if d not in windows]
     log.info("incremental (%s): train on days %s, evaluate on days %s", mode, trained, [d + 1 for d in windows])
-    if skipped or (end_day is not None and end_day > days[-1]):
-        log.warning("incremental: %s%s", f"no sessions on day(s) {[d + 1 for d in skipped]}: day(s) {skipped} are "
-                    "trained on, not evaluated. " if skipped else "",
-                    f"end_day={end_day} is after the last day with sessions ({days[-1]})"
-                    if end_day is not None and end_day > days[-1] else "")
+    if skipped:
+        log.warning("incremental: no sessions on day(s) %s: day(s) %s are trained on, not evaluated",
+                    [d + 1 for d in skipped], skipped)
+    if end_day is not None and end_day > days[-1]:
+        log.warning("incremental: end_day=%d is after the last day with sessions (%d)", end_day, days[-1])
     if baselines:  # a bad kNN setting fails now, not after the first day's training
         SessionItemKNN(FIRST_ITEM_ID + 1, recency_decay=knn_recency_decay, self_similarity=knn_self_similarity)
     spec = feature_spec(load_schema(data_dir), config.training.max_sequence_length)
