@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from raytr import storage
-from raytr.data.layout import categories_digest
+from raytr.data.layout import categories_digest, prepared_root
 from raytr.features import FeatureSpec, SessionBatch
 from raytr.metrics import RankingMetrics
 from raytr.models.head import seen_items
@@ -67,9 +67,9 @@ def evaluate_next_item(
 
 def check_same_workflow(bundle: str, data: str) -> None:
     """Refuse prepared `data` whose workflow is not the model `bundle`'s: its ids would stand for
-    other items, and the metrics would be wrong without any error. Either side without a workflow
-    is not checked."""
-    theirs, ours = categories_digest(data), categories_digest(bundle)
+    other items, and the metrics would be wrong without any error. `data` may be a prepared dataset
+    or lie in one (its sessions/, a day, a file); either side without a workflow is not checked."""
+    theirs, ours = categories_digest(prepared_root(data) or data), categories_digest(bundle)
     if theirs is not None and ours is not None and theirs != ours:
         raise ValueError(f"{data} was prepared by another `raytr prepare` run than the model in {bundle} was "
                          "trained on: its item ids stand for other items. Evaluate on days of the data the model "

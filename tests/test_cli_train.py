@@ -196,7 +196,11 @@ def test_evaluate_refuses_data_prepared_by_another_run_than_the_model(prepared_d
     items = bundle / "workflow" / "categories" / "unique.item_id.parquet"
     table = pq.read_table(items)
     pq.write_table(table.take(list(reversed(range(table.num_rows)))), items)  # the same items, other ids
-    for model in (bundle, bundle / "model"):
-        assert main(["evaluate", "--model", str(model), "--data", str(prepared_dir), "--days", "4"]) == 2
+    day = prepared_dir / "sessions" / "day=4"
+    # The dataset, and its sessions, one day or one file given as the data (they lie in it).
+    for model, data in [(bundle, prepared_dir), (bundle / "model", prepared_dir), (bundle, prepared_dir / "sessions"),
+                        (bundle, day), (bundle, next(day.glob("*.parquet")))]:
+        args = ["--days", "4"] if data in (prepared_dir, prepared_dir / "sessions") else []
+        assert main(["evaluate", "--model", str(model), "--data", str(data), *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "was prepared by another `raytr prepare` run than the model" in err, err

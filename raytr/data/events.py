@@ -197,14 +197,15 @@ def validate_input(config: DataConfig, path: str | Path, exclude: str | None = N
         config.timestamp_col: ("timestamp", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
                                or pa.types.is_timestamp(t)),
     }
-    # A feature may be null in every row of a file (type null): it is read as the other files' type.
+    # A feature or user id may be null in every row of a file (type null): it is read as the other
+    # files' type.
     for name in config.categorical:
         expected[name] = ("categorical feature", lambda t: _is_id(t) or pa.types.is_floating(t) or pa.types.is_null(t))
     for name in config.continuous:
         expected[name] = ("continuous feature", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
                           or pa.types.is_null(t))
     if config.user_col:
-        expected[config.user_col] = ("user id", _is_id)
+        expected[config.user_col] = ("user id", lambda t: _is_id(t) or pa.types.is_null(t))
 
     # Null ids would drop or split sessions, and a null timestamp would move every day partition.
     required = {config.session_col: "session id", config.item_col: "item id", config.timestamp_col: "timestamp"}
@@ -388,6 +389,25 @@ def _parquet_null_count(file: str, meta: pq.FileMetaData, column: str) -> int:
             return int(storage.read_table(file, [column]).column(0).null_count)
         nulls += stats.null_count
     return nulls
+
+
+# pandas' integer type with nulls for each arrow integer type.
+_NULLABLE_INTS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                  pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+                  pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype()}
+
+
+def events_frame(table: pa.Table, config: DataConfig) -> pd.DataFrame:
+    """A table of raw events as pandas with numpy dtypes (NVTabular's ops take no arrow column: the
+    pandas metadata Ray Data writes is ignored) and datetimes in their own unit; integer categoricals and user ids are pandas' nullable integers,
+    with or without nulls (one dtype in every part): numpy would make a column with nulls float64,
+    which merges ids above 2^53 with their neighbours."""
+    frame = table.to_pandas(ignore_metadata=True, coerce_temporal_nanoseconds=False)
+    for name in [*config.categorical, *([config.user_col] if config.user_col else [])]:
+        column = table.column(name)
+        if pa.types.is_integer(column.type):
+            frame[name] = column.to_pandas(types_mapper=_NULLABLE_INTS.get).array
+    return frame
 
 
 def normalize_events(frame: pd.DataFrame, config: DataConfig) -> pd.DataFrame:

@@ -49,6 +49,23 @@ def categories_digest(directory: str | Path) -> str | None:
     return digest.hexdigest()
 
 
+def prepared_root(path: str | Path) -> str | None:
+    """The prepared dataset `path` is or lies in (its sessions/, a day=N/ partition or one of their
+    files), or None: the nearest of `path` and its three parents that holds a prepare.json."""
+    current = storage.normalize(path)
+    for _ in range(4):  # <prepared>/sessions/day=N/part.parquet
+        if storage.is_file(storage.join(current, PREPARE_JSON)):
+            return current
+        try:
+            parent = storage.parent(current)
+        except ValueError:  # the root of a bucket
+            break
+        if parent == current:
+            break
+        current = parent
+    return None
+
+
 def sessions_root(directory: str | Path) -> str:
     """Where the day=N/ partitions are: `directory/sessions` of a prepared dataset (which must be
     complete: its prepare.json is written last), or `directory` itself."""

@@ -33,7 +33,15 @@ import ray
 
 from raytr import storage
 from raytr.config import DataConfig
-from raytr.data.events import InputError, InputFiles, normalize_events, read_events, sort_events, validate_input
+from raytr.data.events import (
+    InputError,
+    InputFiles,
+    events_frame,
+    normalize_events,
+    read_events,
+    sort_events,
+    validate_input,
+)
 from raytr.data.layout import DAY, PREPARE_JSON, SESSIONS_DIR, WORKFLOW_DIR
 from raytr.data.schema import save_schema
 from raytr.features import FIRST_ITEM_ID
@@ -193,16 +201,13 @@ def _bucket_events(config: DataConfig, files: InputFiles, out: str, buckets: int
         for path, row_groups, first in zip(batch["path"], batch["row_groups"], batch["first"]):
             groups = [int(g) for g in row_groups] or None
             table = read_events(str(path), fmt, column_types, config.raw_columns, groups)
-            # Numpy dtypes (NVTabular's ops take no arrow column) and datetimes in their own unit.
-            frame = normalize_events(table.to_pandas(ignore_metadata=True, coerce_temporal_nanoseconds=False),
-                                     config)
+            frame = normalize_events(events_frame(table, config), config)
             frame[LOG_ORDER] = np.arange(int(first), int(first) + len(frame), dtype=np.int64)
             frames.append(frame)
         frame = pd.concat(frames, ignore_index=True)
         hashed = pd.util.hash_pandas_object(frame[config.session_col], index=False).to_numpy()
         frame[BUCKET] = (hashed % np.uint64(buckets)).astype(np.int64)
-        # One schema for every task's rows: pandas makes an int column with nulls float in some
-        # tasks only, and a bucket's files must be read back as one table.
+        # One schema for every task's rows: a bucket's files must be read back as one table.
         return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
 
     types = {**column_types, config.timestamp_col: pa.float64(), **dict.fromkeys(config.continuous, pa.float64())}
@@ -224,10 +229,8 @@ def _bucket_events(config: DataConfig, files: InputFiles, out: str, buckets: int
 
 @ray.remote
 def _sort_bucket(config: DataConfig, bucket_dir: str, out_file: str) -> float | None:
-    # ignore_metadata: Ray Data's pandas metadata would bring back pyarrow-backed dtypes, which
-    # NVTabular's ops do not support; plain numpy dtypes are what the workflow is fitted on.
     # The rows were normalised while bucketing (timestamps already in seconds): only sorted here.
-    frame = storage.read_table(bucket_dir).to_pandas(ignore_metadata=True)[[*config.raw_columns, LOG_ORDER]]
+    frame = events_frame(storage.read_table(bucket_dir), config)[[*config.raw_columns, LOG_ORDER]]
     if frame.empty:
         return None
     # In the log's order first: sort_events keeps it among equal timestamps.

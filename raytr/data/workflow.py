@@ -22,11 +22,14 @@ import pickle
 from pathlib import Path
 
 import dask
+import dask.dataframe as dd
 import numpy as np
 import nvtabular as nvt
+import pandas as pd
 from merlin.schema import ColumnSchema, Schema, Tags
 from nvtabular import ops
 
+from raytr import storage
 from raytr.config import TIME_FEATURES, ConfigError, DataConfig
 from raytr.data.columnar_groupby import ColumnarGroupby
 from raytr.data.events import EVENT_ORDER
@@ -126,8 +129,11 @@ def build_workflow(config: DataConfig, categories_dir: str | Path = ".") -> nvt.
 def fit_workflow(config: DataConfig, sorted_files: list[str], work_dir: str | Path) -> nvt.Workflow:
     """Fit on parquet files whose rows are sorted by (session, timestamp), sessions whole per file."""
     workflow = build_workflow(config, categories_dir=work_dir)
+    # Read by pandas, one partition per file: merlin's parquet engine casts nullable integers
+    # (`events_frame`'s categoricals) to int64 and fails on their nulls.
     with _numpy_strings():
-        workflow.fit(nvt.Dataset(sorted_files, engine="parquet"))
+        meta = storage.parquet_file(sorted_files[0]).schema_arrow.empty_table().to_pandas()
+        workflow.fit(nvt.Dataset(dd.from_map(pd.read_parquet, list(sorted_files), meta=meta)))
     return workflow
 
 
