@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from raytr.config import DataConfig
-from raytr.data.events import EVENT_ORDER, MAX_UNIX_SECONDS
+from raytr.data.events import EVENT_ORDER, MAX_UNIX_SECONDS, unit_names
 from raytr.data.workflow import list_name, sequence_features
 from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, FeatureSpec, SessionBatch
 
@@ -667,7 +667,7 @@ def _check_unix_seconds(seconds: np.ndarray, raw: np.ndarray, name: str, unit: s
     bad = np.abs(seconds) > MAX_UNIX_SECONDS
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        expected, finer = ("seconds", "milliseconds") if unit == "s" else ("milliseconds", "microseconds or finer")
+        expected, finer = unit_names(unit)
         raise OnlineInputError(
             f"{name!r} is {raw[i]:.6g}, more than {MAX_UNIX_SECONDS:.0e} s from 1970 (beyond the year 5000): "
             f"timestamps are unix {expected}, and this looks like {finer}", (*where[i], name), raw[i],

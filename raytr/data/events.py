@@ -360,10 +360,15 @@ def _check_timestamp_unit(file: str, config: DataConfig, largest: float | dateti
         return
     seconds = largest / 1000.0 if config.timestamp_unit == "ms" else largest
     if seconds > MAX_UNIX_SECONDS:
-        finer = "milliseconds: set data.timestamp_unit: ms" if config.timestamp_unit == "s" else "microseconds or finer"
+        expected, finer = unit_names(config.timestamp_unit)
+        advice = ": set data.timestamp_unit: ms" if config.timestamp_unit == "s" else ""
         raise InputError(f"{file}: column {config.timestamp_col!r} reaches {largest:.6g}, after the year 5000 as "
-                         f"unix {'seconds' if config.timestamp_unit == 's' else 'milliseconds'}; the values look "
-                         f"like {finer} (or convert them to unix seconds)")
+                         f"unix {expected}; the values look like {finer}{advice} (or convert them to unix seconds)")
+
+
+def unit_names(unit: str) -> tuple[str, str]:
+    """(the name of timestamp unit `unit`, what values beyond MAX_UNIX_SECONDS in it likely are)."""
+    return ("seconds", "milliseconds") if unit == "s" else ("milliseconds", "microseconds or finer")
 
 
 def _parquet_max(file: str, meta: pq.FileMetaData, column: str) -> float | datetime | None:
