@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -249,10 +249,13 @@ def _has_marker(fs: fsspec.AbstractFileSystem, directory: str, marker: str) -> b
     return fs.exists(f"{directory.rstrip('/')}/{marker}")
 
 
-def check_output(output: PathLike, marker: str | Sequence[str], inputs: Sequence[PathLike] = ()) -> None:
+def check_output(output: PathLike, marker: str | Sequence[str], inputs: Sequence[PathLike] = (),
+                 layout: Collection[str] | None = None) -> None:
     """Refuse an `output` whose replacement would lose data: a file, a non-empty directory that is
     not an earlier output of the same command (it has no `marker`, or none of several; a marker may
-    hold `*` patterns, e.g. runs/*/init), or one that holds an input."""
+    hold `*` patterns, e.g. runs/*/init; with `layout`, the names such an output holds, it holds
+    another entry too: another command's output that carries the marker, a model bundle holding
+    its data's prepare.json), or one that holds an input."""
     markers = (marker,) if isinstance(marker, str) else tuple(marker)
     fs, dst = filesystem(output)
     for path in inputs:
@@ -269,15 +272,21 @@ def check_output(output: PathLike, marker: str | Sequence[str], inputs: Sequence
                          "so not an "
                          "earlier output of this command, or one whose commit failed): choose another output "
                          "or empty it")
+    foreign = sorted(n for n in (name(e) for e in fs.ls(dst)) if n not in layout) if layout is not None else []
+    if foreign:
+        raise ValueError(f"output {str(output)!r} holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, "
+                         f"which an output of this command does not (it holds {', '.join(sorted(layout))}), so "
+                         "replacing it would delete them: choose another output")
 
 
 @contextmanager
-def staged_output(output: PathLike, marker: str, inputs: Sequence[PathLike] = ()) -> Iterator[str]:
+def staged_output(output: PathLike, marker: str, inputs: Sequence[PathLike] = (),
+                  layout: Collection[str] | None = None) -> Iterator[str]:
     """Build `output` in a staging directory beside it (yielded), then commit it (`commit_dir`) when
     the block succeeds; the block writes `marker` inside last. `check_output` first refuses an
     output that must not be replaced. When the block raises, the staging directory is removed;
     when the commit fails, it is kept, with the finished output to retry from."""
-    check_output(output, marker, inputs)
+    check_output(output, marker, inputs, layout)
     staging = staging_path(output, uuid.uuid4().hex[:8])
     makedirs(staging)
     try:

@@ -384,7 +384,8 @@ def test_bad_partition_count(no_ray, tmp_path, raw_dir, data_config):
         prepare(data_config, raw_dir, tmp_path / "out", num_buckets=0)
 
 
-@pytest.mark.parametrize("case", ["other contents", "a file", "the input itself", "the input's parent"])
+@pytest.mark.parametrize("case", ["other contents", "a model bundle", "a file", "the input itself",
+                                  "the input's parent"])
 def test_outputs_whose_replacement_would_lose_data_are_refused(no_ray, tmp_path, raw_events, data_config, case):
     source = tmp_path / "in"
     source.mkdir()
@@ -394,6 +395,13 @@ def test_outputs_whose_replacement_would_lose_data_are_refused(no_ray, tmp_path,
         output.mkdir()
         (output / "precious.txt").write_text("keep me")
         match = r"directory with other contents \(no prepare\.json"
+    elif case == "a model bundle":  # `raytr train` copies the data's prepare.json into its output
+        output = tmp_path / "bundle"
+        (output / "model").mkdir(parents=True)
+        (output / "model" / "config.json").write_text("{}")
+        for name in ("prepare.json", "train_result.json", "schema.json"):
+            (output / name).write_text("{}")
+        match = r"bundle' holds model, train_result\.json, which an output of this command does not"
     elif case == "a file":
         output = tmp_path / "notes.txt"
         output.write_text("keep me")
@@ -420,7 +428,21 @@ def test_mixed_formats(no_ray, tmp_path, raw_events, data_config):
         _small(raw_events).to_parquet(d / "a.parquet")
         _small(raw_events).to_csv(d / "b.csv", index=False)
 
-    _run_bad(data_config, tmp_path, write, "mixes file formats")
+    _run_bad(data_config, tmp_path, write, "mixes file formats.*set data.read_format to read only that format's files")
+
+
+def test_read_format_reads_its_files_and_names_the_ones_left_out(no_ray, tmp_path, raw_events, data_config, caplog):
+    """data.read_format chooses the files of one format (it had left the others out silently)."""
+    _small(raw_events).to_parquet(tmp_path / "a.parquet")
+    _small(raw_events).to_csv(tmp_path / "b.csv", index=False)
+    with caplog.at_level("WARNING", logger="raytr.data.events"):
+        files = validate_input(dataclasses.replace(data_config, read_format="parquet"), tmp_path)
+    assert [Path(p).name for p in files.paths] == ["a.parquet"] and files.num_rows == 300
+    assert "read_format: parquet reads 1 file(s) and leaves out 1 of another format" in caplog.text
+    assert "b.csv" in caplog.text
+    (tmp_path / "b.csv").unlink()
+    with pytest.raises(InputError, match=r"has no \.csv files \(data\.read_format: csv\)"):
+        validate_input(dataclasses.replace(data_config, read_format="csv"), tmp_path)
 
 
 def test_input_that_does_not_exist(no_ray, tmp_path, data_config):

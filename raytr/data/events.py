@@ -6,6 +6,7 @@ the online path (one request), so both feed the workflow identical rows.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +21,8 @@ import pyarrow.parquet as pq
 
 from raytr import storage
 from raytr.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -48,9 +51,19 @@ def find_input_files(path: str | Path, read_format: str = "auto") -> tuple[list[
     if not found:
         raise InputError(f"input {str(path)!r} does not exist")
     suffixes = {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv", ".csv")}
-    files = storage.list_files(path, suffixes.get(read_format, (".parquet", ".csv", ".tsv")))
+    chosen = suffixes.get(read_format, (".parquet", ".csv", ".tsv"))
+    files = storage.list_files(path, chosen)
     if not files:
-        raise InputError(f"input {str(path)!r} has no .parquet, .csv or .tsv files")
+        named = " or ".join([", ".join(chosen[:-1]), chosen[-1]] if len(chosen) > 1 else chosen)
+        raise InputError(f"input {str(path)!r} has no {named} files"
+                         + (f" (data.read_format: {read_format})" if read_format != "auto" else ""))
+    if read_format != "auto" and storage.is_dir(path):
+        # The format is a choice of files: the others are left out, and said so.
+        skipped = sorted(set(storage.list_files(path, (".parquet", ".csv", ".tsv"))) - set(files))
+        if skipped:
+            log.warning("input %r: data.read_format: %s reads %d file(s) and leaves out %d of another format: %s%s",
+                        str(path), read_format, len(files), len(skipped), ", ".join(skipped[:5]),
+                        ", ..." if len(skipped) > 5 else "")
     fmt = read_format
     if fmt == "auto":
         kinds = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -59,7 +72,8 @@ def find_input_files(path: str | Path, read_format: str = "auto") -> tuple[list[
             raise InputError(f"input {unknown[0]!r} is not named .parquet, .csv or .tsv: set data.read_format")
         found_kinds = {kinds["." + f.rsplit(".", 1)[-1].lower()] for f in files}
         if len(found_kinds) > 1:
-            raise InputError(f"input {str(path)!r} mixes file formats {sorted(found_kinds)}: set data.read_format")
+            raise InputError(f"input {str(path)!r} mixes file formats {sorted(found_kinds)}: give it files of one "
+                             "format, or set data.read_format to read only that format's files")
         fmt = found_kinds.pop()
         if fmt == "csv" and _sniff_tab(files[0]):
             fmt = "tsv"

@@ -43,7 +43,7 @@ from raytr.data.events import (
     validate_input,
 )
 from raytr.data.layout import DAY, PREPARE_JSON, SESSIONS_DIR, WORKFLOW_DIR
-from raytr.data.schema import save_schema
+from raytr.data.schema import SCHEMA_JSON, SCHEMA_PBTXT, save_schema
 from raytr.features import FIRST_ITEM_ID
 from raytr.ray_runtime import ensure_ray
 from raytr.data.workflow import (
@@ -105,7 +105,10 @@ def prepare(
     source, inside_path = storage.filesystem(input_path)[1], storage.filesystem(output)[1]
     inside = inside_path != source and storage.is_within(inside_path, source)
     files = validate_input(config, input_path, exclude=output if inside else None)
-    with storage.staged_output(output, marker=PREPARE_JSON, inputs=files.paths) as staging:
+    # An output holding more than a prepared dataset is not one (a model bundle carries its data's
+    # prepare.json): replacing it would delete the rest.
+    layout = (SESSIONS_DIR, WORKFLOW_DIR, SCHEMA_JSON, SCHEMA_PBTXT, PREPARE_JSON)
+    with storage.staged_output(output, marker=PREPARE_JSON, inputs=files.paths, layout=layout) as staging:
         ensure_ray()
         buckets = num_buckets or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
         log.info("prepare: %d %s file(s), %d rows, %d session buckets", len(files.paths), files.format,
