@@ -689,10 +689,46 @@ def run_neural(data: QualityData, name: str, body: str, objective: str, epochs: 
             "train_sessions_per_s": result.metrics.get("train_sessions_per_second")} | by_temperature | refit
 
 
+# The day-window modes run on YOOCHOOSE (`run_incremental`), with the days an epoch over all of
+# their windows trains on (days 1-5: finetune each once, expanding 1 + 2 + ... + 5).
+INCREMENTAL_MODES = {"finetune": 5, "expanding": 15}
+
+
+def incremental_key(mode: str) -> str:
+    """Where a dataset's result keeps the day windows of `mode`."""
+    return "incremental" if mode == "finetune" else f"incremental_{mode}"
+
+
+def rerun_incremental(output: str, modes: list[str], hp: Hyper, use_tuned: bool) -> int:
+    """Run only YOOCHOOSE's day windows of `modes` with the choices the results file `output` holds
+    (best transformer, its epochs and temperature, the kNN's settings) and replace them there."""
+    old = read_result(output)
+    ds = next((d for d in old["datasets"] if d["dataset"] == "yoochoose"), None) if old else None
+    if ds is None or not ds.get("summary"):
+        log.error("bench/results/%s.json holds no YOOCHOOSE result to take the choices from: run the dataset first",
+                  output)
+        return 2
+    best_name = ds["summary"]["best_transformer"]
+    best = ds["models"][best_name]
+    work = DATA_DIR / "quality" / "work" / f"{output}-incremental"
+    for mode in modes:
+        ds[incremental_key(mode)] = run_yoochoose_incremental(
+            best["body"], best["objective"], best["choice"]["epochs"], work, ds["models"]["item_knn"]["choice"],
+            tuned_hyper(hp, "yoochoose", best_name, use_tuned), best["choice"].get("score_temperature", 1.0), mode)
+    shutil.rmtree(work, ignore_errors=True)
+    old["notes"] = [n for n in old.get("notes", []) if not n.startswith("Day windows rerun")] + [
+        f"Day windows rerun ({', '.join(modes)}) with the stored choices: `{' '.join(['python', *sys.argv])}`; each "
+        "has its own `measured` and `code`."]
+    write_result(output, old)
+    return 0
+
+
 def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path, knn: dict[str, float],
-                              hp: Hyper = Hyper(), score_temperature: float = 1.0) -> dict[str, Any]:
+                              hp: Hyper = Hyper(), score_temperature: float = 1.0,
+                              mode: str = "finetune") -> dict[str, Any]:
     """Day windows on the YOOCHOOSE sample with the chosen transformer (scored at the temperature
-    chosen on validation): train day t, evaluate t+1; item-kNN with the recency decay and
+    chosen on validation), evaluated on day t+1 (`run_incremental`'s `mode`: finetune on day t, or
+    a new model on days 1..t, the baselines' data); item-kNN with the recency decay and
     self-similarity chosen on validation (`knn`)."""
     from raytr.config import load_config
     from raytr.training.incremental import run_incremental
@@ -705,10 +741,10 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
                      "per_device_train_batch_size": hp.batch_size, "save_total_limit": 1},
     }
     config = load_config(REPO / "configs" / "yoochoose.yaml", overrides)
-    out_dir = work / "incremental"
+    out_dir = work / f"incremental-{mode}"
     shutil.rmtree(out_dir, ignore_errors=True)
     t = time.perf_counter()
-    result = run_incremental(config, yoochoose_prepared(), out_dir, end_day=6, mode="finetune",
+    result = run_incremental(config, yoochoose_prepared(), out_dir, end_day=6, mode=mode,
                              knn_recency_decay=knn["recency_decay"],
                              knn_self_similarity=knn["self_similarity"])
     seconds = time.perf_counter() - t
@@ -716,7 +752,8 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
     keep = ["day", "model", *[c for c in REPORTED if c in table.columns]]
     rows = table[keep].to_dict(orient="records")
     averages = result.averages[["model", *[c for c in REPORTED if c in result.averages.columns]]]
-    return {"model": f"{body}-{objective}", "epochs_per_window": epochs, "mode": "finetune", "seconds": seconds,
+    return {"model": f"{body}-{objective}", "epochs_per_window": epochs, "mode": mode, "seconds": seconds,
+            "measured": timestamp(), "code": code_version(),
             "knn_recency_decay": knn["recency_decay"], "knn_self_similarity": knn["self_similarity"],
             "hyperparameters": asdict(hp), "score_temperature": score_temperature,
             "per_day": rows, "average": averages.to_dict(orient="records")}
@@ -980,20 +1017,23 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
            "epochs_max": epochs, "budget_s": budget_s, "skipped_for_budget": skipped, "models": results,
            "summary": summary}
     if incremental and name == "yoochoose" and summary:
-        # The windows cover days 1-5 once per epoch (~ the training set): estimate from the chosen
-        # model's epoch time and give them the epochs the remaining budget affords (at most its own).
-        remaining = budget_s - (time.perf_counter() - started)
-        best = results[summary["best_transformer"]]
-        per_epoch = best["train_seconds"] / best["epochs_trained"] * 1.25
-        inc_epochs = min(best["choice"]["epochs"], int(remaining // per_epoch))
-        if inc_epochs >= 1:
-            best_hp = tuned_hyper(hp, name, summary["best_transformer"], use_tuned)
-            out["incremental"] = run_yoochoose_incremental(best["body"], best["objective"], inc_epochs, work,
-                                                           results["item_knn"]["choice"], best_hp,
-                                                           best["choice"].get("score_temperature", 1.0))
-        else:
-            out["incremental"] = {"skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one "
-                                             f"epoch over the windows needs ~{per_epoch:.0f}s"}
+        for mode, days_per_epoch in INCREMENTAL_MODES.items():
+            # An epoch of finetune's windows covers days 1-5 once (~ the training set), expanding's
+            # 1 + 2 + ... + 5 days: estimate from the chosen model's epoch time and give the windows
+            # the epochs the remaining budget affords (at most its own).
+            remaining = budget_s - (time.perf_counter() - started)
+            best = results[summary["best_transformer"]]
+            per_epoch = best["train_seconds"] / best["epochs_trained"] * 1.25 * days_per_epoch / 5
+            inc_epochs = min(best["choice"]["epochs"], int(remaining // per_epoch))
+            if inc_epochs >= 1:
+                out[incremental_key(mode)] = run_yoochoose_incremental(
+                    best["body"], best["objective"], inc_epochs, work, results["item_knn"]["choice"],
+                    tuned_hyper(hp, name, summary["best_transformer"], use_tuned),
+                    best["choice"].get("score_temperature", 1.0), mode)
+            else:
+                out[incremental_key(mode)] = {
+                    "skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one epoch over the "
+                               f"{mode} windows needs ~{per_epoch:.0f}s"}
     out["seconds"] = time.perf_counter() - started
     out["measured"], out["code"] = timestamp(), code_version()
     out["load_before"], out["load_after"] = load0, load_average()
@@ -1028,8 +1068,9 @@ def merge_dataset(old: dict[str, Any], fresh: dict[str, Any], models: tuple[str,
     merged = {**fresh, "models": {**fresh["models"], **kept}}
     merged["summary"] = summarize(merged["models"])
     merged["merged_models"] = sorted(kept)
-    if "incremental" in old and "incremental" not in fresh:
-        merged["incremental"] = old["incremental"]
+    for key in map(incremental_key, INCREMENTAL_MODES):
+        if key in old and key not in fresh:
+            merged[key] = old[key]
     return merged
 
 
@@ -1080,7 +1121,10 @@ def main(argv=None) -> int:
     p.add_argument("--budget-min", action="append", default=[], metavar="DATASET=MIN",
                    help=f"wall-clock budget per dataset in minutes (default {DEFAULT_BUDGET_MIN})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core host)")
-    p.add_argument("--no-incremental", action="store_true", help="skip the YOOCHOOSE day-window run")
+    p.add_argument("--no-incremental", action="store_true", help="skip the YOOCHOOSE day-window runs")
+    p.add_argument("--incremental-only", default=None, metavar="MODES",
+                   help=f"run only YOOCHOOSE's day windows (comma list of {list(INCREMENTAL_MODES)}) with the choices "
+                        "stored in the results file (--output), and replace them there")
     p.add_argument("--merge", action="store_true",
                    help="replace only these datasets in the existing results file, keep the others; with --models, "
                         "keep the dataset's other models too when they ran under the same protocol")
@@ -1160,6 +1204,12 @@ def main(argv=None) -> int:
             print(f"{row['place']:>18} {row['median_train_count']:>18.0f} {row['median_age_days']:>15.0f} "
                   f"{row['tied_with_previous']:>6.3f} {row['mean_rating']:>11.2f}")
         return 0
+    if args.incremental_only:
+        modes = args.incremental_only.split(",")
+        if unknown_modes := [m for m in modes if m not in INCREMENTAL_MODES]:
+            log.error("--incremental-only: unknown mode(s) %s; known: %s", unknown_modes, list(INCREMENTAL_MODES))
+            return 2
+        return rerun_incremental(args.output or "quality", modes, base_hyper("yoochoose"), not args.untuned)
     if grid:
         return run_search(args, names, models or SEARCH_MODELS, grid, epochs, base_hyper, ml_split, started,
                           load_before)

@@ -493,6 +493,51 @@ def quality_table(ds: dict[str, Any], title: str) -> list[str]:
     return out
 
 
+INCREMENTAL_WINDOWS = {
+    "finetune": "one model trained on day t (continuing from the window before), evaluated on day t+1",
+    "retrain": "a new model per window trained on day t, evaluated on day t+1",
+    "expanding": "a new model per window trained on days 1..t (the baselines' data), evaluated on day t+1",
+}
+
+
+def incremental_section(ds: dict[str, Any], inc: dict[str, Any]) -> list[str]:
+    """A dataset's day windows of one `run_incremental` mode: NDCG@20 and MRR@20 per evaluated day
+    and on average, and a plot per day."""
+    if "per_day" not in inc:
+        return ["", f"Day windows: {inc.get('skipped', 'not run')}."]
+    mode = inc["mode"]
+    decay = (f"; item-kNN recency decay {inc['knn_recency_decay']}, self-similarity "
+             f"{inc.get('knn_self_similarity', 0.0)} (chosen on validation)"
+             if "knn_recency_decay" in inc else "; item-kNN recency decay 1.0 (untuned)")
+    measured = f", measured {inc['measured']} (code {inc['code']})" if "measured" in inc else ""
+    out = ["", f"Day windows (`run_incremental`, {mode}: {INCREMENTAL_WINDOWS.get(mode, mode)}; {inc['model']}, "
+               f"{inc['epochs_per_window']} epoch(s) per window, {inc['seconds']:.0f}s{decay}{measured}):", ""]
+    days = sorted({r["day"] for r in inc["per_day"]})
+    models = list(dict.fromkeys(r["model"] for r in inc["per_day"]))
+    for metric in ("ndcg@20", "mrr@20"):
+        body = []
+        for m in models:
+            vals = {r["day"]: r[metric] for r in inc["per_day"] if r["model"] == m}
+            mean = sum(vals.values()) / len(vals)
+            body.append([m, *[f"{vals[d]:.4f}" if d in vals else "–" for d in days], f"{mean:.4f}"])
+        out += table([f"{metric.upper()} by evaluated day", *[f"day {d}" for d in days], "average"],
+                     body) + [""]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, metric in zip(axes, ("ndcg@20", "recall@20")):
+        for m in models:
+            pts = sorted((r["day"], r[metric]) for r in inc["per_day"] if r["model"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_xlabel("evaluated day")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"day windows, {mode}", fontsize=9)
+    suffix = "" if mode == "finetune" else f"_{mode}"
+    png = save(fig, f"quality_{ds['dataset']}_per_day{suffix}.png")
+    return out + [f"![per day, {mode}]({png})"]
+
+
 def by_target_table(ds: dict[str, Any]) -> list[str]:
     """Test NDCG@20 of every model over the sessions of each target kind (bench/quality.py
     TARGET_KINDS), where the run measured it: which kind of next item each model gets right."""
@@ -537,34 +582,8 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
                         "quality.json."]
         if ds.get("skipped_for_budget"):
             out += ["", f"Skipped for the budget: {', '.join(ds['skipped_for_budget'])}."]
-        inc = ds.get("incremental")
-        if inc and "per_day" in inc:
-            decay = (f"; item-kNN recency decay {inc['knn_recency_decay']}, self-similarity "
-                     f"{inc.get('knn_self_similarity', 0.0)} (chosen on validation)"
-                     if "knn_recency_decay" in inc else "; item-kNN recency decay 1.0 (untuned)")
-            out += ["", f"Day windows (`run_incremental`, {inc['mode']}, {inc['model']}, {inc['epochs_per_window']} "
-                        f"epoch(s) per window; train on day t, evaluate on day t+1, {inc['seconds']:.0f}s{decay}):", ""]
-            days = sorted({r["day"] for r in inc["per_day"]})
-            models = list(dict.fromkeys(r["model"] for r in inc["per_day"]))
-            body = []
-            for m in models:
-                vals = {r["day"]: r for r in inc["per_day"] if r["model"] == m}
-                body.append([m, *[f"{vals[d]['ndcg@20']:.4f}" if d in vals else "–" for d in days]])
-            out += table(["NDCG@20 by evaluated day", *[f"day {d}" for d in days]], body)
-            plt = _plt()
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-            for ax, metric in zip(axes, ("ndcg@20", "recall@20")):
-                for m in models:
-                    pts = sorted((r["day"], r[metric]) for r in inc["per_day"] if r["model"] == m)
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-                ax.set_xlabel("evaluated day")
-                ax.set_ylabel(metric)
-                ax.grid(alpha=0.3)
-            axes[0].legend(fontsize=7)
-            png = save(fig, "quality_" + ds["dataset"] + "_per_day.png")
-            out += ["", f"![per day]({png})"]
-        elif inc:
-            out += ["", f"Day windows: {inc.get('skipped', 'not run')}."]
+        for key in [k for k in ds if k == "incremental" or k.startswith("incremental_")]:
+            out += incremental_section(ds, ds[key])
         out += [""]
         others = [d for run in variants for d in run["datasets"] if d["dataset"] == ds["dataset"]]
         for other in sorted(others, key=lambda d: (d["stats"].get("holdout_shift", 0), not d["stats"].get("refit"))):

@@ -245,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory: table, JSON, plot")
     p.add_argument("--start-day", type=int, default=None)
     p.add_argument("--end-day", type=int, default=None, help="last evaluated day (default: the last day)")
-    p.add_argument("--mode", choices=["finetune", "retrain"], default="finetune")
+    p.add_argument("--mode", choices=["finetune", "retrain", "expanding"], default="finetune",
+                   help="finetune: one model continues on each day; retrain: a new model per window on day t; "
+                        "expanding: a new model per window on the days up to t (the baselines' data)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per day window")
     p.add_argument("--no-baselines", action="store_true", help="skip popularity and item-kNN")
     p.add_argument("--knn-decay", type=float, default=1.0,

@@ -129,6 +129,34 @@ def test_retrain_mode_trains_a_new_model_per_window(prepared_dir, prepared_spec,
     assert row["ndcg@20"] == pytest.approx(expected["item_knn"]["ndcg@20"], abs=1e-12)
 
 
+def test_expanding_mode_trains_a_new_model_per_window_on_the_days_so_far(prepared_dir, prepared_spec, tmp_path):
+    """Each window is a split of its own: a fresh model trained on days start..t (what the baselines
+    are fitted on), evaluated on day t+1."""
+    from raytr.data.loaders import DataLoader
+
+    config = small_config()
+    config = replace(config, training=replace(config.training, run_name="w"))
+    out = tmp_path / "expanding"
+    result = run_incremental(config, prepared_dir, out, start_day=2, end_day=4, mode="expanding")
+    assert list(zip(result.table["day"], result.table["model"])) == [(d, m) for d in (3, 4) for m in MODELS]
+    assert json.loads((out / "incremental.json").read_text())["mode"] == "expanding"
+    runs = run_names(out)
+    assert runs == ["w-day2", "w-day3"]
+    # A fresh model (the same seed's initial weights), not the previous window's.
+    assert same(init_weights(out, runs[1]), init_weights(out, runs[0]))
+    assert not same(init_weights(out, runs[1]), final_weights(out, runs[0]))
+    batch = config.training.per_device_train_batch_size
+    for run, days in zip(runs, ([2], [2, 3])):  # one epoch: one step per batch of those days' sessions
+        steps = max(step for step, _ in scalars(out / "train" / "tensorboard" / run, "train/learning_rate"))
+        assert steps == len(DataLoader(prepared_spec, day_paths(prepared_dir, days), batch, engine="pyarrow")), run
+    expected = evaluate_baselines(prepared_spec, day_paths(prepared_dir, [2, 3]), day_paths(prepared_dir, [4]),
+                                  config.training.metrics_top_k, False)
+    row = result.table[(result.table["day"] == 4) & (result.table["model"] == "item_knn")].iloc[0]
+    assert row["ndcg@20"] == pytest.approx(expected["item_knn"]["ndcg@20"], abs=1e-12)
+    with pytest.raises(ValueError, match="mode='daily': expected 'finetune', 'retrain' or 'expanding'"):
+        run_incremental(config, prepared_dir, tmp_path / "bad", mode="daily")
+
+
 def test_fewer_than_two_days_or_no_window_raise(prepared_dir, tmp_path):
     one_day = tmp_path / "one_day"
     shutil.copytree(Path(prepared_dir) / "sessions" / "day=1", one_day / "sessions" / "day=1")

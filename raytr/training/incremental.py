@@ -4,6 +4,8 @@ mode "finetune": the model trained up to day t-1 continues on day t (one model, 
 schedule per window); the baselines are fitted on the days start_day..t, the data the model has seen
 (a day whose next day has no sessions is trained on, not evaluated).
 mode "retrain": a new model per window, trained on day t only; baselines fitted on day t only.
+mode "expanding": a new model per window, trained on the days start_day..t, the data the baselines
+are fitted on (each window is a train/test split of its own, as one `raytr train` on those days).
 
 Writes to the output directory: incremental.csv and incremental.json (metrics per evaluated day,
 for the model and each baseline, and their averages), incremental.png (a plot per metric) and
@@ -70,7 +72,7 @@ def run_incremental(
     output_dir: str | Path,
     start_day: int | None = None,
     end_day: int | None = None,
-    mode: Literal["finetune", "retrain"] = "finetune",
+    mode: Literal["finetune", "retrain", "expanding"] = "finetune",
     baselines: bool = True,
     knn_recency_decay: float = 1.0,
     knn_self_similarity: float = 0.0,
@@ -92,6 +94,8 @@ def run_incremental(
     # finetune: the model trains on every day of the range up to the last window, also one whose
     # next day has no sessions (it is not evaluated then), so that it has seen what the baselines
     # are fitted on.
+    if mode not in ("finetune", "retrain", "expanding"):
+        raise ValueError(f"mode={mode!r}: expected 'finetune', 'retrain' or 'expanding'")
     trained = [d for d in days if start <= d <= windows[-1]] if mode == "finetune" else windows
     skipped = [d for d in trained if d not in windows]
     log.info("incremental (%s): train on days %s, evaluate on days %s", mode, trained, [d + 1 for d in windows])
@@ -108,15 +112,17 @@ def run_incremental(
     model = SessionModel(spec, config.model, seed=args.seed)
     trainer = Trainer(model, replace(args, output_dir=storage.join(output_dir, "train")))
     for day in trained:
-        if mode == "retrain":  # a new Trainer a window, so its own run name (one run per Trainer call else)
+        if mode != "finetune":  # a new Trainer a window, so its own run name (one run per Trainer call else)
             window_args = replace(trainer.args, run_name=args.run_name and f"{args.run_name}-day{day}")
             trainer = Trainer(SessionModel(spec, config.model, seed=args.seed), window_args)
         else:
             trainer.reset_lr_scheduler()
         train_days = [day] if mode == "retrain" else [d for d in days if start <= d <= day]
-        trainer.train_dataset = day_paths(data_dir, [day])
+        # finetune: the days before were trained on in the windows before
+        trainer.train_dataset = day_paths(data_dir, train_days if mode == "expanding" else [day])
         trainer.eval_dataset = day_paths(data_dir, [day + 1]) if day in windows else None
-        log.info("incremental: train on day %d%s", day, f", evaluate on day {day + 1}" if day in windows else "")
+        log.info("incremental: train on day(s) %s%s", train_days if mode == "expanding" else [day],
+                 f", evaluate on day {day + 1}" if day in windows else "")
         trainer.train()
         trainer.wipe_memory()
         if day not in windows:
