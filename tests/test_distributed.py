@@ -157,12 +157,15 @@ def test_a_nan_on_one_worker_stops_both_with_the_divergence_error(ray_cluster, u
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has a GPU")
-def test_a_user_error_in_the_workers_is_raised_as_itself(ray_cluster, prepared_dir, init_model_dir, tmp_path):
-    """fp16 without CUDA fails inside the training loop, on every worker: the driver raises the
-    workers' ValueError (one line from `raytr train`), not Ray's WorkerGroupError traceback dump."""
-    args = ray_args(tmp_path / "out", num_train_epochs=1, fp16=True, data_loader_engine="pyarrow")
-    trainer = Trainer(SessionModel.load(init_model_dir), args, train_dataset_or_path=day_paths(prepared_dir, [1]))
-    with pytest.raises(ValueError, match=r"^training\.fp16 needs a CUDA GPU") as info:
+def test_a_user_error_in_the_workers_is_raised_as_itself(ray_cluster, prepared_dir, prepared_spec, tmp_path):
+    """Ids beyond the model's cardinality are found by each worker's loader: the driver raises the
+    workers' ValueError (one line from `raytr train`, naming the column and file), not Ray's
+    WorkerGroupError traceback dump."""
+    small = replace(prepared_spec, item_cardinality=50)
+    model = SessionModel(small, ModelConfig(d_model=32, n_layers=1, n_heads=2, categorical_dim=8), seed=0)
+    args = ray_args(tmp_path / "out", num_train_epochs=1, data_loader_engine="pyarrow", metrics_top_k=(5, 10))
+    trainer = Trainer(model, args, train_dataset_or_path=day_paths(prepared_dir, [1]))
+    with pytest.raises(ValueError, match=r"^column 'item_id-list' has id \d+ in .*part-\d+\.parquet \(row \d+") as info:
         trainer.train()
     assert type(info.value) is ValueError
 
@@ -231,25 +234,59 @@ def test_ray_data_engine_two_workers(ray_cluster, prepared_dir, prepared_spec, i
     assert trained["eval_ndcg@10"] > untrained["eval_ndcg@10"] + 0.05, (untrained, trained)
 
 
+def ray_engine_config(tmp_path: Path, tables: list[pa.Table], spec=None, **args):
+    """A LoopConfig of the Ray Data engine over `tables`, each written as tmp_path/part-<i>.parquet."""
+    from raytr.features import FeatureSpec
+    from raytr.training.loop import LoopConfig
+
+    paths = []
+    for i, table in enumerate(tables):
+        paths.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(table, paths[-1])
+    spec = spec or FeatureSpec(item_id="item_id-list", item_cardinality=1000, max_sequence_length=5)
+    args = TrainingArguments(**{"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
+                                "num_workers": 2, "data_loader_engine": "ray", **args})
+    return LoopConfig(spec=spec, model_config=ModelConfig(), args=args, init_model_dir="unused",
+                      train_paths=tuple(paths))
+
+
+def sessions(rows: range) -> pa.Table:
+    """Session r is [3 + r, 500 + r]."""
+    return pa.table({"item_id-list": pa.array([[3 + r, 500 + r] for r in rows], pa.list_(pa.int64()))})
+
+
+def consume_shards(engines: list, epoch: int) -> list[list]:
+    """Every worker's batches of `epoch` from `ray_data_batches` engines over the shards of one
+    `streaming_split`, consumed concurrently as a TorchTrainer's workers do (one shard alone may
+    wait for the others)."""
+    got: list[list] = [[] for _ in engines]
+    errors: list[BaseException] = []
+
+    def consume(worker: int) -> None:
+        try:
+            got[worker] = list(engines[worker][0](epoch))
+        except BaseException as exc:  # a thread's failure would only be a warning: fail the test with it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(w,)) for w in range(len(engines))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a worker's batches did not finish within 120 s"
+    if errors:
+        raise errors[0]
+    return got
+
+
 @pytest.mark.ray
 def test_ray_data_engine_equal_steps_each_session_once_and_a_new_order_every_epoch(ray_cluster, tmp_path):
     """The Ray Data engine's three facts, on the shards a TorchTrainer's 2 workers would get
     (`streaming_split(2, equal=True)`, consumed concurrently as workers do)."""
-    from raytr.features import FeatureSpec
-    from raytr.training.loop import LoopConfig
     from raytr.training.ray_launcher import ray_data_batches, ray_train_dataset
 
-    spec = FeatureSpec(item_id="item_id-list", item_cardinality=1000, max_sequence_length=5)
-    paths = []
-    for i, rows in enumerate([range(0, 37), range(37, 63)]):  # 63 sessions in 2 uneven files
-        path = tmp_path / f"part-{i}.parquet"
-        pq.write_table(pa.table({"item_id-list": pa.array([[3 + r, 500 + r] for r in rows], pa.list_(pa.int64()))}),
-                       path)
-        paths.append(str(path))
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_workers=2,
-                             data_loader_engine="ray")
-    cfg = LoopConfig(spec=spec, model_config=ModelConfig(), args=args, init_model_dir="unused",
-                     train_paths=tuple(paths))
+    # 63 sessions in 2 uneven files
+    cfg = ray_engine_config(tmp_path, [sessions(range(0, 37)), sessions(range(37, 63))])
     ds, rows_per_worker = ray_train_dataset(cfg)
     assert rows_per_worker == 31  # the 63rd session is dropped by the equal split
     engines = [ray_data_batches(shard, cfg, torch.device("cpu"), rows_per_worker)
@@ -258,39 +295,76 @@ def test_ray_data_engine_equal_steps_each_session_once_and_a_new_order_every_epo
 
     orders = []
     for epoch in range(2):
-        seen: list[list[int]] = [[], []]
-        errors: list[BaseException] = []
-
-        def consume(worker: int) -> None:
-            try:
-                for batch in engines[worker][0](epoch):
-                    first = batch.item_ids[:, :1]  # session r is [3 + r, 500 + r], right-padded to T = 5
-                    assert torch.equal(batch.item_ids,
-                                       torch.cat([first, first + 497, torch.zeros_like(first).expand(-1, 3)], 1))
-                    assert batch.num_causal_targets == len(batch)  # one target each: 500 + r follows 3 + r
-                    seen[worker].append(len(batch))
-                    seen[worker] += (batch.item_ids[:, 0] - 3).tolist()
-            except BaseException as exc:  # a thread's failure would only be a warning: fail the test with it
-                errors.append(exc)
-
-        threads = [threading.Thread(target=consume, args=(w,)) for w in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads), "a worker's batches did not finish within 120 s"
-        if errors:
-            raise errors[0]
-        sessions = []
-        for worker in range(2):
-            it, batches = iter(seen[worker]), 0
-            for size in it:  # [size, ids...] per batch
-                sessions += [next(it) for _ in range(size)]
-                batches += 1
-            assert batches == 8, (epoch, worker, batches)
-        assert len(sessions) == 62 and len(set(sessions)) == 62 and set(sessions) <= set(range(63))
-        orders.append(sessions)
+        sessions_seen = []
+        for worker, batches in enumerate(consume_shards(engines, epoch)):
+            assert len(batches) == 8, (epoch, worker, len(batches))
+            for batch in batches:
+                first = batch.item_ids[:, :1]  # session r is [3 + r, 500 + r], right-padded to T = 5
+                assert torch.equal(batch.item_ids,
+                                   torch.cat([first, first + 497, torch.zeros_like(first).expand(-1, 3)], 1))
+                assert batch.num_causal_targets == len(batch)  # one target each: 500 + r follows 3 + r
+                sessions_seen += (batch.item_ids[:, 0] - 3).tolist()
+        assert len(sessions_seen) == 62 and len(set(sessions_seen)) == 62 and set(sessions_seen) <= set(range(63))
+        orders.append(sessions_seen)
     assert orders[0] != orders[1]
+
+
+@pytest.mark.ray
+def test_ray_data_engine_drop_last_gives_the_other_engines_step_count(ray_cluster, tmp_path):
+    """dataloader_drop_last: (63 // 2) // 4 = 7 full batches per worker, as DataLoader counts them."""
+    from raytr.training.ray_launcher import ray_data_batches, ray_train_dataset
+
+    cfg = ray_engine_config(tmp_path, [sessions(range(0, 37)), sessions(range(37, 63))], dataloader_drop_last=True)
+    ds, rows_per_worker = ray_train_dataset(cfg)
+    engines = [ray_data_batches(shard, cfg, torch.device("cpu"), rows_per_worker)
+               for shard in ds.streaming_split(2, equal=True)]
+    assert [steps for _, steps in engines] == [7, 7]
+    batches = consume_shards(engines, 0)
+    assert [[len(b) for b in worker] for worker in batches] == [[4] * 7, [4] * 7]
+    seen = [int(r) for worker in batches for b in worker for r in b.item_ids[:, 0] - 3]
+    assert len(seen) == len(set(seen)) == 56
+    with pytest.raises(ValueError, match=r"^63 sessions over 2 worker\(s\) make no full batch of 40"):
+        ray_train_dataset(replace(cfg, args=replace(cfg.args, per_device_train_batch_size=40)))
+
+
+def test_ray_data_engine_refuses_a_file_given_twice(tmp_path):
+    from raytr.training.ray_launcher import ray_train_dataset
+
+    cfg = ray_engine_config(tmp_path, [sessions(range(0, 3)), sessions(range(3, 6))])
+    cfg = replace(cfg, train_paths=(*cfg.train_paths, str(tmp_path / "." / "part-0.parquet")))
+    with pytest.raises(ValueError, match=r"part-0\.parquet is given twice"):
+        ray_train_dataset(cfg)  # before Ray Data reads anything
+
+
+BAD_SECOND_FILE = {  # the second file of two, and the error naming it
+    "null id": ([[3, 4], [5, 6], [7, None]],
+                r"^column 'item_id-list' holds null values in \S*part-1\.parquet \(row 2, "),
+    "id out of range": ([[3, 4], [5, 6], [7, 1000]],
+                        r"^column 'item_id-list' has id 1000 in \S*part-1\.parquet \(row 2, "),
+    "missing column": (None, r"part-1\.parquet has no column 'category-list'"),
+}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case", BAD_SECOND_FILE)
+def test_ray_data_engine_names_the_file_of_a_bad_value(ray_cluster, tmp_path, case):
+    """Ray Data reads a file without a column as null lists, and its rows do not say which file
+    they came from: the error names the column and the file all the same."""
+    from raytr.features import FeatureSpec
+    from raytr.training.ray_launcher import ray_data_batches, ray_train_dataset
+
+    items, match = BAD_SECOND_FILE[case]
+    good = {"item_id-list": [[3, 4], [5, 6], [7, 8]], "category-list": [[3, 3], [4, 4], [5, 5]]}
+    bad = {"item_id-list": items or good["item_id-list"]} | ({"category-list": good["category-list"]} if items else {})
+    lists = pa.list_(pa.int64())
+    spec = FeatureSpec(item_id="item_id-list", item_cardinality=1000, max_sequence_length=5,
+                       categorical={"category-list": 10})
+    cfg = ray_engine_config(tmp_path, [pa.table({k: pa.array(v, lists) for k, v in table.items()})
+                                       for table in (good, bad)], spec=spec, num_workers=1)
+    ds, rows_per_worker = ray_train_dataset(cfg)
+    batches, _ = ray_data_batches(ds.iterator(), cfg, torch.device("cpu"), rows_per_worker)
+    with pytest.raises(ValueError, match=match):
+        list(batches(0))
 
 
 def _train_worker_processes():

@@ -22,6 +22,7 @@ from raytr.data.loaders import (
     DataLoader,
     RaggedColumn,
     causal_target_counts,
+    check_no_nulls,
     pad_rows,
     ragged_from_arrow,
     rank_row_range,
@@ -376,6 +377,7 @@ def test_ragged_from_arrow_reads_ray_datas_in_memory_columns(ray_cluster):
     offsets = {"fixed-shape tensor": [0, 2, 4], "variable-shape tensor": [0, 3, 4], "list": [0, 3, 4]}
     for name, ds in datasets.items():
         table = next(iter(ds.iter_batches(batch_size=10, batch_format="pyarrow")))
+        check_no_nulls("x", table.column("x"))  # what the Ray engine checks first
         column = ragged_from_arrow(table.column("x"))
         assert column.values.tolist() == [1, 2, 3, 4] and column.offsets.tolist() == offsets[name], name
 
@@ -420,7 +422,9 @@ def test_prepared_data_both_engines_and_ranks(prepared_dir, prepared_schema, pre
 def test_ids_beyond_the_cardinality_are_rejected_at_load_naming_column_and_file(files, engine):
     small = FeatureSpec(item_id="item_id-list", item_cardinality=1_000_000, max_sequence_length=T,
                         categorical={"category-list": 5}, continuous=("price-list",))  # the files hold 3..6
-    with pytest.raises(ValueError, match=r"column 'category-list' has id 6 .* cardinality is 5 .*part-000"):
+    # the first bad id in the files' order: session 1's categories are 4, 5, 6, 3
+    with pytest.raises(ValueError, match=r"^column 'category-list' has id 5 in \S*part-000\.parquet "
+                                         r"\(row 1, 0-based\): its cardinality is 5 "):
         DataLoader(small, files, 4, engine=engine)
 
 
@@ -448,3 +452,119 @@ def test_without_equal_steps_each_rank_runs_its_own_share_even_an_empty_one(prep
     uneven = [len(list(DataLoader(prepared_spec, paths, 1, shuffle=False, engine="merlin", rank=r, world_size=2,
                                   equal_steps=False))) for r in range(2)]
     assert sum(uneven) == total and sorted(uneven) == [total // 2, total - total // 2]
+
+
+def set_value(path: str, column: str, row: int, value, index: int | None = None) -> None:
+    """Rewrite `path` with row `row` of the list column `column` replaced by `value` (a whole list, or
+    None), or only its element `index` replaced, keeping the column's type."""
+    table = pq.read_table(path)
+    rows = table.column(column).to_pylist()
+    if index is None:
+        rows[row] = value
+    else:
+        rows[row][index] = value
+    field = table.schema.get_field_index(column)
+    pq.write_table(table.set_column(field, column, pa.array(rows, table.schema.field(column).type)), path)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ids_beyond_the_cardinality_name_the_file_and_row_that_hold_them(tmp_path, engine):
+    paths = write_rows(tmp_path, [4, 3, 6])
+    set_value(paths[2], "item_id-list", 2, 1_000_000, index=0)
+    with pytest.raises(ValueError, match=r"^column 'item_id-list' has id 1000000 in \S*part-002\.parquet \(row 2, "
+                                         r"0-based\): its cardinality is 1000000 \(valid ids 0\.\.999999\)"):
+        DataLoader(SPEC, paths, 4, engine=engine)
+    # a rank's share that does not hold the row loads: each rank checks the rows it reads
+    assert len(DataLoader(SPEC, paths, 2, engine=engine, rank=0, world_size=2)) == 4
+
+
+NULLS = {  # (column, row of part-001, element or None for the whole list, expected message)
+    "id": ("item_id-list", 1, 2, r"^column 'item_id-list' holds null values in \S*part-001\.parquet \(row 1, "),
+    "categorical": ("category-list", 0, 0, r"^column 'category-list' holds null values in \S*part-001\.parquet"),
+    # merlin reads a null as NaN, and cannot tell one from a NaN in the file
+    "continuous": ("price-list", 2, 1, r"^column 'price-list' holds null (or NaN )?values in \S*part-001\.parquet "
+                                       r"\(row 2, "),
+    "null list": ("category-list", 1, None,
+                  r"^column 'category-list' holds a null list \(a session without its events\) in \S*part-001\.parquet "
+                  r"\(row 1, 0-based\)"),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", NULLS)
+def test_nulls_are_refused_naming_column_file_and_row(tmp_path, engine, case):
+    """A null id would be padded to -2^63 (an IndexError in the model), a null price would make the
+    loss NaN, a null list would be an empty session in one engine and a TypeError in another."""
+    column, row, index, match = NULLS[case]
+    paths = write_rows(tmp_path, [4, 3, 6])
+    set_value(paths[1], column, row, None, index=index)
+    with pytest.raises(ValueError, match=match):
+        DataLoader(SPEC, paths, 4, engine=engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nan_in_a_continuous_list_is_refused(tmp_path, engine):
+    """merlin reads a null as NaN: a NaN in the file is refused alike by every engine."""
+    paths = write_rows(tmp_path, [4, 3])
+    set_value(paths[0], "price-list", 3, float("nan"), index=0)
+    with pytest.raises(ValueError, match=r"^column 'price-list' holds null or NaN values in \S*part-000\.parquet "
+                                         r"\(row 3, "):
+        DataLoader(SPEC, paths, 4, engine=engine)
+
+
+def cast_lists(path: str, types: dict[str, pa.DataType]) -> None:
+    table = pq.read_table(path)
+    for name, value_type in types.items():
+        field = table.schema.get_field_index(name)
+        table = table.set_column(field, name, table.column(name).cast(pa.list_(value_type)))
+    pq.write_table(table, path)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_list_types_may_differ_between_files(tmp_path, engine):
+    """int32 and float32 lists in one file beside int64 and double in another (other writers than
+    prepare), and float ids holding whole numbers: the batches are those of the int64 files."""
+    expected = list(DataLoader(SPEC, write_rows(tmp_path / "int64", [4, 3, 6]), 4, shuffle=False, engine=engine))
+    paths = write_rows(tmp_path / "mixed", [4, 3, 6])
+    cast_lists(paths[1], {"item_id-list": pa.int32(), "category-list": pa.int32(), "price-list": pa.float32()})
+    cast_lists(paths[2], {"item_id-list": pa.float64()})
+    same_batches(list(DataLoader(SPEC, paths, 4, shuffle=False, engine=engine)), expected)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_float_ids_that_are_not_whole_numbers_are_refused(tmp_path, engine):
+    (path,) = write_rows(tmp_path, [4])
+    cast_lists(path, {"category-list": pa.float64()})
+    set_value(path, "category-list", 2, 4.5, index=1)
+    with pytest.raises(ValueError, match=r"^column 'category-list' holds the non-integer id 4\.5 in "
+                                         r"\S*part-000\.parquet \(row 2, 0-based\)"):
+        DataLoader(SPEC, [path], 4, engine=engine)
+
+
+def test_a_file_given_twice_is_refused_naming_it(files, monkeypatch):
+    """Its sessions would be trained on twice an epoch and counted twice in the metrics."""
+    with pytest.raises(ValueError, match=r"^data file \S*part-000\.parquet is given twice"):
+        DataLoader(SPEC, [files[0], files[1], files[0]], 4, engine="pyarrow")
+    monkeypatch.chdir(Path(files[0]).parent)  # the same file by a relative path
+    with pytest.raises(ValueError, match="part-001.parquet is given twice"):
+        DataLoader(SPEC, [*files, "part-001.parquet"], 4, engine="pyarrow")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_bad_value_in_a_ranks_share_is_named_by_its_row_in_the_file(tmp_path, engine):
+    """Rank 1 of 2 reads rows 4..6 of one 7-row file (a slice): row 5 is row 5 of the file."""
+    (path,) = write_rows(tmp_path, [7])
+    set_value(path, "item_id-list", 5, None, index=1)
+    with pytest.raises(ValueError, match=r"^column 'item_id-list' holds null values in \S*part-000\.parquet \(row 5, "):
+        DataLoader(SPEC, [path], 2, engine=engine, rank=1, world_size=2)
+
+
+def test_merlin_names_a_null_list_it_meets_outside_the_ranks_share(tmp_path):
+    """merlin reads whole files and fails on a null list anywhere in them: rank 0 of 2 (rows 0..3
+    of one 7-row file) names the null list in row 5 too, where PyArrow reads only its share."""
+    (path,) = write_rows(tmp_path, [7])
+    set_value(path, "category-list", 5, None)
+    with pytest.raises(ValueError, match=r"^column 'category-list' holds a null list .* in \S*part-000\.parquet "
+                                         r"\(row 5, "):
+        DataLoader(SPEC, [path], 2, engine="merlin", rank=0, world_size=2)
+    assert len(DataLoader(SPEC, [path], 2, engine="pyarrow", rank=0, world_size=2)) == 2

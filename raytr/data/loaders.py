@@ -11,7 +11,9 @@ as (values, offsets), on the GPU when `device` is one, and each batch is gathere
 (`steps_per_epoch`, computed from the global row count), every row of the rank's share is seen
 exactly once per epoch, and the order changes every epoch (seeded by seed, epoch and rank). Each
 batch carries its next-item target count, summed on the host from per-session counts made at load
-(`causal_target_counts`), so that a training step never reads it back from the GPU.
+(`causal_target_counts`), so that a training step never reads it back from the GPU. The columns
+are checked once at load: a null, a NaN or an id outside its cardinality is a ValueError naming the
+column, the file and its row (`check_no_nulls`, `check_column_values`); so is a file given twice.
 
 Example (B=2, T=4, item ids after Categorify; sessions longer than T keep their last T events):
     session events [5, 9, 3]       -> item_ids[0] = [5, 9, 3, 0]
@@ -28,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from raytr import storage
@@ -36,6 +39,24 @@ from raytr.features import FIRST_ITEM_ID, FeatureSpec, SessionBatch, check_id_ra
 log = logging.getLogger(__name__)
 
 Engine = Literal["merlin", "pyarrow"]
+
+NULL_ADVICE = ("`raytr prepare` writes a missing id as 1 and a missing continuous value as 0: prepare the "
+               "sessions with it, or fill the nulls")
+
+
+class BadValuesError(ValueError):
+    """A value of `column` that no batch may hold (a null, a NaN, an id that is not one), found at
+    `row` of the rows a reader read: `located` names the file that row came from, which only the
+    reader's caller knows."""
+
+    def __init__(self, column: str, problem: str, advice: str, row: int) -> None:
+        self.column, self.problem, self.advice, self.row = column, problem, advice, row
+        super().__init__(f"column {column!r} {problem}: {advice}")
+
+    def located(self, where: str, row: int | None = None) -> ValueError:
+        """The same error as one line naming `where` (a file) and the `row` there."""
+        at = f" in {where}" + ("" if row is None else f" (row {row}, 0-based)")
+        return ValueError(f"column {self.column!r} {self.problem}{at}: {self.advice}")
 
 
 @dataclass
@@ -59,6 +80,25 @@ def rank_row_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def check_no_nulls(name: str, column: pa.Array | pa.ChunkedArray) -> None:
+    """Raise BadValuesError for a null list (a session row without its list) or a null in a list:
+    `ragged_from_arrow` would make the first an empty session and the second a NaN, which int64
+    padding turns into -2^63. Arrow keeps null counts, so a column without nulls costs nothing."""
+    if column.null_count:
+        row = pc.index(column.is_null(), True).as_py()
+        raise BadValuesError(name, "holds a null list (a session without its events)",
+                             "write the session's events, or leave the session out", row)
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)):
+        return  # e.g. Ray Data's tensor columns, which hold no nulls
+    values = pc.list_flatten(column)  # the column's own rows only, also of a slice
+    if values.null_count:
+        if isinstance(column, pa.ChunkedArray):
+            column, values = column.combine_chunks(), values.combine_chunks()
+        first = pc.index(values.is_null(), True).as_py()
+        raise BadValuesError(name, "holds null values", NULL_ADVICE, pc.list_parent_indices(column)[first].as_py())
+
+
 def _read_pyarrow(files: Sequence[str], columns: Sequence[str], start: int, stop: int) -> dict[str, RaggedColumn]:
     tables, seen = [], 0
     for file, rows in zip(files, row_counts(files)):
@@ -66,7 +106,11 @@ def _read_pyarrow(files: Sequence[str], columns: Sequence[str], start: int, stop
         if lo < hi:
             tables.append(storage.read_table(file, columns).slice(lo, hi - lo))
         seen += rows
-    table = pa.concat_tables(tables)
+    # Files from other writers than prepare may hold list<int32> or list<float> beside list<int64>
+    # or list<double>: widened to the wider type (merlin and Ray Data accept them too).
+    table = pa.concat_tables(tables, promote_options="permissive")
+    for name in columns:
+        check_no_nulls(name, table.column(name))
     return {name: ragged_from_arrow(table.column(name)) for name in columns}
 
 
@@ -98,12 +142,24 @@ def _read_merlin(files: Sequence[str], columns: Sequence[str], start: int, stop:
     dataset.schema = dataset.schema.select_by_name(list(columns))
     values: dict[str, list[torch.Tensor]] = {c: [] for c in columns}
     lengths: dict[str, list[torch.Tensor]] = {c: [] for c in columns}
-    with Loader(dataset, batch_size=65_536, shuffle=False) as loader:
-        for inputs, _ in loader:
-            for name in columns:
-                vals, offs = inputs[f"{name}__values"], inputs[f"{name}__offsets"]
-                values[name].append(vals.reshape(-1).cpu())
-                lengths[name].append((offs[1:] - offs[:-1]).cpu().to(torch.int64))
+    try:
+        with Loader(dataset, batch_size=65_536, shuffle=False) as loader:
+            for inputs, _ in loader:
+                for name in columns:
+                    vals, offs = inputs[f"{name}__values"], inputs[f"{name}__offsets"]
+                    values[name].append(vals.reshape(-1).cpu())
+                    lengths[name].append((offs[1:] - offs[:-1]).cpu().to(torch.int64))
+    except TypeError:
+        # merlin fails on a null list with "'NoneType' object is not iterable": read the rows it
+        # read (the chosen files, whole) with PyArrow, which raises the BadValuesError naming the
+        # column and row; else the TypeError was not that.
+        first = int(bounds[chosen[0]])
+        try:
+            _read_pyarrow(files, columns, first, int(bounds[chosen[-1] + 1]))
+        except BadValuesError as err:
+            err.row += first - start  # numbered from `start`, as the caller maps rows to files
+            raise
+        raise
     out = {}
     for name in columns:
         lens = torch.cat(lengths[name])[skip: skip + take]
@@ -145,16 +201,55 @@ def causal_target_counts(items: RaggedColumn, length: int) -> torch.Tensor:
     return predictable[ends] - predictable[torch.minimum(kept + 1, ends)]
 
 
-def check_column_ids(spec: FeatureSpec, columns: dict[str, RaggedColumn]) -> None:
-    """Every id of the spec's id columns within its cardinality (one host sync for all columns):
-    batches gathered from checked columns can skip the model's per-step check."""
-    check_id_ranges({n: columns[n].values for n in [spec.item_id, *spec.categorical]},
-                    {spec.item_id: spec.item_cardinality, **spec.categorical})
+def _first_bad(column: RaggedColumn, bad: torch.Tensor) -> tuple[int, float]:
+    """(row, value) of the first True of `bad`, a mask over the column's values (an error path)."""
+    index = int(bad.nonzero()[0, 0])
+    row = int(np.searchsorted(column.offsets.cpu().numpy(), index, side="right")) - 1
+    return row, column.values[index].item()
+
+
+def check_column_values(spec: FeatureSpec, columns: dict[str, RaggedColumn]) -> None:
+    """Every value of the spec's columns one the model can take, else BadValuesError naming the
+    column and the first bad row: no NaN (merlin reads a null as NaN), and ids (float in files of
+    other writers, or with merlin's nulls) whole numbers within their cardinality. Vectorised over
+    whole columns, two host syncs in all; int id columns (prepare's) cost only their min and max.
+    Batches gathered from checked columns skip the model's per-step id check."""
+    ids = {spec.item_id: spec.item_cardinality, **spec.categorical}
+    floats = [n for n in spec.columns if columns[n].values.is_floating_point() and columns[n].values.numel()]
+
+    def bad_values(name: str) -> torch.Tensor:
+        values = columns[name].values
+        # ids: NaN or a fraction (NaN != NaN); an infinite id is left to the range check
+        return values != values.trunc() if name in ids else values.isnan()
+
+    # continuous: min propagates NaN (one reduction, ~3x faster than a mask)
+    flagged = torch.stack([bad_values(n).any() if n in ids else columns[n].values.min().isnan()
+                           for n in floats]).tolist() if floats else []
+    for name in (n for n, bad in zip(floats, flagged) if bad):
+        row, value = _first_bad(columns[name], bad_values(name))
+        if name not in ids:
+            raise BadValuesError(name, "holds null or NaN values", NULL_ADVICE, row)
+        if math.isnan(value):
+            raise BadValuesError(name, "holds null values", NULL_ADVICE, row)
+        raise BadValuesError(name, f"holds the non-integer id {value:g}",
+                             "ids are whole numbers: encode the column with the workflow of `raytr prepare`", row)
+    try:
+        check_id_ranges({n: columns[n].values for n in ids}, ids)
+    except ValueError:
+        for name, cardinality in ids.items():  # the column it names (the first bad one) and its first bad row
+            values = columns[name].values
+            bad = (values < 0) | (values >= cardinality)
+            if bad.any():
+                row, value = _first_bad(columns[name], bad)
+                raise BadValuesError(name, f"has id {value}",
+                                     f"its cardinality is {cardinality} (valid ids 0..{cardinality - 1}); the data "
+                                     "was encoded with a different workflow than this model", row) from None
+        raise
 
 
 def gather_batch(spec: FeatureSpec, columns: dict[str, RaggedColumn], rows: torch.Tensor,
                  num_causal_targets: int | None = None) -> SessionBatch:
-    """Rows of checked ragged columns (`check_column_ids`) as a padded [B, T] SessionBatch, on the
+    """Rows of checked ragged columns (`check_column_values`) as a padded [B, T] SessionBatch, on the
     columns' device; `num_causal_targets`: the rows' `causal_target_counts` summed on the host."""
     length = spec.max_sequence_length
     return SessionBatch(
@@ -175,6 +270,18 @@ def gather_batches(spec: FeatureSpec, columns: dict[str, RaggedColumn], causal_t
     device = columns[spec.item_id].values.device
     for host_rows, rows in zip(torch.split(order, sizes), torch.split(order.to(device), sizes)):
         yield gather_batch(spec, columns, rows, int(causal_targets[host_rows].sum()))
+
+
+def check_distinct_paths(paths: Sequence[str]) -> None:
+    """Refuse a file given twice (by any spelling of its path): its sessions would be trained on
+    twice an epoch and counted twice in the metrics."""
+    seen: set[str] = set()
+    for path in paths:
+        key = storage.normalize(path)
+        if key in seen:
+            raise ValueError(f"data file {path} is given twice: its sessions would be read twice; pass each file "
+                             "once (a prepared directory already holds all its days' files)")
+        seen.add(key)
 
 
 class DataLoader:
@@ -207,11 +314,13 @@ class DataLoader:
         paths = sorted(map(str, paths), key=storage.natural_sort_key)  # Path entries too
         if not paths:
             raise ValueError("no parquet files to load: the data path is empty")
+        check_distinct_paths(paths)
         self.spec, self.batch_size, self.shuffle, self.drop_last = spec, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.epoch = 0
-        self.total_rows = sum(row_counts(paths))
+        counts = row_counts(paths)
+        self.total_rows = sum(counts)
         if self.total_rows < world_size and equal_steps:
             raise ValueError(f"{self.total_rows} sessions cannot feed {world_size} workers: need at least one each")
         start, stop = rank_row_range(self.total_rows, rank, world_size)
@@ -219,16 +328,18 @@ class DataLoader:
         self.columns: dict[str, RaggedColumn] = {}
         if self.num_rows:
             reader = _read_merlin if engine == "merlin" else _read_pyarrow
-            columns = reader(paths, spec.columns, start, stop)
-            # Per session, on the host: each batch's CLM target count without reading the GPU.
-            self.causal_targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
-            self.columns = {name: col.to(self.device) for name, col in columns.items()}
-            # Checked once here, on the resident columns, so that batches skip the per-step check.
             try:
-                check_column_ids(spec, self.columns)
-            except ValueError as err:
-                more = f" and {len(paths) - 1} more files" if len(paths) > 1 else ""
-                raise ValueError(f"{err} (in {paths[0]}{more})") from None
+                columns = reader(paths, spec.columns, start, stop)
+                # Per session, on the host: each batch's CLM target count without reading the GPU.
+                self.causal_targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
+                self.columns = {name: col.to(self.device) for name, col in columns.items()}
+                # Checked once here, on the resident columns, so that batches skip the per-step check.
+                check_column_values(spec, self.columns)
+            except BadValuesError as err:
+                # The bad row among this rank's rows -> the file that holds it, by the files' row counts.
+                row, ends = start + err.row, np.cumsum(counts)
+                file = int(np.searchsorted(ends, row, side="right"))
+                raise err.located(paths[file], row - int(ends[file] - counts[file])) from None
         if not equal_steps:
             self.steps_per_epoch = self.num_rows // batch_size if drop_last else math.ceil(self.num_rows / batch_size)
             return

@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,34 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytr import storage
 from raytr.errors import user_error_message
-from raytr.data.loaders import causal_target_counts, check_column_ids, gather_batches, ragged_from_arrow
-from raytr.features import SessionBatch
+from raytr.data.loaders import (
+    BadValuesError,
+    DataLoader,
+    causal_target_counts,
+    check_column_values,
+    check_distinct_paths,
+    check_no_nulls,
+    gather_batches,
+    ragged_from_arrow,
+)
+from raytr.evaluation import check_session_files
+from raytr.features import FeatureSpec, SessionBatch
 from raytr.config import ConfigError
 from raytr.ray_runtime import cluster_limit, ensure_ray
 from raytr.training.loop import LoopConfig, WorkerContext, train_loop
 
 log = logging.getLogger(__name__)
+
+
+def located_in_files(error: BadValuesError, spec: FeatureSpec, paths: Sequence[str]) -> ValueError:
+    """A Ray Data batch's bad value as an error naming its file, where the dataset was read from
+    `paths`: its rows do not say which file they came from, so (on this error path only) the files
+    are checked again one by one, a file without the column first (Ray Data reads its rows as null
+    lists). Where none is found (an in-memory dataset), the error names the batch."""
+    check_session_files(spec, paths)
+    for path in paths:
+        DataLoader(spec, [path], 1, shuffle=False, engine="pyarrow", equal_steps=False)  # checks it, naming it
+    return error.located("a Ray Data batch of the training dataset")
 
 
 def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per_worker: int):
@@ -42,26 +63,37 @@ def ray_data_batches(shard: Any, cfg: LoopConfig, device: torch.device, rows_per
     every epoch and rows are shuffled inside a window of 16 batches (no local shuffle buffer: it can
     yield short batches mid-stream, ray #66085). Each window arrives as Arrow lists, is checked once
     and moved to the device as ragged columns, and its batches are gathered and padded there, as
-    the merlin/pyarrow loaders do with their resident columns."""
+    the merlin/pyarrow loaders do with their resident columns. With `dataloader_drop_last`, the
+    short last batch is left out, as by the other engines: rows_per_worker // batch_size steps."""
     spec, batch_size = cfg.spec, cfg.args.per_device_train_batch_size
+    drop_last = cfg.args.dataloader_drop_last
 
     def batches(epoch: int) -> Iterator[SessionBatch]:
         rng = np.random.default_rng(cfg.args.seed * 1_000_003 + epoch)
         for table in shard.iter_batches(batch_size=16 * batch_size, batch_format="pyarrow", drop_last=False):
-            columns = {name: ragged_from_arrow(table.column(name)) for name in spec.columns}
-            check_column_ids(spec, columns)  # on the host, before the copy
+            try:  # on the host, before the copy
+                for name in spec.columns:
+                    check_no_nulls(name, table.column(name))
+                columns = {name: ragged_from_arrow(table.column(name)) for name in spec.columns}
+                check_column_values(spec, columns)
+            except BadValuesError as error:
+                raise located_in_files(error, spec, cfg.train_paths) from None
             targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
             columns = {name: column.to(device) for name, column in columns.items()}
             order = torch.from_numpy(rng.permutation(table.num_rows))
-            yield from gather_batches(spec, columns, targets, order, batch_size)
+            if drop_last:  # only the shard's last window is short: its rows past the last full batch
+                order = order[: len(order) // batch_size * batch_size]
+            if len(order):
+                yield from gather_batches(spec, columns, targets, order, batch_size)
 
-    return batches, math.ceil(rows_per_worker / batch_size)
+    return batches, rows_per_worker // batch_size if drop_last else math.ceil(rows_per_worker / batch_size)
 
 
 def ray_train_dataset(cfg: LoopConfig, dataset: Any = None) -> tuple[Any, int]:
     """The Ray Data engine's training dataset (the given one, or `cfg.train_paths` read) and the rows
     each of `num_workers` shards gets (Ray's equal split drops the remainder rows)."""
     if dataset is None:
+        check_distinct_paths(cfg.train_paths)  # Ray Data would read a file given twice twice
         paths, fs = storage.pyarrow_location(cfg.train_paths)
         dataset = ray.data.read_parquet(paths, filesystem=fs).select_columns(cfg.spec.columns)
     ds = dataset
@@ -72,6 +104,10 @@ def ray_train_dataset(cfg: LoopConfig, dataset: Any = None) -> tuple[Any, int]:
     total, workers = ds.count(), cfg.args.num_workers
     if total < workers:
         raise ValueError(f"{total} sessions cannot feed {workers} workers")
+    batch_size = cfg.args.per_device_train_batch_size
+    if cfg.args.dataloader_drop_last and total // workers < batch_size:
+        raise ValueError(f"{total} sessions over {workers} worker(s) make no full batch of {batch_size} "
+                         "(training.dataloader_drop_last=true)")
     return ds, total // workers
 
 
