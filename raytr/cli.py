@@ -56,7 +56,10 @@ def _load(args: argparse.Namespace, extra: dict[str, dict[str, Any]] | None = No
 
 def cmd_synth(args: argparse.Namespace) -> None:
     from raytr.data.synth import SynthConfig, synthesize
+    from raytr.training.arguments import SEED_BOUND
 
+    if not 0 <= args.seed < SEED_BOUND:  # numpy refuses a negative seed with a traceback
+        raise ValueError(f"--seed {args.seed}: expected an integer from 0 to 2**32 - 1 ({SEED_BOUND - 1})")
     config = SynthConfig(sessions=args.sessions, items=args.items, days=args.days, seed=args.seed, users=args.users)
     frame = synthesize(config, args.output)
     print(f"wrote {len(frame):,} events of {frame['session_id'].nunique():,} sessions starting over {args.days} days "
@@ -71,19 +74,23 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(summary.to_text())
 
 
-def _days(text: str | None) -> list[int] | None:
-    """"1-5" or "1,2,3" -> [1, 2, 3, 4, 5]."""
-    if not text:
+def _days(text: str | None, flag: str) -> list[int] | None:
+    """"1-5" or "1,2,3" -> [1, 2, 3, 4, 5]; None (the option not given) -> None. `flag` names the
+    option in errors."""
+    if text is None:
         return None
+    if not text.strip():  # `--days ''` (an unset shell variable, say) must not mean every day
+        raise ValueError(f"{flag} {text!r}: expected days, e.g. 7, 1-5 or 1,3,6 (leave the option out for the "
+                         "default)")
     days: list[int] = []
     for part in text.split(","):
         lo, dash, hi = part.partition("-")
         try:
             first, last = int(lo), int(hi) if dash else int(lo)
         except ValueError:
-            raise ValueError(f"days {text!r}: expected numbers and ranges like 1-5 or 1,3,6") from None
+            raise ValueError(f"{flag} {text!r}: expected numbers and ranges like 1-5 or 1,3,6") from None
         if last < first:
-            raise ValueError(f"days {text!r}: the range {part!r} runs backwards; write it as {last}-{first}")
+            raise ValueError(f"{flag} {text!r}: the range {part!r} runs backwards; write it as {last}-{first}")
         days += range(first, last + 1)
     return days
 
@@ -98,8 +105,9 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_train(args: argparse.Namespace) -> None:
     from raytr.training.trainer import train_prepared
 
+    train_days, eval_days = _days(args.train_days, "--train-days"), _days(args.eval_days, "--eval-days")
     config = _load(args, _training_overrides(args))
-    result = train_prepared(config, args.data, _days(args.train_days), _days(args.eval_days))
+    result = train_prepared(config, args.data, train_days, eval_days)
     metrics = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("eval_")}
     print(json.dumps({"model_dir": result.model_dir, "checkpoint": result.checkpoint, "metrics": metrics}, indent=2))
 
@@ -120,6 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from raytr.models import SessionModel
     from raytr.training.trainer import resolve_paths
 
+    days = _days(args.days, "--days")  # before the model is read
     model_dir = _model_dir(args.model)
     model = SessionModel.load(model_dir)
     check_same_workflow(storage.parent(model_dir), args.data)  # the bundle: model/ and workflow/
@@ -128,7 +137,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if out_of_range:
         raise ValueError(f"--top-k {' '.join(map(str, out_of_range))}: expected cut-offs from 1 to the model's "
                          f"catalog size, {catalog} items (beyond it every session is a hit)")
-    days = _days(args.days)
     paths = day_paths(args.data, days) if days else resolve_paths(args.data)
     check_session_files(model.spec, paths)
     loader = DataLoader(model.spec, paths, args.batch_size, shuffle=False, engine="pyarrow")

@@ -215,11 +215,11 @@ class ServeConfig:
                 raise ConfigError(f"serve.{name}={getattr(self, name)}: expected >= 1")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"serve.port={self.port}: expected a TCP port, 1 to 65535")
-        if self.batch_wait_timeout_s < 0 or self.reload_poll_s <= 0:
-            raise ConfigError(
-                f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0 and "
-                f"serve.reload_poll_s={self.reload_poll_s} > 0"
-            )
+        if not (math.isfinite(self.batch_wait_timeout_s) and self.batch_wait_timeout_s >= 0):
+            raise ConfigError(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s}: expected a finite number "
+                              ">= 0 (seconds)")
+        if not (math.isfinite(self.reload_poll_s) and self.reload_poll_s > 0):
+            raise ConfigError(f"serve.reload_poll_s={self.reload_poll_s}: expected a finite number > 0 (seconds)")
 
 
 @dataclass(frozen=True)
@@ -234,10 +234,13 @@ class RaytrConfig:
 
 
 def from_dict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name."""
-    values = values or {}
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name. None (an
+    empty or absent section) means the defaults; anything else that is not a mapping is an error."""
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{where}={_short(values)}: expected a mapping of keys (or nothing, for the defaults), "
+                          f"got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -264,13 +267,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        for option in inner[:-1]:  # the first type that takes the value; the last one's error otherwise
+        for option in (a for a in args if a is not type(None)):  # the first type that takes the value
             try:
                 return _coerce(option, value, where)
             except ConfigError:
                 pass
-        return _coerce(inner[-1], value, where)
+        raise ConfigError(f"{where}={value!r}: expected {_describe(tp)}")
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}={value!r}: expected a list")
@@ -300,6 +302,28 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r}: expected a string")
         return value
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters for an error's one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _describe(tp: Any) -> str:
+    """How a value of type `tp` is written in YAML, for errors: "a list of strings, or true or false"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return ", or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (tuple, list):
+        plural = {str: "strings", int: "integers", float: "numbers"}.get(args[0] if args else None)
+        return f"a list of {plural}" if plural else "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -385,12 +409,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             line = error.object[:error.start].count(b"\n") + 1
             raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: line {line} has the byte "
                               f"{error.object[error.start:error.start + 1]!r} (save it as UTF-8)") from None
-        raw = load_yaml(text, f"config file {str(path)!r}") or {}
+        raw = load_yaml(text, f"config file {str(path)!r}")
+        if raw is None:  # empty, or only comments: the defaults
+            raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (data, model, training, serve)")
+            raise ConfigError(f"config file {str(path)!r} holds {type(raw).__name__} {_short(raw)}: expected a "
+                              "mapping of sections (data, model, training, serve)")
     for section, values in (overrides or {}).items():
         _check_override(section, values)
-        current = raw.get(section) or {}
+        current = raw.get(section)
+        if current is None:
+            current = {}
         if not isinstance(current, dict):
             raise ConfigError(f"{path or 'config'}: section {section!r} must be a mapping, got {current!r}")
         raw[section] = {**current, **values}

@@ -161,11 +161,30 @@ def test_missing_required_argument_is_a_usage_error(capsys):
 def test_day_ranges():
     from raytr.cli import _days
 
-    assert _days("1-3,5") == [1, 2, 3, 5] and _days("6") == [6] and _days(None) is None
-    with pytest.raises(ValueError, match=r"days '7-6': the range '7-6' runs backwards; write it as 6-7"):
-        _days("7-6")
-    with pytest.raises(ValueError, match="expected numbers and ranges"):
-        _days("1-x")
+    assert _days("1-3,5", "--days") == [1, 2, 3, 5] and _days("6", "--days") == [6] and _days(None, "--days") is None
+    with pytest.raises(ValueError, match=r"^--eval-days '7-6': the range '7-6' runs backwards; write it as 6-7"):
+        _days("7-6", "--eval-days")
+    with pytest.raises(ValueError, match=r"^--days '1-x': expected numbers and ranges"):
+        _days("1-x", "--days")
+
+
+@pytest.mark.parametrize("argv, flag", [(["train", "--config", SYNTHETIC, "--train-days", ""], "--train-days"),
+                                        (["train", "--config", SYNTHETIC, "--eval-days", " "], "--eval-days"),
+                                        (["evaluate", "--model", "no-model", "--days", ""], "--days")])
+def test_an_empty_days_option_is_refused_naming_it_before_any_work(tmp_path, capsys, argv, flag):
+    """An empty value (an unset shell variable) would otherwise mean the default days, or all of them."""
+    code = main([*argv, "--data", str(tmp_path / "prepared"), *(["--output", str(tmp_path / "out")]
+                                                                if argv[0] == "train" else [])])
+    assert code == 2
+    assert re.search(rf"raytr {argv[0]}: error: {flag} '\s*': expected days, e.g. 7, 1-5", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []  # nothing written, and the model (absent) not read
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_synth_seed_out_of_range_is_one_line_naming_the_flag(tmp_path, capsys, seed):
+    assert main(["synth", "--output", str(tmp_path / "raw"), "--seed", seed]) == 2
+    assert f"raytr synth: error: --seed {seed}: expected an integer from 0 to 2**32 - 1" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists()
 
 
 def test_parse_overrides_reads_yaml_values():

@@ -227,6 +227,55 @@ def test_model_post_init_checks():
     assert load_config(overrides={"model": {"body": "bert", "objective": "mlm"}}).model.objective == "mlm"
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("reload_poll_s", float("nan"), "a finite number > 0"), ("reload_poll_s", float("inf"), "a finite number > 0"),
+    ("reload_poll_s", 0, "a finite number > 0"), ("batch_wait_timeout_s", float("nan"), "a finite number >= 0"),
+    ("batch_wait_timeout_s", float("inf"), "a finite number >= 0"), ("batch_wait_timeout_s", -1, "a finite number >= 0"),
+])
+def test_serve_timings_must_be_finite_and_name_the_key(key, value, expected):
+    with pytest.raises(ConfigError, match=re.escape(f"serve.{key}={float(value)}: expected {expected}")):
+        load_config(overrides={"serve": {key: value}})
+    serve = load_config(overrides={"serve": {"batch_wait_timeout_s": 0, "reload_poll_s": 0.5}}).serve
+    assert serve.batch_wait_timeout_s == 0.0 and serve.reload_poll_s == 0.5
+
+
+@pytest.mark.parametrize("value", ["hour", ["hour", 5], {"hour": True}, None])
+def test_a_value_of_none_of_a_unions_types_lists_every_accepted_form(value):
+    with pytest.raises(ConfigError, match=re.escape(f"data.time_features={value!r}: expected a list of strings, or "
+                                                    "true or false")):
+        load_config(overrides={"data": {"time_features": value}})
+    with pytest.raises(ConfigError, match=r"model.logits_chunk_size='auto': expected an integer, or null"):
+        load_config(overrides={"model": {"logits_chunk_size": "auto"}})
+
+
+@pytest.mark.parametrize("text, section", [("training: 0", "training"), ("model: false", "model"),
+                                           ("data: []", "data"), ('serve: ""', "serve")])
+def test_a_section_that_is_not_a_mapping_is_an_error_naming_it(tmp_path, text, section):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=rf"c\.yaml\.{section}=.*: expected a mapping of keys"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"section '{section}' must be a mapping"):  # with a --set into it
+        load_config(path, overrides={section: {}})
+
+
+@pytest.mark.parametrize("text", ["0", "[]", "false", '""'])
+def test_a_file_that_is_not_a_mapping_is_an_error_naming_it(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=r"^config file '.*c\.yaml' holds \w+ .*: expected a mapping of sections"):
+        load_config(path)
+
+
+def test_only_an_empty_file_or_section_means_the_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    for text in ("", "# nothing yet\n", "data:\nmodel: null\ntraining: {}\n"):
+        path.write_text(text)
+        assert load_config(path) == RaytrConfig()
+    path.write_text("training:\n")
+    assert load_config(path, overrides={"training": {"seed": 3}}).training.seed == 3
+
+
 def test_missing_file_names_it(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml"):

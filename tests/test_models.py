@@ -283,6 +283,24 @@ def test_hf_extras_are_validated_by_name():
     assert hf.num_key_value_heads == 2 and hf.rms_norm_eps == 1e-5
 
 
+@pytest.mark.parametrize("body, key", [("gpt2", "layer_norm_epsilon"), ("llama", "rms_norm_eps"),
+                                       ("bert", "layer_norm_eps"), ("xlnet", "layer_norm_eps")])
+def test_hf_extras_take_an_int_for_a_float_field(body, key):
+    """YAML writes `layer_norm_epsilon: 1` as an int; Hugging Face's strict fields want a float."""
+    hf = hf_config_for(ModelConfig(body=body, hf_config={key: 1}), 8)
+    assert getattr(hf, key) == 1.0 and type(getattr(hf, key)) is float
+
+
+def test_an_hf_extra_hugging_face_refuses_is_one_line_naming_the_field():
+    with pytest.raises(ConfigError) as caught:
+        hf_config_for(ModelConfig(body="gpt2", hf_config={"layer_norm_epsilon": "small"}), 8)
+    assert "\n" not in str(caught.value)
+    assert re.match(r"model.hf_config=\{'layer_norm_epsilon': 'small'\}: Hugging Face's GPT2Config refuses it: .*"
+                    r"'layer_norm_epsilon' expected float, got str", str(caught.value)), str(caught.value)
+    with pytest.raises(ConfigError, match="expected float, got bool"):  # true is not 1.0
+        hf_config_for(ModelConfig(body="llama", hf_config={"rms_norm_eps": True}), 8)
+
+
 def test_hf_extras_the_config_takes_but_the_model_cannot_build_or_run_are_config_errors():
     """GPT2Config takes any activation name and a negative FFN width; the model fails on them."""
     cases = [("gpt2", {"activation_function": "nope"}), ("gpt2", {"n_inner": -4}),

@@ -596,11 +596,13 @@ def test_train_refuses_an_output_dir_holding_other_data_before_writing(prepared_
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has a GPU")
-def test_fp16_on_cpu_raises_a_clear_error(prepared_dir, prepared_spec, tmp_path):
-    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), local_args(tmp_path, fp16=True),
-                      train_dataset_or_path=day_paths(prepared_dir, [1]))
-    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
-        trainer.train()
+def test_fp16_on_cpu_raises_a_clear_error(tmp_path):
+    """Refused when the config is read (it had failed inside the training loop, after writing runs/)."""
+    from raytr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^training\.fp16=true needs a GPU"):
+        local_args(tmp_path, fp16=True)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_model_cardinality_smaller_than_the_data_names_the_column(prepared_dir, prepared_spec, tmp_path):

@@ -7,6 +7,7 @@ in test_distributed.py). No Ray cluster and no training data: a tiny model built
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -73,10 +74,82 @@ def test_report_to_none_or_empty_writes_no_tensorboard_events(report_to, writes,
     assert (tmp_path / "tensorboard" / "r").is_dir() == writes
 
 
-@pytest.mark.parametrize("resources", [{"CPU:1.5": None}, {"CPU": -1}, {"GPU": "one"}, {"CPU": float("nan")}])
-def test_resources_per_worker_must_be_numbers(resources):
-    with pytest.raises(ConfigError, match=r"training.resources_per_worker=.*expected a number >= 0"):
+@pytest.mark.parametrize("name", ["none", "tensorboard"])
+def test_report_to_takes_one_name_in_yaml_as_hugging_face_does(name):
+    assert load_config(overrides={"training": {"report_to": name}}).training.report_to == (name,)
+
+
+def test_report_to_of_one_unsupported_name_or_not_a_name_is_refused():
+    with pytest.raises(ConfigError, match=r"training.report_to=\['wandb'\]: supported are"):
+        load_config(overrides={"training": {"report_to": "wandb"}})
+    with pytest.raises(ConfigError, match=r"report_to=5: expected a list of strings, or a string$"):
+        load_config(overrides={"training": {"report_to": 5}})
+
+
+@pytest.mark.parametrize("resources", [{"CPU:1.5": None}, {"CPU": -1}, {"GPU": "one"}, {"CPU": float("nan")},
+                                       {"CPU": float("inf")}, {"CPU": 1, 5: 2}])
+def test_resources_per_worker_must_be_named_finite_numbers(resources):
+    with pytest.raises(ConfigError, match=r"training.resources_per_worker=.*expected a resource name mapped to a "
+                                          r"finite number >= 0"):
         TrainingArguments(resources_per_worker=resources)
+
+
+def test_fp16_without_a_gpu_is_refused_before_training_and_bf16_runs_on_the_cpu():
+    """fp16 autocast and its GradScaler need CUDA: the workers would fail after writing the run."""
+    with pytest.raises(ConfigError, match=r"^training.fp16=true needs a GPU \(training.use_gpu=true\); on the CPU "
+                                          r"use training.bf16=true"):
+        load_config(CONFIG, {"training": {"fp16": True}})
+    for launcher in ("local", "ray"):
+        with pytest.raises(ConfigError, match=r"^training.fp16=true needs a GPU"):
+            TrainingArguments(fp16=True, launcher=launcher)
+    assert TrainingArguments(fp16=True, use_gpu=True).mixed_precision == "fp16"
+    assert TrainingArguments(bf16=True).mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 20_000_000_000_000, 18446744073709551616])
+def test_seed_out_of_range_names_the_key(seed):
+    """The loaders seed with seed * 1_000_003 + ...: a large seed would overflow torch's generator mid-run."""
+    with pytest.raises(ConfigError, match=rf"^training.seed={seed}: expected an integer from 0 to 2\*\*32 - 1"):
+        load_config(overrides={"training": {"seed": seed}})
+
+
+def test_seeds_at_the_bounds_are_accepted():
+    assert TrainingArguments(seed=0).seed == 0 and TrainingArguments(seed=2**32 - 1).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("length", [0, 1, -3])
+def test_max_sequence_length_below_two_is_refused_naming_the_key(length):
+    with pytest.raises(ConfigError, match=rf"^training.max_sequence_length={length}: expected >= 2"):
+        load_config(overrides={"training": {"max_sequence_length": length}})
+
+
+def test_the_schemas_length_is_used_only_when_none_is_given():
+    from raytr.data.schema import feature_spec, schema_from_spec
+
+    schema = schema_from_spec(SPEC)
+    assert feature_spec(schema).max_sequence_length == 8 and feature_spec(schema, 5).max_sequence_length == 5
+    with pytest.raises(ValueError, match=r"max_sequence_length=0: expected >= 2"):  # not the schema's 8
+        feature_spec(schema, 0)
+    assert TrainingArguments(max_sequence_length=2).max_sequence_length == 2
+    assert TrainingArguments().max_sequence_length is None
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../..", "/tmp/x", "a/b", "a\\b"])
+def test_run_name_must_be_one_directory_name(name):
+    """The run is written to <output>/runs/<run_name>: a path there would write it elsewhere."""
+    with pytest.raises(ConfigError, match=re.escape(f"training.run_name={name!r}: expected one plain directory name")):
+        load_config(overrides={"training": {"run_name": name}})
+
+
+def test_plain_run_names_are_accepted():
+    for name in ("gpt2-day6", "run.1", "..x", None):
+        assert TrainingArguments(run_name=name).run_name == name
+
+
+def test_avg_session_length_is_no_longer_a_key():
+    """Nothing read it: it is an unknown key now, as a misspelled one is."""
+    with pytest.raises(ConfigError, match=r"unknown key; known keys of training"):
+        load_config(overrides={"training": {"avg_session_length": 5}})
 
 
 # --------------------------------------------------------------------------- resuming another model

@@ -64,7 +64,8 @@ def _max_length(col: ColumnSchema) -> int | None:
 
 def feature_spec(schema: Schema, max_sequence_length: int | None = None) -> FeatureSpec:
     """The model inputs a schema describes: the item-id list column, other categorical and
-    continuous list columns, cardinalities and the maximum length."""
+    continuous list columns, cardinalities and the maximum length (`max_sequence_length`, or the
+    schema's when it is None)."""
     lists = [c for c in schema if Tags.LIST in c.tags or c.is_list]
     items = [c for c in lists if Tags.ITEM_ID in c.tags or {Tags.ITEM, Tags.ID} <= set(c.tags)]
     if not items:
@@ -79,7 +80,7 @@ def feature_spec(schema: Schema, max_sequence_length: int | None = None) -> Feat
         c.name: _cardinality(c) for c in lists if c is not item and Tags.CATEGORICAL in c.tags
     }
     continuous = tuple(c.name for c in lists if Tags.CONTINUOUS in c.tags)
-    length = max_sequence_length or _max_length(item)
+    length = _max_length(item) if max_sequence_length is None else max_sequence_length  # 0 is FeatureSpec's error
     if length is None:
         raise SchemaError(f"the schema gives no maximum length for {item.name!r}: pass max_sequence_length")
     return FeatureSpec(

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import typing
 from typing import Any
 
 import torch
@@ -100,6 +101,28 @@ def validate_hf_extras(body: str, extras: dict[str, Any]) -> None:
             )
 
 
+def _float_fields(cls: type[PretrainedConfig]) -> set[str]:
+    """The fields of a Hugging Face config class typed `float` (or `float | None`), which its
+    strict validation refuses a plain int for (`layer_norm_epsilon: 1`, as YAML writes 1.0)."""
+    if not dataclasses.is_dataclass(cls):
+        return set()
+    floats = {float, "float", "float | None", "Optional[float]"}
+    return {f.name for f in dataclasses.fields(cls)
+            if f.type in floats or set(typing.get_args(f.type)) == {float, type(None)}}
+
+
+def _with_floats(cls: type[PretrainedConfig], extras: dict[str, Any]) -> dict[str, Any]:
+    """`extras` with the ints given for `cls`'s float fields made floats (by field or alias)."""
+    floats = _float_fields(cls)
+    return {key: float(value) if cls.attribute_map.get(key, key) in floats and type(value) is int else value
+            for key, value in extras.items()}
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (transformers' validation errors span several)."""
+    return " ".join(str(error).split())
+
+
 def hf_config_for(config: ModelConfig, max_length: int) -> PretrainedConfig:
     """The Hugging Face config for `config.body`, for sequences of at most `max_length` events.
 
@@ -133,13 +156,14 @@ def hf_config_for(config: ModelConfig, max_length: int) -> PretrainedConfig:
         raise ConfigError(
             f"model.body={config.body!r} has no Hugging Face config; expected one of {sorted(HF_CONFIG_CLASSES)}"
         )
+    cls = HF_CONFIG_CLASSES[config.body]
     try:
-        return HF_CONFIG_CLASSES[config.body](**{**no_tokens, **defaults, **config.hf_config, **owned})
+        return cls(**{**no_tokens, **defaults, **_with_floats(cls, config.hf_config), **owned})
     except Exception as error:  # transformers' validation raises its own types (strict dataclass errors)
         if not config.hf_config:
             raise
-        raise ConfigError(f"model.hf_config={config.hf_config!r}: Hugging Face's "
-                          f"{HF_CONFIG_CLASSES[config.body].__name__} refuses it: {error}") from None
+        raise ConfigError(f"model.hf_config={config.hf_config!r}: Hugging Face's {cls.__name__} refuses it: "
+                          f"{_one_line(error)}") from None
 
 
 def model_config_values(hf_config: PretrainedConfig) -> dict[str, Any]:
@@ -353,5 +377,5 @@ def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig
         if not config.hf_config:
             raise
         raise ConfigError(f"model.hf_config={config.hf_config!r}: the {config.body} body cannot be built or run "
-                          f"with it: {type(error).__name__}: {error}") from None
+                          f"with it: {type(error).__name__}: {_one_line(error)}") from None
     return body

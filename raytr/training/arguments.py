@@ -12,6 +12,10 @@ LossKernel = Literal["auto", "torch", "triton"]  # training.loss_kernel: see Tra
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # these replay their graphs as CUDA graphs on a GPU
 # training.report_to: the integrations the loop writes to (loop._tensorboard); "none" (or []) writes none.
 REPORT_TO = ("tensorboard", "none")
+# training.seed (and `raytr synth --seed`) is below this: the loaders seed torch and numpy generators
+# with seed * 1_000_003 + epoch * 7_919 + rank (the loop with seed * 7_919 + rank), which then stays
+# far below 2**63 (a torch generator's limit), and numpy refuses a negative seed.
+SEED_BOUND = 2**32
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,8 @@ class TrainingArguments:
             needs the triton package, which CUDA builds of torch install); "auto": "triton" on a
             GPU where the triton package is installed, else "torch" (the 1M config's step on an
             H100: 1.29x the torch kernel's, bench/REPORT.md). Same loss and gradients.
-        max_sequence_length: None reads it from the prepared schema (the one source of truth).
+        max_sequence_length: None reads it from the prepared schema (the one source of truth);
+            a number (>= 2) overrides it.
         data_loader_engine: "merlin" (merlin-dataloader), "pyarrow", or "ray" (Ray Data shards).
         compute_metrics_each_n_steps: ranking metrics on the training batch every N steps (0: off).
         stop_after_epoch: end the run after this many epochs of the `num_train_epochs` (or
@@ -43,14 +48,17 @@ class TrainingArguments:
             would squeeze the schedule into the shorter run instead.
         metrics_top_k: cut-offs for Precision/Recall/NDCG/MAP/MRR@k (distinct integers >= 1).
         report_to: ["tensorboard"] (scalars under output_dir/tensorboard/<run>), or [] / ["none"]
-            for no logging; other Hugging Face integrations (wandb, mlflow, ...) are not supported.
+            for no logging; as in Hugging Face, one name alone ("none", "tensorboard") is a list of
+            it. Other Hugging Face integrations (wandb, mlflow, ...) are not supported.
         predict_top_k: how many items `predict()` returns per session.
     Ray Train:
         launcher: "ray" runs the loop on Ray Train's TorchTrainer (DDP over `num_workers`);
             "local" runs the same loop in this process (one worker, no Ray; quick experiments).
         num_workers, use_gpu, resources_per_worker, max_failures (worker-group restarts, resuming
         from the last checkpoint), resume_from_checkpoint (a checkpoint directory to continue from),
-        run_name (None: a new unique name, so a new run never resumes an old one by accident).
+        run_name (None: a new unique name, so a new run never resumes an old one by accident; a
+        name is one directory under output_dir/runs/, so no "/", "\\", "." or "..").
+    fp16 needs use_gpu (autocast to float16 and GradScaler run on CUDA only); bf16 also runs on the CPU.
     """
 
     output_dir: str = "runs/train"
@@ -81,10 +89,9 @@ class TrainingArguments:
     save_total_limit: int = 2
     metric_for_best_model: str = "ndcg@10"
     greater_is_better: bool = True
-    report_to: tuple[str, ...] = ("tensorboard",)
+    report_to: tuple[str, ...] | str = ("tensorboard",)  # one name: a list of it (a tuple after __post_init__)
     disable_tqdm: bool = False
     max_sequence_length: int | None = None
-    avg_session_length: int | None = None
     data_loader_engine: Literal["merlin", "pyarrow", "ray"] = "merlin"
     compute_metrics_each_n_steps: int = 0
     metrics_top_k: tuple[int, ...] = (5, 10, 20)
@@ -108,6 +115,16 @@ class TrainingArguments:
             object.__setattr__(self, "torch_compile", True)  # as in Hugging Face: a mode implies compiling
         if self.fp16 and self.bf16:
             raise ConfigError("training.fp16 and training.bf16 are both true: choose one")
+        if self.fp16 and not self.use_gpu:  # else the workers fail on it, after the run's directories are written
+            raise ConfigError("training.fp16=true needs a GPU (training.use_gpu=true); on the CPU use "
+                              "training.bf16=true, or neither")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_BOUND:
+            raise ConfigError(f"training.seed={self.seed!r}: expected an integer from 0 to 2**32 - 1 "
+                              f"({SEED_BOUND - 1})")
+        if self.max_sequence_length is not None and self.max_sequence_length < 2:  # 0 would mean the schema's
+            raise ConfigError(f"training.max_sequence_length={self.max_sequence_length}: expected >= 2 (an input "
+                              "and a target), or null for the prepared schema's")
+        self._check_run_name()
         if self.num_train_epochs < 1 and self.max_steps <= 0:
             raise ConfigError(f"training.num_train_epochs={self.num_train_epochs}: expected >= 1")
         if self.stop_after_epoch < 0 or (self.max_steps <= 0 and self.stop_after_epoch > self.num_train_epochs):
@@ -150,11 +167,12 @@ class TrainingArguments:
         if self.max_failures < 0:
             raise ConfigError(f"training.max_failures={self.max_failures}: expected >= 0")
         bad = {k: v for k, v in self.resources_per_worker.items()
-               if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0}  # NaN fails too
+               if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))
+               or not (math.isfinite(v) and v >= 0)}
         if bad:  # else Ray Train fails on them after the run started
-            raise ConfigError(f"training.resources_per_worker={dict(self.resources_per_worker)}: expected a number >= 0 "
-                              f"for each resource, got {bad}; e.g. {{CPU: 2, GPU: 1}} (YAML needs a space after "
-                              "each colon)")
+            raise ConfigError(f"training.resources_per_worker={dict(self.resources_per_worker)}: expected a resource "
+                              f"name mapped to a finite number >= 0 for each resource, got {bad}; e.g. "
+                              "{CPU: 2, GPU: 1} (YAML needs a space after each colon)")
         if self.launcher == "local" and self.data_loader_engine == "ray":  # Ray Data shards come from Ray Train
             raise ConfigError("training.data_loader_engine='ray' needs training.launcher='ray' (Ray Data feeds Ray "
                               "Train's workers); with training.launcher='local' use data_loader_engine 'merlin' or "
@@ -169,6 +187,15 @@ class TrainingArguments:
                 or len(set(top_k)) != len(top_k)):
             raise ConfigError(f"training.metrics_top_k={top_k}: expected a non-empty list of distinct integers "
                               ">= 1, e.g. [5, 10, 20]")
+
+    def _check_run_name(self) -> None:
+        from raytr.config import ConfigError
+
+        name = self.run_name
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+            # The run's directory is output_dir/runs/<run_name>: a path there would put it elsewhere.
+            raise ConfigError(f"training.run_name={name!r}: expected one plain directory name (not empty, '.' or "
+                              "'..', no '/' or '\\'), e.g. gpt2-day6; the run is written to <output>/runs/<run_name>")
 
     def _check_report_to(self) -> None:
         from raytr.config import ConfigError
