@@ -605,6 +605,15 @@ def test_fp16_on_cpu_raises_a_clear_error(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for a machine without a CUDA GPU")
+def test_use_gpu_without_a_gpu_is_refused_before_anything_is_written(prepared_dir, prepared_spec, tmp_path):
+    trainer = Trainer(SessionModel(prepared_spec, small_model_config(), seed=0), local_args(tmp_path, use_gpu=True),
+                      train_dataset_or_path=day_paths(prepared_dir, [1]))
+    with pytest.raises(ValueError, match=r"^training\.use_gpu is true but no CUDA GPU is visible"):
+        trainer.train()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_model_cardinality_smaller_than_the_data_names_the_column(prepared_dir, prepared_spec, tmp_path):
     small_spec = replace(prepared_spec, item_cardinality=50)
     trainer = Trainer(SessionModel(small_spec, small_model_config(), seed=0), local_args(tmp_path),

@@ -203,6 +203,9 @@ class Trainer:
         if eval_paths and sum(row_counts(eval_paths)) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
         check_train_output(output_dir, [*train_paths, *eval_paths])  # before anything is written
+        if args.launcher == "local" and args.use_gpu and not torch.cuda.is_available():
+            raise ValueError("training.use_gpu is true but no CUDA GPU is visible to this process "
+                             "(training.launcher=local)")
         run_dir = storage.join(output_dir, "runs", run_name)
         init_dir = self.model.save(storage.join(run_dir, "init"))
         init_state = None
@@ -246,9 +249,7 @@ class Trainer:
 
     def _train_local(self, cfg: LoopConfig, run_dir: str) -> tuple[dict[str, float], str, str | None]:
         args = cfg.args
-        device = torch.device("cuda" if args.use_gpu and torch.cuda.is_available() else "cpu")
-        if args.use_gpu and device.type != "cuda":
-            raise ValueError("training.use_gpu is true but no CUDA GPU is visible")
+        device = torch.device("cuda" if args.use_gpu else "cpu")  # a GPU is there: checked in train()
         ctx, saved = local_context(run_dir, args.save_total_limit, args.metric_for_best_model,
                                    args.greater_is_better, device)
         if args.resume_from_checkpoint:
