@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from raytr import storage
 from raytr.config import DataConfig, from_dict
+from raytr.data.layout import categories_digest
 
 if TYPE_CHECKING:
     from raytr.features import FeatureSpec
@@ -63,7 +64,11 @@ def read_data_config(bundle_dir: str | Path) -> DataConfig:
     path = storage.join(bundle_dir, "prepare.json")
     if not storage.is_file(path):
         raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a model bundle (train with `raytr train`)")
-    info = json.loads(storage.read_text(path))
+    try:
+        info = json.loads(storage.read_text(path))
+    except ValueError as error:  # invalid JSON or UTF-8
+        raise ValueError(f"{path} is not valid JSON ({error}): copy it again from the `raytr prepare` output "
+                         "(or train again)") from None
     if not isinstance(info, dict) or not isinstance(info.get("data"), dict):
         raise ValueError(f"{path} has no data config (expected the file `raytr prepare` writes)")
     return from_dict(DataConfig, info["data"], where=f"{path} data")
@@ -73,7 +78,7 @@ def read_data_config(bundle_dir: str | Path) -> DataConfig:
 class Bundle:
     root: Path
     data: DataConfig
-    version: str  # run name + a digest of the weights: changes whenever the model does
+    version: str  # run name + a digest of the weights and the workflow: changes whenever either does
     train_result: dict[str, Any]
 
     @property
@@ -128,8 +133,17 @@ class Bundle:
         result_path = root / "train_result.json"
         train_result = (_read_train_result(result_path, storage.join(source, "train_result.json"))
                         if result_path.is_file() else {})
-        digest = hashlib.sha256((root / MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()[:12]
-        version = f"{train_result.get('run_name', 'model')}-{digest}"
+        workflow = categories_digest(root)
+        trained_with = train_result.get("workflow_digest")
+        if trained_with is not None and workflow != trained_with:
+            raise ValueError(f"{storage.join(source, WORKFLOW_DIR)} is not the workflow the model in "
+                             f"{storage.join(source, MODEL_DIR)} was trained with (another `raytr prepare` run): "
+                             "its ids stand for other items; copy the workflow of the model's training data "
+                             "(`raytr train` does)")
+        # The weights and the workflow: a new workflow (its vocabularies) is a new version too.
+        digest = hashlib.sha256((root / MODEL_DIR / "model.safetensors").read_bytes())
+        digest.update((workflow or "").encode())
+        version = f"{train_result.get('run_name', 'model')}-{digest.hexdigest()[:12]}"
         if storage.is_url(source):
             root = _keep_copy(root, source, version)
         return cls(root=root, data=data, version=version, train_result=train_result)

@@ -76,6 +76,21 @@ def check_same_workflow(bundle: str, data: str) -> None:
                          "was trained with (prepare every day together, then choose them with --days)")
 
 
+def data_workflow_digest(paths: Sequence[str]) -> str | None:
+    """The categories digest of the prepared dataset the session files `paths` lie in (None where
+    none does: files outside a `raytr prepare` output). Files of two prepare runs whose workflows
+    differ are refused: the same id stands for other items in each."""
+    roots = sorted({root for root in (prepared_root(d) for d in {storage.parent(p) for p in paths}) if root})
+    digests = {root: categories_digest(root) for root in roots}
+    known = {root: digest for root, digest in digests.items() if digest is not None}
+    if len(set(known.values())) > 1:
+        (first, digest), *rest = known.items()
+        other = next(root for root, d in rest if d != digest)
+        raise ValueError(f"the data mixes sessions of two `raytr prepare` runs ({first} and {other}): their item ids "
+                         "stand for different items; prepare every day together, then choose days from that output")
+    return next(iter(known.values()), None)
+
+
 def check_session_files(spec: FeatureSpec, paths: Sequence[str]) -> None:
     """Refuse, naming the file, a path that is not a parquet file or lacks a column the model reads
     (`spec.columns`), before any batch is read (only the files' footers are)."""

@@ -1,10 +1,12 @@
-"""Artifacts that are damaged or in the way: a model whose weights file cannot be read is a one-line
-error naming it, and attaching the preprocessing to a bundle replaces raytr's own copies only."""
+"""Artifacts that are damaged, in the way or mismatched: a model whose weights file cannot be read is
+a one-line error naming it, attaching the preprocessing to a bundle replaces raytr's own copies
+only, and a bundle's workflow must be the one its model's data was encoded with."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,55 @@ def test_attach_refuses_an_output_whose_copy_would_replace_the_prepared_data(tmp
         with pytest.raises(ValueError, match=f"its workflow would replace the prepared data directory {str(source)!r}"):
             attach_preprocessing(source, bundle)
         assert _tags(prepared) == dict.fromkeys(_tags(prepared), "data")
+
+
+def test_a_bundle_whose_workflow_is_not_the_models_data_is_refused(prepared_dir, prepared_spec, tmp_path):
+    """Training records the digest of the workflow that encoded its data; a bundle pairing the model
+    with another prepare run's workflow (equal catalog, other items per id) was served silently with
+    wrong items. Its version changes with the workflow too; data of two prepare runs is refused."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from raytr.bundle import Bundle, attach_preprocessing
+    from raytr.config import ModelConfig
+    from raytr.data.layout import categories_digest, day_paths
+    from raytr.training.arguments import TrainingArguments
+    from raytr.training.trainer import Trainer
+
+    out = tmp_path / "bundle"
+    args = TrainingArguments(output_dir=str(out), launcher="local", num_train_epochs=1, data_loader_engine="pyarrow",
+                             per_device_train_batch_size=256, disable_tqdm=True, report_to=(), save_total_limit=1)
+    model = SessionModel(prepared_spec, ModelConfig(d_model=16, n_layers=1, n_heads=2, categorical_dim=4), seed=0)
+    Trainer(model, args, train_dataset_or_path=day_paths(prepared_dir, [1])).train()
+    attach_preprocessing(prepared_dir, out)
+    assert json.loads((out / "train_result.json").read_text())["workflow_digest"] == categories_digest(prepared_dir)
+    version = Bundle.load(out).version
+
+    items = out / "workflow" / "categories" / "unique.item_id.parquet"
+    table = pq.read_table(items)
+    pq.write_table(table.take(list(reversed(range(table.num_rows)))), items)  # the same items, other ids
+    with pytest.raises(ValueError, match=r"bundle/workflow is not the workflow the model in .*bundle/model was "
+                                         r"trained with \(another `raytr prepare` run\)"):
+        Bundle.load(out)
+    result = json.loads((out / "train_result.json").read_text())
+    (out / "train_result.json").write_text(json.dumps({**result, "workflow_digest": None}))  # e.g. a Ray Dataset's
+    assert Bundle.load(out).version != version  # not checked then, but a new version
+
+    other = tmp_path / "other"
+    shutil.copytree(prepared_dir, other)
+    shutil.copy(items, other / "workflow" / "categories" / "unique.item_id.parquet")
+    trainer = Trainer(model, replace(args, output_dir=str(tmp_path / "mixed")),
+                      train_dataset_or_path=[*day_paths(prepared_dir, [1]), *day_paths(other, [2])])
+    with pytest.raises(ValueError, match=r"the data mixes sessions of two `raytr prepare` runs"):
+        trainer.train()
+    assert not (tmp_path / "mixed").exists()
+
+
+@pytest.mark.parametrize("content", [b'{"data": {', b"\xff\xfe{}"])
+def test_a_bundles_prepare_json_that_is_not_json_is_named(tmp_path, content):
+    from raytr.bundle import read_data_config
+
+    (tmp_path / "prepare.json").write_bytes(content)
+    with pytest.raises(ValueError, match=r"prepare\.json is not valid JSON .*copy it again from the `raytr prepare` "):
+        read_data_config(tmp_path)

@@ -32,7 +32,7 @@ import torch
 from raytr import storage
 from raytr.data.layout import available_days, day_paths, sessions_root
 from raytr.data.loaders import DataLoader, row_counts
-from raytr.evaluation import check_session_files, evaluate_next_item
+from raytr.evaluation import check_session_files, data_workflow_digest, evaluate_next_item
 from raytr.config import ConfigError
 from raytr.features import FIRST_ITEM_ID, SessionBatch
 from raytr.models import SessionModel
@@ -200,6 +200,8 @@ class Trainer:
         eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
             resolve_paths(self.eval_dataset))
         check_session_files(self.model.spec, [*train_paths, *eval_paths])  # a file without the model's columns
+        # Which workflow encoded the data: recorded, so a bundle pairing the model with another is refused.
+        workflow_digest = data_workflow_digest([*train_paths, *eval_paths])
         if eval_paths and sum(row_counts(eval_paths)) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
         check_train_output(output_dir, [*train_paths, *eval_paths])  # before anything is written
@@ -244,7 +246,7 @@ class Trainer:
         self.state["runs"].append(asdict(result))
         storage.write_text(storage.join(output_dir, "train_result.json"), json.dumps(
             {**asdict(result), "training_arguments": asdict(args), "model_config": asdict(self.model.config),
-             "feature_spec": self.model.spec.to_dict()}, indent=2, default=str))
+             "feature_spec": self.model.spec.to_dict(), "workflow_digest": workflow_digest}, indent=2, default=str))
         return result
 
     def _train_local(self, cfg: LoopConfig, run_dir: str) -> tuple[dict[str, float], str, str | None]:
