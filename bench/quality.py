@@ -714,7 +714,8 @@ def rerun_incremental(output: str, modes: list[str], hp: Hyper, use_tuned: bool)
     for mode in modes:
         ds[incremental_key(mode)] = run_yoochoose_incremental(
             best["body"], best["objective"], best["choice"]["epochs"], work, ds["models"]["item_knn"]["choice"],
-            tuned_hyper(hp, "yoochoose", best_name, use_tuned), best["choice"].get("score_temperature", 1.0), mode)
+            tuned_hyper(hp, "yoochoose", best_name, use_tuned), best["choice"].get("score_temperature", 1.0), mode,
+            schedule_epochs=ds["epochs_max"])
     shutil.rmtree(work, ignore_errors=True)
     old["notes"] = [n for n in old.get("notes", []) if not n.startswith("Day windows rerun")] + [
         f"Day windows rerun ({', '.join(modes)}) with the stored choices: `{' '.join(['python', *sys.argv])}`; each "
@@ -725,18 +726,21 @@ def rerun_incremental(output: str, modes: list[str], hp: Hyper, use_tuned: bool)
 
 def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path, knn: dict[str, float],
                               hp: Hyper = Hyper(), score_temperature: float = 1.0,
-                              mode: str = "finetune") -> dict[str, Any]:
+                              mode: str = "finetune", schedule_epochs: int | None = None) -> dict[str, Any]:
     """Day windows on the YOOCHOOSE sample with the chosen transformer (scored at the temperature
     chosen on validation), evaluated on day t+1 (`run_incremental`'s `mode`: finetune on day t, or
     a new model on days 1..t, the baselines' data); item-kNN with the recency decay and
-    self-similarity chosen on validation (`knn`)."""
+    self-similarity chosen on validation (`knn`). Each window trains `epochs` epochs of a
+    `schedule_epochs` learning-rate schedule (default `epochs`): the chosen checkpoint's place in
+    the schedule of the fit that chose it."""
     from raytr.config import load_config
     from raytr.training.incremental import run_incremental
 
     overrides = {
         # the model the main runs train, field for field
         "model": asdict(model_config(body, objective, hp)) | {"score_temperature": score_temperature},
-        "training": {"launcher": "local", "num_train_epochs": epochs, "disable_tqdm": True, "report_to": [],
+        "training": {"launcher": "local", "num_train_epochs": schedule_epochs or epochs,
+                     "stop_after_epoch": epochs if schedule_epochs else 0, "disable_tqdm": True, "report_to": [],
                      "data_loader_engine": "pyarrow", "metrics_top_k": list(TOP_K), "learning_rate": hp.learning_rate,
                      "per_device_train_batch_size": hp.batch_size, "save_total_limit": 1},
     }
@@ -752,7 +756,8 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
     keep = ["day", "model", *[c for c in REPORTED if c in table.columns]]
     rows = table[keep].to_dict(orient="records")
     averages = result.averages[["model", *[c for c in REPORTED if c in result.averages.columns]]]
-    return {"model": f"{body}-{objective}", "epochs_per_window": epochs, "mode": mode, "seconds": seconds,
+    return {"model": f"{body}-{objective}", "epochs_per_window": epochs, "schedule_epochs": schedule_epochs or epochs,
+            "mode": mode, "seconds": seconds,
             "measured": timestamp(), "code": code_version(),
             "knn_recency_decay": knn["recency_decay"], "knn_self_similarity": knn["self_similarity"],
             "hyperparameters": asdict(hp), "score_temperature": score_temperature,
@@ -1029,7 +1034,7 @@ def run_dataset(name: str, epochs: int, budget_s: float, work_root: Path, increm
                 out[incremental_key(mode)] = run_yoochoose_incremental(
                     best["body"], best["objective"], inc_epochs, work, results["item_knn"]["choice"],
                     tuned_hyper(hp, name, summary["best_transformer"], use_tuned),
-                    best["choice"].get("score_temperature", 1.0), mode)
+                    best["choice"].get("score_temperature", 1.0), mode, schedule_epochs=epochs)
             else:
                 out[incremental_key(mode)] = {
                     "skipped": f"{max(remaining, 0):.0f}s of the {budget_s:.0f}s budget left, one epoch over the "

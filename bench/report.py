@@ -510,8 +510,11 @@ def incremental_section(ds: dict[str, Any], inc: dict[str, Any]) -> list[str]:
              f"{inc.get('knn_self_similarity', 0.0)} (chosen on validation)"
              if "knn_recency_decay" in inc else "; item-kNN recency decay 1.0 (untuned)")
     measured = f", measured {inc['measured']} (code {inc['code']})" if "measured" in inc else ""
+    epochs = inc["epochs_per_window"]
+    schedule = inc.get("schedule_epochs", epochs)
+    per_window = f"{epochs} epoch(s)" + (f" of a {schedule}-epoch schedule" if schedule != epochs else "")
     out = ["", f"Day windows (`run_incremental`, {mode}: {INCREMENTAL_WINDOWS.get(mode, mode)}; {inc['model']}, "
-               f"{inc['epochs_per_window']} epoch(s) per window, {inc['seconds']:.0f}s{decay}{measured}):", ""]
+               f"{per_window} per window, {inc['seconds']:.0f}s{decay}{measured}):", ""]
     days = sorted({r["day"] for r in inc["per_day"]})
     models = list(dict.fromkeys(r["model"] for r in inc["per_day"]))
     for metric in ("ndcg@20", "mrr@20"):
