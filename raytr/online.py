@@ -13,8 +13,10 @@ fitted statistics once, and turns each column's chain of ops into numpy steps:
     DifferenceLag  x - previous x within the session, float32, NaN for a session's first event
     LambdaOp       the workflow's own function, applied to a pandas Series
     Rename, Tag*   nothing
-then groups events by session, sorts them by timestamp and keeps the last T (`ListSlice(-T)`). Any
-other op is an error at load time naming the op and column, never a silent divergence.
+then groups events by session, sorts them by timestamp and keeps the last events as training does:
+the workflow's `ListSlice(-T)` (data.max_sequence_length), then the loaders' cut to the model's
+max_sequence_length, right-padded to the model's T. Any other op is an error at load time naming the
+op and column, never a silent divergence.
 
 Semantics: `transform(events)` gives what `normalize_events` + `sort_events` + the workflow give
 (tests/test_online.py checks it on random sessions), with these differences, all on purpose:
@@ -28,7 +30,8 @@ Semantics: `transform(events)` gives what `normalize_events` + `sort_events` + t
 - a value that cannot be cast to a numeric vocabulary's type (e.g. "abc" for integer item ids)
   maps to OOV where NVTabular raises; an integer matches its decimal string in a string vocabulary.
 
-Shapes: B = sessions in the request, T = max_sequence_length, N = events in the request.
+Shapes: B = sessions in the request, T = the model's max_sequence_length (the spec's), N = events in
+the request.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from raytr.config import DataConfig
@@ -105,7 +109,12 @@ class Vocabulary:
     @classmethod
     def from_parquet(cls, path: str | Path, column: str) -> "Vocabulary":
         """Read `unique.<column>.parquet`: its index is the encoded id of each row's value."""
-        frame = pd.read_parquet(path, columns=[column])
+        try:
+            frame = pd.read_parquet(path, columns=[column])
+        except (OSError, ValueError, pa.ArrowException) as error:  # truncated, overwritten, missing
+            detail = " ".join(str(error).split())[:200]
+            raise WorkflowCompileError(f"{path} cannot be read ({type(error).__name__}: {detail}): the workflow's "
+                                       "category file is damaged or missing; run `raytr prepare` again") from None
         if frame[column].isna().any():
             raise WorkflowCompileError(f"{path}: the vocabulary of {column!r} contains a null value")
         labels = frame.index.to_numpy(dtype=np.int64)
@@ -398,8 +407,9 @@ class EncodedSessions:
     """The sessions of one request, encoded.
 
     session_ids: [B] session keys in order of first appearance (indexes for `encode_sessions`).
-    batch: the model input, [B, T] right-padded, last T events of each session.
-    lengths: [B] events per session before the cut to T.
+    batch: the model input, [B, T] right-padded (T: the model's max_sequence_length), the last
+        min(workflow's, model's max_sequence_length) events of each session, as the loaders keep them.
+    lengths: [B] events per session before the cut.
     item_ids: [B] arrays of the encoded item ids of all events of each session (for exclude_seen).
     """
 
@@ -424,7 +434,7 @@ class OnlinePreprocessor:
                  spec: FeatureSpec | None = None) -> None:
         self.config = config
         self.plans = list(plans)
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = max_sequence_length  # the workflow's ListSlice
         self.item_vocabulary = next(s.vocabulary for s in self.plans[0].steps if isinstance(s, _Categorify))
         self.spec = spec or self._spec_from_plans()
         self._check_spec(self.spec)
@@ -476,10 +486,8 @@ class OnlinePreprocessor:
                     f"column {name!r}: the workflow's vocabulary has {actual} ids but the model was built for "
                     f"{expected}: the model and workflow come from different `raytr prepare` runs"
                 )
-        if spec.max_sequence_length < self.max_sequence_length:
-            raise WorkflowCompileError(
-                f"the workflow keeps {self.max_sequence_length} events per session, the model takes {spec.max_sequence_length}"
-            )
+        # No check of max_sequence_length: a model may take fewer or more events than the workflow
+        # keeps (training.max_sequence_length); `_assemble` cuts and pads as the loaders do.
 
     # ---------------------------------------------------------------- facts
     @property
@@ -598,10 +606,13 @@ class OnlinePreprocessor:
 
     def _assemble(self, outputs: Mapping[str, np.ndarray], sorted_codes: np.ndarray, first: np.ndarray,
                   session_ids: list[Any]) -> EncodedSessions:
-        T = self.max_sequence_length
+        # As training sees a session: the workflow's ListSlice keeps its last events, the loaders
+        # (`pad_rows`) keep the last spec.max_sequence_length of those and right-pad to that width.
+        T = self.spec.max_sequence_length
+        keep = min(self.max_sequence_length, T)
         starts = np.flatnonzero(first)  # [B] sessions appear in code order, codes 0..B-1
         ends = np.append(starts[1:], len(sorted_codes))
-        kept = np.maximum(starts, ends - T)
+        kept = np.maximum(starts, ends - keep)
         index = kept[:, None] + np.arange(T)[None, :]  # [B, T]
         valid = index < ends[:, None]
         index = np.minimum(index, len(sorted_codes) - 1)

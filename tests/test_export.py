@@ -140,3 +140,47 @@ def test_export_replaces_an_earlier_export_only(tmp_path):
         ExportedScorer.load(other)  # one line, not torch.export's reader traceback
     with pytest.raises(FileNotFoundError, match="missing.pt2 does not exist"):
         ExportedScorer.load(tmp_path / "missing.pt2")
+
+
+def _rewrite(source, target, drop=lambda name: False, replace=None) -> None:
+    """Copy the zip archive `source` to `target`, dropping entries and replacing one's content."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for info in zin.infolist():
+            if drop(info.filename):
+                continue
+            content = zin.read(info.filename)
+            if replace is not None and info.filename.endswith(replace[0]):
+                content = replace[1]
+            zout.writestr(info, content)
+
+
+def test_a_damaged_export_is_one_error_naming_the_file(tmp_path):
+    """torch.export.load checks no CRC: flipped weight bytes loaded and scored NaN. Every damage is a
+    ValueError naming the file and the fix."""
+    import struct
+    import zipfile
+
+    model = SessionModel(tiny_spec(), tiny_config(), seed=0).eval()
+    good = export_scorer(model, tmp_path / "scorer.pt2")
+    data = (tmp_path / "scorer.pt2").read_bytes()
+    flipped = bytearray(data)
+    with zipfile.ZipFile(good) as archive:
+        weight = next(i for i in archive.infolist() if "/data/weights/weight_" in i.filename and i.file_size > 200)
+    name_len, extra_len = struct.unpack("<HH", data[weight.header_offset + 26: weight.header_offset + 30])
+    start = weight.header_offset + 30 + name_len + extra_len  # the entry's stored bytes
+    flipped[start: start + 64] = bytes(b ^ 0x55 for b in flipped[start: start + 64])
+    damaged = {"weights.pt2": lambda p: p.write_bytes(bytes(flipped)),
+               "cut.pt2": lambda p: p.write_bytes(data[: len(data) // 2]),
+               "spec.pt2": lambda p: _rewrite(good, p, replace=("extra/feature_spec.json", b"{oops")),
+               "spec_key.pt2": lambda p: _rewrite(good, p, replace=("extra/feature_spec.json", b'{"item_id": "x"}')),
+               "objective.pt2": lambda p: _rewrite(good, p, drop=lambda n: n.endswith("extra/objective")),
+               "no_weights.pt2": lambda p: _rewrite(good, p, drop=lambda n: "/data/weights/" in n),
+               "no_model.pt2": lambda p: _rewrite(good, p, drop=lambda n: "/models/" in n and n.endswith(".json"))}
+    for name, damage in damaged.items():
+        path = tmp_path / name
+        damage(path)
+        with pytest.raises(ValueError, match=f"{path} is damaged \\(.*\\): export it again with `raytr export`$"):
+            ExportedScorer.load(path)
+    assert torch.isfinite(ExportedScorer.load(good)(random_batch(2))).any()  # the good one still loads

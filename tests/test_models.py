@@ -391,6 +391,39 @@ def test_load_names_a_corrupt_config_json(tmp_path):
         SessionModel.load(saved)
 
 
+@pytest.mark.parametrize("section,change,field", [
+    ("feature_spec", lambda d: d.pop("item_id"), "missing 1 required positional argument: 'item_id'"),
+    ("feature_spec", lambda d: d.update(categorical=["a"]), "feature_spec.categorical=['a']: expected a mapping"),
+    ("feature_spec", lambda d: d.update(item_cardinality=None), "feature_spec.item_cardinality=None: expected an integer"),
+    ("feature_spec", lambda d: d.update(max_sequence_length="abc"), "feature_spec.max_sequence_length='abc'"),
+    ("feature_spec", lambda d: d.update(continuous="price-list"), "feature_spec.continuous='price-list'"),
+    ("hf_config", lambda d: d.pop("model_type"), "hf_config: expected a mapping with a model_type"),
+    ("hf_config", None, "hf_config: expected a mapping with a model_type"),  # a list
+    ("hf_config", lambda d: d.update(model_type="nope"), "hf_config: not a config transformers can build"),
+])
+def test_load_names_the_malformed_field_of_config_json(tmp_path, section, change, field):
+    saved = Path(SessionModel(tiny_spec(), tiny_config("gpt2"), hf_config=hf_config_for(tiny_config("gpt2"), T),
+                              seed=0).save(tmp_path / "model"))
+    meta = json.loads((saved / "config.json").read_text())
+    if change is None:
+        meta[section] = [1]
+    else:
+        change(meta[section])
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(f"{saved}/config.json:") + ".*" + re.escape(field)) as info:
+        SessionModel.load(saved)
+    assert "\n" not in str(info.value)
+
+
+def test_load_on_cuda_without_a_gpu_says_so(tmp_path, monkeypatch):
+    saved = build("gpt2", "clm").save(tmp_path / "model")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="map_location='cuda': no CUDA GPU is visible"):
+        SessionModel.load(saved, map_location="cuda")
+    with pytest.raises(ValueError, match="map_location='tpu9' is not a torch device"):
+        SessionModel.load(saved, map_location="tpu9")
+
+
 def test_load_reads_format_1_except_a_repeat_bias_it_would_score_differently(tmp_path):
     batch = random_batch(B=4, seed=3)
     for repeat_bias in (False, True):

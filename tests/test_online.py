@@ -274,3 +274,48 @@ def test_timestamps_beyond_the_year_5000_in_the_configured_unit_are_refused(requ
     with pytest.raises(OnlineInputError, match="beyond the year 5000") as info:
         online.encode(frame)
     assert info.value.loc == (1, c.timestamp_col)
+
+
+@pytest.mark.parametrize("model_length", [10, 30])
+def test_a_model_of_another_length_gets_sessions_cut_and_padded_as_the_loaders_do(fitted_ints: Fitted, model_length):
+    """training.max_sequence_length may differ from the workflow's (20): the loaders keep the last
+    `model_length` of the workflow's events and right-pad to `model_length` (`pad_rows`); online too."""
+    import torch
+
+    from raytr.data.loaders import RaggedColumn, pad_rows
+
+    c, base = fitted_ints.config, fitted_ints.online
+    spec = replace(base.spec, max_sequence_length=model_length)
+    online = OnlinePreprocessor(c, base.plans, base.max_sequence_length, spec)  # no refusal of the length
+    frame = random_request(fitted_ints, np.random.default_rng(7), sessions=12, first_id=1)
+    ref = fitted_ints.reference(frame)  # the prepared sessions: up to 20 events each
+    encoded = online.encode(frame)
+    rows = [encoded.session_ids.index(sid) for sid in ref[c.session_col]]
+    assert encoded.batch.item_ids.shape == (len(encoded), model_length)
+    assert (ref["session_length"] > model_length).any() or model_length > c.max_sequence_length
+
+    def offline(name: str, dtype: torch.dtype) -> torch.Tensor:
+        lists = ref[name].tolist()
+        offsets = torch.tensor(np.cumsum([0] + [len(v) for v in lists]), dtype=torch.int64)
+        column = RaggedColumn(torch.as_tensor(np.concatenate(lists)), offsets)
+        return pad_rows(column, torch.arange(len(lists)), model_length, dtype)
+
+    assert encoded.batch.item_ids[rows].equal(offline(spec.item_id, torch.int64))
+    for name in spec.categorical:
+        assert encoded.batch.categorical[name][rows].equal(offline(name, torch.int64)), name
+    for name in spec.continuous:
+        torch.testing.assert_close(encoded.batch.continuous[name][rows], offline(name, torch.float32),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_damaged_category_file_names_the_file_and_the_fix(fitted_strings: Fitted, tmp_path):
+    import shutil
+
+    from raytr.online import WorkflowCompileError
+
+    workflow = tmp_path / "workflow"
+    shutil.copytree(fitted_strings.workflow_dir, workflow)
+    damaged = workflow / "categories" / "unique.item_id.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:10])  # a truncated copy
+    with pytest.raises(WorkflowCompileError, match=r"unique\.item_id\.parquet cannot be read .*run `raytr prepare` again"):
+        OnlinePreprocessor.from_workflow_dir(workflow, fitted_strings.config)

@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from raytr import storage
+from raytr.config import from_dict
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 
 MAX_BATCH = 65_536
@@ -114,6 +116,17 @@ def is_export(path: str | Path) -> bool:
                                                                      for n in names)
 
 
+def _damaged_entry(local: Path) -> str | None:
+    """What is wrong with the zip archive at `local` (an entry whose CRC does not match, say), or
+    None when every entry reads back whole. Reads the whole archive once (CRCs are computed in C)."""
+    try:
+        with zipfile.ZipFile(local) as archive:
+            bad = archive.testzip()
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        return " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    return None if bad is None else f"entry {bad} fails its CRC check"
+
+
 def _spec_json(spec: FeatureSpec) -> str:
     import json
 
@@ -140,12 +153,30 @@ class ExportedScorer:
         if not storage.exists(path):
             raise FileNotFoundError(f"{path} does not exist: write it with `raytr export`")
         if not is_export(path):  # torch.export.load's own error is a traceback from deep in its reader
+            fs, p = storage.filesystem(path)
+            if fs.isfile(p):
+                with fs.open(p, "rb") as f:
+                    if f.read(4) == b"PK\x03\x04":  # a zip archive without its end: cut short
+                        raise ValueError(f"{path} is damaged (not a complete zip archive): export it again "
+                                         "with `raytr export`")
             raise ValueError(f"{path} is not a scorer written by export_scorer (`raytr export`): export the model "
                              "again")
         extra = {"feature_spec.json": "", "objective": ""}
         with storage.local_copy(path) as local:
-            program = torch.export.load(str(local), extra_files=extra)
-        return cls(program, FeatureSpec.from_dict(json.loads(extra["feature_spec.json"])), extra["objective"])
+            # torch.export.load checks no CRC: flipped weight bytes would load and score NaN.
+            damaged = _damaged_entry(local)
+            if damaged is not None:
+                raise ValueError(f"{path} is damaged ({damaged}): export it again with `raytr export`")
+            try:
+                program = torch.export.load(str(local), extra_files=extra)
+                spec = from_dict(FeatureSpec, json.loads(extra["feature_spec.json"]), where="extra/feature_spec.json")
+            except (ValueError, KeyError, AssertionError, RuntimeError, TypeError, zipfile.BadZipFile) as error:
+                detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]  # one line
+                raise ValueError(f"{path} is damaged ({detail}): export it again with `raytr export`") from None
+        if extra["objective"] not in ("clm", "mlm"):
+            raise ValueError(f"{path} is damaged (objective={extra['objective']!r}, expected 'clm' or 'mlm'): "
+                             "export it again with `raytr export`")
+        return cls(program, spec, extra["objective"])
 
     @torch.no_grad()
     def __call__(self, batch: SessionBatch) -> torch.Tensor:

@@ -247,6 +247,7 @@ class SessionModel(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "SessionModel":
         """Rebuild a saved model (in eval mode) on `map_location`, from a local path or a URL."""
+        _check_device(map_location)
         with storage.local_copy(directory) as local:
             return cls._load_local(local, map_location, shown=str(directory))
 
@@ -269,7 +270,8 @@ class SessionModel(nn.Module):
         version = meta.get("format_version")
         if version not in (1, FORMAT_VERSION):
             raise ValueError(f"{shown}/{CONFIG_FILE}: format_version={version!r}, this raytr reads 1 and {FORMAT_VERSION}")
-        spec = FeatureSpec.from_dict(meta["feature_spec"])
+        # from_dict checks each field's type, so a malformed file is one ValueError naming the field.
+        spec = from_dict(FeatureSpec, meta["feature_spec"], where=f"{shown}/{CONFIG_FILE}:feature_spec")
         config = from_dict(ModelConfig, meta["model_config"], where=f"{shown}/{CONFIG_FILE}:model_config")
         if version == 1 and config.repeat_bias:
             raise ValueError(f"{shown}/{CONFIG_FILE}: format_version=1 with model.repeat_bias: that model learned "
@@ -277,8 +279,7 @@ class SessionModel(nn.Module):
                              "occurrence only; train it again")
         hf_config = None
         if meta.get("hf_config") is not None:
-            hf_dict = dict(meta["hf_config"])
-            hf_config = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+            hf_config = _hf_config(meta["hf_config"], where=f"{shown}/{CONFIG_FILE}:hf_config")
         model = cls(spec, config, hf_config=hf_config)
         model.to(map_location)
         try:
@@ -296,3 +297,29 @@ class SessionModel(nn.Module):
             raise ValueError(f"{shown}/{WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
         return model.eval()
 
+
+
+def _hf_config(values: Any, where: str) -> PretrainedConfig:
+    """The Hugging Face config saved as `PretrainedConfig.to_dict()`; ValueError naming `where`."""
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise ValueError(f"{where}: expected a mapping with a model_type (a Hugging Face config's to_dict()), got "
+                         f"{str(values)[:80]}: the model directory is damaged; save the model again (or train it again)")
+    values = dict(values)
+    try:
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    except (ValueError, TypeError, KeyError) as error:  # an unknown model_type, a field of the wrong type
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(f"{where}: not a config transformers can build ({detail}): save the model again "
+                         "(or train it again)") from None
+
+
+def _check_device(map_location: str | torch.device) -> None:
+    """ValueError for a `map_location` that is no device, or a CUDA one where no GPU is visible."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"map_location={str(map_location)!r} is not a torch device ({error}); use e.g. 'cpu' "
+                         "or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location={str(map_location)!r}: no CUDA GPU is visible to this process; load the "
+                         "model with map_location='cpu', or run where a GPU is visible")
