@@ -18,8 +18,12 @@ Reloading a bundle, without downtime:
   the new bundle in a thread while the old one keeps serving, then swaps. Encoded batches carry
   their bundle version and a Recommender keeps the previous model too, so a request is never scored
   by a model of another vocabulary while replicas switch; a replica that meets a version it lacks
-  loads the directory at once. Write a new bundle next to the old one and move it into place (or
-  overwrite files atomically) before calling reload.
+  loads the directory at once. If a Recommender cannot load the new bundle (say a CUDA OOM), the
+  service answers with the previous version (both keep it) and /healthz is a 503 naming both until
+  the load succeeds (see Preprocessor). Write a new bundle next to the old one and move it into place
+  (or overwrite files atomically) before calling reload.
+- Before Serve starts, app_builder runs the registry's checks on the bundle (workflow, model, weights):
+  a bundle the replicas could not load is one error naming the file.
 - `serve deploy` with a new `bundle_dir` in the config's args is a rolling update: Serve starts
   replicas of the new version, then stops the old ones (use it when the event fields change,
   which a reload refuses with 409).
@@ -115,14 +119,10 @@ class BundleRegistry:
             return reload_response(previous, self._version)
 
     def _checked_bundle(self) -> Bundle:
-        from raytr.models import SessionModel
-        from serve.engine import Encoder
+        from serve.engine import check_servable
 
         bundle = load_compatible(self._bundle_dir, self._data)
-        # What each Preprocessor does with it: compiles the workflow, checks the model's spec and that
-        # the catalog holds serve.default_k items.
-        Encoder(bundle, self._default_k)
-        SessionModel.load(bundle.model_dir)  # and each Recommender: the weights load into the model's config
+        check_servable(bundle, self._default_k)  # what each Preprocessor and Recommender will do with it
         return bundle
 
 
@@ -145,6 +145,8 @@ class Recommender:
         self._score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._requests = self._batches = self._max_batch = 0
+        self._poll_s = config.reload_poll_s
+        self._load_after = 0.0  # monotonic time before which a request does not retry a failed load
         self._follow = asyncio.create_task(
             self._states.follow(lambda: registry.current.remote(), config.reload_poll_s))
         log.info("Recommender %s on %s serving %s", self._replica, device, self._states.versions)
@@ -157,10 +159,11 @@ class Recommender:
         self._requests += len(requests)
         self._batches += 1
         self._max_batch = max(self._max_batch, len(requests))
-        if any(self._states.get(r.version) is None for r in requests):
+        if any(self._states.get(r.version) is None for r in requests) and time.monotonic() >= self._load_after:
             try:
                 await self._states.sync_to_disk()  # a Preprocessor already switched to a newer bundle
-            except BUNDLE_LOAD_ERRORS as exc:  # keep serving the versions it has
+            except BUNDLE_LOAD_ERRORS as exc:  # keep serving the versions it has; the follower retries
+                self._load_after = time.monotonic() + self._poll_s  # not every request (a CUDA OOM each time)
                 log.warning("Recommender could not load %s (%r); serving %s", self._states.bundle_dir, exc,
                             self._states.versions)
         out: list[ScoringResult | VersionUnavailable | None] = [None] * len(requests)
@@ -191,7 +194,16 @@ class Recommender:
 @serve.deployment(name="Preprocessor", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5},
                   health_check_period_s=10, health_check_timeout_s=30)
 class Preprocessor:
-    """The compiled workflow: queries -> encoded batch -> Recommender -> raw ids."""
+    """The compiled workflow: queries -> encoded batch -> Recommender -> raw ids.
+
+    Versions: it keeps the Encoders of the last two bundle versions, as each Recommender keeps their
+    Scorers. A request is encoded with the newest; a Recommender lacking it loads it on demand, and
+    if that fails (a CUDA OOM, the exported scorer failing) answers VersionUnavailable with the
+    versions it has. The request is then encoded again with the newest version both have (the
+    previous one), and this replica keeps answering with it for reload_poll_s before trying the
+    newest again (the Recommender's follower retries the load every poll). Meanwhile /healthz is a
+    503 naming both versions: the service answers, but not with the version the reload announced.
+    """
 
     async def __init__(self, bundle_dir: str, data: DataConfig, recommender: DeploymentHandle,
                        registry: DeploymentHandle, config: ServeConfig) -> None:
@@ -200,14 +212,25 @@ class Preprocessor:
         self._config = config
         self._recommender = recommender
         self._states: VersionedStates[Encoder] = VersionedStates(bundle_dir, Encoder.loader(config.default_k),
-                                                                 keep=1, data=data)
+                                                                 keep=2, data=data)
+        self._fallback: tuple[str, float] | None = None  # (version, monotonic time to try the newest again)
         await self._states.sync_to_disk()
         self._follow = asyncio.create_task(
             self._states.follow(lambda: registry.current.remote(), config.reload_poll_s))
 
+    def _serving(self) -> Encoder:
+        """The newest Encoder, or the one of a fallback still in force."""
+        if self._fallback is not None:
+            version, until = self._fallback
+            encoder = self._states.get(version)
+            if encoder is not None and time.monotonic() < until:
+                return encoder
+            self._fallback = None
+        return self._states.latest
+
     async def recommend(self, queries: list[Query]) -> Recommendations | Rejection:
-        encoder = self._states.latest
-        for _ in range(2):
+        encoder = self._serving()
+        for _ in range(3):
             request = await asyncio.to_thread(encoder.encode, queries)
             if isinstance(request, Rejection):
                 return request
@@ -216,19 +239,30 @@ class Preprocessor:
                 return result
             if isinstance(result, ScoringResult):
                 return Recommendations(encoder.version, encoder.decode(queries, result), result.batch_requests)
-            # VersionUnavailable: the Recommender only has another bundle; follow the directory.
-            try:
-                newer = await self._states.sync_to_disk()
-            except BUNDLE_LOAD_ERRORS as exc:  # mid-move or refused: this request gets the 503 below
-                log.warning("Preprocessor could not load %s (%r)", self._states.bundle_dir, exc)
+            common = await self._common_encoder(encoder, result)
+            if common is None:
                 break
-            if newer.version == encoder.version:
-                break
-            encoder = newer
+            encoder = common
         return Rejection(503, "a model reload is in progress (replicas disagree on the bundle version); retry")
 
+    async def _common_encoder(self, tried: Encoder, missing: VersionUnavailable) -> Encoder | None:
+        """The newest Encoder, other than `tried`, of a version the Recommender has (None: none)."""
+        if missing.available and self._states.get(missing.available[0]) is None:
+            try:  # the Recommender is ahead (this replica missed a reload): follow the directory
+                await self._states.sync_to_disk()
+            except BUNDLE_LOAD_ERRORS as exc:
+                log.warning("Preprocessor could not load %s (%r)", self._states.bundle_dir, exc)
+        common = next((e for e in self._states.states
+                       if e.version in missing.available and e.version != tried.version), None)
+        if common is not None and common is not self._states.latest:
+            if self._fallback is None:
+                log.warning("a Recommender has no model for %s (it has %s): answering with %s for now",
+                            missing.requested, missing.available, common.version)
+            self._fallback = (common.version, time.monotonic() + self._config.reload_poll_s)
+        return common
+
     async def model_info(self) -> ModelInfo:
-        info = self._states.latest.info(self._config)
+        info = self._serving().info(self._config)
         stats = await call(self._recommender.stats, what="Recommender")
         return info.model_copy(update={"batching": None if isinstance(stats, Rejection) else stats})
 
@@ -236,7 +270,12 @@ class Preprocessor:
         version = await call(self._recommender.version, what="Recommender")
         if isinstance(version, Rejection):
             return version
-        return HealthResponse(model_version=self._states.latest.version)
+        newest, serving = self._states.latest.version, self._serving().version
+        if version != newest or serving != newest:
+            return Rejection(503, f"replicas disagree on the bundle version: the Preprocessor has {newest}, a "
+                                  f"Recommender {version}; answering with {serving} meanwhile (the replicas' logs "
+                                  "say why a load failed)")
+        return HealthResponse(model_version=newest)
 
     def check_health(self) -> None:
         if self._follow.done():
@@ -339,6 +378,12 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     resolve_admin_token(config)
     bundle = Bundle.load(opts.bundle_dir)
     check_default_k(config.default_k, bundle.catalog_size, opts.bundle_dir)
+    # And what the replicas do with it, as the registry checks a reload: a truncated weights or
+    # category file, or a model of another catalog than the workflow, is a ValueError naming it here,
+    # not ~50 s of replicas failing. Imports torch/NVTabular and loads the model once (on the CPU).
+    from serve.engine import check_servable
+
+    check_servable(bundle, config.default_k)
     # Every replica serves this data config, whatever the directory holds when autoscaling starts one later.
     data = bundle.data
     registry = BundleRegistry.bind(opts.bundle_dir, data, config.default_k)

@@ -135,6 +135,24 @@ def reload_response(previous: str, current: str) -> ReloadResponse:
 
 
 # ------------------------------------------------------------------------------------ versions
+def _files_key(bundle_dir: str) -> tuple | None:
+    """What identifies the contents of the files `Bundle.load` reads for a version and data config
+    (None for a URL, or a file missing: read it again)."""
+    if "://" in bundle_dir:
+        return None
+    key = []
+    for name in ("model/model.safetensors", "model/config.json", "train_result.json", "prepare.json"):
+        try:
+            st = (Path(bundle_dir) / name).stat()
+        except FileNotFoundError:
+            key.append(None)  # train_result.json is optional; Bundle.load names the others
+            continue
+        except OSError:
+            return None
+        key.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(key)
+
+
 class Versioned(Protocol):
     version: str
 
@@ -159,6 +177,7 @@ class VersionedStates(Generic[S]):
         self._keep = keep
         self._states: list[S] = []
         self._lock: asyncio.Lock | None = None
+        self._last_read: tuple[tuple, Bundle] | None = None
 
     @property
     def latest(self) -> S:
@@ -170,12 +189,16 @@ class VersionedStates(Generic[S]):
     def versions(self) -> list[str]:
         return [s.version for s in self._states]
 
+    @property
+    def states(self) -> list[S]:
+        return list(self._states)
+
     def get(self, version: str) -> S | None:
         return next((s for s in self._states if s.version == version), None)
 
     def load_sync(self) -> S:
         """Load the bundle directory now, blocking (for constructors); return the newest state."""
-        bundle = load_compatible(self.bundle_dir, self.data)
+        bundle = self._read()
         if self.get(bundle.version) is None:
             self._add(self._load(bundle))
         return self.latest
@@ -185,10 +208,21 @@ class VersionedStates(Generic[S]):
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            bundle = await asyncio.to_thread(load_compatible, self.bundle_dir, self.data)
+            bundle = await asyncio.to_thread(self._read)
             if self.get(bundle.version) is None:
                 self._add(await asyncio.to_thread(self._load, bundle))
             return self.latest
+
+    def _read(self) -> Bundle:
+        """`load_compatible`, reusing the last read while the files it reads are unchanged (same inode,
+        size, mtime, ctime): Bundle.load hashes the whole weights file for the version, and a load that
+        keeps failing is retried every poll."""
+        key = _files_key(self.bundle_dir)
+        if key is not None and self._last_read is not None and self._last_read[0] == key:
+            return self._last_read[1]
+        bundle = load_compatible(self.bundle_dir, self.data)
+        self._last_read = None if key is None else (key, bundle)  # stat before reading: a change meanwhile is read next time
+        return bundle
 
     def _add(self, state: S) -> None:
         self._states = [state, *self._states][: self._keep]  # one assignment: readers see old or new

@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
 import torch
 
 from raytr.bundle import Bundle, read_data_config
@@ -116,6 +115,16 @@ class Encoder:
             features=FeatureSummary(categorical=dict(spec.categorical), continuous=list(spec.continuous)),
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         )
+
+
+def check_servable(bundle: Bundle, default_k: int) -> None:
+    """Do once what every replica will do with `bundle`, so that a bundle they cannot serve is one
+    error naming the file instead of replicas failing: compile the workflow against the model's spec
+    and check the catalog holds `default_k` items (each Preprocessor), load the weights into the
+    model's config (each Recommender). Run by app_builder before Serve starts and by the registry
+    before it announces a reload. Costs one model load on the CPU (the weights' size in memory)."""
+    Encoder(bundle, default_k)  # a damaged category file or another catalog: a ValueError naming it
+    SessionModel.load(bundle.model_dir)  # a damaged or mismatched model.safetensors: a ValueError naming it
 
 
 # ------------------------------------------------------------------------------------ scorer

@@ -4,7 +4,8 @@
 Routes:
     POST /recommend        RecommendRequest -> RecommendResponse
     POST /recommend/batch  BatchRecommendRequest -> BatchRecommendResponse
-    GET  /healthz          HealthResponse (503 while the backend is unavailable)
+    GET  /healthz          HealthResponse (503 while the backend is unavailable, or while its replicas
+                           disagree on the bundle version: a reload not every replica could load)
     GET  /model            ModelInfo: version, schema summary, training metrics, batching stats
     POST /admin/reload     header X-Admin-Token; reloads the bundle directory (ReloadResponse)
     GET  /docs             OpenAPI
@@ -13,7 +14,7 @@ Errors: 413 body over max_body_bytes (checked before parsing); 422 with FastAPI'
 after parsing (k above the catalog, a price whose log is not finite, a timestamp beyond the year
 5000), with the value in `input`; 401/403 admin token; 409 reload of a bundle the service cannot
 serve (other event fields, files that do not load, fewer items than default_k); 503 backend
-unavailable (replica restarting).
+unavailable (replica restarting), or a reload in progress.
 The response header X-Raytr-Batch-Size says how many requests shared the model call.
 """
 
@@ -192,7 +193,7 @@ def build_app(backend: Backend, data: DataConfig, config: ServeConfig, admin_tok
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> HealthResponse:
-        """200 when the whole chain (preprocessing and model) answers."""
+        """200 when the whole chain (preprocessing and model) answers with the same bundle version."""
         return _unwrap(await backend.health())
 
     @app.get("/model", response_model=ModelInfo)

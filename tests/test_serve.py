@@ -635,6 +635,175 @@ def test_a_default_k_above_the_catalog_is_refused_at_startup_and_on_reload(local
     assert served.status_code == 200 and len(served.json()["items"]) == catalog - 1, served.text[:300]
 
 
+def _model_of_another_catalog(bundle: Path) -> None:
+    """Replace the bundle's model with one built for more items than its workflow's vocabulary (a
+    model of another `raytr prepare` run)."""
+    from dataclasses import replace as replace_spec
+
+    from raytr.models import SessionModel
+
+    model = SessionModel.load(bundle / "model")
+    SessionModel(replace_spec(model.spec, item_cardinality=model.spec.item_cardinality + 9), model.config,
+                 seed=5).save(bundle / "model")
+
+
+def _truncate(path: Path, size: int = 1000) -> None:
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("truncated weights", "model/model.safetensors cannot be read"),
+    ("truncated category file", "workflow/categories/unique.item_id.parquet cannot be read"),
+    ("model of another catalog", "the model and workflow come from different `raytr prepare` runs"),
+])
+def test_serve_refuses_a_bundle_its_replicas_could_not_load_before_starting_ray(local_bundle, tmp_path, monkeypatch,
+                                                                                 capsys, damage, named):
+    """Each was ~48 s of replicas failing, then ~239 lines of Ray tracebacks ending in `Deploying
+    application raytr failed`: the builder now runs the registry's reload checks first (one line, exit 2)."""
+    import raytr.cli
+    import raytr.ray_runtime
+    from serve.app import app_builder
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    if damage == "truncated weights":
+        _truncate(bundle / "model" / "model.safetensors")
+    elif damage == "truncated category file":
+        _truncate(bundle / "workflow" / "categories" / "unique.item_id.parquet", 10)
+    else:
+        _model_of_another_catalog(bundle)
+
+    def no_ray() -> None:
+        raise AssertionError("Ray started for a bundle that cannot be served")
+
+    monkeypatch.delenv("RAYTR_ADMIN_TOKEN", raising=False)
+    monkeypatch.setattr(raytr.ray_runtime, "ensure_ray", no_ray)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        app_builder({"bundle_dir": str(bundle)})  # `serve run serve.app:app_builder` / `serve deploy` too
+    assert raytr.cli.main(["serve", "--model", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytr serve: error:") and named in err and err.count("\n") == 1, err
+
+
+class _Handle:
+    """A DeploymentHandle over an object in this event loop: `await handle.method.remote(*args)`."""
+
+    def __init__(self, target: object) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str):
+        import inspect
+        from types import SimpleNamespace
+
+        method = getattr(self._target, name)
+
+        async def remote(*args):
+            outcome = method(*args)
+            return await outcome if inspect.isawaitable(outcome) else outcome
+
+        return SimpleNamespace(remote=remote)
+
+
+class _Unbatched:
+    """The Recommender's `_score_batch` without @serve.batch: each request scored alone."""
+
+    def __init__(self, recommender: object) -> None:
+        from serve.app import Recommender
+
+        self._recommender = recommender
+        self._score_batch = Recommender.func_or_class._score_batch.__wrapped__
+
+    async def __call__(self, request):
+        [result] = await self._score_batch(self._recommender, [request])
+        return result
+
+    def set_max_batch_size(self, size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, timeout_s: float) -> None: ...
+
+
+def test_a_reload_a_recommender_cannot_load_keeps_answering_with_the_previous_version(local_bundle, raw_items,
+                                                                                      tmp_path, monkeypatch):
+    """The Serve app's deployments without Ray (fake handles, one event loop). The registry accepts
+    bundle B, then the Recommender's load of B fails (as a CUDA OOM would): every request was a 503
+    "replicas disagree" while /healthz said ok with B. Now the previous version answers, /healthz is
+    a 503 naming both versions, the weights are not read again for each request, and B is served
+    once it loads."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray import serve as ray_serve
+
+    import serve.core
+    from raytr.bundle import Bundle
+    from raytr.config import ServeConfig
+    from serve.app import BundleRegistry, Preprocessor, Recommender, ServeBackend
+    from serve.core import Query, Recommendations, Rejection
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    replica = SimpleNamespace(replica_id=SimpleNamespace(unique_id="r"))
+    monkeypatch.setattr(ray_serve, "get_replica_context", lambda: replica)
+    reads = []
+    load_compatible = serve.core.load_compatible
+    monkeypatch.setattr(serve.core, "load_compatible", lambda *a: reads.append(a) or load_compatible(*a))
+    config = ServeConfig(model_dir=str(bundle), reload_poll_s=0.2)
+    query = [Query(events=[{"item_id": raw_items[0], "timestamp": 1_714_550_000.0, "category": None, "price": None}],
+                   k=3, exclude_seen=True)]
+
+    async def scenario() -> None:
+        data = Bundle.load(bundle).data
+        registry = object.__new__(BundleRegistry.func_or_class)
+        await registry.__init__(str(bundle), data, config.default_k)
+        recommender = object.__new__(Recommender.func_or_class)
+        recommender._score_batch = _Unbatched(recommender)  # @serve.batch's queue would make the class unpicklable
+        await recommender.__init__(str(bundle), data, _Handle(registry), config)
+        preprocessor = object.__new__(Preprocessor.func_or_class)
+        await preprocessor.__init__(str(bundle), data, _Handle(recommender), _Handle(registry), config)
+        backend = ServeBackend(_Handle(preprocessor), _Handle(registry))
+        try:
+            old = (await backend.health()).model_version
+            _rewrite_weights(bundle)
+            reloaded = await backend.reload()
+            assert not isinstance(reloaded, Rejection) and reloaded.changed, reloaded
+            new = reloaded.model_version
+            config_json = bundle / "model" / "config.json"  # no await since the reload: no replica followed yet
+            saved = config_json.read_text()
+            broken = json.loads(saved)
+            broken["model_config"]["dropout"] = "x"
+            config_json.write_text(json.dumps(broken))
+            await asyncio.sleep(0.5)  # the replicas follow: the Preprocessor loads B, the Recommender fails to
+            assert preprocessor._states.versions[0] == new and recommender._states.versions == [old]
+
+            reads.clear()
+            for _ in range(10):
+                answer = await backend.recommend(query)
+                assert isinstance(answer, Recommendations) and answer.version == old, answer
+                assert answer.responses[0].model_version == old and len(answer.responses[0].items) == 3
+            await asyncio.sleep(1.0)  # 5 polls: the Recommender retries loading B, reading no file it read already
+            assert not reads, f"the bundle was read (the weights hashed) {len(reads)} times, its files unchanged"
+            health = await backend.health()
+            assert isinstance(health, Rejection) and health.status == 503, health
+            assert "disagree" in health.detail and new in health.detail and old in health.detail, health.detail
+
+            config_json.write_text(saved)  # the cause goes away: B is served within a poll or two
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                answer = await backend.recommend(query)
+                if answer.version == new:
+                    break
+                await asyncio.sleep(0.1)
+            assert answer.version == new, answer
+            health = await backend.health()
+            assert not isinstance(health, Rejection) and health.model_version == new, health
+        finally:
+            recommender._follow.cancel()
+            preprocessor._follow.cancel()
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------------------------ Ray Serve (slow)
 @pytest.fixture(scope="module")
 def bundle_dir(ray_cluster, prepared_dir, tmp_path_factory) -> Path:
