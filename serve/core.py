@@ -136,12 +136,16 @@ def reload_response(previous: str, current: str) -> ReloadResponse:
 
 # ------------------------------------------------------------------------------------ versions
 def _files_key(bundle_dir: str) -> tuple | None:
-    """What identifies the contents of the files `Bundle.load` reads for a version and data config
-    (None for a URL, or a file missing: read it again)."""
+    """What identifies the contents of the files `Bundle.load` reads for a version and data config,
+    the workflow's files included (its digest is part of the version); None for a URL, or a file
+    missing: read it again."""
     if "://" in bundle_dir:
         return None
     key = []
-    for name in ("model/model.safetensors", "model/config.json", "train_result.json", "prepare.json"):
+    workflow = Path(bundle_dir) / "workflow"
+    names = ["model/model.safetensors", "model/config.json", "train_result.json", "prepare.json",
+             *(str(p.relative_to(bundle_dir)) for p in sorted(workflow.rglob("*")) if p.is_file())]
+    for name in names:
         try:
             st = (Path(bundle_dir) / name).stat()
         except FileNotFoundError:

@@ -1118,3 +1118,20 @@ def test_local_backend_with_the_exported_scorer_answers_as_the_eager_model(local
     for a, b in zip(eager.responses, exported.responses):
         assert [i.item_id for i in a.items] == [i.item_id for i in b.items]
         assert [i.score for i in a.items] == pytest.approx([i.score for i in b.items], abs=1e-4)
+
+
+def test_the_bundle_read_is_reused_only_while_its_files_and_workflow_are_unchanged(local_bundle, tmp_path):
+    """A poll reuses the last Bundle.load while the files it reads are unchanged; a new workflow
+    (its digest is part of the version) must be read again, also under unchanged weights."""
+    import shutil
+
+    from serve.core import _files_key
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    key = _files_key(str(bundle))
+    assert key is not None and key == _files_key(str(bundle))
+    category = next((bundle / "workflow").rglob("*.parquet"))
+    category.write_bytes(category.read_bytes())  # the same bytes, a new write
+    assert _files_key(str(bundle)) != key
+    assert _files_key("s3://bucket/bundle") is None

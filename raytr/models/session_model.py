@@ -298,7 +298,6 @@ class SessionModel(nn.Module):
         return model.eval()
 
 
-
 def _hf_config(values: Any, where: str) -> PretrainedConfig:
     """The Hugging Face config saved as `PretrainedConfig.to_dict()`; ValueError naming `where`."""
     if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
