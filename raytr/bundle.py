@@ -58,6 +58,15 @@ def attach_preprocessing(prepared_dir: str | Path, output_dir: str | Path) -> No
             storage.copy_file(src, dst)
 
 
+def bundle_files(root: str | Path) -> list[Path]:
+    """The files `Bundle.load` reads from a local bundle (serving's poll watches them): the model's,
+    the data config, the training result and every file of the workflow (part of the version)."""
+    root = Path(root)
+    workflow = sorted(p for p in (root / WORKFLOW_DIR).rglob("*") if p.is_file())
+    return [root / MODEL_DIR / "model.safetensors", root / MODEL_DIR / "config.json", root / "train_result.json",
+            root / "prepare.json", *workflow]
+
+
 def read_data_config(bundle_dir: str | Path) -> DataConfig:
     """The data config in a bundle's prepare.json (a local path or a URL), without touching the
     weights: what the Serve app's ingress needs."""
@@ -96,10 +105,11 @@ class Bundle:
 
         path = self.model_dir / "config.json"
         try:
-            return FeatureSpec.from_dict(json.loads(path.read_text())["feature_spec"])
-        except (ValueError, AttributeError, TypeError, KeyError):
+            values = json.loads(path.read_text())["feature_spec"]
+        except (ValueError, TypeError, KeyError):
             raise ValueError(f"{path}: its feature_spec is missing or malformed (expected the file `raytr train` "
                              "writes)") from None
+        return from_dict(FeatureSpec, values, where=f"{path}:feature_spec")  # as SessionModel.load reads it
 
     @property
     def catalog_size(self) -> int:

@@ -284,7 +284,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}={value!r}: expected a mapping")
-        return dict(value)
+        key_type, value_type = args or (Any, Any)
+        return {_coerce(key_type, k, f"{where} key {k!r}"): _coerce(value_type, v, f"{where}.{k}")
+                for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}={value!r}: expected true or false")

@@ -21,6 +21,13 @@ PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, FileExistsError, Is
                                           NotADirectoryError, PermissionError)
 
 
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """`Type: message` of an error on one line (libraries' messages may span several), cut to
+    `limit` characters: for quoting it inside a message of ours."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
 def path_error_message(error: BaseException) -> str | None:
     """One line naming the path(s) of a PATH_ERRORS error (None when it names no path)."""
     if not isinstance(error, PATH_ERRORS) or error.filename is None:

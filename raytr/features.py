@@ -64,15 +64,6 @@ class FeatureSpec:
             "continuous": list(self.continuous),
         }
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
-        return cls(
-            item_id=d["item_id"],
-            item_cardinality=int(d["item_cardinality"]),
-            max_sequence_length=int(d["max_sequence_length"]),
-            categorical={k: int(v) for k, v in d.get("categorical", {}).items()},
-            continuous=tuple(d.get("continuous", ())),
-        )
 
 
 @dataclass

@@ -50,6 +50,7 @@ import pyarrow as pa
 import torch
 
 from raytr.config import DataConfig
+from raytr.errors import one_line
 from raytr.data.events import EVENT_ORDER, MAX_UNIX_SECONDS, unit_names
 from raytr.data.workflow import list_name, sequence_features
 from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, FeatureSpec, SessionBatch
@@ -112,8 +113,7 @@ class Vocabulary:
         try:
             frame = pd.read_parquet(path, columns=[column])
         except (OSError, ValueError, pa.ArrowException) as error:  # truncated, overwritten, missing
-            detail = " ".join(str(error).split())[:200]
-            raise WorkflowCompileError(f"{path} cannot be read ({type(error).__name__}: {detail}): the workflow's "
+            raise WorkflowCompileError(f"{path} cannot be read ({one_line(error, 200)}): the workflow's "
                                        "category file is damaged or missing; run `raytr prepare` again") from None
         if frame[column].isna().any():
             raise WorkflowCompileError(f"{path}: the vocabulary of {column!r} contains a null value")

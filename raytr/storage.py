@@ -272,7 +272,9 @@ def check_output(output: PathLike, marker: str | Sequence[str], inputs: Sequence
                          "so not an "
                          "earlier output of this command, or one whose commit failed): choose another output "
                          "or empty it")
-    foreign = sorted(n for n in (name(e) for e in fs.ls(dst)) if n not in layout) if layout is not None else []
+    # Hidden entries (.DS_Store, an editor's) are nobody's output.
+    foreign = sorted(n for n in (name(e) for e in fs.ls(dst, detail=False))
+                     if n not in layout and not n.startswith(".")) if layout is not None else []
     if foreign:
         raise ValueError(f"output {str(output)!r} holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, "
                          f"which an output of this command does not (it holds {', '.join(sorted(layout))}), so "

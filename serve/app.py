@@ -146,7 +146,6 @@ class Recommender:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._requests = self._batches = self._max_batch = 0
         self._poll_s = config.reload_poll_s
-        self._load_after = 0.0  # monotonic time before which a request does not retry a failed load
         self._follow = asyncio.create_task(
             self._states.follow(lambda: registry.current.remote(), config.reload_poll_s))
         log.info("Recommender %s on %s serving %s", self._replica, device, self._states.versions)
@@ -159,11 +158,12 @@ class Recommender:
         self._requests += len(requests)
         self._batches += 1
         self._max_batch = max(self._max_batch, len(requests))
-        if any(self._states.get(r.version) is None for r in requests) and time.monotonic() >= self._load_after:
+        # A load that failed lately (here or in the follower, which retries every poll) is not tried
+        # again per batch: the batch would wait for it (a CUDA OOM each time).
+        if any(self._states.get(r.version) is None for r in requests) and not self._states.failed_within(self._poll_s):
             try:
                 await self._states.sync_to_disk()  # a Preprocessor already switched to a newer bundle
             except BUNDLE_LOAD_ERRORS as exc:  # keep serving the versions it has; the follower retries
-                self._load_after = time.monotonic() + self._poll_s  # not every request (a CUDA OOM each time)
                 log.warning("Recommender could not load %s (%r); serving %s", self._states.bundle_dir, exc,
                             self._states.versions)
         out: list[ScoringResult | VersionUnavailable | None] = [None] * len(requests)
@@ -183,8 +183,9 @@ class Recommender:
         return BatchingStats(replica=self._replica, requests=self._requests, batches=self._batches,
                              max_batch_requests=self._max_batch)
 
-    def version(self) -> str:
-        return self._states.latest.version
+    def version(self) -> tuple[str, bool]:
+        """(the newest version loaded, whether loading another failed within the last two polls)."""
+        return self._states.latest.version, self._states.failed_within(2 * self._poll_s)
 
     def check_health(self) -> None:
         if self._follow.done():
@@ -267,14 +268,17 @@ class Preprocessor:
         return info.model_copy(update={"batching": None if isinstance(stats, Rejection) else stats})
 
     async def health(self) -> HealthResponse | Rejection:
-        version = await call(self._recommender.version, what="Recommender")
-        if isinstance(version, Rejection):
-            return version
+        loaded = await call(self._recommender.version, what="Recommender")
+        if isinstance(loaded, Rejection):
+            return loaded
+        version, failing = loaded
         newest, serving = self._states.latest.version, self._serving().version
-        if version != newest or serving != newest:
+        # Answering with an older version, or a Recommender without the newest that fails to load it.
+        if serving != newest or (version != newest and failing):
             return Rejection(503, f"replicas disagree on the bundle version: the Preprocessor has {newest}, a "
                                   f"Recommender {version}; answering with {serving} meanwhile (the replicas' logs "
                                   "say why a load failed)")
+        # A Recommender a poll behind (a reload in progress) loads the newest on demand: healthy.
         return HealthResponse(model_version=newest)
 
     def check_health(self) -> None:

@@ -13,6 +13,7 @@ same bundle (a reload may change the vocabularies).
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import numpy as np
 from safetensors import SafetensorError
 
-from raytr.bundle import Bundle
+from raytr.bundle import Bundle, bundle_files
 from raytr.config import DataConfig
 from serve.api import RecommendResponse, ReloadResponse, request_fields
 
@@ -136,18 +137,14 @@ def reload_response(previous: str, current: str) -> ReloadResponse:
 
 # ------------------------------------------------------------------------------------ versions
 def _files_key(bundle_dir: str) -> tuple | None:
-    """What identifies the contents of the files `Bundle.load` reads for a version and data config,
-    the workflow's files included (its digest is part of the version); None for a URL, or a file
-    missing: read it again."""
+    """What identifies the contents of the files `Bundle.load` reads (`bundle_files`): their inode,
+    size and times; None for a URL, or a file that cannot be looked at: read it again."""
     if "://" in bundle_dir:
         return None
     key = []
-    workflow = Path(bundle_dir) / "workflow"
-    names = ["model/model.safetensors", "model/config.json", "train_result.json", "prepare.json",
-             *(str(p.relative_to(bundle_dir)) for p in sorted(workflow.rglob("*")) if p.is_file())]
-    for name in names:
+    for path in bundle_files(bundle_dir):
         try:
-            st = (Path(bundle_dir) / name).stat()
+            st = path.stat()
         except FileNotFoundError:
             key.append(None)  # train_result.json is optional; Bundle.load names the others
             continue
@@ -182,6 +179,7 @@ class VersionedStates(Generic[S]):
         self._states: list[S] = []
         self._lock: asyncio.Lock | None = None
         self._last_read: tuple[tuple, Bundle] | None = None
+        self.failed_at: float | None = None  # monotonic time of the last failed load
 
     @property
     def latest(self) -> S:
@@ -212,10 +210,18 @@ class VersionedStates(Generic[S]):
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            bundle = await asyncio.to_thread(self._read)
-            if self.get(bundle.version) is None:
-                self._add(await asyncio.to_thread(self._load, bundle))
+            try:
+                bundle = await asyncio.to_thread(self._read)
+                if self.get(bundle.version) is None:
+                    self._add(await asyncio.to_thread(self._load, bundle))
+            except Exception:
+                self.failed_at = time.monotonic()
+                raise
             return self.latest
+
+    def failed_within(self, seconds: float) -> bool:
+        """Whether a load (by the follower or on demand) failed in the last `seconds`."""
+        return self.failed_at is not None and time.monotonic() - self.failed_at < seconds
 
     def _read(self) -> Bundle:
         """`load_compatible`, reusing the last read while the files it reads are unchanged (same inode,

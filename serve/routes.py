@@ -4,8 +4,8 @@
 Routes:
     POST /recommend        RecommendRequest -> RecommendResponse
     POST /recommend/batch  BatchRecommendRequest -> BatchRecommendResponse
-    GET  /healthz          HealthResponse (503 while the backend is unavailable, or while its replicas
-                           disagree on the bundle version: a reload not every replica could load)
+    GET  /healthz          HealthResponse (503 while the backend is unavailable, or while it answers
+                           with an older bundle version: a reload not every replica could load)
     GET  /model            ModelInfo: version, schema summary, training metrics, batching stats
     POST /admin/reload     header X-Admin-Token; reloads the bundle directory (ReloadResponse)
     GET  /docs             OpenAPI
@@ -193,7 +193,7 @@ def build_app(backend: Backend, data: DataConfig, config: ServeConfig, admin_tok
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> HealthResponse:
-        """200 when the whole chain (preprocessing and model) answers with the same bundle version."""
+        """200 when the whole chain (preprocessing and model) answers with the newest bundle version."""
         return _unwrap(await backend.health())
 
     @app.get("/model", response_model=ModelInfo)

@@ -180,10 +180,9 @@ def test_an_empty_days_option_is_refused_naming_it_before_any_work(tmp_path, cap
     assert list(tmp_path.iterdir()) == []  # nothing written, and the model (absent) not read
 
 
-@pytest.mark.parametrize("seed", ["-1", str(2**32)])
-def test_synth_seed_out_of_range_is_one_line_naming_the_flag(tmp_path, capsys, seed):
-    assert main(["synth", "--output", str(tmp_path / "raw"), "--seed", seed]) == 2
-    assert f"raytr synth: error: --seed {seed}: expected an integer from 0 to 2**32 - 1" in capsys.readouterr().err
+def test_a_negative_synth_seed_is_one_line_naming_the_flag(tmp_path, capsys):
+    assert main(["synth", "--output", str(tmp_path / "raw"), "--seed", "-1"]) == 2
+    assert "raytr synth: error: --seed -1: expected an integer >= 0" in capsys.readouterr().err
     assert not (tmp_path / "raw").exists()
 
 

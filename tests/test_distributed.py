@@ -156,7 +156,6 @@ def test_a_nan_on_one_worker_stops_both_with_the_divergence_error(ray_cluster, u
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has a GPU")
 def test_a_user_error_in_the_workers_is_raised_as_itself(ray_cluster, prepared_dir, prepared_spec, tmp_path):
     """Ids beyond the model's cardinality are found by each worker's loader: the driver raises the
     workers' ValueError (one line from `raytr train`, naming the column and file), not Ray's

@@ -17,6 +17,7 @@ from raytr.data.schema import (
     schema_from_spec,
 )
 from raytr.data.workflow import SESSION_LENGTH
+from raytr.config import from_dict
 from raytr.features import FeatureSpec
 
 SPEC = FeatureSpec(
@@ -83,7 +84,7 @@ def test_schema_from_spec_round_trip(tmp_path):
     save_schema(schema, tmp_path)
     for name in (SCHEMA_JSON, SCHEMA_PBTXT):
         assert feature_spec(load_schema(tmp_path / name)) == SPEC, name
-    assert FeatureSpec.from_dict(SPEC.to_dict()) == SPEC
+    assert from_dict(FeatureSpec, SPEC.to_dict(), where="spec") == SPEC
 
 
 def test_max_sequence_length_argument_overrides_the_schema():

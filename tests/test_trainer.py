@@ -595,14 +595,13 @@ def test_train_refuses_an_output_dir_holding_other_data_before_writing(prepared_
     assert [p.name for p in data.iterdir()] == ["part.parquet"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has a GPU")
-def test_fp16_on_cpu_raises_a_clear_error(tmp_path):
-    """Refused when the config is read (it had failed inside the training loop, after writing runs/)."""
+def test_fp16_without_use_gpu_is_a_config_error(tmp_path):
+    """Refused when the config is read, on any machine (it had failed inside the training loop,
+    after the run's directories were written)."""
     from raytr.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"^training\.fp16=true needs a GPU"):
         local_args(tmp_path, fp16=True)
-    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for a machine without a CUDA GPU")

@@ -41,9 +41,10 @@ class InputFiles:
     column_types: dict[str, pa.DataType] = field(default_factory=dict)
 
 
-def find_input_files(path: str | Path, read_format: str = "auto") -> tuple[list[str], str]:
+def find_input_files(path: str | Path, read_format: str = "auto", exclude: str | None = None
+                     ) -> tuple[list[str], str]:
     """The raw files at `path` (a file, or a directory searched recursively; a local path or a URL)
-    and their format."""
+    and their format; files inside `exclude` (an output in the input directory) are not input."""
     try:
         found = storage.exists(path)
     except ValueError as error:
@@ -52,14 +53,23 @@ def find_input_files(path: str | Path, read_format: str = "auto") -> tuple[list[
         raise InputError(f"input {str(path)!r} does not exist")
     suffixes = {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv", ".csv")}
     chosen = suffixes.get(read_format, (".parquet", ".csv", ".tsv"))
-    files = storage.list_files(path, chosen)
+    def listed(suffixes: tuple[str, ...]) -> list[str]:
+        found = storage.list_files(path, suffixes)
+        if exclude is None:
+            return found
+        outside = storage.filesystem(exclude)[1]  # compared as the filesystem names them (s3a:// and s3://)
+        return [f for f in found if not storage.is_within(storage.filesystem(f)[1], outside)]
+
+    files = listed(chosen)
+    if not files and exclude is not None and storage.list_files(path, chosen):
+        raise InputError(f"input {str(path)!r} has no files outside the output {exclude!r}")
     if not files:
         named = " or ".join([", ".join(chosen[:-1]), chosen[-1]] if len(chosen) > 1 else chosen)
         raise InputError(f"input {str(path)!r} has no {named} files"
                          + (f" (data.read_format: {read_format})" if read_format != "auto" else ""))
     if read_format != "auto" and storage.is_dir(path):
         # The format is a choice of files: the others are left out, and said so.
-        skipped = sorted(set(storage.list_files(path, (".parquet", ".csv", ".tsv"))) - set(files))
+        skipped = sorted(set(listed((".parquet", ".csv", ".tsv"))) - set(files))
         if skipped:
             log.warning("input %r: data.read_format: %s reads %d file(s) and leaves out %d of another format: %s%s",
                         str(path), read_format, len(files), len(skipped), ", ".join(skipped[:5]),
@@ -200,11 +210,7 @@ def validate_input(config: DataConfig, path: str | Path, exclude: str | None = N
     """Check raw input before any work: files exist, columns exist with usable types, rows exist,
     and no id or timestamp is null; decide the type each column is read as. Files inside `exclude`
     (the output) are not input. Raises `InputError` naming the problem."""
-    files, fmt = find_input_files(path, config.read_format)
-    if exclude is not None:  # compared as the filesystem names them (s3a:// and s3:// are one place)
-        files = [f for f in files if not storage.is_within(storage.filesystem(f)[1], storage.filesystem(exclude)[1])]
-        if not files:
-            raise InputError(f"input {str(path)!r} has no files outside the output {exclude!r}")
+    files, fmt = find_input_files(path, config.read_format, exclude)
     expected = {
         config.session_col: ("session id", _is_id),
         config.item_col: ("item id", _is_id),
@@ -417,16 +423,16 @@ _NULLABLE_INTS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int
 
 
 def events_frame(table: pa.Table, config: DataConfig) -> pd.DataFrame:
-    """A table of raw events as pandas with numpy dtypes (NVTabular's ops take no arrow column: the
-    pandas metadata Ray Data writes is ignored) and datetimes in their own unit; integer categoricals and user ids are pandas' nullable integers,
-    with or without nulls (one dtype in every part): numpy would make a column with nulls float64,
-    which merges ids above 2^53 with their neighbours."""
-    frame = table.to_pandas(ignore_metadata=True, coerce_temporal_nanoseconds=False)
-    for name in [*config.categorical, *([config.user_col] if config.user_col else [])]:
-        column = table.column(name)
-        if pa.types.is_integer(column.type):
-            frame[name] = column.to_pandas(types_mapper=_NULLABLE_INTS.get).array
-    return frame
+    """A table of raw events as pandas with numpy dtypes (NVTabular's ops take no arrow column; the
+    pandas metadata Ray Data writes is ignored) and datetimes in their own unit, except integer
+    categoricals and user ids: pandas' nullable integers, with or without nulls (one dtype in every
+    part), since numpy makes a column with nulls float64, which merges ids above 2^53."""
+    ids = [name for name in [*config.categorical, *([config.user_col] if config.user_col else [])]
+           if pa.types.is_integer(table.schema.field(name).type)]
+    frame = table.drop_columns(ids).to_pandas(ignore_metadata=True, coerce_temporal_nanoseconds=False)
+    for name in ids:
+        frame[name] = table.column(name).to_pandas(types_mapper=_NULLABLE_INTS.get).array
+    return frame[table.column_names]
 
 
 def normalize_events(frame: pd.DataFrame, config: DataConfig) -> pd.DataFrame:

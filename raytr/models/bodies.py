@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from raytr.config import ConfigError, ModelConfig
+from raytr.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +119,6 @@ def _with_floats(cls: type[PretrainedConfig], extras: dict[str, Any]) -> dict[st
             for key, value in extras.items()}
 
 
-def _one_line(error: BaseException) -> str:
-    """An error's message on one line (transformers' validation errors span several)."""
-    return " ".join(str(error).split())
-
-
 def hf_config_for(config: ModelConfig, max_length: int) -> PretrainedConfig:
     """The Hugging Face config for `config.body`, for sequences of at most `max_length` events.
 
@@ -163,7 +159,7 @@ def hf_config_for(config: ModelConfig, max_length: int) -> PretrainedConfig:
         if not config.hf_config:
             raise
         raise ConfigError(f"model.hf_config={config.hf_config!r}: Hugging Face's {cls.__name__} refuses it: "
-                          f"{_one_line(error)}") from None
+                          f"{one_line(error)}") from None
 
 
 def model_config_values(hf_config: PretrainedConfig) -> dict[str, Any]:
@@ -377,5 +373,5 @@ def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig
         if not config.hf_config:
             raise
         raise ConfigError(f"model.hf_config={config.hf_config!r}: the {config.body} body cannot be built or run "
-                          f"with it: {type(error).__name__}: {_one_line(error)}") from None
+                          f"with it: {one_line(error)}") from None
     return body

@@ -24,6 +24,7 @@ from torch import nn
 
 from raytr import storage
 from raytr.config import from_dict
+from raytr.errors import one_line
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 
 MAX_BATCH = 65_536
@@ -123,7 +124,7 @@ def _damaged_entry(local: Path) -> str | None:
         with zipfile.ZipFile(local) as archive:
             bad = archive.testzip()
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        return " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        return one_line(error, 200)
     return None if bad is None else f"entry {bad} fails its CRC check"
 
 
@@ -170,9 +171,14 @@ class ExportedScorer:
             try:
                 program = torch.export.load(str(local), extra_files=extra)
                 spec = from_dict(FeatureSpec, json.loads(extra["feature_spec.json"]), where="extra/feature_spec.json")
-            except (ValueError, KeyError, AssertionError, RuntimeError, TypeError, zipfile.BadZipFile) as error:
-                detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]  # one line
-                raise ValueError(f"{path} is damaged ({detail}): export it again with `raytr export`") from None
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # e.g. a program exported on a GPU, where none is visible
+                raise ValueError(f"{path} cannot be loaded here ({one_line(error, 200)}): export the model on the "
+                                 "device it will run on") from None
+            except (ValueError, KeyError, AssertionError, TypeError, zipfile.BadZipFile) as error:
+                raise ValueError(f"{path} is damaged ({one_line(error, 200)}): export it again with `raytr export`"
+                                 ) from None
         if extra["objective"] not in ("clm", "mlm"):
             raise ValueError(f"{path} is damaged (objective={extra['objective']!r}, expected 'clm' or 'mlm'): "
                              "export it again with `raytr export`")

@@ -21,6 +21,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from raytr import storage
 from raytr.config import ModelConfig, from_dict
+from raytr.errors import one_line
 from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 from raytr.models.bodies import build_body
 from raytr.models.head import NextItemHead, RepeatContext, seen_items, top_k
@@ -290,9 +291,9 @@ class SessionModel(nn.Module):
         except RuntimeError as error:
             if not str(error).startswith("Error(s) in loading state_dict"):
                 raise  # a device error, say: not the file's fault
-            detail = " ".join(str(error).split())[:300]  # one line; the list of missing keys can be long
+            # one line; the list of missing keys can be long
             raise ValueError(f"{shown}/{WEIGHTS_FILE} does not hold the weights {shown}/{CONFIG_FILE} describes "
-                             f"({detail}): save the model again (or train it again)") from None
+                             f"({one_line(error, 300)}): save the model again (or train it again)") from None
         if missing or unexpected:  # strict=True raises first; kept for clarity of intent
             raise ValueError(f"{shown}/{WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
         return model.eval()
@@ -307,8 +308,7 @@ def _hf_config(values: Any, where: str) -> PretrainedConfig:
     try:
         return AutoConfig.for_model(values.pop("model_type"), **values)
     except (ValueError, TypeError, KeyError) as error:  # an unknown model_type, a field of the wrong type
-        detail = " ".join(str(error).split())[:200]
-        raise ValueError(f"{where}: not a config transformers can build ({detail}): save the model again "
+        raise ValueError(f"{where}: not a config transformers can build ({one_line(error, 200)}): save the model again "
                          "(or train it again)") from None
 
 

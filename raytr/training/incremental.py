@@ -147,11 +147,12 @@ def run_incremental(
         (local / "incremental.json").write_text(json.dumps(
             {"mode": mode, "per_day": table.to_dict(orient="records"), "average": averages.to_dict(orient="records")},
             indent=2))
-        plot_incremental(table, local / "incremental.png")
+        plot_incremental(table, local / "incremental.png", mode)
     return IncrementalResult(table=table, averages=averages, output_dir=output_dir)
 
 
-def plot_incremental(table: pd.DataFrame, path: Path, metrics: tuple[str, ...] = ("ndcg@20", "recall@20")) -> None:
+def plot_incremental(table: pd.DataFrame, path: Path, mode: str = "finetune",
+                     metrics: tuple[str, ...] = ("ndcg@20", "recall@20")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +168,8 @@ def plot_incremental(table: pd.DataFrame, path: Path, metrics: tuple[str, ...] =
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle("train on day t, evaluate on day t+1")
+    trained = {"finetune": "day t, continuing", "retrain": "day t", "expanding": "days 1..t"}.get(mode, mode)
+    fig.suptitle(f"{mode}: train on {trained}, evaluate on day t+1")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
