@@ -53,6 +53,7 @@ def find_input_files(path: str | Path, read_format: str = "auto", exclude: str |
         raise InputError(f"input {str(path)!r} does not exist")
     suffixes = {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv", ".csv")}
     chosen = suffixes.get(read_format, (".parquet", ".csv", ".tsv"))
+
     def listed(suffixes: tuple[str, ...]) -> list[str]:
         found = storage.list_files(path, suffixes)
         if exclude is None:
