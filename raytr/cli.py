@@ -120,9 +120,9 @@ def _model_dir(path: str) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from raytr import storage
-    from raytr.data.loaders import DataLoader
     from raytr.data.layout import day_paths
-    from raytr.evaluation import check_same_workflow, check_session_files, evaluate_next_item
+    from raytr.data.loaders import DataLoader, check_session_files
+    from raytr.evaluation import check_same_workflow, evaluate_next_item
     from raytr.features import FIRST_ITEM_ID
     from raytr.models import SessionModel
     from raytr.training.trainer import resolve_paths

@@ -14,7 +14,7 @@ import torch
 
 from raytr import storage
 from raytr.data.layout import categories_digest, prepared_root
-from raytr.features import FeatureSpec, SessionBatch
+from raytr.features import SessionBatch
 from raytr.metrics import RankingMetrics
 from raytr.models.head import seen_items
 from raytr.models.masking import split_last_item
@@ -89,21 +89,3 @@ def data_workflow_digest(paths: Sequence[str]) -> str | None:
         raise ValueError(f"the data mixes sessions of two `raytr prepare` runs ({first} and {other}): their item ids "
                          "stand for different items; prepare every day together, then choose days from that output")
     return next(iter(known.values()), None)
-
-
-def check_session_files(spec: FeatureSpec, paths: Sequence[str]) -> None:
-    """Refuse, naming the file, a path that is not a parquet file or lacks a column the model reads
-    (`spec.columns`), before any batch is read (only the files' footers are)."""
-    import pyarrow as pa
-
-    for path in paths:
-        try:
-            names = storage.parquet_file(path).schema_arrow.names
-        except (pa.ArrowInvalid, OSError) as error:
-            raise ValueError(f"{path} is not a parquet file ({error}): pass a `raytr prepare` output or its "
-                             "sessions' parquet files") from None
-        missing = [c for c in spec.columns if c not in names]
-        if missing:
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise ValueError(f"{path} has no column {', '.join(map(repr, missing))}, which the model reads (the "
-                             f"file has: {shown}): pass sessions prepared with the model's data config")

@@ -568,3 +568,16 @@ def test_merlin_names_a_null_list_it_meets_outside_the_ranks_share(tmp_path):
                                          r"\(row 5, "):
         DataLoader(SPEC, [path], 2, engine="merlin", rank=0, world_size=2)
     assert len(DataLoader(SPEC, [path], 2, engine="pyarrow", rank=0, world_size=2)) == 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_file_without_a_column_the_model_reads_is_named(files, tmp_path, engine):
+    """The loaders check the files' footers themselves (merlin had raised a KeyError, pyarrow an
+    ArrowInvalid, where a caller had not checked them first)."""
+    lacking = tmp_path / "lacking.parquet"
+    pq.write_table(pq.read_table(files[0]).drop_columns(["price-list"]), lacking)
+    with pytest.raises(ValueError, match=r"lacking\.parquet has no column 'price-list', which the model reads"):
+        DataLoader(SPEC, [files[1], str(lacking)], 4, engine=engine)
+    (tmp_path / "notes.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"notes\.parquet is not a parquet file"):
+        DataLoader(SPEC, [str(tmp_path / "notes.parquet")], 4, engine=engine)

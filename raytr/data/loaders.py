@@ -73,6 +73,26 @@ def row_counts(files: Sequence[str]) -> list[int]:
     return [storage.parquet_file(f).metadata.num_rows for f in files]
 
 
+def check_session_files(spec: FeatureSpec, paths: Sequence[str]) -> list[int]:
+    """The rows of each session file, refusing, naming the file, a path that is not a parquet file
+    or lacks a column the model reads (`spec.columns`): only the files' footers are read."""
+    counts = []
+    for path in paths:
+        try:
+            meta = storage.parquet_file(path).metadata
+        except (pa.ArrowInvalid, OSError) as error:
+            raise ValueError(f"{path} is not a parquet file ({error}): pass a `raytr prepare` output or its "
+                             "sessions' parquet files") from None
+        names = meta.schema.to_arrow_schema().names
+        missing = [c for c in spec.columns if c not in names]
+        if missing:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ValueError(f"{path} has no column {', '.join(map(repr, missing))}, which the model reads (the "
+                             f"file has: {shown}): pass sessions prepared with the model's data config")
+        counts.append(meta.num_rows)
+    return counts
+
+
 def rank_row_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous share [start, stop) of `total` rows for `rank`; shares differ by at most one."""
     base, extra = divmod(total, world_size)
@@ -319,7 +339,7 @@ class DataLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.epoch = 0
-        counts = row_counts(paths)
+        counts = check_session_files(spec, paths)  # a file without a column the model reads: named here
         self.total_rows = sum(counts)
         if self.total_rows < world_size and equal_steps:
             raise ValueError(f"{self.total_rows} sessions cannot feed {world_size} workers: need at least one each")

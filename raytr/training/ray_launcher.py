@@ -33,10 +33,10 @@ from raytr.data.loaders import (
     check_column_values,
     check_distinct_paths,
     check_no_nulls,
+    check_session_files,
     gather_batches,
     ragged_from_arrow,
 )
-from raytr.evaluation import check_session_files
 from raytr.features import FeatureSpec, SessionBatch
 from raytr.config import ConfigError
 from raytr.ray_runtime import cluster_limit, ensure_ray

@@ -31,8 +31,8 @@ import torch
 
 from raytr import storage
 from raytr.data.layout import available_days, day_paths, sessions_root
-from raytr.data.loaders import DataLoader, row_counts
-from raytr.evaluation import check_session_files, data_workflow_digest, evaluate_next_item
+from raytr.data.loaders import DataLoader, check_session_files
+from raytr.evaluation import data_workflow_digest, evaluate_next_item
 from raytr.config import ConfigError
 from raytr.features import FIRST_ITEM_ID, SessionBatch
 from raytr.models import SessionModel
@@ -199,10 +199,10 @@ class Trainer:
             resolve_paths(self.train_dataset))
         eval_paths = () if self.eval_dataset is None or _is_ray_dataset(self.eval_dataset) else tuple(
             resolve_paths(self.eval_dataset))
-        check_session_files(self.model.spec, [*train_paths, *eval_paths])  # a file without the model's columns
+        counts = check_session_files(self.model.spec, [*train_paths, *eval_paths])  # a file without the model's columns
         # Which workflow encoded the data: recorded, so a bundle pairing the model with another is refused.
         workflow_digest = data_workflow_digest([*train_paths, *eval_paths])
-        if eval_paths and sum(row_counts(eval_paths)) == 0:
+        if eval_paths and sum(counts[len(train_paths):]) == 0:
             raise ValueError(f"evaluation data {list(eval_paths)[:3]} has 0 sessions")  # before an epoch is spent
         check_train_output(output_dir, [*train_paths, *eval_paths])  # before anything is written
         if args.launcher == "local" and args.use_gpu and not torch.cuda.is_available():
