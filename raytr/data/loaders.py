@@ -119,9 +119,11 @@ def check_no_nulls(name: str, column: pa.Array | pa.ChunkedArray) -> None:
         raise BadValuesError(name, "holds null values", NULL_ADVICE, pc.list_parent_indices(column)[first].as_py())
 
 
-def _read_pyarrow(files: Sequence[str], columns: Sequence[str], start: int, stop: int) -> dict[str, RaggedColumn]:
+def _read_pyarrow(files: Sequence[str], counts: Sequence[int], columns: Sequence[str], start: int,
+                  stop: int) -> dict[str, RaggedColumn]:
+    """Rows [start, stop) of `files` (whose row counts are `counts`), read with PyArrow."""
     tables, seen = [], 0
-    for file, rows in zip(files, row_counts(files)):
+    for file, rows in zip(files, counts):
         lo, hi = max(start - seen, 0), min(stop - seen, rows)
         if lo < hi:
             tables.append(storage.read_table(file, columns).slice(lo, hi - lo))
@@ -147,13 +149,13 @@ def ragged_from_arrow(column: pa.Array | pa.ChunkedArray) -> RaggedColumn:
     return RaggedColumn(torch.from_numpy(np.array(values)), torch.from_numpy(offsets - offsets[0]))
 
 
-def _read_merlin(files: Sequence[str], columns: Sequence[str], start: int, stop: int) -> dict[str, RaggedColumn]:
+def _read_merlin(files: Sequence[str], counts: Sequence[int], columns: Sequence[str], start: int,
+                 stop: int) -> dict[str, RaggedColumn]:
     """Read with merlin-dataloader (cuDF on GPU when installed, pandas otherwise), no shuffle, one
     pass; merlin yields ragged lists as `name__values` / `name__offsets`."""
     from merlin.dataloader.torch import Loader
     from merlin.io import Dataset
 
-    counts = row_counts(files)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     chosen = [i for i in range(len(files)) if bounds[i] < stop and bounds[i + 1] > start]
     skip = start - int(bounds[chosen[0]])
@@ -175,7 +177,7 @@ def _read_merlin(files: Sequence[str], columns: Sequence[str], start: int, stop:
         # column and row; else the TypeError was not that.
         first = int(bounds[chosen[0]])
         try:
-            _read_pyarrow(files, columns, first, int(bounds[chosen[-1] + 1]))
+            _read_pyarrow(files, counts, columns, first, int(bounds[chosen[-1] + 1]))
         except BadValuesError as err:
             err.row += first - start  # numbered from `start`, as the caller maps rows to files
             raise
@@ -349,7 +351,7 @@ class DataLoader:
         if self.num_rows:
             reader = _read_merlin if engine == "merlin" else _read_pyarrow
             try:
-                columns = reader(paths, spec.columns, start, stop)
+                columns = reader(paths, counts, spec.columns, start, stop)
                 # Per session, on the host: each batch's CLM target count without reading the GPU.
                 self.causal_targets = causal_target_counts(columns[spec.item_id], spec.max_sequence_length)
                 self.columns = {name: col.to(self.device) for name, col in columns.items()}

@@ -91,11 +91,11 @@ def run_incremental(
     windows = [d for d in days if start <= d < end and d + 1 in days]
     if not windows:
         raise ValueError(f"no day t with t and t+1 both in {days} between start_day={start} and end_day={end}")
+    if mode not in ("finetune", "retrain", "expanding"):
+        raise ValueError(f"mode={mode!r}: expected 'finetune', 'retrain' or 'expanding'")
     # finetune: the model trains on every day of the range up to the last window, also one whose
     # next day has no sessions (it is not evaluated then), so that it has seen what the baselines
     # are fitted on.
-    if mode not in ("finetune", "retrain", "expanding"):
-        raise ValueError(f"mode={mode!r}: expected 'finetune', 'retrain' or 'expanding'")
     trained = [d for d in days if start <= d <= windows[-1]] if mode == "finetune" else windows
     skipped = [d for d in trained if d not in windows]
     log.info("incremental (%s): train on days %s, evaluate on days %s", mode, trained, [d + 1 for d in windows])
@@ -117,12 +117,13 @@ def run_incremental(
             trainer = Trainer(SessionModel(spec, config.model, seed=args.seed), window_args)
         else:
             trainer.reset_lr_scheduler()
-        train_days = [day] if mode == "retrain" else [d for d in days if start <= d <= day]
+        seen_days = [day] if mode == "retrain" else [d for d in days if start <= d <= day]  # the baselines'
         # finetune: the days before were trained on in the windows before
-        trainer.train_dataset = day_paths(data_dir, train_days if mode == "expanding" else [day])
+        window_days = seen_days if mode == "expanding" else [day]
+        trainer.train_dataset = day_paths(data_dir, window_days)
         trainer.eval_dataset = day_paths(data_dir, [day + 1]) if day in windows else None
-        log.info("incremental: train on day(s) %s%s", train_days if mode == "expanding" else [day],
-                 f", evaluate on day {day + 1}" if day in windows else "")
+        log.info("incremental: train on day(s) %s%s", window_days, f", evaluate on day {day + 1}" if day in windows
+                 else "")
         trainer.train()
         trainer.wipe_memory()
         if day not in windows:
@@ -131,7 +132,7 @@ def run_incremental(
         rows.append({"day": day + 1, "model": config.model.body,
                      **{k.removeprefix("eval_"): v for k, v in metrics.items()}})
         if baselines:
-            for name, values in evaluate_baselines(spec, day_paths(data_dir, train_days),
+            for name, values in evaluate_baselines(spec, day_paths(data_dir, seen_days),
                                                    day_paths(data_dir, [day + 1]), args.metrics_top_k,
                                                    args.exclude_seen,
                                                    knn_recency_decay=knn_recency_decay,
