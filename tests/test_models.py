@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BertConfig, MistralConfig
 
@@ -422,6 +423,20 @@ def test_load_on_cuda_without_a_gpu_says_so(tmp_path, monkeypatch):
         SessionModel.load(saved, map_location="cuda")
     with pytest.raises(ValueError, match="map_location='tpu9' is not a torch device"):
         SessionModel.load(saved, map_location="tpu9")
+    with pytest.raises(ValueError, match="map_location='meta' holds no data"):
+        SessionModel.load(saved, map_location="meta")
+    with pytest.raises(ValueError, match="map_location='xla' cannot be used here"):  # not in this torch build
+        SessionModel.load(saved, map_location="xla")
+
+
+def test_load_refuses_weights_that_are_not_finite(tmp_path):
+    saved = Path(build("gpt2", "clm").save(tmp_path / "model"))
+    weights = load_file(saved / "model.safetensors")
+    name = next(n for n, t in weights.items() if t.is_floating_point() and "embedding" in n)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, saved / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(f"{saved}/model.safetensors: weight ") + ".*NaN or infinite"):
+        SessionModel.load(saved)
 
 
 def test_load_reads_format_1_except_a_repeat_bias_it_would_score_differently(tmp_path):

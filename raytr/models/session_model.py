@@ -296,6 +296,12 @@ class SessionModel(nn.Module):
                              f"({one_line(error, 300)}): save the model again (or train it again)") from None
         if missing or unexpected:  # strict=True raises first; kept for clarity of intent
             raise ValueError(f"{shown}/{WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
+        # safetensors has no checksum and training stops at a NaN step, so a non-finite weight means a damaged
+        # or edited file: refused here rather than served as NaN scores.
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{shown}/{WEIGHTS_FILE}: weight {name} holds NaN or infinite values: the model "
+                                 "directory is damaged; save the model again (or train it again)")
         return model.eval()
 
 
@@ -322,3 +328,11 @@ def _check_device(map_location: str | torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"map_location={str(map_location)!r}: no CUDA GPU is visible to this process; load the "
                          "model with map_location='cpu', or run where a GPU is visible")
+    if device.type == "meta":  # holds shapes only: there is nowhere to put the weights
+        raise ValueError(f"map_location={str(map_location)!r} holds no data, so no weights can load there; use "
+                         "e.g. 'cpu' or 'cuda'")
+    try:
+        torch.empty(0, device=device)  # a device type this torch build or machine cannot use (mps, xla, ...)
+    except RuntimeError as error:
+        raise ValueError(f"map_location={str(map_location)!r} cannot be used here ({one_line(error, 200)}); use "
+                         "e.g. 'cpu' or 'cuda'") from None
