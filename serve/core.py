@@ -107,6 +107,10 @@ class BundleRefused(ValueError):
     """A bundle the running service must not switch to; the message says why."""
 
 
+class BundleChanging(OSError):
+    """The bundle directory's files kept changing while they were loaded."""
+
+
 def load_compatible(bundle_dir: str, data: DataConfig) -> Bundle:
     """`Bundle.load`, refusing a bundle whose data config differs from the service's in the event
     fields (`request_fields`): the ingress validates requests against the fields it started with."""
@@ -200,9 +204,9 @@ class VersionedStates(Generic[S]):
 
     def load_sync(self) -> S:
         """Load the bundle directory now, blocking (for constructors); return the newest state."""
-        bundle = self._read()
-        if self.get(bundle.version) is None:
-            self._add(self._load(bundle))
+        state = self._fetch()
+        if state is not None:
+            self._add(state)
         return self.latest
 
     async def sync_to_disk(self) -> S:
@@ -211,9 +215,9 @@ class VersionedStates(Generic[S]):
             self._lock = asyncio.Lock()
         async with self._lock:
             try:
-                bundle = await asyncio.to_thread(self._read)
-                if self.get(bundle.version) is None:
-                    self._add(await asyncio.to_thread(self._load, bundle))
+                state = await asyncio.to_thread(self._fetch)
+                if state is not None:
+                    self._add(state)
             except Exception:
                 self.failed_at = time.monotonic()
                 raise
@@ -222,6 +226,20 @@ class VersionedStates(Generic[S]):
     def failed_within(self, seconds: float) -> bool:
         """Whether a load (by the follower or on demand) failed in the last `seconds`."""
         return self.failed_at is not None and time.monotonic() - self.failed_at < seconds
+
+    def _fetch(self, attempts: int = 3) -> S | None:
+        """The state of the directory's version, loaded; None when that version is loaded already.
+        Loaded again when the files changed while it loaded: a bundle moved into place meanwhile would
+        otherwise be served under the version (the name) of the files read first."""
+        for _ in range(attempts):
+            bundle = self._read()
+            if self.get(bundle.version) is not None:
+                return None
+            state = self._load(bundle)
+            if self._last_read is None or _files_key(self.bundle_dir) == self._last_read[0]:
+                return state  # a URL bundle is a local copy: it cannot change under the load
+        raise BundleChanging(f"{self.bundle_dir} changed during each of {attempts} loads: finish writing the bundle "
+                             "(write it beside and move it into place), then reload")
 
     def _read(self) -> Bundle:
         """`load_compatible`, reusing the last read while the files it reads are unchanged (same inode,

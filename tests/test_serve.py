@@ -1135,3 +1135,45 @@ def test_the_bundle_read_is_reused_only_while_its_files_and_workflow_are_unchang
     category.write_bytes(category.read_bytes())  # the same bytes, a new write
     assert _files_key(str(bundle)) != key
     assert _files_key("s3://bucket/bundle") is None
+
+
+def test_a_bundle_replaced_while_it_loads_is_loaded_again_under_its_own_version(local_bundle, tmp_path):
+    """The version is read before the model loads; a bundle moved into place in between must not be
+    served under the name of the files read first (the Preprocessor would encode with the other
+    version's workflow)."""
+    import shutil
+
+    from raytr.bundle import Bundle, read_data_config
+    from serve.core import BundleChanging, VersionedStates
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(local_bundle, bundle)
+    data = read_data_config(bundle)
+    first = Bundle.load(bundle).version
+    loaded: list[tuple[str, bytes]] = []
+
+    def load_then_replace(b: Bundle) -> Bundle:
+        weights = (b.model_dir / "model.safetensors").read_bytes()
+        loaded.append((b.version, weights))
+        if len(loaded) == 1:  # a new model moved into place while the first load ran
+            staged = tmp_path / "staged"
+            shutil.copytree(bundle, staged)
+            (staged / "model" / "model.safetensors").write_bytes(weights + b" ")  # other bytes, other version
+            shutil.rmtree(bundle)
+            staged.rename(bundle)
+        return b
+
+    states = VersionedStates(str(bundle), load_then_replace, keep=2, data=data)
+    state = states.load_sync()
+    assert [v for v, _ in loaded] == [first, state.version] and state.version != first
+    assert states.versions == [state.version] == [Bundle.load(bundle).version]
+
+    def always_replace(b: Bundle) -> Bundle:
+        path = b.model_dir / "model.safetensors"
+        path.write_bytes(path.read_bytes() + b" ")
+        return b
+
+    changing = VersionedStates(str(bundle), always_replace, keep=2, data=data)
+    with pytest.raises(BundleChanging, match=f"{bundle} changed during each of 3 loads: finish writing"):
+        changing.load_sync()
+    assert changing.versions == []
