@@ -280,12 +280,13 @@ def consume_shards(engines: list, epoch: int) -> list[list]:
 
 @pytest.mark.ray
 def test_ray_data_engine_equal_steps_each_session_once_and_a_new_order_every_epoch(ray_cluster, tmp_path):
-    """The Ray Data engine's three facts, on the shards a TorchTrainer's 2 workers would get
+    """The Ray Data engine's three facts (and list types differing between files), on the shards a TorchTrainer's 2 workers would get
     (`streaming_split(2, equal=True)`, consumed concurrently as workers do)."""
     from raytr.training.ray_launcher import ray_data_batches, ray_train_dataset
 
-    # 63 sessions in 2 uneven files
-    cfg = ray_engine_config(tmp_path, [sessions(range(0, 37)), sessions(range(37, 63))])
+    # 63 sessions in 2 uneven files, the second with int32 lists (another writer than prepare)
+    second = sessions(range(37, 63)).cast(pa.schema([("item_id-list", pa.list_(pa.int32()))]))
+    cfg = ray_engine_config(tmp_path, [sessions(range(0, 37)), second])
     ds, rows_per_worker = ray_train_dataset(cfg)
     assert rows_per_worker == 31  # the 63rd session is dropped by the equal split
     engines = [ray_data_batches(shard, cfg, torch.device("cpu"), rows_per_worker)
