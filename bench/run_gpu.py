@@ -12,7 +12,7 @@ the ways of compiling its chunk kernel against the bare loop's), then bench/trai
 (50k and 5k first, then 1M and 300k), then the loaders, then report.py. Every step is its own
 process and adds to the JSON already there (`--merge`): a session cut short keeps what it measured,
 and the next one carries on with `--skip`, or with `--missing`: the steps whose results are not all in
-bench/results/ (`missing_runs`; REPORT.md lists the same), the ones measured not at all first, then
+bench/results/ from an H100 (`missing_runs`; REPORT.md lists the same), the ones measured not at all first, then
 those that lack some implementation (their whole config and precision runs again, since a re-measured
 group replaces its rows) or some loss-kernel variant (head_kernels.py runs whole and rewrites its file). The profile is a diagnosis, not a result: `--missing` leaves it out.
 """
@@ -60,24 +60,36 @@ def gpu_steps(configs: list[str], precisions: list[str], code: str | None = None
     return steps
 
 
+def on_h100(row: dict[str, Any], result: dict[str, Any] | None) -> bool:
+    """Whether a result row was measured on an H100, the GPU the issue's targets name: the row's own
+    `gpu`, else its file's machine (loader and loss-kernel rows record none)."""
+    return "H100" in (row.get("gpu") or (result or {}).get("machine", {}).get("gpu") or "")
+
+
+def measured_h100(result: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The rows of a result measured on an H100 without an `error`."""
+    return [r for r in (result or {}).get("results", []) if "error" not in r and on_h100(r, result)]
+
+
 def missing_runs(train: dict[str, Any] | None, loader: dict[str, Any] | None,
                  head_kernels: dict[str, Any] | None) -> dict[str, list[str]]:
     """The steps of the full set whose results are not all there (results that carry an `error`
-    count as missing; a loss kernel that ran out of memory was measured): {step label: the
+    count as missing; a loss kernel that ran out of memory was measured; rows measured on another
+    GPU than an H100 count as missing, since the targets are the H100's): {step label: the
     implementations, loss kernel variants or loader engines it lacks, all of them when it was never
     measured}."""
     missing: dict[str, list[str]] = {}
-    have = {(r["config"], r["precision"], r["impl"]) for r in (train or {}).get("results", []) if "error" not in r}
+    have = {(r["config"], r["precision"], r["impl"]) for r in measured_h100(train)}
     for cfg in TRAIN_ORDER:
         for precision in ("fp16", "bf16"):
             lacking = [i for i in TRAIN_IMPLS[cfg].split(",") if (cfg, precision, i) not in have]
             if lacking:
                 missing[f"train-{cfg}-{precision}"] = lacking
-    measured = {r["variant"] for r in (head_kernels or {}).get("results", []) if "error" not in r}
+    measured = {r["variant"] for r in measured_h100(head_kernels)}
     lacking = [v for v in HEAD_KERNEL_VARIANTS if v not in measured]
     if lacking:
         missing["head-kernels"] = lacking
-    ok = {r["engine"] for r in (loader or {}).get("results", []) if "error" not in r}
+    ok = {r["engine"] for r in measured_h100(loader)}
     lacking = [e for e in LOADER_ENGINES if e not in ok]
     if lacking:
         missing["loader"] = lacking
