@@ -679,6 +679,29 @@ def section_quality(res: dict[str, Any] | None, seed_runs: list[dict[str, Any]] 
     return out
 
 
+def section_tie_rule(res: dict[str, Any] | None) -> list[str]:
+    """tie-rule.json: the test metrics above under the id tie rule they were measured with and under
+    the pessimistic one raytr.metrics has used since 2026-12-07, with each model's tied targets."""
+    if res is None:
+        return []
+    out = ["### Tie rule", "", machine_line(res), "",
+           "The quality figures above were measured while a target tied with other items ranked by id (smaller "
+           "first); Categorify numbers items by frequency over all prepared days, test days included, so that rule "
+           "handed tie-heavy scorers part of the test days' popularity. Since 2026-12-07 a tied target ranks after "
+           "the items it ties with. `python bench/tie_rule.py` scores the baselines again at the choices in "
+           "quality.json, fitted as there, under both rules; and two YOOCHOOSE models trained a few epochs only "
+           "(not quality figures: whether their fp32 scores tie at all; a model's figures move only through its "
+           "tied targets). Test metrics, id rule -> pessimistic:", ""]
+    rows = []
+    for dataset, parts in res["datasets"].items():
+        for part in ("baselines", "neural"):
+            for model, r in parts.get(part, {}).items():
+                label = model if part == "baselines" else f"{model} ({r['epochs']} epochs, temperature {r['score_temperature']:g})"
+                rows.append([dataset, label, f"{r['tied_targets']:,} of {r['sessions']:,}",
+                             *[f"{r['by_id'][m]:.4f} -> {r['pessimistic'][m]:.4f}" for m in QUALITY_METRICS]])
+    return out + table(["dataset", "model", "targets tied", *QUALITY_METRICS], rows) + [""]
+
+
 def section_serve(res: dict[str, Any] | None) -> list[str]:
     title = "### Serving latency"
     if res is None:
@@ -937,6 +960,7 @@ def main() -> int:
     lines += section_prepare(load("prepare"))
     lines += ["## Quality", ""] + section_quality(quality, quality_seed_runs, load("quality-search"),
         [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality-ml-*.json")) if "-seed" not in p.name])
+    lines += section_tie_rule(load("tie-rule"))
     lines += ["## Serving", ""] + section_serve(load("serve"))
     lines += ["## Profiles", ""] + section_profile_gpu(load("profile-cuda"), load("profile-cuda-unaligned"))
     lines += section_head_kernels(load("head-kernels-cuda"))
@@ -957,7 +981,7 @@ def machine_rows() -> list[list[str]]:
     """The Machines table: each result file's machine; after quality.json, the other quality runs
     (seeds, MovieLens variants, the searches) grouped by machine, since some ran elsewhere."""
     rows = []
-    for name in ("train-cpu", "train-cuda", "loader-cpu", "loader-cuda", "prepare", "quality", "serve", "profile",
+    for name in ("train-cpu", "train-cuda", "loader-cpu", "loader-cuda", "prepare", "quality", "tie-rule", "serve", "profile",
                  "profile-cuda", "head-kernels-cuda"):
         r = load(name)
         if r:

@@ -8,8 +8,9 @@
   w(e) * sim(item(e), j), with w = recency_decay ** (events after e), so recency_decay=1 weights
   all events equally and recency_decay=0 uses the last event only.
 
-Ties (items scored equal, e.g. unseen co-occurrence) are broken towards the smaller id, which
-Categorify assigns to more frequent items. The reserved ids 0 (padding), 1 (null)
+In recommendations (`top_k`) ties (items scored equal, e.g. unseen co-occurrence) are broken
+towards the smaller id, which Categorify assigns to more frequent items; the metrics rank a tied
+target after the items it ties with (`raytr.metrics`). The reserved ids 0 (padding), 1 (null)
 and 2 (OOV), i.e. ids < FIRST_ITEM_ID, are never scored or learned.
 
 Shape legend: B = batch (sessions), T = max sequence length, V = item cardinality, k = items returned.

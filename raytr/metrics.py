@@ -6,8 +6,12 @@ One relevant item per session (the true next item) at rank r (1 = best):
 Each is averaged over sessions (not over batches): `state` holds the per-metric sums and the
 session count in one float64 tensor, so batches add with `merge` and ranks with `all_reduce`.
 
-Tie rule (the same one `raytr.models.head.top_k` uses to order recommendations):
-    rank = 1 + #items with a strictly greater score + #items with an equal score and a smaller id.
+Tie rule (pessimistic): a target ranks after every other item with its score,
+    rank = #items with a score >= the target's (the target included).
+So a scorer gains nothing from ties: scoring every item 0 is a miss at every k < V. (`top_k` orders
+tied recommendations by id; ranking the target by id here too would reward a tie whenever item ids
+carry information, and Categorify's ids are ordered by frequency over all the data it was fitted on,
+evaluation days included.)
 A target scored -inf or NaN (a reserved/OOV id, or an item excluded as already seen) cannot be
 recommended, so it is a miss at every k (rank UNRANKED) but still counts as a session. For k larger
 than the catalog every other session is a hit; precision@k still divides by k.
@@ -33,15 +37,13 @@ UNRANKED = torch.iinfo(torch.int64).max
 
 def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank of each target under the tie rule. scores [N, V], targets [N] -> [N] int64.
-    A target scored -inf or NaN gets UNRANKED: ranked among the other -inf entries by id, a reserved
-    or excluded target (which `top_k` never returns) would turn into a hit once k reached its position.
-    Other NaN scores never compare greater or equal, so they rank last, as -inf does."""
+    A target scored -inf or NaN gets UNRANKED: a reserved or excluded target (which `top_k` never
+    returns) must not turn into a hit once k covers the catalog. Other NaN scores never compare
+    greater or equal, so they rank last, as -inf does."""
     target_scores = scores.gather(1, targets[:, None])  # [N, 1]
-    ids = torch.arange(scores.shape[1], device=scores.device)  # [V]
-    greater = (scores > target_scores).sum(dim=1)
-    tied_before = ((scores == target_scores) & (ids[None, :] < targets[:, None])).sum(dim=1)
+    rank = (scores >= target_scores).sum(dim=1)  # the target and everything above or tied with it
     rankable = target_scores[:, 0] > float("-inf")  # False for -inf and NaN; a mask, so no host sync
-    return (1 + greater + tied_before).masked_fill(~rankable, UNRANKED)
+    return rank.masked_fill(~rankable, UNRANKED)
 
 
 class RankingMetrics:

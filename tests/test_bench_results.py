@@ -420,3 +420,19 @@ def test_report_quality_tables_name_the_machine_of_runs_measured_elsewhere(monke
         ["quality-ml-shift1, quality-ml-shift1-seed1", "AMD EPYC, 2 cores, no GPU"],
         ["quality-search", "AMD EPYC, 2 cores, no GPU (the latest search's; the file records no machine per search)"],
         ["quality-seed1", "Intel(R) Xeon(R) Processor, 2 cores, no GPU"]]
+
+
+def test_report_tie_rule_section_shows_both_rules_and_the_tied_targets():
+    from bench.report import section_tie_rule
+
+    assert section_tie_rule(None) == []
+    metrics = {"ndcg@10": 0.5, "ndcg@20": 0.55, "recall@10": 0.7, "recall@20": 0.8, "mrr@20": 0.4}
+    lower = {k: v - 0.01 for k, v in metrics.items()}
+    res = {"machine": {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2}, "started": "day0",
+           "datasets": {"yoochoose": {
+               "baselines": {"item_knn": {"sessions": 4087, "tied_targets": 1218, "by_id": metrics, "pessimistic": lower}},
+               "neural": {"gru": {"sessions": 4087, "tied_targets": 1, "by_id": metrics, "pessimistic": metrics,
+                                  "epochs": 5, "score_temperature": 20.0}}}}}
+    text = "\n".join(section_tie_rule(res))
+    assert "| yoochoose | item_knn | 1,218 of 4,087 | 0.5000 -> 0.4900 | 0.5500 -> 0.5400 |" in text
+    assert "| yoochoose | gru (5 epochs, temperature 20) | 1 of 4,087 | 0.5000 -> 0.5000 |" in text

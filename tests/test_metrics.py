@@ -20,16 +20,16 @@ RESERVED = [NEG_INF] * FIRST_ITEM_ID  # padding, null and OOV score -inf, as the
 
 
 def brute_force(scores: np.ndarray, targets: np.ndarray, ks: list[int]) -> dict[str, float]:
-    """Rank = position in the list sorted by (score descending, id ascending); a target scored -inf
-    (not recommendable) is a miss at every k. Average over sessions."""
+    """Rank = the last position of the target's score in the list sorted by score descending (ties
+    pessimistic); a target scored -inf (not recommendable) is a miss at every k. Average over sessions."""
     sums: dict[str, float] = {}
     count = 0
     for row, target in zip(scores.tolist(), targets.tolist()):
         if target == 0:
             continue
         count += 1
-        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
-        rank = order.index(target) + 1
+        ordered = sorted(row, reverse=True)
+        rank = len(ordered) - ordered[::-1].index(row[target])  # 1-based position of its score's last copy
         for k in ks:
             hit = 1.0 if rank <= k and row[target] != NEG_INF else 0.0
             for name, value in (("precision", hit / k), ("recall", hit), ("ndcg", hit / math.log2(rank + 1)),
@@ -53,12 +53,21 @@ def test_hand_computed_example():
     assert set(out) == {f"{n}@{k}" for n in ("precision", "recall", "ndcg", "map", "mrr") for k in (1, 2)}
 
 
-def test_tie_rule_smaller_id_wins():
+def test_a_tied_target_ranks_after_the_items_it_ties_with():
     a = FIRST_ITEM_ID  # items a..a+3 score 1, 1, 1, 0
     scores = torch.tensor([RESERVED + [1.0, 1.0, 1.0, 0.0]])
-    assert ranks_of_targets(scores, torch.tensor([a])).tolist() == [1]
+    assert ranks_of_targets(scores, torch.tensor([a])).tolist() == [3]  # whatever its id
     assert ranks_of_targets(scores, torch.tensor([a + 2])).tolist() == [3]
     assert ranks_of_targets(scores, torch.tensor([a + 3])).tolist() == [4]
+
+
+def test_a_scorer_gains_nothing_from_ties():
+    """Scoring every item alike ranks every target last, whatever the ids are ordered by (Categorify's
+    frequency order covers the evaluation days too): a miss at every k below the catalog size."""
+    n = 50
+    m = RankingMetrics([1, 10, 20])
+    m.update(torch.tensor([RESERVED + [0.0] * n] * 4), torch.tensor([FIRST_ITEM_ID + i for i in (0, 1, 7, n - 1)]))
+    assert all(value == 0.0 for value in m.compute().values())
 
 
 def test_nan_scores_rank_last_not_first():
@@ -111,7 +120,7 @@ def test_ranks_on_device_and_half_precision(device, dtype):
     nan = float("nan")
     scores = torch.tensor([RESERVED + [1.0, 2.0, 2.0, NEG_INF, nan]] * 5)
     targets = torch.tensor([a, a + 1, a + 2, a + 3, a + 4])
-    expected = [3, 1, 2, UNRANKED, UNRANKED]
+    expected = [3, 2, 2, UNRANKED, UNRANKED]
     assert ranks_of_targets(scores, targets).tolist() == expected
     scores, targets = scores.to(device, dtype), targets.to(device)
     if device == "cuda":

@@ -13,9 +13,9 @@ Only ids FIRST_ITEM_ID..V-1 are classes: padding (0), null (1) and OOV (2) are n
 Shape legend: N = positions with a target, D = d_model, V = item cardinality, K = negatives,
 B = batch (sessions), k = recommendations per session.
 
-Tie rule (shared with `raytr.metrics`): items are ordered by score descending, then id ascending;
-equivalently an item's rank is 1 + #items with a strictly greater score + #items with an equal
-score and a smaller id.
+Recommendation order (`top_k`): score descending, then id ascending (Categorify gives more frequent
+items smaller ids). The metrics rank a held-out target after all items it ties with instead
+(`raytr.metrics`): there the id order would reward ties.
 """
 
 from __future__ import annotations
@@ -428,7 +428,7 @@ def returnable(scores: torch.Tensor, exclude: torch.Tensor | None = None) -> tor
 
 
 def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best items per row under the tie rule (score descending, then id ascending).
+    """The k best items per row (score descending, then id ascending).
 
     scores [B, V]; exclude: optional [B, V] bool of items that must not be returned (reserved ids,
     and items scored -inf or NaN, which the metrics count as unrecommendable, are never returned).
