@@ -742,7 +742,8 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
         "training": {"launcher": "local", "num_train_epochs": schedule_epochs or epochs,
                      "stop_after_epoch": epochs if schedule_epochs else 0, "disable_tqdm": True, "report_to": [],
                      "data_loader_engine": "pyarrow", "metrics_top_k": list(TOP_K), "learning_rate": hp.learning_rate,
-                     "per_device_train_batch_size": hp.batch_size, "save_total_limit": 1},
+                     "per_device_train_batch_size": hp.batch_size, "weight_decay": hp.weight_decay,
+                     "seed": hp.seed, "save_total_limit": 1},  # seed: until 2026-12-07 the config's, 42
     }
     config = load_config(REPO / "configs" / "yoochoose.yaml", overrides)
     out_dir = work / f"incremental-{mode}"
@@ -760,7 +761,7 @@ def run_yoochoose_incremental(body: str, objective: str, epochs: int, work: Path
             "mode": mode, "seconds": seconds,
             "measured": timestamp(), "code": code_version(),
             "knn_recency_decay": knn["recency_decay"], "knn_self_similarity": knn["self_similarity"],
-            "hyperparameters": asdict(hp), "score_temperature": score_temperature,
+            "hyperparameters": asdict(hp), "training_seed": config.training.seed, "score_temperature": score_temperature,
             "per_day": rows, "average": averages.to_dict(orient="records")}
 
 
