@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _tensorboard import scalars
-from raytr.config import load_config
+from raytr.config import ConfigError, load_config
 from raytr.data.layout import day_paths
 from raytr.models import SessionModel
 from raytr.training.incremental import IncrementalResult, evaluate_baselines, run_incremental
@@ -165,6 +165,15 @@ def test_fewer_than_two_days_or_no_window_raise(prepared_dir, tmp_path):
         run_incremental(small_config(), one_day, tmp_path / "out")
     with pytest.raises(ValueError, match="no day t with t and t\\+1"):
         run_incremental(small_config(), prepared_dir, tmp_path / "out", start_day=4)
+
+
+def test_a_checkpoint_to_resume_is_refused_before_anything_is_written(prepared_dir, tmp_path):
+    """Every window's Trainer would resume it (a new model per window starting from its weights)."""
+    config = small_config()
+    config = replace(config, training=replace(config.training, resume_from_checkpoint=str(tmp_path / "ckpt")))
+    with pytest.raises(ConfigError, match=r"training.resume_from_checkpoint=.*ckpt.*unset it"):
+        run_incremental(config, prepared_dir, tmp_path / "out", mode="expanding")
+    assert not (tmp_path / "out").exists()
 
 
 def test_knn_settings_reach_the_baseline_and_bad_ones_fail_before_training(prepared_dir, prepared_spec, tmp_path):

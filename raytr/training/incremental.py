@@ -25,7 +25,7 @@ import pandas as pd
 from raytr import storage
 from raytr.baselines import Popularity, SessionItemKNN
 from raytr.bundle import attach_preprocessing
-from raytr.config import RaytrConfig
+from raytr.config import ConfigError, RaytrConfig
 from raytr.data.loaders import DataLoader
 from raytr.data.layout import available_days, day_paths
 from raytr.data.schema import feature_spec, load_schema
@@ -81,6 +81,10 @@ def run_incremental(
     popularity and item-kNN fitted on the days seen so far; `knn_recency_decay` and
     `knn_self_similarity` as SessionItemKNN's recency_decay and self_similarity)."""
     output_dir = storage.normalize(output_dir)
+    if config.training.resume_from_checkpoint:  # every window's Trainer would start from it
+        raise ConfigError(f"training.resume_from_checkpoint={config.training.resume_from_checkpoint!r}: raytr "
+                          "incremental trains its windows from a new model (finetune: one model through the "
+                          "days), so it takes no checkpoint to resume; unset it")
     # Before a day is trained: the windows write train/ and the tables into it, never into the data.
     check_train_output(output_dir, [data_dir], markers=INCREMENTAL_OUTPUT_MARKERS)
     days = available_days(data_dir)

@@ -88,24 +88,57 @@ def _autocast(args: TrainingArguments, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def decays(name: str, param: nn.Parameter, exempt: set[int]) -> bool:
+    """Whether weight decay applies to `param`: not to vectors, biases (XLNet's [heads, head_dim]
+    r_w_bias too), norms and embeddings (`exempt`: the parameters of Embedding and norm modules, such
+    as GPT-2's position table `wpe`; XLNet's `mask_emb` is a bare parameter)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return not (param.ndim < 2 or id(param) in exempt or "bias" in leaf or "emb" in leaf
+                or "embedding" in name or "norm" in name)
+
+
 def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and embeddings (the usual transformer recipe)."""
+    exempt = {id(p) for module in model.modules()
+              if isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower()
+              for p in module.parameters(recurse=False)}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "embedding" in name or "norm" in name else decay).append(param)
+        (decay if decays(name, param, exempt) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # On CUDA the fused kernel: one launch per group instead of a dozen (steps of small models are launch-bound).
     fused = args.optim == "adamw_torch_fused" and all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int):
+def warmup_steps(args: TrainingArguments, total_steps: int) -> int:
+    return args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int,
+                    warmup: int | None = None):
+    """`args.lr_scheduler_type` over `total_steps`, warming up `warmup` steps (default: from args)."""
     from transformers import get_scheduler
 
-    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    warmup = warmup_steps(args, total_steps) if warmup is None else warmup
     return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _lr_at_schedule_step(optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Each group's LR as the schedule gives it at its current step: a loaded optimizer state holds
+    the LR the schedule that saved it had reached, not this schedule's."""
+    for group, base, lr_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * lr_at(scheduler.last_epoch)
+
+
+def _seed_epoch(model: SessionModel, seed: int, rank: int, epoch: int) -> None:
+    """Dropout (torch's generator) and the model's own draws (MLM masks, sampled negatives) seeded by
+    (seed, rank, epoch): a run resumed at an epoch's end continues the streams an uninterrupted run
+    would have drawn, and ranks draw differently."""
+    torch.manual_seed((seed * 7_919 + rank) * 1_009 + epoch)
+    model.generator.manual_seed((seed * 7_919 + rank) * 1_013 + epoch)
 
 
 class _LateRead:
@@ -184,12 +217,13 @@ def evaluate_paths(model: SessionModel, cfg: LoopConfig, ctx: WorkerContext) -> 
 
 def _write_checkpoint(model: SessionModel, optimizer, scheduler, scaler, epoch: int, step: int,
                       metrics: dict[str, float], directory: Path, steps_into_epoch: int = 0,
-                      steps_per_epoch: int | None = None) -> Path:
+                      steps_per_epoch: int | None = None, warmup: int = 0) -> Path:
     """`steps_into_epoch`: the steps `epoch` had taken when max_steps cut it short (0: it ended);
-    `steps_per_epoch`: the run's, which a resumed run must share."""
+    `steps_per_epoch`: the run's, which a resumed run must share; `warmup`: the schedule's warmup
+    steps, which a continued or resumed schedule keeps."""
     model.save(directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict()}, directory / TRAINING_STATE)
+                "scaler": scaler.state_dict(), "warmup_steps": warmup}, directory / TRAINING_STATE)
     (directory / TRAINER_STATE).write_text(json.dumps({"epoch": epoch, "global_step": step, "metrics": metrics,
                                                        "steps_into_epoch": steps_into_epoch,
                                                        "steps_per_epoch": steps_per_epoch}))
@@ -241,9 +275,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
     checkpoint; `eval_steps` adds evaluations inside epochs. Returns the last reported metrics."""
     args = cfg.args
     device = ctx.device
-    torch.manual_seed(args.seed + ctx.rank)  # dropout differs per rank; weights come from init_model_dir
-    model = SessionModel.load(cfg.init_model_dir, map_location=device)
-    model.generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + ctx.rank)
+    model = SessionModel.load(cfg.init_model_dir, map_location=device)  # the weights: the same on every rank
+    model.generator = torch.Generator(device=device)  # seeded every epoch (_seed_epoch), as dropout is
     model.train()
 
     if ctx.train_batches is None:
@@ -282,27 +315,30 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         prior_steps = int(state["scheduler"]["last_epoch"]) - int(trainer_state["global_step"])
     else:
         prior_steps = int(saved["scheduler"]["last_epoch"]) if continued else 0
-    scheduler = build_scheduler(optimizer, args, prior_steps + total_steps)
+    # One schedule over the calls keeps the first call's warmup (a ratio of the longer total would
+    # warm up again); state saved before it was kept falls back to the ratio.
+    previous = restored_state[1] if restored_state is not None else saved if continued else None
+    warmup = (int(previous["warmup_steps"]) if previous is not None and "warmup_steps" in previous
+              else warmup_steps(args, prior_steps + total_steps))
+    scheduler = build_scheduler(optimizer, args, prior_steps + total_steps, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16 and device.type == "cuda")
     start_epoch, global_step, skip_steps = 0, 0, 0
     if saved is not None:
         fresh_lrs = scheduler.get_last_lr()  # the new schedule's LR for its first step (0 under warmup)
-        optimizer.load_state_dict(saved["optimizer"])
-        for group, lr in zip(optimizer.param_groups, fresh_lrs):  # a new run's learning rate wins over the saved one
-            group["initial_lr"] = args.learning_rate
-            group["lr"] = lr
+        optimizer.load_state_dict(saved["optimizer"])  # the moments; the settings below are this call's
+        for group, lr, decay in zip(optimizer.param_groups, fresh_lrs, (args.weight_decay, 0.0)):
+            group.update(initial_lr=args.learning_rate, lr=lr, weight_decay=decay,
+                         betas=(args.adam_beta1, args.adam_beta2))
         if continued:
             scheduler.load_state_dict(saved["scheduler"])  # the step count; this run's schedule function stays
             scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-            # load_state_dict leaves the optimizer alone, and its saved last LR is the old schedule's:
-            # the first step takes the continued schedule's LR at the saved step.
-            for group, base, lr_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * lr_at(scheduler.last_epoch)
+            _lr_at_schedule_step(optimizer, scheduler)
     if restored_state is not None:
         model_state, state, trainer_state = restored_state
         model.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _lr_at_schedule_step(optimizer, scheduler)  # the saved LR is that of the schedule's step before
         scaler.load_state_dict(state["scaler"])
         global_step = trainer_state["global_step"]
         # An epoch cut short by max_steps goes on where it stopped (the merlin/pyarrow loaders' batch
@@ -363,7 +399,7 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         if checkpoint_epoch is not None and ctx.is_main:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytr-ckpt-"))
             _write_checkpoint(model, optimizer, scheduler, scaler, checkpoint_epoch, global_step, metrics,
-                              checkpoint_dir, steps_into_epoch, steps_per_epoch)
+                              checkpoint_dir, steps_into_epoch, steps_per_epoch, warmup)
         try:
             ctx.report(metrics, checkpoint_dir)  # a barrier on Ray: every rank calls it
         finally:
@@ -380,9 +416,15 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
         loss_sum.zero_()
         return value
 
+    # GradScaler skips the optimizer step whose gradients overflowed (fp16), deciding on the host: a
+    # hook tells whether the step ran, so a skipped one does not move the schedule (warmup included).
+    stepped = [False]
+    optimizer.register_step_post_hook(lambda *_: stepped.__setitem__(0, True))
+
     train_metrics = RankingMetrics(args.metrics_top_k)
     try:
         for epoch in range(start_epoch, epochs):
+            _seed_epoch(model, args.seed, ctx.rank, epoch)
             steps_this_epoch = skip_steps if epoch == start_epoch else 0
             for batch in itertools.islice(batches_for_epoch(epoch), steps_this_epoch, None):
                 if global_step >= total_steps or steps_this_epoch >= steps_per_epoch:
@@ -404,9 +446,11 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                 if args.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                stepped[0] = False
                 scaler.step(optimizer)
                 scaler.update()
-                scheduler.step()
+                if stepped[0]:
+                    scheduler.step()
                 global_step += 1
                 steps_this_epoch += 1
                 sessions_seen += len(batch)
@@ -425,7 +469,8 @@ def train_loop(cfg: LoopConfig, ctx: WorkerContext) -> dict[str, float]:
                             scalars.add(f"train/{key}", value, global_step)
                 if args.logging_steps and global_step % args.logging_steps == 0 and scalars is not None:
                     scalars.add("train/learning_rate", scheduler.get_last_lr()[0], global_step)
-                if args.eval_steps and global_step % args.eval_steps == 0 and steps_this_epoch < steps_per_epoch:
+                if (args.eval_steps and global_step % args.eval_steps == 0 and steps_this_epoch < steps_per_epoch
+                        and global_step < total_steps):  # the epoch-end report follows the last step
                     report(epoch + steps_this_epoch / steps_per_epoch, with_eval=True, checkpoint_epoch=None)
             report(epoch + 1, with_eval=True, checkpoint_epoch=epoch,
                    # cut short by max_steps (a user's loader that simply ran out has ended its epoch)
