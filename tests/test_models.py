@@ -740,3 +740,32 @@ def test_repeat_scoring_round_trips_and_is_clm_full_only(tmp_path, variant):
             tiny_config("xlnet", **{variant: True}, **overrides)
     with pytest.raises(ConfigError, match="repeat_bias and model.repeat_mixture.*set one of them"):
         tiny_config("xlnet", repeat_bias=True, repeat_mixture=True)
+
+
+@pytest.mark.parametrize("body", ["bert", "xlnet"])
+def test_mlm_next_item_scores_do_not_depend_on_the_batch_width(body):
+    """A session filling a batch narrower than T kept its events only when the batch had a spare
+    column: its mask slot took the first event's place instead."""
+    model = SessionModel(tiny_spec(), tiny_config(body, "mlm"), seed=0).eval()
+    narrow = make_batch([[5, 9, 7, 4], [8, 6, 0, 0]], seed=5)  # T = 6; row 0 fills the 4 columns
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]))
+
+    wide = SessionBatch(pad(narrow.item_ids), {k: pad(v) for k, v in narrow.categorical.items()},
+                        {k: pad(v) for k, v in narrow.continuous.items()})
+    assert torch.equal(model.score_next(narrow), model.score_next(wide))
+
+
+@pytest.mark.parametrize("attn_type,objective", [("uni", "clm"), ("bi", "mlm")])
+def test_a_user_xlnet_config_builds_for_its_attention_direction(attn_type, objective):
+    """XLNet's max_position_embeddings is -1 (relative positions, no limit), and a padding mask
+    made its causality probe fail for attn_type='uni'."""
+    from transformers import XLNetConfig
+
+    hf = XLNetConfig(vocab_size=1, d_model=16, n_layer=2, n_head=2, d_head=8, d_inner=32, attn_type=attn_type)
+    model = SessionModel(tiny_spec(), tiny_config("xlnet", objective), hf_config=hf, seed=0)
+    assert model.body.is_causal == (attn_type == "uni")
+    other = "mlm" if objective == "clm" else "clm"
+    with pytest.raises(ConfigError, match=f"objective='{other}' needs a"):
+        SessionModel(tiny_spec(), tiny_config("xlnet", other), hf_config=hf, seed=0)

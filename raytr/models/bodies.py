@@ -320,7 +320,7 @@ def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig
                 "they must match (the input layer and the head are d_model wide)"
             )
         max_pos = getattr(hf_config, "max_position_embeddings", None)
-        if isinstance(max_pos, int) and max_pos < max_length:
+        if isinstance(max_pos, int) and 0 <= max_pos < max_length:  # XLNet's -1: relative positions, no limit
             raise ConfigError(
                 f"hf_config max_position_embeddings={max_pos} < max_sequence_length={max_length}; raise it"
             )
@@ -330,7 +330,9 @@ def build_body(config: ModelConfig, max_length: int, hf_config: PretrainedConfig
             raise ConfigError(f"hf_config {type(hf_config).__name__}: AutoModel cannot build it: {exc}") from exc
         if "inputs_embeds" not in inspect.signature(model.forward).parameters:
             raise ConfigError(f"{type(model).__name__} does not accept inputs_embeds; it cannot be a session body")
-        probe_body = HFBody(model, is_causal=False)
+        # Probed without a padding mask (the probe has no padding; XLNetModel with attn_type="uni"
+        # fails on any mask when B > 1): whether the model itself lets a position see later ones.
+        probe_body = HFBody(model, is_causal=True)
         causal = probe_is_causal(probe_body, config.d_model)
         if config.objective == "clm" and not causal:
             raise ConfigError(

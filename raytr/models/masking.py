@@ -11,6 +11,8 @@ whose target would be one of them get `IGNORE_INDEX`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from raytr.features import FIRST_ITEM_ID, NULL_ID, OOV_ID, PAD_ID, SessionBatch
@@ -76,6 +78,17 @@ def _shift_left_if_full(x: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     shifted = torch.zeros_like(x)
     shifted[:, :-1] = x[:, 1:]
     return torch.where(full[:, None], shifted, x)
+
+
+def widen_by_one(batch: SessionBatch) -> SessionBatch:
+    """`batch` with one more (padding) column on the right: a batch narrower than the model's T gives
+    the MLM slot a column of its own instead of dropping a full row's first event."""
+    def widen(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
+
+    return dataclasses.replace(batch, item_ids=widen(batch.item_ids),
+                               categorical={k: widen(v) for k, v in batch.categorical.items()},
+                               continuous={k: widen(v) for k, v in batch.continuous.items()})
 
 
 def mlm_inference_input(batch: SessionBatch) -> tuple[SessionBatch, torch.Tensor]:

@@ -26,7 +26,7 @@ from raytr.features import FeatureSpec, SessionBatch, check_id_ranges
 from raytr.models.bodies import build_body
 from raytr.models.head import NextItemHead, RepeatContext, seen_items, top_k
 from raytr.models.inputs import SessionInputs
-from raytr.models.masking import IGNORE_INDEX, causal_targets, mlm_inference_input, mlm_mask
+from raytr.models.masking import IGNORE_INDEX, causal_targets, mlm_inference_input, mlm_mask, widen_by_one
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,8 @@ class SessionModel(nn.Module):
         if self.config.objective == "clm":
             hidden = self.body(self.inputs(batch), batch.mask)  # [B, T, D]
             return hidden[rows, lengths - 1]
+        if batch.item_ids.shape[1] < self.spec.max_sequence_length:  # static under export
+            batch = widen_by_one(batch)  # room for the slot: a full row keeps its first event
         slotted, positions = mlm_inference_input(batch)
         slot_mask = torch.zeros_like(slotted.item_ids, dtype=torch.bool)
         slot_mask[rows, positions] = True  # [B, T]
