@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -91,7 +92,21 @@ def _days(text: str | None, flag: str) -> list[int] | None:
         if last < first:
             raise ValueError(f"{flag} {text!r}: the range {part!r} runs backwards; write it as {last}-{first}")
         days += range(first, last + 1)
+    repeated = sorted({d for d in days if days.count(d) > 1})
+    if repeated:  # their sessions would be read twice
+        raise ValueError(f"{flag} {text!r}: day(s) {repeated} named more than once")
     return days
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (argparse names the option in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails it too
+        raise argparse.ArgumentTypeError(f"{text}: expected a number in [0, 1]")
+    return value
 
 
 def _training_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -179,12 +194,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model = args.model or config.model_dir
     url = start_local(model, host=args.host or config.host, port=args.port if args.port is not None else config.port, **app_options(config))
     print(f"serving {model} at {url} (docs at {url}/docs); Ctrl-C stops")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C: what kill, systemd and docker stop send ends the same way
+
+    previous = signal.signal(signal.SIGTERM, stop)  # the default would exit at once, leaving Ray's processes
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         stop_local()
 
 
@@ -257,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "expanding: a new model per window on the days up to t (the baselines' data)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per day window")
     p.add_argument("--no-baselines", action="store_true", help="skip popularity and item-kNN")
-    p.add_argument("--knn-decay", type=float, default=1.0,
+    p.add_argument("--knn-decay", type=_fraction, default=1.0,
                    help="item-kNN recency decay in [0, 1] (bench/quality.py chooses it on validation)")
-    p.add_argument("--knn-self-similarity", type=float, default=0.0,
+    p.add_argument("--knn-self-similarity", type=_fraction, default=0.0,
                    help="item-kNN similarity of an item with itself in [0, 1]: > 0 lets it recommend the "
                         "session's own items (bench/quality.py chooses it on validation)")
     p.set_defaults(func=cmd_incremental)

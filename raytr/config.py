@@ -369,9 +369,17 @@ def load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: key {dup.key!r} is given twice (line {dup.first_line} and line {dup.line}); "
                           "keep one") from None
     except yaml.MarkedYAMLError as error:
+        # Both marks where both exist: the context's is the culprit of "while scanning a simple key"
+        # (a key without its colon), the problem's where the parser gave up (the next line, or past the end).
+        def at(mark) -> str:
+            return f"line {mark.line + 1}, column {mark.column + 1}"
+
         mark = error.problem_mark or error.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = "; ".join(str(m) for m in (error.context, error.problem) if m)
+        where = f" at {at(mark)}" if mark is not None else ""
+        context = error.context and (f"{error.context} ({at(error.context_mark)})"
+                                     if error.context_mark is not None and error.problem_mark is not None
+                                     else error.context)
+        what = "; ".join(str(m) for m in (context, error.problem) if m)
         raise ConfigError(f"{source}: invalid YAML{where}: {what}") from None
     except yaml.reader.ReaderError as error:
         line = text[:error.position].count("\n") + 1

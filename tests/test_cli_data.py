@@ -166,6 +166,19 @@ def test_day_ranges():
         _days("7-6", "--eval-days")
     with pytest.raises(ValueError, match=r"^--days '1-x': expected numbers and ranges"):
         _days("1-x", "--days")
+    with pytest.raises(ValueError, match=r"^--train-days '1-3,2': day\(s\) \[2\] named more than once"):
+        _days("1-3,2", "--train-days")
+
+
+@pytest.mark.parametrize("flag,value", [("--knn-decay", "2"), ("--knn-self-similarity", "-1"),
+                                        ("--knn-decay", "nan"), ("--knn-decay", "x")])
+def test_incremental_knn_settings_outside_0_1_are_refused_naming_the_flag(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        main(["incremental", "--config", SYNTHETIC, "--data", str(tmp_path / "prepared"), "--output",
+              str(tmp_path / "out"), flag, value])
+    assert info.value.code == 2
+    assert f"raytr incremental: error: argument {flag}: " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv, flag", [(["train", "--config", SYNTHETIC, "--train-days", ""], "--train-days"),
@@ -222,3 +235,22 @@ def test_prepare_in_process_replaces_output(tmp_path, capsys, ray_cluster):
     assert sessions["item_id-list"].map(len).max() <= 8
     assert info["summary"]["sessions"] == len(sessions)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
+
+
+def test_serve_stops_on_sigterm_as_on_ctrl_c(monkeypatch, capsys):
+    """kill, systemd and docker stop send SIGTERM: its default action would end the process without
+    stopping Serve and Ray (their processes stayed behind)."""
+    import os
+    import signal
+    import time
+
+    import serve.app
+
+    stopped = []
+    monkeypatch.setattr(serve.app, "start_local", lambda model, **options: "http://127.0.0.1:1")
+    monkeypatch.setattr(serve.app, "stop_local", lambda: stopped.append(True))
+    monkeypatch.setattr(time, "sleep", lambda seconds: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["serve", "--model", "runs/some-bundle"]) == 0
+    assert stopped == [True] and signal.getsignal(signal.SIGTERM) is before
+    assert "serving runs/some-bundle at http://127.0.0.1:1" in capsys.readouterr().out

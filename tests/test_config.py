@@ -302,6 +302,10 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     path.write_text("model:\n  body: gpt2\n\tn_layers: 2\n")  # a tab in the indentation
     with pytest.raises(ConfigError, match=r"broken\.yaml'?: invalid YAML at line 3"):
         load_config(path)
+    path.write_text("data:\n  session_col: session_id\n  item_col item_id\n")  # a key without its colon, last
+    with pytest.raises(ConfigError, match=r"invalid YAML at line 4, column 1: while scanning a simple key "
+                                          r"\(line 3, column 3\); could not find expected ':'"):
+        load_config(path)
 
 
 def test_duplicate_yaml_keys_are_an_error_naming_key_file_and_lines(tmp_path):

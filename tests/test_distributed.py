@@ -188,32 +188,29 @@ def test_user_error_of_picks_the_lowest_ranks_user_error_and_nothing_else():
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("resource", ["CPU", "GPU"])
-def test_a_worker_group_the_local_cluster_can_never_hold_is_refused_at_once(ray_cluster, tmp_path, resource):
+def test_a_worker_group_the_local_cluster_can_never_hold_is_refused_at_once(ray_cluster, prepared_dir, prepared_spec,
+                                                                          tmp_path, resource):
     """The session's cluster was started by this process (ray.init(num_cpus=4)), so no node joins
     it: one worker more than it has CPUs (or GPUs, with use_gpu) is a ConfigError naming the keys
-    before Ray Train starts, where Ray would wait for the workers forever."""
+    before the Trainer writes anything, where Ray Train would wait for the workers forever."""
     import ray
 
     from raytr.config import ConfigError
-    from raytr.features import FeatureSpec
-    from raytr.training.loop import LoopConfig
-    from raytr.training.ray_launcher import fit_on_ray
 
     has = ray.cluster_resources().get(resource, 0.0)
     args = ray_args(tmp_path / "out", num_workers=int(has) + 1, use_gpu=resource == "GPU")
-    spec = FeatureSpec(item_id="item_id", item_cardinality=40, max_sequence_length=8)
-    cfg = LoopConfig(spec=spec, model_config=ModelConfig(d_model=16, n_layers=1, n_heads=2), args=args,
-                     init_model_dir=str(tmp_path / "init"), train_paths=(str(tmp_path / "none.parquet"),))
+    trainer = Trainer(SessionModel(prepared_spec, ModelConfig(d_model=16, n_layers=1, n_heads=2), seed=0), args,
+                      train_dataset_or_path=day_paths(prepared_dir, [1]))
     started = time.monotonic()
     with pytest.raises(ConfigError) as info:
-        fit_on_ray(cfg, str(tmp_path / "out" / "runs" / "r"), "r")
+        trainer.train()
     message = str(info.value)
     assert message.startswith(f"training.num_workers={int(has) + 1} x ")
     assert f"training.use_gpu={'true' if resource == 'GPU' else 'false'}" in message
     assert f"needs {int(has) + 1} {resource} (the cluster holds at most {has:g}); the cluster is a local Ray " \
            "cluster that this process started, which adds no nodes" in message
     assert time.monotonic() - started < 30
-    assert not (tmp_path / "out" / "ray_results").exists()  # Ray Train never started a run
+    assert not (tmp_path / "out").exists()  # nothing written: no init model, no ray_results
 
 
 @pytest.mark.timeout(300)

@@ -769,3 +769,16 @@ def test_a_user_xlnet_config_builds_for_its_attention_direction(attn_type, objec
     other = "mlm" if objective == "clm" else "clm"
     with pytest.raises(ConfigError, match=f"objective='{other}' needs a"):
         SessionModel(tiny_spec(), tiny_config("xlnet", other), hf_config=hf, seed=0)
+
+
+def test_saved_weights_are_as_readable_as_the_config(tmp_path):
+    """safetensors writes an owner-only file; a bundle served by another user must read it."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        saved = Path(build("gpt2", "clm").save(tmp_path / "model"))
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in saved.iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}

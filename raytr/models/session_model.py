@@ -245,6 +245,9 @@ class SessionModel(nn.Module):
             (local / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             # save_model (not save_file) because the tied head weight shares storage with the embedding.
             save_model(self, str(local / WEIGHTS_FILE))
+            # safetensors writes through an owner-only temporary file: give the weights config.json's
+            # mode (the umask's), or a bundle served by another user cannot be read.
+            (local / WEIGHTS_FILE).chmod((local / CONFIG_FILE).stat().st_mode & 0o777)
         return storage.normalize(directory)
 
     @classmethod

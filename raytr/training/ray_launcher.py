@@ -40,6 +40,7 @@ from raytr.data.loaders import (
 from raytr.features import FeatureSpec, SessionBatch
 from raytr.config import ConfigError
 from raytr.ray_runtime import cluster_limit, ensure_ray
+from raytr.training.arguments import TrainingArguments
 from raytr.training.loop import LoopConfig, WorkerContext, train_loop
 
 log = logging.getLogger(__name__)
@@ -222,14 +223,21 @@ def check_cluster_fits(scaling: ScalingConfig) -> None:
                           f"holds that (its nodes hold: {shapes}); the cluster is {bound.why}: {advice}")
 
 
+def ready_cluster(args: TrainingArguments) -> ScalingConfig:
+    """Join or start Ray and refuse a worker group it can never hold: the Trainer calls it before it
+    writes anything, `fit_on_ray` before Ray Data reads the data and Ray Train waits for workers."""
+    ensure_ray()
+    scaling = ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                            resources_per_worker=args.resources_per_worker or None)
+    check_cluster_fits(scaling)
+    return scaling
+
+
 def fit_on_ray(cfg: LoopConfig, run_dir: str, run_name: str, train_dataset: Any = None
                ) -> tuple[dict[str, float], str, str | None]:
     """Run the loop on a TorchTrainer; returns (final metrics, latest checkpoint dir, best one)."""
-    ensure_ray()
     args = cfg.args
-    scaling = ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                            resources_per_worker=args.resources_per_worker or None)
-    check_cluster_fits(scaling)  # before Ray Data reads the data and Ray Train waits for workers
+    scaling = ready_cluster(args)
     datasets, rows_per_worker = None, 0
     if args.data_loader_engine == "ray":
         given = train_dataset if train_dataset is not None and not isinstance(train_dataset, (str, Path, list, tuple)) \

@@ -208,6 +208,10 @@ class Trainer:
         if args.launcher == "local" and args.use_gpu and not torch.cuda.is_available():
             raise ValueError("training.use_gpu is true but no CUDA GPU is visible to this process "
                              "(training.launcher=local)")
+        if args.launcher != "local" and self.train_dataloader is None:
+            from raytr.training.ray_launcher import ready_cluster
+
+            ready_cluster(args)  # a worker group the cluster can never hold is refused before anything is written
         run_dir = storage.join(output_dir, "runs", run_name)
         init_dir = self.model.save(storage.join(run_dir, "init"))
         init_state = None
