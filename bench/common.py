@@ -37,6 +37,12 @@ QUALITY_METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr@20")  # 
 # one; trials that recorded none (before 2026-11-29) summed the item's occurrences.
 REPEAT_BIAS_FORM = "latest occurrence"
 SUMMED_REPEAT_BIAS = "summed over occurrences"
+# The optimizer bench/train.py's implementations all step with, recorded on each row as `optimizer`:
+# the Trainer's (raytr.training.loop.build_optimizer: AdamW, fused on CUDA, weight decay 0.01 on the
+# weight matrices only), so the bare loops differ from raytr's step in the model and the loop alone.
+# Rows without it (before 2026-12-07) had the bare loops on torch's default AdamW (foreach on CUDA,
+# every parameter decayed): slower than the Trainer's, so their ratios favour raytr.
+TRAIN_OPTIMIZER = "trainer"
 
 
 def repeat_bias_form(trial: dict[str, Any]) -> str | None:

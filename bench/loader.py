@@ -170,7 +170,8 @@ def engine_baseline_pyarrow(spec, files, batch: int, device):
         order = rng.permutation(n)
         for start in range(0, n, batch):
             rows = order[start: start + batch]
-            padded = {name: torch.from_numpy(_pad_numpy(v, o, rows, length)).to(device)
+            # float32 continuous columns, as every other engine delivers (the files hold float64)
+            padded = {name: torch.from_numpy(_pad_numpy(v, o, rows, length)).to(device, _dtype_of(spec, name))
                       for name, (v, o) in columns.items()}
             yield len(padded[spec.item_id])
 
@@ -209,7 +210,7 @@ def engine_raydata(spec, files, batch: int, device, flavour: str):
                     offsets = np.asarray(arr.offsets, dtype=np.int64)
                     values = arr.values.to_numpy(zero_copy_only=False)
                     rows = np.arange(len(arr))
-                    out[name] = torch.from_numpy(_pad_numpy(values, offsets, rows, length))
+                    out[name] = torch.from_numpy(_pad_numpy(values, offsets, rows, length)).to(_dtype_of(spec, name))
                 return out
 
         collate = Collate()

@@ -73,6 +73,7 @@ def _step_fns(cfg, variant: str, precision: str, device):
 
     data = sessions_for(cfg, 64)
     if variant == "bare-compiled":
+        options: set[str] = set()
         batches = bare_batches(materialise(data.files, cfg.seq_len, device), cfg.batch, device)
         model = build_bare_model(cfg).to(device)
         fn = torch.compile(model)
@@ -117,15 +118,15 @@ def _step_fns(cfg, variant: str, precision: str, device):
                 torch.compiler.cudagraph_mark_step_begin()
             return model(next_batch()).loss
     model.train()
-    if variant == "bare-compiled":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
-    else:  # raytr's own optimizer (fused AdamW on CUDA, no decay on embeddings and norms)
-        from raytr.training.arguments import TrainingArguments
-        from raytr.training.loop import build_optimizer
+    # raytr's own optimizer for every variant, the bare loop's too, as bench/train.py (fused AdamW on
+    # CUDA, no decay on biases, norms and embeddings); -foreach: plain AdamW (the bare loop's before
+    # 2026-12-07, so its earlier profiles ran with it)
+    from raytr.training.arguments import TrainingArguments
+    from raytr.training.loop import build_optimizer
 
-        optim = "adamw_torch" if "foreach" in options else "adamw_torch_fused"
-        optimizer = build_optimizer(model, TrainingArguments(output_dir="unused", learning_rate=LEARNING_RATE,
-                                                             weight_decay=0.01, optim=optim))
+    optim = "adamw_torch" if "foreach" in options else "adamw_torch_fused"
+    optimizer = build_optimizer(model, TrainingArguments(output_dir="unused", learning_rate=LEARNING_RATE,
+                                                         weight_decay=0.01, optim=optim))
     return amp_step(model, optimizer, loss_of, precision, device)
 
 

@@ -12,8 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.train import add_ratios, merge_results  # noqa: E402
 
 
-def _row(config: str, precision: str, impl: str, rate: float, measured: str) -> dict:
-    return {"config": config, "precision": precision, "impl": impl, "sessions_per_s": rate, "measured": measured}
+def _row(config: str, precision: str, impl: str, rate: float, measured: str, optimizer: str | None = "trainer") -> dict:
+    """A train row; `optimizer` None: one measured before the bare loops stepped with the Trainer's optimizer."""
+    row = {"config": config, "precision": precision, "impl": impl, "sessions_per_s": rate, "measured": measured}
+    return row | ({"optimizer": optimizer} if optimizer else {})
 
 
 def test_merge_moves_a_remeasured_group_to_previous_and_keeps_the_rest():
@@ -436,3 +438,25 @@ def test_report_tie_rule_section_shows_both_rules_and_the_tied_targets():
     text = "\n".join(section_tie_rule(res))
     assert "| yoochoose | item_knn | 1,218 of 4,087 | 0.5000 -> 0.4900 | 0.5500 -> 0.5400 |" in text
     assert "| yoochoose | gru (5 epochs, temperature 20) | 1 of 4,087 | 0.5000 -> 0.5000 |" in text
+
+
+def test_ratios_against_the_bare_loops_old_optimizer_are_flagged_and_measured_again():
+    """Until 2026-12-07 the bare loops stepped with torch's default AdamW (foreach on CUDA), slower
+    than the Trainer's fused one: such a ratio favours raytr, so the report says so and
+    run_gpu.py --missing runs its whole group again."""
+    from bench.report import target_status
+    from bench.run_gpu import TRAIN_IMPLS, missing_runs
+
+    rows = [{**r, "gpu": "NVIDIA H100 80GB HBM3"} for r in _gpu_rows("50k", "fp16", "NVIDIA H100 80GB HBM3", "day1",
+                                                                      bare_compiled=100.0, raytr_local_cudagraphs=100.0)]
+    for r in rows:
+        del r["optimizer"]
+    line = next(x for x in target_status(None, {"results": rows}, None, None) if x.startswith("- GPU 50k fp16"))
+    assert line.endswith("= 1.00 (**met**; against a bare loop on torch's default AdamW (foreach, every parameter "
+                         "decayed), slower than the Trainer's fused one: the ratio favours raytr, to be measured again)")
+    assert len(missing_runs({"results": rows}, None, None)["train-50k-fp16"]) == len(TRAIN_IMPLS["50k"].split(","))
+    current = [{**r, "optimizer": "trainer"} for r in rows]
+    line = next(x for x in target_status(None, {"results": current}, None, None) if x.startswith("- GPU 50k fp16"))
+    assert line.endswith("= 1.00 (**met**)")
+    assert missing_runs({"results": current}, None, None)["train-50k-fp16"] == [
+        i for i in TRAIN_IMPLS["50k"].split(",") if i not in ("bare-compiled", "raytr-local-cudagraphs")]
