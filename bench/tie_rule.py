@@ -51,9 +51,8 @@ def score_both_rules(scorer, data: QualityData) -> dict[str, Any]:
     """Test metrics under the id rule and the pessimistic one, and how many targets tie."""
     import torch
 
+    from raytr.evaluation import next_item_scores
     from raytr.metrics import RankingMetrics, ranks_of_targets
-    from raytr.models.head import seen_items
-    from raytr.models.masking import split_last_item
 
     by_id, pessimistic = RankingMetrics(TOP_K), RankingMetrics(TOP_K)
     tied = 0
@@ -61,13 +60,8 @@ def score_both_rules(scorer, data: QualityData) -> dict[str, Any]:
         scorer.eval()
     with torch.no_grad():
         for batch, history in data.test.batches(data.spec):
-            prefix, targets = split_last_item(batch)
-            scores = scorer.score_next(prefix).float()  # as raytr.evaluation.update_next_item_metrics
-            mask = seen_items(prefix.item_ids, scores.shape[1]) if data.exclude_seen else None
-            if history is not None and data.exclude_seen:
-                mask = history if mask is None else mask | history
-            if mask is not None:
-                scores = scores.masked_fill(mask, float("-inf"))
+            # what bench/quality.py's evaluate ranks (MovieLens's history excluded too)
+            scores, targets = next_item_scores(scorer, batch, data.exclude_seen, history if data.exclude_seen else None)
             keep = targets != 0
             scores, targets = scores[keep], targets[keep]
             by_id.update_ranks(ranks_by_id(scores, targets))

@@ -33,6 +33,15 @@ def update_next_item_metrics(
     ranks [B] (every session has a target: `split_last_item` refuses shorter ones). `exclude_seen`
     drops the prefix's items from the ranking; `exclude` [B, V] bool drops more (e.g. a user's
     history before the window)."""
+    return metrics.update(*next_item_scores(scorer, batch, exclude_seen, exclude))
+
+
+@torch.no_grad()
+def next_item_scores(
+    scorer: Scorer, batch: SessionBatch, exclude_seen: bool = False, exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 scores [B, V] of each session's prefix, its last item [B]), the excluded items at -inf:
+    what `update_next_item_metrics` ranks."""
     prefix, targets = split_last_item(batch)
     scores = scorer.score_next(prefix).float()  # [B, V]
     mask = seen_items(prefix.item_ids, scores.shape[1]) if exclude_seen else None
@@ -40,7 +49,7 @@ def update_next_item_metrics(
         mask = exclude if mask is None else mask | exclude
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
-    return metrics.update(scores, targets)
+    return scores, targets
 
 
 @torch.no_grad()
